@@ -1,0 +1,582 @@
+"""The Grok-1 transformer, adapted for recommendation.
+
+The sequence is [user (1), history (S), candidates (C)]. User and history attend causally;
+each candidate attends to the user, the history and itself, never to another candidate
+(candidate isolation). Two ways to run it share one set of parameters:
+
+- `Transformer.__call__`: the dense masked forward over the whole sequence (the published path
+  and the reference the fast path is tested against);
+- `Transformer.encode_context` then `Transformer.score_candidates`: the user and history are
+  encoded once, every layer's keys and values for those positions are kept, and any number of
+  candidates is scored against them. Because of candidate isolation this gives the dense result
+  at a cost of C * (1 + S) attention pairs instead of (1 + S + C) ** 2.
+
+Shapes: B batch, T sequence, D model width, H query heads, K key/value heads, d key size,
+P context (user + history) length, C candidates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+# Attention logits are soft-capped to +-MAX_ATTN_LOGIT before the softmax.
+MAX_ATTN_LOGIT = 30.0
+# Value given to masked attention logits; exp() of it underflows to exactly zero.
+MASKED_LOGIT = -1e30
+ROPE_BASE = 10000
+
+
+class TrainingState(NamedTuple):
+    """Parameters of a model, as the runners hold them."""
+
+    params: hk.Params
+
+
+class MHAOutput(NamedTuple):
+    embeddings: jax.Array
+
+
+class DecoderOutput(NamedTuple):
+    embeddings: jax.Array
+
+
+class TransformerOutput(NamedTuple):
+    embeddings: jax.Array
+
+
+class KVCache(NamedTuple):
+    """Rotated keys and values of the context positions, one entry per layer.
+
+    keys, values: [L, B, P, K, d]; mask: [B, P] bool, True where the context position is valid.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+    mask: jax.Array
+
+
+def ffn_size(emb_size: int, widening_factor: float) -> int:
+    """Hidden width of the gated feed-forward block: 2/3 of the widened size, rounded up to 8."""
+    size = int(widening_factor * emb_size) * 2 // 3
+    return size + (-size) % 8
+
+
+def make_recsys_attn_mask(
+    seq_len: int, candidate_start_offset: int, dtype: jnp.dtype = jnp.float32
+) -> jax.Array:
+    """Attention mask [1, 1, T, T] (1 = may attend) with candidate isolation.
+
+    Positions before `candidate_start_offset` attend causally; a candidate attends to every
+    position before the offset and to itself.
+    """
+    idx = jnp.arange(seq_len)
+    causal = idx[:, None] >= idx[None, :]
+    is_candidate = idx >= candidate_start_offset
+    other_candidate = is_candidate[:, None] & is_candidate[None, :] & (idx[:, None] != idx[None, :])
+    return (causal & ~other_candidate).astype(dtype)[None, None]
+
+
+@dataclasses.dataclass
+class TransformerConfig:
+    """Hyper-parameters of the transformer.
+
+    `key_size` may be omitted (the fourth seed's guide does): it then defaults to
+    `emb_size // num_q_heads`.
+    """
+
+    emb_size: int
+    key_size: int | None = None
+    num_q_heads: int | None = None
+    num_kv_heads: int | None = None
+    num_layers: int | None = None
+    widening_factor: float = 4.0
+    attn_output_multiplier: float = 1.0
+    name: str | None = None
+
+    def __post_init__(self):
+        for field in ("num_q_heads", "num_kv_heads", "num_layers"):
+            value = getattr(self, field)
+            if value is None:
+                raise TypeError(f"TransformerConfig needs {field}")
+            if int(value) != value or value < 1:
+                raise ValueError(
+                    f"TransformerConfig.{field} must be a positive integer, got {value}"
+                )
+        if self.num_q_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_q_heads ({self.num_q_heads}) must be a multiple of "
+                f"num_kv_heads ({self.num_kv_heads}) for grouped-query attention"
+            )
+        if self.key_size is None:
+            self.key_size = self.emb_size // self.num_q_heads
+        if self.key_size < 2 or self.key_size % 2:
+            raise ValueError(
+                f"key_size must be even and at least 2 (rotary embeddings rotate pairs), "
+                f"got {self.key_size}"
+            )
+
+    def make(self) -> Transformer:
+        return Transformer(
+            num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads,
+            key_size=self.key_size,
+            widening_factor=self.widening_factor,
+            attn_output_multiplier=self.attn_output_multiplier,
+            num_layers=self.num_layers,
+            name=self.name,
+        )
+
+
+def shared_name(module: hk.Module, child: str) -> str:
+    """The name `module/child` whichever method of `module` creates the child.
+
+    Haiku prefixes children created outside `__call__` with `~method`; forcing the name lets the
+    dense and the cached paths read the same parameters.
+    """
+    return hk.experimental.force_name(f"{module.module_name}/{child}")
+
+
+class Linear(hk.Linear):
+    """Dense layer with zero-initialised float32 parameters, computed in the input's dtype."""
+
+    def __init__(self, output_size: int, with_bias: bool = True, name: str | None = None):
+        super().__init__(output_size=output_size, with_bias=with_bias, name=name)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+        fprop_dtype = inputs.dtype
+        w = hk.get_parameter("w", [inputs.shape[-1], self.output_size], jnp.float32, init=jnp.zeros)
+        out = jnp.dot(inputs, w.astype(fprop_dtype))
+        if self.with_bias:
+            b = hk.get_parameter("b", [self.output_size], jnp.float32, init=jnp.zeros)
+            out = out + b.astype(fprop_dtype)
+        return out
+
+
+class RMSNorm(hk.RMSNorm):
+    """x * rsqrt(mean(x^2) + eps) * scale over the last axis, in float32, cast back."""
+
+    def __init__(self, axis, eps: float = 1e-5, name: str | None = None, create_scale: bool = True):
+        super().__init__(axis, eps=eps, create_scale=create_scale, name=name)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:  # [..., D]
+        fprop_dtype = inputs.dtype
+        x = inputs.astype(jnp.float32)
+        normed = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        if self.create_scale:
+            scale = hk.get_parameter("scale", [x.shape[-1]], jnp.float32, init=jnp.zeros)
+            normed = normed * scale
+        return normed.astype(fprop_dtype)
+
+
+def hk_rms_norm(x: jax.Array, fixed_scale: bool = False, name: str | None = None) -> jax.Array:
+    """Applies a fresh `RMSNorm` (with a learnt scale unless `fixed_scale`)."""
+    return RMSNorm(axis=-1, create_scale=not fixed_scale, name=name)(x)
+
+
+def layer_norm(x: jax.Array, name: str | None = None) -> jax.Array:
+    return hk_rms_norm(x, name=name)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """concat(-x2, x1) where x1, x2 are the two halves of the last axis."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate((-x2, x1), axis=-1)
+
+
+class RotaryEmbedding(hk.Module):
+    """Rotary position embedding (rotate-half convention). Has no parameters."""
+
+    def __init__(self, dim: int, name: str | None = None, base_exponent: int = ROPE_BASE):
+        super().__init__(name=name)
+        self.dim = dim
+        self.base_exponent = base_exponent
+
+    def __call__(
+        self,
+        x: jax.Array,  # [B, T, H, d]
+        seq_dim: int,
+        offset: jax.Array | int,
+        const_position: int | None = None,
+        t: jax.Array | None = None,  # [B or 1, T] positions
+    ) -> jax.Array:
+        fprop_dtype = x.dtype
+        inv_freq = 1.0 / (
+            self.base_exponent ** (jnp.arange(0, self.dim, 2, dtype=jnp.float32) / self.dim)
+        )
+        seq_len = x.shape[seq_dim]
+        if const_position is not None:
+            t = jnp.full((1, seq_len), const_position, dtype=jnp.float32)
+        elif t is None:
+            offset = jnp.reshape(jnp.asarray(offset, jnp.float32), (-1, 1))
+            t = jnp.arange(seq_len, dtype=jnp.float32)[None, :] + offset
+        phase = jnp.asarray(t, jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
+        phase = jnp.tile(phase, (1, 1, 2))[:, :, None, :]  # broadcast over heads
+        x = x * jnp.cos(phase) + rotate_half(x) * jnp.sin(phase)
+        return x.astype(fprop_dtype)
+
+
+def _default_positions(seq_len: int, start: int | jax.Array = 0) -> jax.Array:
+    return (jnp.arange(seq_len, dtype=jnp.float32) + start)[None, :]  # [1, T]
+
+
+class MultiHeadAttention(hk.Module):
+    """Grouped-query attention with rotary embeddings and soft-capped float32 logits."""
+
+    def __init__(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        key_size: int,
+        *,
+        with_bias: bool = True,
+        value_size: int | None = None,
+        model_size: int | None = None,
+        attn_output_multiplier: float = 1.0,
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        self.num_q_heads = num_q_heads
+        self.num_kv_heads = num_kv_heads
+        self.key_size = key_size
+        self.value_size = value_size or key_size
+        self.model_size = model_size or key_size * num_q_heads
+        # The published projections are bias-free whatever `with_bias` says; kept for the API.
+        self.with_bias = with_bias
+        self.attn_output_multiplier = attn_output_multiplier
+
+    def _project(self, x: jax.Array, name: str, num_heads: int, size: int) -> jax.Array:
+        y = Linear(num_heads * size, with_bias=False, name=shared_name(self, name))(x)
+        return y.reshape((*x.shape[:-1], num_heads, size))  # [B, T, heads, size]
+
+    def _rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        return RotaryEmbedding(self.key_size)(x, seq_dim=1, offset=0, t=positions)
+
+    def _capped_logits(self, q: jax.Array, k: jax.Array, pattern: str) -> jax.Array:
+        logits = jnp.einsum(pattern, q, k).astype(jnp.float32)
+        logits = logits * self.attn_output_multiplier
+        return MAX_ATTN_LOGIT * jnp.tanh(logits / MAX_ATTN_LOGIT)
+
+    def _grouped(self, q: jax.Array) -> jax.Array:
+        """[B, T, H, d] -> [B, T, K, H/K, d]: query head h uses key/value head h // (H/K)."""
+        b, t, h, d = q.shape
+        return q.reshape((b, t, self.num_kv_heads, h // self.num_kv_heads, d))
+
+    def _output(self, attn: jax.Array) -> jax.Array:  # [B, T, K, G, d] -> [B, T, model]
+        attn = attn.reshape((*attn.shape[:2], -1))
+        return Linear(self.model_size, with_bias=False, name=shared_name(self, "linear"))(attn)
+
+    def keys_values(
+        self,
+        key: jax.Array,  # [B, T, D]
+        value: jax.Array,  # [B, T, D]
+        positions: jax.Array,  # [B or 1, T]
+    ) -> tuple[jax.Array, jax.Array]:
+        """Rotated keys and values, [B, T, K, d] each."""
+        k = self._rotate(self._project(key, "key", self.num_kv_heads, self.key_size), positions)
+        v = self._project(value, "value", self.num_kv_heads, self.value_size)
+        return k, v
+
+    def attend(
+        self,
+        query: jax.Array,  # [B, T, D]
+        keys: jax.Array,  # [B, S, K, d] rotated
+        values: jax.Array,  # [B, S, K, d]
+        mask: jax.Array,  # [B or 1, 1, T or 1, S], nonzero = may attend
+        positions: jax.Array,  # [B or 1, T]
+    ) -> MHAOutput:
+        q = self._rotate(self._project(query, "query", self.num_q_heads, self.key_size), positions)
+        logits = self._capped_logits(self._grouped(q), keys, "btkgd,bskd->bkgts")
+        logits = jnp.where(mask[:, :, None, :, :], logits, MASKED_LOGIT)
+        weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)  # softmax in float32
+        attn = jnp.einsum("bkgts,bskd->btkgd", weights, values)
+        return MHAOutput(self._output(attn))
+
+    def __call__(
+        self,
+        query: jax.Array,  # [B, T, D]
+        key: jax.Array,  # [B, T, D]
+        value: jax.Array,  # [B, T, D]
+        mask: jax.Array,  # [B or 1, 1, T or 1, T], nonzero = may attend
+        positions: jax.Array | None = None,  # [B or 1, T]; default 0 .. T-1
+    ) -> MHAOutput:
+        if mask.ndim != 4:
+            raise ValueError(f"attention mask must be 4-D [B, 1, T, T], got shape {mask.shape}")
+        if positions is None:
+            positions = _default_positions(query.shape[1])
+        keys, values = self.keys_values(key, value, positions)
+        return self.attend(query, keys, values, mask, positions)
+
+    def attend_cached(
+        self,
+        x: jax.Array,  # [B, C, D] candidate inputs
+        positions: jax.Array,  # [B or 1, C]
+        self_mask: jax.Array,  # [B, C] bool, False for padded candidates
+        cache_keys: jax.Array,  # [B, P, K, d]
+        cache_values: jax.Array,  # [B, P, K, d]
+        cache_mask: jax.Array,  # [B, P] bool
+    ) -> MHAOutput:
+        """Each candidate attends to the cached context and to itself only."""
+        q = self._grouped(
+            self._rotate(self._project(x, "query", self.num_q_heads, self.key_size), positions)
+        )  # [B, C, K, G, d]
+        k, v = self.keys_values(x, x, positions)  # [B, C, K, d]
+        ctx_logits = self._capped_logits(q, cache_keys, "bckgd,bpkd->bckgp")
+        ctx_logits = jnp.where(cache_mask[:, None, None, None, :], ctx_logits, MASKED_LOGIT)
+        self_logits = self._capped_logits(q, k, "bckgd,bckd->bckg")[..., None]
+        self_logits = jnp.where(self_mask[:, :, None, None, None], self_logits, MASKED_LOGIT)
+        logits = jnp.concatenate([ctx_logits, self_logits], axis=-1)  # [B, C, K, G, P + 1]
+        weights = jax.nn.softmax(logits, axis=-1).astype(x.dtype)
+        attn = jnp.einsum("bckgp,bpkd->bckgd", weights[..., :-1], cache_values)
+        attn = attn + weights[..., -1:] * v[:, :, :, None, :]
+        return MHAOutput(self._output(attn))
+
+
+class MHABlock(hk.Module):
+    """Self-attention of the inputs with themselves."""
+
+    def __init__(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        key_size: int,
+        attn_output_multiplier: float = 1.0,
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        self.num_q_heads = num_q_heads
+        self.num_kv_heads = num_kv_heads
+        self.key_size = key_size
+        self.attn_output_multiplier = attn_output_multiplier
+
+    def attention(self, model_size: int) -> MultiHeadAttention:
+        return MultiHeadAttention(
+            num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads,
+            key_size=self.key_size,
+            model_size=model_size,
+            attn_output_multiplier=self.attn_output_multiplier,
+            name=shared_name(self, "multi_head_attention"),
+        )
+
+    def __call__(
+        self,
+        inputs: jax.Array,  # [B, T, D]
+        mask: jax.Array,  # [B or 1, 1, T or 1, T]
+        positions: jax.Array | None = None,  # [B or 1, T]
+    ) -> MHAOutput:
+        return self.attention(inputs.shape[-1])(inputs, inputs, inputs, mask, positions)
+
+
+class DenseBlock(hk.Module):
+    """Gated GELU feed-forward: linear_1(gelu(linear(x)) * linear_v(x)), no biases."""
+
+    def __init__(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        key_size: int,
+        widening_factor: float = 4.0,
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        self.num_q_heads = num_q_heads
+        self.num_kv_heads = num_kv_heads
+        self.key_size = key_size
+        self.widening_factor = widening_factor
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
+        model_size = inputs.shape[-1]
+        hidden = ffn_size(model_size, self.widening_factor)
+        h_v = Linear(hidden, with_bias=False, name="linear_v")(inputs)
+        h_w1 = jax.nn.gelu(Linear(hidden, with_bias=False, name="linear")(inputs))
+        return Linear(model_size, with_bias=False, name="linear_1")(h_w1 * h_v)
+
+
+class DecoderLayer(hk.Module):
+    """Attention then feed-forward, each normed on the way in and out of its residual branch.
+
+    The blocks are given this layer's own name, so that their parameters sit directly under
+    `decoder_layer_{i}` as in the published checkpoints.
+    """
+
+    def __init__(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        key_size: int,
+        num_layers: int,
+        layer_index: int | None = None,
+        widening_factor: float = 4.0,
+        name: str | None = None,
+        attn_output_multiplier: float = 1.0,
+    ):
+        super().__init__(name=name)
+        self.num_q_heads = num_q_heads
+        self.num_kv_heads = num_kv_heads
+        self.key_size = key_size
+        self.num_layers = num_layers
+        self.layer_index = layer_index
+        self.widening_factor = widening_factor
+        self.attn_output_multiplier = attn_output_multiplier
+
+    def _norm(self, x: jax.Array, index: int) -> jax.Array:
+        """Norm 0: attention in, 1: attention out, 2: feed-forward in, 3: feed-forward out."""
+        return layer_norm(x, name=shared_name(self, "rms_norm" + (f"_{index}" if index else "")))
+
+    def _attention(self, model_size: int) -> MultiHeadAttention:
+        block = MHABlock(
+            self.num_q_heads,
+            self.num_kv_heads,
+            self.key_size,
+            self.attn_output_multiplier,
+            name=hk.experimental.force_name(self.module_name),
+        )
+        return block.attention(model_size)
+
+    def _feed_forward(self, h: jax.Array) -> jax.Array:
+        dense = DenseBlock(
+            self.num_q_heads,
+            self.num_kv_heads,
+            self.key_size,
+            self.widening_factor,
+            name=hk.experimental.force_name(self.module_name),
+        )
+        return h + self._norm(dense(self._norm(h, 2)), 3)
+
+    def __call__(
+        self,
+        inputs: jax.Array,  # [B, T, D]
+        mask: jax.Array,  # [B or 1, 1, T or 1, T]
+        padding_mask: jax.Array | None = None,  # [B, T]; unused: already folded into `mask`
+        positions: jax.Array | None = None,  # [B or 1, T]
+    ) -> DecoderOutput:
+        return self.encode_context(inputs, mask, positions)[0]
+
+    def encode_context(
+        self,
+        inputs: jax.Array,  # [B, P, D]
+        mask: jax.Array,  # [B or 1, 1, P or 1, P]
+        positions: jax.Array | None = None,  # [B or 1, P]
+    ) -> tuple[DecoderOutput, jax.Array, jax.Array]:
+        """The layer's forward, also returning its rotated keys and values [B, P, K, d]."""
+        if positions is None:
+            positions = _default_positions(inputs.shape[1])
+        h = inputs
+        x = self._norm(h, 0)
+        mha = self._attention(h.shape[-1])
+        keys, values = mha.keys_values(x, x, positions)
+        h = h + self._norm(mha.attend(x, keys, values, mask, positions).embeddings, 1)
+        return DecoderOutput(self._feed_forward(h)), keys, values
+
+    def score_candidates(
+        self,
+        inputs: jax.Array,  # [B, C, D]
+        positions: jax.Array,  # [B or 1, C]
+        candidate_mask: jax.Array,  # [B, C] bool
+        cache_keys: jax.Array,  # [B, P, K, d]
+        cache_values: jax.Array,  # [B, P, K, d]
+        cache_mask: jax.Array,  # [B, P] bool
+    ) -> DecoderOutput:
+        """The layer's forward for candidates that see the cached context and themselves."""
+        h = inputs
+        attn = self._attention(h.shape[-1]).attend_cached(
+            self._norm(h, 0), positions, candidate_mask, cache_keys, cache_values, cache_mask
+        )
+        h = h + self._norm(attn.embeddings, 1)
+        return DecoderOutput(self._feed_forward(h))
+
+
+class Transformer(hk.Module):
+    """A stack of `DecoderLayer`s named decoder_layer_0 ... decoder_layer_{L-1}."""
+
+    def __init__(
+        self,
+        num_q_heads: int,
+        num_kv_heads: int,
+        key_size: int,
+        widening_factor: float,
+        attn_output_multiplier: float,
+        num_layers: int,
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        self.num_q_heads = num_q_heads
+        self.num_kv_heads = num_kv_heads
+        self.key_size = key_size
+        self.widening_factor = widening_factor
+        self.attn_output_multiplier = attn_output_multiplier
+        self.num_layers = num_layers
+
+    def _layer(self, index: int) -> DecoderLayer:
+        return DecoderLayer(
+            num_q_heads=self.num_q_heads,
+            num_kv_heads=self.num_kv_heads,
+            key_size=self.key_size,
+            num_layers=self.num_layers,
+            layer_index=index,
+            widening_factor=self.widening_factor,
+            attn_output_multiplier=self.attn_output_multiplier,
+            name=shared_name(self, f"decoder_layer_{index}"),
+        )
+
+    def __call__(
+        self,
+        embeddings: jax.Array,  # [B, T, D]
+        mask: jax.Array,  # [B, T] bool, True = valid (not padding)
+        candidate_start_offset: int | None = None,
+        positions: jax.Array | None = None,  # [B or 1, T]; default 0 .. T-1
+    ) -> TransformerOutput:
+        seq_len = embeddings.shape[1]
+        attn_mask = mask[:, None, None, :].astype(embeddings.dtype)  # keys that are not padding
+        if candidate_start_offset is not None:
+            attn_mask = attn_mask * make_recsys_attn_mask(
+                seq_len, candidate_start_offset, embeddings.dtype
+            )
+        else:
+            attn_mask = attn_mask * jnp.tril(jnp.ones((1, 1, seq_len, seq_len), embeddings.dtype))
+        h = embeddings
+        for i in range(self.num_layers):
+            h = self._layer(i)(h, attn_mask, mask, positions).embeddings
+        return TransformerOutput(h)
+
+    def encode_context(
+        self,
+        embeddings: jax.Array,  # [B, P, D]
+        mask: jax.Array,  # [B, P] bool
+        positions: jax.Array | None = None,  # [B or 1, P]; default 0 .. P-1
+    ) -> tuple[TransformerOutput, KVCache]:
+        """Causal forward over the context, keeping every layer's keys and values."""
+        seq_len = embeddings.shape[1]
+        if positions is None:
+            positions = _default_positions(seq_len)
+        causal = jnp.tril(jnp.ones((seq_len, seq_len), jnp.bool_))
+        attn_mask = mask[:, None, None, :] & causal[None, None]
+        h, keys, values = embeddings, [], []
+        for i in range(self.num_layers):
+            out, k, v = self._layer(i).encode_context(h, attn_mask, positions)
+            h = out.embeddings
+            keys.append(k)
+            values.append(v)
+        return TransformerOutput(h), KVCache(jnp.stack(keys), jnp.stack(values), mask)
+
+    def score_candidates(
+        self,
+        embeddings: jax.Array,  # [B, C, D]
+        mask: jax.Array,  # [B, C] bool
+        cache: KVCache,
+        positions: jax.Array,  # [B or 1, C]
+    ) -> TransformerOutput:
+        """Runs candidates that attend to the cached context and to themselves only."""
+        h = embeddings
+        for i in range(self.num_layers):
+            h = (
+                self._layer(i)
+                .score_candidates(h, positions, mask, cache.keys[i], cache.values[i], cache.mask)
+                .embeddings
+            )
+        return TransformerOutput(h)

@@ -1,0 +1,297 @@
+"""The Phoenix two-tower retrieval model and exact top-K search over a corpus.
+
+User tower: the ranking model's user and history tokens through a causal transformer, averaged
+over valid positions and L2-normalised. Candidate tower: an MLP over a post's hash embeddings,
+L2-normalised. Retrieval: dot product of users with a corpus of candidate vectors, top-K.
+
+Shapes: B batch, S history length, C candidates, D `emb_size`, N corpus size, K top-K.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from grok import TransformerConfig
+from recsys_model import (
+    HashConfig,
+    RecsysBatch,
+    RecsysEmbeddings,
+    build_context_inputs,
+    validate_inputs,
+)
+
+EPS = 1e-12  # floor of a squared norm before the square root
+INF = 1e12  # masked corpus entries score -INF
+
+# Scores of at most this many (user, post) pairs are held at once by `top_k_search`:
+# 2**22 float32 scores are 16 MiB, small enough to stay in cache-friendly blocks.
+SEARCH_BLOCK_ELEMENTS = 2**22
+
+
+class RetrievalOutput(NamedTuple):
+    user_representation: jax.Array  # [B, D]
+    top_k_indices: jax.Array  # [B, K]
+    top_k_scores: jax.Array  # [B, K]
+
+
+def l2_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x / sqrt(max(sum(x^2), EPS)) over the last axis, in float32; also returns the norm."""
+    x = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), EPS))
+    return x / norm, norm
+
+
+class CandidateTower(hk.Module):
+    """MLP from a post's hash embeddings [..., Hi + Ha, D] to a unit vector [..., D]."""
+
+    def __init__(self, emb_size: int, name: str | None = None):
+        super().__init__(name=name)
+        self.emb_size = emb_size
+
+    def __call__(self, post_author_embedding: jax.Array) -> jax.Array:
+        x = post_author_embedding  # [B, C, Hi + Ha, D] or [B, Hi + Ha, D]
+        if x.ndim not in (3, 4):
+            raise ValueError(
+                f"CandidateTower expects [B, C, H, D] or [B, H, D] embeddings, got shape {x.shape}"
+            )
+        flat = x.reshape((*x.shape[:-2], x.shape[-2] * x.shape[-1])).astype(jnp.float32)
+        init = hk.initializers.VarianceScaling(1.0, "fan_out", "truncated_normal")
+        w1 = hk.get_parameter(
+            "candidate_tower_projection_1",
+            [flat.shape[-1], 2 * self.emb_size],
+            jnp.float32,
+            init=init,
+        )
+        w2 = hk.get_parameter(
+            "candidate_tower_projection_2", [2 * self.emb_size, self.emb_size], jnp.float32, init
+        )
+        out = jnp.dot(jax.nn.silu(jnp.dot(flat, w1)), w2)
+        return l2_normalize(out)[0].astype(x.dtype)
+
+
+@dataclasses.dataclass
+class PhoenixRetrievalModelConfig:
+    """Configuration of the two-tower retrieval model. `emb_size` defaults to the model width."""
+
+    model: TransformerConfig
+    emb_size: int | None = None
+    history_seq_len: int = 128
+    candidate_seq_len: int = 32
+    name: str | None = None
+    fprop_dtype: Any = jnp.bfloat16
+    hash_config: HashConfig | None = None
+    product_surface_vocab_size: int = 16
+
+    def __post_init__(self):
+        if self.hash_config is None:
+            self.hash_config = HashConfig()
+        if self.emb_size is None:
+            self.emb_size = self.model.emb_size
+
+    def initialize(self) -> PhoenixRetrievalModelConfig:
+        return self
+
+    def make(self) -> PhoenixRetrievalModel:
+        return PhoenixRetrievalModel(
+            model=self.model.make(), config=self, fprop_dtype=self.fprop_dtype
+        )
+
+
+def _merge_top_k(
+    scores: jax.Array, indices: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array]:  # [B, M] each -> [B, k] each
+    top_scores, where = jax.lax.top_k(scores, k)
+    return top_scores, jnp.take_along_axis(indices, where, axis=-1)
+
+
+def top_k_search(
+    queries: jax.Array,  # [B, D]
+    corpus: jax.Array,  # [N, D], float32 or bfloat16
+    k: int,
+    corpus_mask: jax.Array | None = None,  # [N] bool, False = never retrieved
+    block_size: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """Exact top-k of queries · corpusᵀ, scored block by block: (scores, indices) [B, k].
+
+    Equal to `lax.top_k` over the full [B, N] score matrix (up to the order of tied scores),
+    but holds only [B, block_size] scores at a time. Scores are computed in float32 whatever
+    the corpus dtype. Masked entries score -INF.
+    """
+    num_queries, n = queries.shape[0], corpus.shape[0]
+    if block_size is None:
+        block_size = max(k, SEARCH_BLOCK_ELEMENTS // max(num_queries, 1))
+    block_size = max(k, min(block_size, n))
+    queries = queries.astype(jnp.float32)
+
+    def block_scores(start: jax.Array) -> tuple[jax.Array, jax.Array]:
+        rows = jax.lax.dynamic_slice_in_dim(corpus, start, block_size)
+        scores = jnp.dot(queries, rows.astype(jnp.float32).T)  # [B, block]
+        idx = start + jnp.arange(block_size)
+        if corpus_mask is not None:
+            keep = jax.lax.dynamic_slice_in_dim(corpus_mask, start, block_size)
+            scores = jnp.where(keep[None, :], scores, -INF)
+        return scores, jnp.broadcast_to(idx, scores.shape)
+
+    num_blocks = math.ceil(n / block_size)
+    if num_blocks == 1:
+        return _merge_top_k(*block_scores(jnp.int32(0)), k)
+
+    def step(carry, block):
+        best_scores, best_idx = carry
+        # The last block is shifted back to end at N; rows it shares with the block before
+        # are dropped so that no post is counted twice.
+        start = jnp.minimum(block * block_size, n - block_size)
+        scores, idx = block_scores(start)
+        scores = jnp.where(idx >= block * block_size, scores, -jnp.inf)
+        merged = _merge_top_k(
+            jnp.concatenate([best_scores, scores], axis=1),
+            jnp.concatenate([best_idx, idx], axis=1),
+            k,
+        )
+        return merged, None
+
+    init = (
+        jnp.full((num_queries, k), -jnp.inf, jnp.float32),
+        jnp.zeros((num_queries, k), jnp.int32),
+    )
+    (scores, idx), _ = jax.lax.scan(step, init, jnp.arange(num_blocks))
+    return scores, idx
+
+
+@functools.partial(jax.jit, static_argnames=("k", "mesh", "axis"))
+def _search_shards(queries, corpus, corpus_mask, k, mesh, axis):
+    def local(queries, corpus, corpus_mask):
+        scores, indices = top_k_search(queries, corpus, min(k, corpus.shape[0]), corpus_mask)
+        indices = indices + jax.lax.axis_index(axis) * corpus.shape[0]  # global row numbers
+        scores = jax.lax.all_gather(scores, axis, axis=1, tiled=True)
+        indices = jax.lax.all_gather(indices, axis, axis=1, tiled=True)
+        return _merge_top_k(scores, indices, k)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(axis, None), P(axis)),
+        out_specs=(P(), P()),
+        check_vma=False,
+    )(queries, corpus, corpus_mask)
+
+
+def sharded_top_k_search(
+    queries: jax.Array,  # [B, D]
+    corpus: jax.Array,  # [N, D]
+    k: int,
+    corpus_mask: jax.Array | None = None,  # [N] bool
+) -> tuple[jax.Array, jax.Array]:
+    """`top_k_search`, run shard by shard when `corpus` is a `jax.Array` sharded along N.
+
+    Each device searches its own rows; the per-shard top-k are gathered and merged into the
+    exact global top-k. Works unchanged across hosts after `jax.distributed.initialize()`.
+    """
+    sharding = getattr(corpus, "sharding", None)
+    row_axis = sharding.spec[0] if isinstance(sharding, NamedSharding) and sharding.spec else None
+    if row_axis is None or sharding.num_devices == 1:
+        return _search_one_device(queries, corpus, corpus_mask, k=k)
+    shards = math.prod(
+        sharding.mesh.shape[a] for a in (row_axis if isinstance(row_axis, tuple) else (row_axis,))
+    )
+    if corpus.shape[0] % shards:
+        raise ValueError(
+            f"corpus of {corpus.shape[0]} rows cannot be split evenly over {shards} shards"
+        )
+    if corpus_mask is None:
+        corpus_mask = jax.device_put(
+            jnp.ones(corpus.shape[0], jnp.bool_), NamedSharding(sharding.mesh, P(row_axis))
+        )
+    return _search_shards(queries, corpus, corpus_mask, k=k, mesh=sharding.mesh, axis=row_axis)
+
+
+_search_one_device = jax.jit(
+    lambda queries, corpus, corpus_mask, k: top_k_search(queries, corpus, k, corpus_mask),
+    static_argnames=("k",),
+)
+
+
+class PhoenixRetrievalModel(hk.Module):
+    """Two-tower retrieval: user tower (transformer), candidate tower (MLP), top-K search."""
+
+    def __init__(
+        self,
+        model: Any,
+        config: PhoenixRetrievalModelConfig,
+        fprop_dtype: Any = jnp.bfloat16,
+        name: str | None = None,
+    ):
+        super().__init__(name=name or "phoenix_retrieval_model")
+        self.model = model
+        self.config = config
+        self.fprop_dtype = fprop_dtype
+
+    def _validate(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> None:
+        validate_inputs(
+            batch,
+            embeddings,
+            emb_size=self.config.emb_size,
+            hash_config=self.config.hash_config,
+            product_surface_vocab_size=self.config.product_surface_vocab_size,
+        )
+
+    def build_user_representation(
+        self, batch: RecsysBatch, embeddings: RecsysEmbeddings
+    ) -> tuple[jax.Array, jax.Array]:
+        """Unit user vectors [B, D] in fprop dtype, and their norms before normalising [B, 1]."""
+        self._validate(batch, embeddings)
+        tokens, mask = build_context_inputs(batch, embeddings, self.config, self.fprop_dtype)
+        h = self.model(tokens, mask).embeddings.astype(jnp.float32)  # causal, [B, 1 + S, D]
+        weights = mask[..., None].astype(jnp.float32)
+        mean = jnp.sum(h * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+        user, norm = l2_normalize(mean)
+        return user.astype(self.fprop_dtype), norm
+
+    def build_candidate_representation(
+        self, batch: RecsysBatch, embeddings: RecsysEmbeddings
+    ) -> tuple[jax.Array, jax.Array]:
+        """Unit candidate vectors [B, C, D] and the candidate mask [B, C]."""
+        self._validate(batch, embeddings)
+        post_author = jnp.concatenate(
+            [embeddings.candidate_post_embeddings, embeddings.candidate_author_embeddings],
+            axis=2,
+        )
+        candidates = CandidateTower(self.config.emb_size)(post_author)
+        return candidates, batch.candidate_post_hashes[:, :, 0] != 0
+
+    def __call__(
+        self,
+        batch: RecsysBatch,
+        embeddings: RecsysEmbeddings,
+        corpus_embeddings: jax.Array,  # [N, D]
+        top_k: int,
+        corpus_mask: jax.Array | None = None,  # [N] bool
+    ) -> RetrievalOutput:
+        user, _ = self.build_user_representation(batch, embeddings)
+        validate_corpus(corpus_embeddings, self.config.emb_size, top_k, corpus_mask)
+        scores, indices = top_k_search(user, corpus_embeddings, top_k, corpus_mask)
+        return RetrievalOutput(user, indices, scores)
+
+
+def validate_corpus(
+    corpus: jax.Array, emb_size: int, top_k: int, corpus_mask: jax.Array | None = None
+) -> None:
+    """Raises ValueError unless corpus is [N, emb_size] floating, 1 <= top_k <= N, mask [N]."""
+    shape = jnp.shape(corpus)
+    if len(shape) != 2 or shape[1] != emb_size:
+        raise ValueError(f"corpus_embeddings has shape {shape}, expected [N, D={emb_size}]")
+    if not jnp.issubdtype(jnp.result_type(corpus), jnp.floating):
+        raise ValueError(f"corpus_embeddings must be floating, got {jnp.result_type(corpus)}")
+    if isinstance(top_k, bool) or int(top_k) != top_k or not 1 <= top_k <= shape[0]:
+        raise ValueError(f"top_k must be an integer in [1, N={shape[0]}], got {top_k}")
+    if corpus_mask is not None and jnp.shape(corpus_mask) != (shape[0],):
+        raise ValueError(f"corpus_mask has shape {jnp.shape(corpus_mask)}, expected [N={shape[0]}]")
