@@ -99,6 +99,8 @@ def _concrete(x) -> np.ndarray | None:
     """The value of `x` if it is known now (not a tracer inside jit), else None."""
     if isinstance(x, jax.core.Tracer):
         return None
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return None  # partly held by other hosts: only its shape can be checked here
     return np.asarray(x)
 
 
