@@ -412,8 +412,13 @@ class RecsysInferenceRunner(BaseInferenceRunner):
     def initialize(self, params: hk.Params | None = None) -> None:
         """Initialises parameters (or takes `params`) and compiles lazily on first use."""
         runner = self.runner
-        runner.initialize()
         config = runner.model
+        if config.num_actions < len(ACTIONS):
+            raise ValueError(
+                f"num_actions is {config.num_actions}, but RankingOutput has a field for each of "
+                f"the {len(ACTIONS)} ACTIONS; rank needs num_actions >= {len(ACTIONS)}"
+            )
+        runner.initialize()
         if params is None:
             batch, embeddings = _dummy_inputs(config, runner.batch_size, config.num_actions)
             params = runner.load_or_init(batch, embeddings).params
@@ -477,7 +482,8 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
 
     def _validate(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> None:
         self._require_initialized()
-        _validate(self.runner.model, batch, embeddings)
+        num_actions = self.params["phoenix_retrieval_model"]["action_projection"].shape[0]
+        _validate(self.runner.model, batch, embeddings, num_actions)
 
     def encode_user(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> jax.Array:
         """Unit user vectors [B, D]."""
