@@ -107,17 +107,17 @@ def _concrete(x) -> np.ndarray | None:
 def validate_inputs(
     batch: RecsysBatch,
     embeddings: RecsysEmbeddings,
-    *,
-    emb_size: int,
-    hash_config: HashConfig,
-    product_surface_vocab_size: int,
+    config: Any,
     num_actions: int | None = None,
 ) -> dict[str, int]:
     """Checks every field's rank, dtype and shape, and id ranges when values are concrete.
 
-    Raises ValueError naming the field, what it got and what was expected. Returns the sizes
-    it bound (B, S, C, ...).
+    `config` (a ranking or retrieval config) gives D, the hash counts and the product-surface
+    vocabulary; `num_actions`, when given, the width of `history_actions`. Raises ValueError
+    naming the field, what it got and what was expected. Returns the sizes it bound (B, S, C...).
     """
+    hash_config = config.hash_config
+    product_surface_vocab_size = config.product_surface_vocab_size
     if not isinstance(batch, RecsysBatch):
         raise ValueError(f"batch must be a RecsysBatch, got {type(batch).__name__}")
     if not isinstance(embeddings, RecsysEmbeddings):
@@ -126,7 +126,7 @@ def validate_inputs(
         "Hu": hash_config.num_user_hashes,
         "Hi": hash_config.num_item_hashes,
         "Ha": hash_config.num_author_hashes,
-        "D": emb_size,
+        "D": config.emb_size,
     }
     if num_actions is not None:
         sizes["A"] = num_actions
@@ -354,14 +354,7 @@ class PhoenixModel(hk.Module):
         self.fprop_dtype = fprop_dtype
 
     def _validate(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> None:
-        validate_inputs(
-            batch,
-            embeddings,
-            emb_size=self.config.emb_size,
-            hash_config=self.config.hash_config,
-            product_surface_vocab_size=self.config.product_surface_vocab_size,
-            num_actions=self.config.num_actions,
-        )
+        validate_inputs(batch, embeddings, self.config, self.config.num_actions)
 
     def _get_action_embeddings(self, actions: jax.Array) -> jax.Array:
         return action_embeddings(actions, self.config.emb_size, self.fprop_dtype)

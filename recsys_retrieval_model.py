@@ -236,13 +236,7 @@ class PhoenixRetrievalModel(hk.Module):
         self.fprop_dtype = fprop_dtype
 
     def _validate(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> None:
-        validate_inputs(
-            batch,
-            embeddings,
-            emb_size=self.config.emb_size,
-            hash_config=self.config.hash_config,
-            product_surface_vocab_size=self.config.product_surface_vocab_size,
-        )
+        validate_inputs(batch, embeddings, self.config)
 
     def build_user_representation(
         self, batch: RecsysBatch, embeddings: RecsysEmbeddings

@@ -16,16 +16,12 @@ from recsys_model import PhoenixModelConfig
 from runners import (
     ACTIONS,
     DEMO_EMB_SIZE,
-    DEMO_HISTORY_LEN,
-    DEMO_NUM_CANDIDATES,
     DTYPES,
-    DemoArgumentParser,
     ModelRunner,
     RecsysInferenceRunner,
-    create_example_batch,
+    demo_argument_parser,
+    demo_inputs,
     demo_transformer_config,
-    positive_int,
-    randomize_params,
     timed,
 )
 
@@ -35,17 +31,7 @@ RANKS_SHOWN = 10
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = DemoArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (0)")
-    parser.add_argument("--batch-size", type=positive_int, default=2, help="users (2)")
-    parser.add_argument(
-        "--history-len", type=positive_int, default=DEMO_HISTORY_LEN, help="history length (32)"
-    )
-    parser.add_argument(
-        "--candidates", type=positive_int, default=DEMO_NUM_CANDIDATES, help="per user (8)"
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="(float32)")
-    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs (10)")
+    parser = demo_argument_parser(__doc__.splitlines()[0])
     return parser.parse_args(argv)
 
 
@@ -60,16 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         fprop_dtype=DTYPES[args.dtype],
     )
     ranker = RecsysInferenceRunner(ModelRunner(config), name="ranker")
-    ranker.initialize()
-    ranker.params = randomize_params(ranker.params, seed=args.seed)
-    batch, embeddings = create_example_batch(
-        args.batch_size,
-        DEMO_EMB_SIZE,
-        args.history_len,
-        args.candidates,
-        len(ACTIONS),
-        seed=args.seed,
-    )
+    batch, embeddings = demo_inputs(ranker, args)
 
     print(
         f"Phoenix ranking: D={config.emb_size}, {config.model.num_layers} layers, "

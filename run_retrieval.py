@@ -15,19 +15,15 @@ import numpy as np
 
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from runners import (
-    ACTIONS,
     DEMO_EMB_SIZE,
-    DEMO_HISTORY_LEN,
-    DEMO_NUM_CANDIDATES,
     DTYPES,
-    DemoArgumentParser,
     RecsysRetrievalInferenceRunner,
     RetrievalModelRunner,
-    create_example_batch,
     create_example_corpus,
+    demo_argument_parser,
+    demo_inputs,
     demo_transformer_config,
     positive_int,
-    randomize_params,
     timed,
 )
 
@@ -36,19 +32,9 @@ RESULTS_SHOWN = 10
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = DemoArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (0)")
-    parser.add_argument("--batch-size", type=positive_int, default=2, help="users (2)")
-    parser.add_argument(
-        "--history-len", type=positive_int, default=DEMO_HISTORY_LEN, help="history length (32)"
-    )
-    parser.add_argument(
-        "--candidates", type=positive_int, default=DEMO_NUM_CANDIDATES, help="per user (8)"
-    )
+    parser = demo_argument_parser(__doc__.splitlines()[0])
     parser.add_argument("--corpus-size", type=positive_int, default=1000, help="posts (1000)")
     parser.add_argument("--top-k", type=positive_int, default=10, help="posts per user (10)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="(float32)")
-    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs (10)")
     args = parser.parse_args(argv)
     if args.top_k > args.corpus_size:
         parser.error(f"--top-k ({args.top_k}) must not exceed --corpus-size ({args.corpus_size})")
@@ -65,16 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         fprop_dtype=DTYPES[args.dtype],
     )
     retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(config), name="retrieval")
-    retriever.initialize()
-    retriever.params = randomize_params(retriever.params, seed=args.seed)
-    batch, embeddings = create_example_batch(
-        args.batch_size,
-        DEMO_EMB_SIZE,
-        args.history_len,
-        args.candidates,
-        len(ACTIONS),
-        seed=args.seed,
-    )
+    batch, embeddings = demo_inputs(retriever, args)
     corpus, post_ids = create_example_corpus(args.corpus_size, DEMO_EMB_SIZE, seed=args.seed)
     retriever.set_corpus(corpus, post_ids)
 

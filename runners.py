@@ -344,17 +344,6 @@ def _dummy_inputs(config, batch_size: int, num_actions: int):
     return batch, embeddings
 
 
-def _validate(config, batch, embeddings, num_actions=None) -> dict[str, int]:
-    return validate_inputs(
-        batch,
-        embeddings,
-        emb_size=config.emb_size,
-        hash_config=config.hash_config,
-        product_surface_vocab_size=config.product_surface_vocab_size,
-        num_actions=num_actions,
-    )
-
-
 def _slice_candidates(
     batch: RecsysBatch, embeddings: RecsysEmbeddings, start: int, stop: int, size: int
 ) -> tuple[RecsysBatch, RecsysEmbeddings]:
@@ -438,7 +427,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
     def rank(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> RankingOutput:
         self._require_initialized()
         config = self.runner.model
-        sizes = _validate(config, batch, embeddings, config.num_actions)
+        sizes = validate_inputs(batch, embeddings, config, config.num_actions)
         num_candidates, block = sizes["C"], self.candidate_block_size
         if num_candidates <= block:
             return self._rank_block(self.params, batch, embeddings)
@@ -483,7 +472,7 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
     def _validate(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> None:
         self._require_initialized()
         num_actions = self.params["phoenix_retrieval_model"]["action_projection"].shape[0]
-        _validate(self.runner.model, batch, embeddings, num_actions)
+        validate_inputs(batch, embeddings, self.runner.model, num_actions)
 
     def encode_user(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> jax.Array:
         """Unit user vectors [B, D]."""
@@ -564,6 +553,37 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def demo_argument_parser(description: str) -> DemoArgumentParser:
+    """The flags both demo scripts take."""
+    parser = DemoArgumentParser(description=description)
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (0)")
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="users (2)")
+    parser.add_argument(
+        "--history-len", type=positive_int, default=DEMO_HISTORY_LEN, help="history length (32)"
+    )
+    parser.add_argument(
+        "--candidates", type=positive_int, default=DEMO_NUM_CANDIDATES, help="per user (8)"
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="(float32)")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs (10)")
+    return parser
+
+
+def demo_inputs(inference_runner: BaseInferenceRunner, args: argparse.Namespace):
+    """Initialises a demo runner with random weights (seed `args.seed`) and returns an example
+    (batch, embeddings) of the sizes the flags ask for."""
+    inference_runner.initialize()
+    inference_runner.params = randomize_params(inference_runner.params, seed=args.seed)
+    return create_example_batch(
+        args.batch_size,
+        DEMO_EMB_SIZE,
+        args.history_len,
+        args.candidates,
+        len(ACTIONS),
+        seed=args.seed,
+    )
 
 
 def timed(fn, repeats: int) -> tuple[Any, float, float]:
