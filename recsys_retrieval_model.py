@@ -32,9 +32,12 @@ from recsys_model import (
 EPS = 1e-12  # floor of a squared norm before the square root
 INF = 1e12  # masked corpus entries score -INF
 
-# Scores of at most this many (user, post) pairs are held at once by `top_k_search`:
-# 2**22 float32 scores are 16 MiB, small enough to stay in cache-friendly blocks.
-SEARCH_BLOCK_ELEMENTS = 2**22
+# Scores of at most this many (user, post) pairs are held at once by `top_k_search` (64 MiB):
+# one block for 16 users of a million posts. Blocks pay a fixed cost each on CPU (loop step,
+# merge), so fewer, larger blocks are faster.
+SEARCH_BLOCK_ELEMENTS = 2**24
+# `top_k_search` first ranks groups of this many consecutive posts by their best score.
+SEARCH_GROUP_SIZE = 128
 
 
 class RetrievalOutput(NamedTuple):
@@ -113,6 +116,33 @@ def _merge_top_k(
     return top_scores, jnp.take_along_axis(indices, where, axis=-1)
 
 
+def _block_top_k(
+    scores: jax.Array, indices: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array]:  # [B, R] each -> [B, k] each
+    """Exact top-k of a block, in two stages.
+
+    A post in the top k lies in one of the k groups with the largest maxima (a group ranked
+    below k others has k better posts), so only those k * SEARCH_GROUP_SIZE posts are ranked.
+    The groups are taken in row order, so that ties resolve as in `lax.top_k`.
+    """
+    b, r = scores.shape
+    num_groups = r // SEARCH_GROUP_SIZE
+    if num_groups <= 2 * k:
+        return _merge_top_k(scores, indices, k)
+    main = num_groups * SEARCH_GROUP_SIZE
+    grouped = scores[:, :main].reshape(b, num_groups, SEARCH_GROUP_SIZE)
+    _, groups = jax.lax.top_k(jnp.max(grouped, axis=2), k)  # [B, k]
+    groups = jnp.sort(groups, axis=1)[:, :, None]
+    candidates = jnp.take_along_axis(grouped, groups, axis=1).reshape(b, -1)
+    candidate_indices = jnp.take_along_axis(
+        indices[:, :main].reshape(b, num_groups, SEARCH_GROUP_SIZE), groups, axis=1
+    ).reshape(b, -1)
+    # Rows after the last whole group are always candidates.
+    candidates = jnp.concatenate([candidates, scores[:, main:]], axis=1)
+    candidate_indices = jnp.concatenate([candidate_indices, indices[:, main:]], axis=1)
+    return _merge_top_k(candidates, candidate_indices, k)
+
+
 def top_k_search(
     queries: jax.Array,  # [B, D]
     corpus: jax.Array,  # [N, D], float32 or bfloat16
@@ -130,6 +160,8 @@ def top_k_search(
     if block_size is None:
         block_size = max(k, SEARCH_BLOCK_ELEMENTS // max(num_queries, 1))
     block_size = max(k, min(block_size, n))
+    # Equal blocks: the last one, shifted back to end at N, then re-scores few rows.
+    block_size = max(k, math.ceil(n / math.ceil(n / block_size)))
     queries = queries.astype(jnp.float32)
 
     def block_scores(start: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -143,7 +175,7 @@ def top_k_search(
 
     num_blocks = math.ceil(n / block_size)
     if num_blocks == 1:
-        return _merge_top_k(*block_scores(jnp.int32(0)), k)
+        return _block_top_k(*block_scores(jnp.int32(0)), k)
 
     def step(carry, block):
         best_scores, best_idx = carry
@@ -152,6 +184,7 @@ def top_k_search(
         start = jnp.minimum(block * block_size, n - block_size)
         scores, idx = block_scores(start)
         scores = jnp.where(idx >= block * block_size, scores, -jnp.inf)
+        scores, idx = _block_top_k(scores, idx, k)
         merged = _merge_top_k(
             jnp.concatenate([best_scores, scores], axis=1),
             jnp.concatenate([best_idx, idx], axis=1),
