@@ -220,8 +220,8 @@ class RotaryEmbedding(hk.Module):
         return x.astype(fprop_dtype)
 
 
-def _default_positions(seq_len: int, start: int | jax.Array = 0) -> jax.Array:
-    return (jnp.arange(seq_len, dtype=jnp.float32) + start)[None, :]  # [1, T]
+def _default_positions(seq_len: int) -> jax.Array:
+    return jnp.arange(seq_len, dtype=jnp.float32)[None, :]  # [1, T]
 
 
 class MultiHeadAttention(hk.Module):

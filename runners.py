@@ -10,6 +10,7 @@ All entry points are compiled once per input shape.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import time
 from typing import Any, NamedTuple, NoReturn
@@ -48,6 +49,7 @@ __all__ = [
     "create_dummy_embeddings_from_config",
     "create_example_batch",
     "create_example_corpus",
+    "map_candidates",
     "randomize_params",
 ]
 
@@ -344,6 +346,23 @@ def _dummy_inputs(config, batch_size: int, num_actions: int):
     return batch, embeddings
 
 
+def map_candidates(
+    batch: RecsysBatch, embeddings: RecsysEmbeddings, fn
+) -> tuple[RecsysBatch, RecsysEmbeddings]:
+    """Applies `fn` to every candidate field ([B, C, ...] arrays); history fields are kept."""
+    batch = batch._replace(
+        candidate_post_hashes=fn(batch.candidate_post_hashes),
+        candidate_author_hashes=fn(batch.candidate_author_hashes),
+        candidate_product_surface=fn(batch.candidate_product_surface),
+    )
+    embeddings = dataclasses.replace(
+        embeddings,
+        candidate_post_embeddings=fn(embeddings.candidate_post_embeddings),
+        candidate_author_embeddings=fn(embeddings.candidate_author_embeddings),
+    )
+    return batch, embeddings
+
+
 def _slice_candidates(
     batch: RecsysBatch, embeddings: RecsysEmbeddings, start: int, stop: int, size: int
 ) -> tuple[RecsysBatch, RecsysEmbeddings]:
@@ -352,23 +371,9 @@ def _slice_candidates(
     def take(x):
         x = x[:, start:stop]
         pad = size - x.shape[1]
-        if pad:
-            x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return x
+        return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
 
-    batch = batch._replace(
-        candidate_post_hashes=take(batch.candidate_post_hashes),
-        candidate_author_hashes=take(batch.candidate_author_hashes),
-        candidate_product_surface=take(batch.candidate_product_surface),
-    )
-    embeddings = RecsysEmbeddings(
-        user_embeddings=embeddings.user_embeddings,
-        history_post_embeddings=embeddings.history_post_embeddings,
-        candidate_post_embeddings=take(embeddings.candidate_post_embeddings),
-        history_author_embeddings=embeddings.history_author_embeddings,
-        candidate_author_embeddings=take(embeddings.candidate_author_embeddings),
-    )
-    return batch, embeddings
+    return map_candidates(batch, embeddings, take)
 
 
 def _ranking_output(logits: jax.Array, candidate_mask: jax.Array) -> RankingOutput:

@@ -110,23 +110,7 @@ def select_candidates(
     batch: RecsysBatch, embeddings: RecsysEmbeddings, index: np.ndarray
 ) -> tuple[RecsysBatch, RecsysEmbeddings]:
     """The inputs restricted to the candidates `index` (in that order), history unchanged."""
-
-    def take(x):
-        return np.asarray(x)[:, index]
-
-    batch = batch._replace(
-        candidate_post_hashes=take(batch.candidate_post_hashes),
-        candidate_author_hashes=take(batch.candidate_author_hashes),
-        candidate_product_surface=take(batch.candidate_product_surface),
-    )
-    embeddings = RecsysEmbeddings(
-        user_embeddings=embeddings.user_embeddings,
-        history_post_embeddings=embeddings.history_post_embeddings,
-        candidate_post_embeddings=take(embeddings.candidate_post_embeddings),
-        history_author_embeddings=embeddings.history_author_embeddings,
-        candidate_author_embeddings=take(embeddings.candidate_author_embeddings),
-    )
-    return batch, embeddings
+    return runners.map_candidates(batch, embeddings, lambda x: np.asarray(x)[:, index])
 
 
 def dense_probabilities(runner, params, batch, embeddings) -> np.ndarray:
