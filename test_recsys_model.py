@@ -38,8 +38,10 @@ TABLE_SIZE = 50
 # Two computations of the same float32 quantity (dense vs cached, jit vs vmap) agree to this.
 RTOL = 1e-5
 ATOL = 1e-6
-# Each example of a test over configurations compiles the model afresh (about a second).
-FEW_EXAMPLES = settings(max_examples=8, deadline=None)
+# Each example of a test over configurations compiles the model afresh (one to four seconds).
+# Derandomised, so that the suite draws the same configurations, and takes the same time, on
+# every run (a random draw of large configurations once took the suite from 1.5 to 3.6 min).
+FEW_EXAMPLES = settings(max_examples=8, deadline=None, derandomize=True)
 SEEDS = st.integers(0, 2**31 - 1)
 
 
@@ -222,7 +224,7 @@ def test_candidate_logits_do_not_depend_on_other_candidates(
     assert np.all(np.any(replaced, axis=-1)), "a replaced candidate kept its logits"
 
 
-@settings(max_examples=6, deadline=None)
+@settings(max_examples=6, deadline=None, derandomize=True)  # compiles per example
 @given(
     setup=setups(),
     batch_size=st.integers(1, 2),
