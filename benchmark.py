@@ -17,7 +17,9 @@ key size 32, widening 2, history 128) in float32 with random parameters, one use
 - bound: the cached path's floating-point operations (counted below) at the machine's measured
   float32 matrix-multiply rate.
 Retrieval: top-100 of a unit-norm float32 corpus [N, 128] for B users, `sharded_top_k_search`
-against `lax.top_k(queries @ corpus.T)` compiled, and against one read of the corpus.
+(with the method `top_k_search` picks: the native CPU kernel for more than one user) against
+`top_k_search(method="xla")`, against `lax.top_k(queries @ corpus.T)` compiled, and against one
+read of the corpus.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import numpy as np
 import runners
 from grok import TransformerConfig, ffn_size
 from recsys_model import HashConfig, PhoenixModelConfig
-from recsys_retrieval_model import sharded_top_k_search
+from recsys_retrieval_model import auto_search_method, sharded_top_k_search, top_k_search
 
 # Published mini ranking model (SPEC section 7), history of 128 as in the issue.
 MINI = dict(
@@ -336,6 +338,9 @@ def search(queries, corpus):
     return sharded_top_k_search(queries, corpus, TOP_K)
 
 
+xla_search = jax.jit(lambda queries, corpus: top_k_search(queries, corpus, TOP_K, method="xla"))
+
+
 def read_time(corpus: jax.Array, budget: float) -> float:
     """One read of the corpus: the faster of a compiled sum and a compiled max over it."""
     times = measure(
@@ -345,11 +350,13 @@ def read_time(corpus: jax.Array, budget: float) -> float:
 
 
 def retrieval_row(corpus: jax.Array, num_queries: int, budget: float, read: float) -> dict:
-    """Our search against the naive one for `num_queries` users, with the naive one's parts."""
+    """Our search (its default method, and the XLA method) against the naive one for
+    `num_queries` users, with the naive one's parts."""
     queries = jnp.asarray(runners.create_example_corpus(num_queries, RETRIEVAL_DIM, seed=7)[0])
     times = measure(
         {
             "ours": lambda: search(queries, corpus),
+            "xla": lambda: xla_search(queries, corpus),
             "naive": lambda: naive_top_k(queries, corpus),
         },
         budget,
@@ -360,7 +367,10 @@ def retrieval_row(corpus: jax.Array, num_queries: int, budget: float, read: floa
         budget / 2,
     )
     dtype = jnp.dtype(corpus.dtype).name
-    return dict(n=corpus.shape[0], b=num_queries, dtype=dtype, read=read, **times, **parts)
+    method = auto_search_method(queries, corpus)
+    return dict(
+        n=corpus.shape[0], b=num_queries, dtype=dtype, method=method, read=read, **times, **parts
+    )
 
 
 def recall_at_k(corpus: jax.Array, approx_corpus: jax.Array, num_queries: int) -> float:
@@ -399,10 +409,13 @@ def print_retrieval(rows: list[dict]) -> None:
         "corpus",
         "read ms",
         "ours ms",
+        "method",
+        "xla ms",
         "naive ms",
         "matmul ms",
         "top_k ms",
         "naive/ours",
+        "xla/ours",
         "ours/read",
     ]
     table = [
@@ -412,10 +425,13 @@ def print_retrieval(rows: list[dict]) -> None:
             r["dtype"],
             ms(r["read"]),
             ms(r["ours"]),
+            r["method"],
+            ms(r["xla"]),
             ms(r["naive"]),
             ms(r["matmul"]),
             ms(r["top_k"]),
             ratio(r["naive"], r["ours"]),
+            ratio(r["xla"], r["ours"]),
             ratio(r["ours"], r["read"]),
         ]
         for r in rows
@@ -517,8 +533,10 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"Retrieval of the top {TOP_K}, D {RETRIEVAL_DIM}, unit-norm corpus.\n"
         "read: one pass over the corpus (faster of jitted sum and max); ours: "
-        "sharded_top_k_search on one device;\nnaive: jitted lax.top_k(queries @ corpus.T) in "
-        "float32, and its two parts (matmul, top_k)."
+        "sharded_top_k_search on one device, by the method top_k_search picks\n(native: the "
+        "fused CPU kernel of native_search; xla: blocked XLA scoring); xla: top_k_search with "
+        'method="xla";\nnaive: jitted lax.top_k(queries @ corpus.T) in float32, and its two '
+        "parts (matmul, top_k)."
     )
     sizes = CORPUS_SIZES_QUICK if args.quick else CORPUS_SIZES
     query_counts = QUERY_COUNTS_QUICK if args.quick else QUERY_COUNTS

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import native_search
 from grok import TransformerConfig
 from recsys_model import (
     HashConfig,
@@ -144,19 +145,74 @@ def _block_top_k(
     return _merge_top_k(candidates, start + rows, k)
 
 
+SEARCH_METHODS = ("auto", "native", "xla")
+
+
 def top_k_search(
     queries: jax.Array,  # [B, D]
     corpus: jax.Array,  # [N, D], float32 or bfloat16
     k: int,
     corpus_mask: jax.Array | None = None,  # [N] bool, False = never retrieved
     block_size: int | None = None,
+    method: str = "auto",
 ) -> tuple[jax.Array, jax.Array]:
-    """Exact top-k of queries · corpusᵀ, scored block by block: (scores, indices) [B, k].
+    """Exact top-k of queries · corpusᵀ: (scores, indices) [B, k], best first.
 
-    Equal to `lax.top_k` over the full [B, N] score matrix (up to the order of tied scores),
-    but holds only [B, block_size] scores at a time. Scores are computed in float32 whatever
-    the corpus dtype. Masked entries score -INF.
+    Equal to `lax.top_k` over the full [B, N] score matrix (up to the order of tied scores and
+    float32 rounding), without ever holding that matrix. Scores are computed in float32
+    whatever the corpus dtype. Masked entries score -INF.
+
+    `method`:
+    - "xla": score `block_size` rows at a time with XLA's matrix product and keep a running
+      top-k (any backend);
+    - "native": the fused CPU kernel of `native_search` (one pass over the corpus, all cores);
+      raises RuntimeError if it cannot be built here;
+    - "auto" (default): "native" on the CPU when it is available, `block_size` is not given,
+      and it is faster (a bfloat16 corpus, or more than one query; one float32 query is a
+      matrix-vector product, already as fast as a read of the corpus in XLA); else "xla".
     """
+    if method not in SEARCH_METHODS:
+        raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
+    if not 1 <= k <= corpus.shape[0]:
+        raise ValueError(f"k must be in [1, N={corpus.shape[0]}], got {k}")
+    if method == "native" and not native_search.available():
+        raise RuntimeError(
+            'the native top-k search cannot be built here (see the warning above); use method="xla"'
+        )
+    if method == "auto":
+        method = auto_search_method(queries, corpus, block_size)
+    if method == "native":
+        if corpus_mask is None:
+            corpus_mask = jnp.ones(corpus.shape[0], jnp.bool_)
+        return jax.lax.platform_dependent(
+            queries,
+            corpus,
+            corpus_mask,
+            cpu=lambda q, c, m: native_search.top_k(q, c, m, k, masked_score=-INF),
+            default=lambda q, c, m: _blocked_top_k(q, c, k, m, block_size),
+        )
+    return _blocked_top_k(queries, corpus, k, corpus_mask, block_size)
+
+
+def auto_search_method(queries: jax.Array, corpus: jax.Array, block_size: int | None = None) -> str:
+    """The method `top_k_search(..., method="auto")` uses for these arguments."""
+    if block_size is not None or jax.default_backend() != "cpu":
+        return "xla"
+    if corpus.dtype not in (jnp.float32, jnp.bfloat16) or queries.dtype == jnp.float64:
+        return "xla"
+    if corpus.dtype == jnp.float32 and queries.shape[0] == 1:
+        return "xla"
+    return "native" if native_search.available() else "xla"
+
+
+def _blocked_top_k(
+    queries: jax.Array,  # [B, D]
+    corpus: jax.Array,  # [N, D]
+    k: int,
+    corpus_mask: jax.Array | None,  # [N] bool
+    block_size: int | None,
+) -> tuple[jax.Array, jax.Array]:
+    """The "xla" method of `top_k_search`: blocks of `block_size` rows, running top-k."""
     num_queries, n = queries.shape[0], corpus.shape[0]
     if block_size is None:
         block_size = min(SEARCH_BLOCK_ROWS, SEARCH_BLOCK_ELEMENTS // max(num_queries, 1))

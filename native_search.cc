@@ -1,0 +1,303 @@
+// Exact top-k of queries · corpusᵀ on the CPU, scored and selected in one pass over the corpus.
+//
+// Built and loaded by native_search.py as an XLA FFI custom call. XLA's matrix product packs
+// the whole [N, D] corpus before multiplying it by a handful of queries, which reads and writes
+// the corpus several times; this kernel reads each corpus row once, scores it against every
+// query from registers, and keeps a running top-k per query, so the search costs about one read
+// of the corpus.
+//
+// Inputs: queries f32[B, D], corpus f32 or bf16[N, D], mask pred[N] (false = never retrieved).
+// Outputs: scores f32[B, k], indices s32[B, k], best first; ties go to the lower row index,
+// as in lax.top_k. Masked rows score the attribute `masked_score` (-1e12 in the model); a NaN
+// score counts as -inf.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <thread>
+#include <vector>
+
+#ifdef __linux__
+#include <sched.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;                   // queries per vector
+constexpr int kTileRows = 16;                // corpus rows scored together
+constexpr int64_t kPrefetchTiles = 3;        // tiles ahead to prefetch
+constexpr int64_t kRowsPerThread = 1 << 15;  // fewer rows than this: not worth a thread
+
+typedef float F32x16 __attribute__((vector_size(64)));
+typedef int32_t I32x16 __attribute__((vector_size(64)));
+typedef uint32_t U32x16 __attribute__((vector_size(64)));
+typedef uint16_t U16x16 __attribute__((vector_size(32)));
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNegInf = -kInf;
+
+// lax.top_k orders floats totally (-0.0 below +0.0): compare these integer keys instead.
+inline int32_t OrderKey(float score) {
+  int32_t bits;
+  std::memcpy(&bits, &score, sizeof(bits));
+  return bits ^ ((bits >> 31) & 0x7fffffff);
+}
+
+struct Entry {
+  int32_t key;  // OrderKey(score)
+  int32_t index;
+  float score;
+};
+
+// Higher score first; among equal scores, lower row index first (lax.top_k's order).
+inline bool Better(const Entry& a, const Entry& b) {
+  return a.key > b.key || (a.key == b.key && a.index < b.index);
+}
+
+// Running top-k of one query over rows pushed in increasing index order.
+class RunningTopK {
+ public:
+  explicit RunningTopK(int k) : k_(k) { entries_.reserve(2 * k); }
+
+  // Until k rows are held every row is taken; then only rows scoring above the k-th best (a
+  // later row with an equal score loses the tie to the earlier one).
+  bool full() const { return full_; }
+  float threshold() const { return threshold_; }
+
+  void Push(float score, int32_t index) {
+    int32_t key = OrderKey(score);
+    if (full_ && key <= threshold_key_) return;
+    entries_.push_back({key, index, score});
+    if (static_cast<int>(entries_.size()) == (full_ ? 2 * k_ : k_)) Shrink();
+  }
+
+  std::vector<Entry>& entries() { return entries_; }
+
+ private:
+  void Shrink() {
+    std::nth_element(entries_.begin(), entries_.begin() + (k_ - 1), entries_.end(), Better);
+    entries_.resize(k_);
+    threshold_ = entries_[k_ - 1].score;
+    threshold_key_ = entries_[k_ - 1].key;
+    full_ = true;
+  }
+
+  int k_;
+  bool full_ = false;
+  float threshold_ = kNegInf;
+  int32_t threshold_key_ = 0;
+  std::vector<Entry> entries_;
+};
+
+// rows [R, D] (float32) against one chunk of 16 queries, queries_t [D, padded B]. The rows are
+// read column by column, which the hardware prefetcher does not follow well; so each step also
+// asks for `ahead_step` bytes of the corpus `ahead` (a tile scored a little later), spreading
+// the requests over the loop. (A prefetch is only a hint: it never faults, even past the end.)
+template <int R>
+inline void ScoreTile(const float* rows, int64_t d, const float* queries_t, int64_t stride,
+                      uintptr_t ahead, int64_t ahead_step, F32x16 (&acc)[R]) {
+  // -0.0 is the exact identity of addition (a sum of -0.0 products stays -0.0, as in XLA).
+  for (int r = 0; r < R; ++r) acc[r] = -F32x16{};
+  for (int64_t j = 0; j < d; ++j) {
+    if (ahead_step) __builtin_prefetch(reinterpret_cast<const void*>(ahead + j * ahead_step));
+    F32x16 q;
+    std::memcpy(&q, queries_t + j * stride, sizeof(q));
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) acc[r] += rows[r * d + j] * q;
+  }
+}
+
+inline void ToFloat(const uint16_t* src, int64_t count, float* dst) {
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) {
+    U16x16 half;
+    std::memcpy(&half, src + i, sizeof(half));
+    U32x16 bits = __builtin_convertvector(half, U32x16) << 16;
+    std::memcpy(dst + i, &bits, sizeof(bits));
+  }
+  for (; i < count; ++i) {
+    uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
+    std::memcpy(dst + i, &bits, sizeof(bits));
+  }
+}
+
+struct Problem {
+  const float* queries_t;  // [D, padded B], zero beyond B
+  int64_t num_queries, padded, d;
+  const void* corpus;
+  bool bf16;
+  const bool* mask;
+  float masked_score;
+  int k;
+};
+
+// One thread's running lists, and each list's bar as a row of floats for vector compares:
+// NaN while a list is still open (every row enters), its threshold once full, +inf for the
+// padding lanes beyond the last query.
+struct Lists {
+  Lists(int64_t num_queries, int64_t padded, int k)
+      : best(num_queries, RunningTopK(k)), bar(padded, kInf) {
+    std::fill(bar.begin(), bar.begin() + num_queries, std::numeric_limits<float>::quiet_NaN());
+  }
+  void Push(int64_t q, float score, int32_t index) {
+    best[q].Push(std::isnan(score) ? kNegInf : score, index);
+    if (best[q].full()) bar[q] = best[q].threshold();
+  }
+  std::vector<RunningTopK> best;
+  std::vector<float> bar;
+};
+
+inline bool AnySet(I32x16 v) {
+  uint64_t words[8];
+  std::memcpy(words, &v, sizeof(v));
+  uint64_t any = 0;
+  for (uint64_t w : words) any |= w;
+  return any != 0;
+}
+
+template <int R>
+void ScanTile(const Problem& p, int64_t start, const float* rows, Lists& lists) {
+  // The tile kPrefetchTiles ahead: R rows of D elements take R * element bytes per column.
+  const int64_t element = p.bf16 ? 2 : 4;
+  const int64_t ahead_step = R == kTileRows ? R * element : 0;
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(p.corpus) +
+                          (start + kPrefetchTiles * R) * p.d * element;
+  F32x16 acc[R];
+  I32x16 hits[R];
+  for (int64_t chunk = 0; chunk < p.padded; chunk += kLanes) {
+    ScoreTile<R>(rows, p.d, p.queries_t + chunk, p.padded, chunk ? 0 : ahead, chunk ? 0 : ahead_step, acc);
+    if (p.mask) {
+      // A masked row still enters an open list: lax.top_k returns masked rows when fewer than
+      // k rows are kept.
+      for (int r = 0; r < R; ++r) {
+        if (!p.mask[start + r]) acc[r] = F32x16{} + p.masked_score;
+      }
+    }
+    F32x16 bar;
+    std::memcpy(&bar, lists.bar.data() + chunk, sizeof(bar));
+    I32x16 any = I32x16{};
+    for (int r = 0; r < R; ++r) {
+      // At or above the bar (Push breaks ties), or the bar is NaN (open list).
+      hits[r] = ~(acc[r] < bar);
+      any |= hits[r];
+    }
+    if (!AnySet(any)) continue;
+    int lanes = static_cast<int>(std::min<int64_t>(kLanes, p.num_queries - chunk));
+    for (int r = 0; r < R; ++r) {
+      if (!AnySet(hits[r])) continue;
+      for (int q = 0; q < lanes; ++q) {
+        if (hits[r][q]) lists.Push(chunk + q, acc[r][q], static_cast<int32_t>(start + r));
+      }
+    }
+  }
+}
+
+void ScanRows(const Problem& p, int64_t begin, int64_t end, Lists& lists) {
+  std::vector<float> buffer(p.bf16 ? kTileRows * p.d : 0);
+  auto rows_at = [&](int64_t start, int64_t count) -> const float* {
+    // float32 rows are read in place (the hardware prefetcher follows the stream); bfloat16
+    // rows are widened into a small buffer that stays in L1.
+    if (!p.bf16) return static_cast<const float*>(p.corpus) + start * p.d;
+    ToFloat(static_cast<const uint16_t*>(p.corpus) + start * p.d, count * p.d, buffer.data());
+    return buffer.data();
+  };
+  int64_t start = begin;
+  for (; start + kTileRows <= end; start += kTileRows) {
+    ScanTile<kTileRows>(p, start, rows_at(start, kTileRows), lists);
+  }
+  for (; start < end; ++start) ScanTile<1>(p, start, rows_at(start, 1), lists);
+}
+
+int NumThreads(int64_t n) {
+  int cores = static_cast<int>(std::thread::hardware_concurrency());
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) cores = CPU_COUNT(&set);
+#endif
+  int64_t useful = std::max<int64_t>(1, n / kRowsPerThread);
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cores, useful)));
+}
+
+ffi::Error TopKImpl(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus,
+                    ffi::Buffer<ffi::PRED> mask, float masked_score,
+                    ffi::Result<ffi::Buffer<ffi::F32>> scores,
+                    ffi::Result<ffi::Buffer<ffi::S32>> indices) {
+  auto qdims = queries.dimensions();
+  auto cdims = corpus.dimensions();
+  auto odims = scores->dimensions();
+  if (qdims.size() != 2 || cdims.size() != 2 || odims.size() != 2) {
+    return ffi::Error::InvalidArgument("phoenix_top_k: queries, corpus and outputs must be 2-D");
+  }
+  const int64_t b = qdims[0], d = qdims[1], n = cdims[0];
+  const int64_t k = odims[1];
+  bool bf16 = corpus.element_type() == ffi::BF16;
+  if (!bf16 && corpus.element_type() != ffi::F32) {
+    return ffi::Error::InvalidArgument("phoenix_top_k: corpus must be float32 or bfloat16");
+  }
+  if (cdims[1] != d || odims[0] != b || mask.dimensions()[0] != n) {
+    return ffi::Error::InvalidArgument("phoenix_top_k: mismatched shapes");
+  }
+  if (k < 1 || k > n || n > std::numeric_limits<int32_t>::max()) {
+    return ffi::Error::InvalidArgument("phoenix_top_k: need 1 <= k <= N < 2**31");
+  }
+
+  const int64_t padded = (b + kLanes - 1) / kLanes * kLanes;
+  std::vector<float> queries_t(d * padded, 0.0f);
+  for (int64_t i = 0; i < b; ++i) {
+    for (int64_t j = 0; j < d; ++j) queries_t[j * padded + i] = queries.typed_data()[i * d + j];
+  }
+  Problem p{queries_t.data(), b, padded, d, corpus.untyped_data(), bf16,
+            mask.typed_data(), masked_score, static_cast<int>(k)};
+
+  // Each thread scans a contiguous range of rows with its own running lists.
+  const int threads = NumThreads(n);
+  std::vector<Lists> lists(threads, Lists(b, padded, p.k));
+  auto range = [&](int t) {
+    int64_t per = (n + threads - 1) / threads;
+    per = (per + kTileRows - 1) / kTileRows * kTileRows;
+    return std::make_pair(std::min(n, t * per), std::min(n, (t + 1) * per));
+  };
+  std::vector<std::thread> workers;
+  for (int t = 1; t < threads; ++t) {
+    auto [begin, end] = range(t);
+    workers.emplace_back([&p, &lists, t, begin = begin, end = end] {
+      ScanRows(p, begin, end, lists[t]);
+    });
+  }
+  auto [begin0, end0] = range(0);
+  ScanRows(p, begin0, end0, lists[0]);
+  for (auto& w : workers) w.join();
+
+  std::vector<Entry> merged;
+  for (int64_t q = 0; q < b; ++q) {
+    merged.clear();
+    for (int t = 0; t < threads; ++t) {
+      auto& e = lists[t].best[q].entries();
+      merged.insert(merged.end(), e.begin(), e.end());
+    }
+    std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), Better);
+    for (int64_t i = 0; i < k; ++i) {
+      scores->typed_data()[q * k + i] = merged[i].score;
+      indices->typed_data()[q * k + i] = merged[i].index;
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PhoenixTopK, TopKImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("masked_score")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());

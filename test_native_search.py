@@ -1,0 +1,165 @@
+"""The native CPU top-k kernel (native_search.cc) against `lax.top_k` of the full scores.
+
+Queries and corpus hold small integers, so that every dot product is an exact float32 integer
+whatever the order of summation: the kernel must then return exactly `lax.top_k`'s scores and
+indices, ties included (lower row index first). Shapes cross the kernel's edges: query counts
+around its 16 lanes, corpus sizes around its 16-row tiles, widths that are not multiples of 16,
+masks that leave fewer than k rows, and corpora large enough to be split over threads.
+"""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import native_search
+from recsys_retrieval_model import INF, top_k_search
+
+pytestmark = pytest.mark.skipif(
+    not native_search.available(), reason="the native kernel cannot be built on this machine"
+)
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Rows per thread in the kernel (kRowsPerThread): corpora above twice this use two threads.
+ROWS_PER_THREAD = 1 << 15
+
+
+def integer_rows(rng, shape, high=4):
+    """Integers in [-high, high]: exact in bfloat16, and their dot products exact in float32."""
+    return rng.integers(-high, high + 1, shape).astype(np.float32)
+
+
+def full_top_k(queries, corpus, k, mask):
+    scores = jnp.dot(jnp.asarray(queries), jnp.asarray(corpus, jnp.float32).T)
+    return jax.lax.top_k(jnp.where(jnp.asarray(mask)[None, :], scores, -INF), k)
+
+
+def assert_exact(result, expected):
+    for got, want in zip(result, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    num_queries=st.integers(1, 40),
+    num_rows=st.integers(1, 300),
+    width=st.integers(1, 40),
+    k_fraction=st.floats(0.0, 1.0),
+    masked_fraction=st.sampled_from([0.0, 0.3, 0.95]),
+    dtype=st.sampled_from(sorted(DTYPES)),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_lax_top_k_exactly(
+    num_queries, num_rows, width, k_fraction, masked_fraction, dtype, seed
+):
+    rng = np.random.default_rng(seed)
+    k = 1 + int(k_fraction * (num_rows - 1))
+    # Few distinct values: many tied scores, including across the k-th place.
+    queries = integer_rows(rng, (num_queries, width), high=1)
+    corpus = integer_rows(rng, (num_rows, width), high=2)
+    mask = rng.random(num_rows) >= masked_fraction
+    corpus = jnp.asarray(corpus, DTYPES[dtype])
+    result = native_search.top_k(
+        jnp.asarray(queries), corpus, jnp.asarray(mask), k, masked_score=-INF
+    )
+    assert_exact(result, full_top_k(queries, corpus, k, mask))
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_kernel_over_two_threads_with_ties_across_their_boundary(dtype):
+    """Two threads scan the two halves; equal best scores on both sides of the split, and in
+    the ragged tail, must come out in row order, as `lax.top_k` orders them."""
+    rng = np.random.default_rng(0)
+    num_rows, k = 2 * ROWS_PER_THREAD + 37, 50
+    queries = integer_rows(rng, (17, 24))
+    corpus = integer_rows(rng, (num_rows, 24), high=1)
+    best = np.sign(queries[0]) * 2  # scores above every row of the ±1 corpus
+    split = (num_rows + 1) // 2
+    tied = np.concatenate(
+        [np.arange(split - 40, split + 40), np.arange(num_rows - 5, num_rows), [3, 7]]
+    )
+    corpus[tied] = best
+    mask = rng.random(num_rows) < 0.9
+    mask[tied[::9]] = False
+    corpus = jnp.asarray(corpus, DTYPES[dtype])
+    expected = full_top_k(queries, corpus, k, mask)
+    assert len(set(np.asarray(expected[0])[0].tolist())) == 1, "query 0: all tied"
+    result = native_search.top_k(
+        jnp.asarray(queries), corpus, jnp.asarray(mask), k, masked_score=-INF
+    )
+    assert_exact(result, expected)
+
+
+def test_masked_rows_fill_the_list_when_fewer_than_k_rows_are_kept():
+    rng = np.random.default_rng(1)
+    queries, corpus = integer_rows(rng, (3, 8)), integer_rows(rng, (100, 8))
+    mask = np.zeros(100, bool)
+    mask[[5, 50, 99]] = True
+    result = native_search.top_k(
+        jnp.asarray(queries), jnp.asarray(corpus), jnp.asarray(mask), 10, masked_score=-INF
+    )
+    assert_exact(result, full_top_k(queries, corpus, 10, mask))
+    assert set(np.asarray(result[1])[:, :3].ravel()) == {5, 50, 99}
+
+
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_top_k_search_methods_agree_on_real_valued_data(dtype):
+    """Unit-norm random rows: the two methods sum in different orders, so scores agree to
+    float32 rounding, and the indices agree (no two scores here are that close)."""
+    rng = np.random.default_rng(2)
+    queries = rng.standard_normal((20, 64)).astype(np.float32)
+    corpus = rng.standard_normal((5000, 64)).astype(np.float32)
+    corpus = jnp.asarray(corpus / np.linalg.norm(corpus, axis=1, keepdims=True), DTYPES[dtype])
+    mask = jnp.asarray(rng.random(5000) < 0.5)
+    native = top_k_search(queries, corpus, 64, mask, method="native")
+    xla = top_k_search(queries, corpus, 64, mask, method="xla")
+    np.testing.assert_array_equal(np.asarray(native[1]), np.asarray(xla[1]))
+    np.testing.assert_allclose(np.asarray(native[0]), np.asarray(xla[0]), rtol=0, atol=1e-5)
+
+
+def test_top_k_search_runs_the_kernel_inside_jit_and_vmap():
+    rng = np.random.default_rng(3)
+    queries = integer_rows(rng, (2, 5, 16))
+    corpus = integer_rows(rng, (300, 16))
+    mask = np.ones(300, bool)
+    search = jax.jit(jax.vmap(lambda q: top_k_search(q, corpus, 7, method="native")))
+    scores, indices = search(queries)
+    for i in range(2):
+        assert_exact((scores[i], indices[i]), full_top_k(queries[i], corpus, 7, mask))
+
+
+def test_bad_method_and_k_are_refused():
+    queries, corpus = np.ones((2, 4), np.float32), np.ones((10, 4), np.float32)
+    with pytest.raises(ValueError, match="method must be one of"):
+        top_k_search(queries, corpus, 3, method="fast")
+    for k in (0, 11):
+        with pytest.raises(ValueError, match=r"k must be in \[1, N=10\]"):
+            top_k_search(queries, corpus, k)
+
+
+def test_without_a_compiler_the_search_warns_and_falls_back(monkeypatch, tmp_path):
+    """A machine without a working compiler gets a warning, `available()` False, the XLA
+    search from `method="auto"`, and a clear error from `method="native"`."""
+    monkeypatch.setattr(native_search, "_state", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.warns(RuntimeWarning, match="native top-k search unavailable"):
+        assert not native_search.available()
+    rng = np.random.default_rng(4)
+    queries, corpus = integer_rows(rng, (3, 8)), integer_rows(rng, (50, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        result = top_k_search(queries, corpus, 5)
+    assert_exact(result, full_top_k(queries, corpus, 5, np.ones(50, bool)))
+    with pytest.raises(RuntimeError, match='use method="xla"'):
+        top_k_search(queries, corpus, 5, method="native")
+
+
+def test_the_environment_variable_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setattr(native_search, "_state", {})
+    monkeypatch.setenv(native_search.DISABLE_VARIABLE, "0")
+    assert not native_search.available()
