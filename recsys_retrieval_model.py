@@ -173,6 +173,15 @@ def top_k_search(
     """
     if method not in SEARCH_METHODS:
         raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
+    if jnp.ndim(queries) != 2 or jnp.ndim(corpus) != 2 or queries.shape[1] != corpus.shape[1]:
+        raise ValueError(
+            f"queries {jnp.shape(queries)} and corpus {jnp.shape(corpus)} must be [B, D] and "
+            "[N, D] with the same D"
+        )
+    if corpus_mask is not None and jnp.shape(corpus_mask) != (corpus.shape[0],):
+        raise ValueError(
+            f"corpus_mask has shape {jnp.shape(corpus_mask)}, expected [N={corpus.shape[0]}]"
+        )
     if not 1 <= k <= corpus.shape[0]:
         raise ValueError(f"k must be in [1, N={corpus.shape[0]}], got {k}")
     if method == "native" and not native_search.available():

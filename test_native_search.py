@@ -132,13 +132,19 @@ def test_top_k_search_runs_the_kernel_inside_jit_and_vmap():
         assert_exact((scores[i], indices[i]), full_top_k(queries[i], corpus, 7, mask))
 
 
-def test_bad_method_and_k_are_refused():
+def test_bad_method_k_and_shapes_are_refused():
     queries, corpus = np.ones((2, 4), np.float32), np.ones((10, 4), np.float32)
     with pytest.raises(ValueError, match="method must be one of"):
         top_k_search(queries, corpus, 3, method="fast")
     for k in (0, 11):
         with pytest.raises(ValueError, match=r"k must be in \[1, N=10\]"):
             top_k_search(queries, corpus, k)
+    with pytest.raises(ValueError, match="same D"):
+        top_k_search(queries, np.ones((10, 5), np.float32), 3)
+    with pytest.raises(ValueError, match="same D"):
+        top_k_search(queries[0], corpus, 3)
+    with pytest.raises(ValueError, match=r"corpus_mask has shape \(9,\)"):
+        top_k_search(queries, corpus, 3, np.ones(9, bool))
 
 
 def test_without_a_compiler_the_search_warns_and_falls_back(monkeypatch, tmp_path):
