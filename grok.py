@@ -341,7 +341,7 @@ class MultiHeadAttention(hk.Module):
         ctx_logits = self._capped_logits(q, cache_keys, "bkqd,bpkd->bkqp")  # [B, K, C * G, P]
         ctx_logits = jnp.where(cache_mask[:, None, None, :], ctx_logits, MASKED_LOGIT)
         # softmax(concat(ctx, self)) as in jax.nn.softmax: exp(x - max) / sum, in float32.
-        top = jnp.maximum(jnp.max(ctx_logits, axis=-1), self_logits)
+        top = jnp.maximum(jnp.max(ctx_logits, axis=-1, initial=MASKED_LOGIT), self_logits)
         ctx_exp = jnp.exp(ctx_logits - top[..., None])
         self_exp = jnp.exp(self_logits - top)
         total = jnp.sum(ctx_exp, axis=-1) + self_exp

@@ -8,15 +8,17 @@
 //
 // Inputs: queries f32[B, D], corpus f32 or bf16[N, D], mask pred[N] (false = never retrieved).
 // Outputs: scores f32[B, k], indices s32[B, k], best first; ties go to the lower row index,
-// as in lax.top_k. Masked rows score the attribute `masked_score` (-1e12 in the model); a NaN
-// score counts as -inf.
+// as in lax.top_k, whose total order of floats (NaN by its sign beyond the infinities) this
+// follows; zero scores are +0.0. Masked rows score the attribute `masked_score` (-1e12 in the
+// model). The attribute `threads` caps the threads (0: one per core, if the corpus is large).
 
 #include <algorithm>
-#include <cmath>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -30,8 +32,14 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;                   // queries per vector
-constexpr int kTileRows = 16;                // corpus rows scored together
+constexpr int kLanes = 16;  // queries per vector
+// Corpus rows scored together: one 16-float accumulator each, plus the queries, must fit the
+// vector registers (32 of 16 floats with AVX-512; elsewhere, 16 or 32 of 4 or 8 floats).
+#ifdef __AVX512F__
+constexpr int kTileRows = 16;
+#else
+constexpr int kTileRows = 6;
+#endif
 constexpr int64_t kPrefetchTiles = 3;        // tiles ahead to prefetch
 constexpr int64_t kRowsPerThread = 1 << 15;  // fewer rows than this: not worth a thread
 
@@ -42,6 +50,7 @@ typedef uint16_t U16x16 __attribute__((vector_size(32)));
 
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNegInf = -kInf;
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
 // lax.top_k orders floats totally (-0.0 below +0.0): compare these integer keys instead.
 inline int32_t OrderKey(float score) {
@@ -103,8 +112,9 @@ class RunningTopK {
 template <int R>
 inline void ScoreTile(const float* rows, int64_t d, const float* queries_t, int64_t stride,
                       uintptr_t ahead, int64_t ahead_step, F32x16 (&acc)[R]) {
-  // -0.0 is the exact identity of addition (a sum of -0.0 products stays -0.0, as in XLA).
-  for (int r = 0; r < R; ++r) acc[r] = -F32x16{};
+  // Sums start at +0.0, so a zero score is always +0.0 (as in XLA's products of more than one
+  // term; XLA's single-term product may give -0.0, which lax.top_k ranks below +0.0).
+  for (int r = 0; r < R; ++r) acc[r] = F32x16{};
   for (int64_t j = 0; j < d; ++j) {
     if (ahead_step) __builtin_prefetch(reinterpret_cast<const void*>(ahead + j * ahead_step));
     F32x16 q;
@@ -144,11 +154,11 @@ struct Problem {
 struct Lists {
   Lists(int64_t num_queries, int64_t padded, int k)
       : best(num_queries, RunningTopK(k)), bar(padded, kInf) {
-    std::fill(bar.begin(), bar.begin() + num_queries, std::numeric_limits<float>::quiet_NaN());
+    std::fill(bar.begin(), bar.begin() + num_queries, kNaN);
   }
   void Push(int64_t q, float score, int32_t index) {
-    best[q].Push(std::isnan(score) ? kNegInf : score, index);
-    if (best[q].full()) bar[q] = best[q].threshold();
+    best[q].Push(score, index);
+    if (best[q].full()) bar[q] = best[q].threshold();  // a NaN threshold: every row is looked at
   }
   std::vector<RunningTopK> best;
   std::vector<float> bar;
@@ -184,7 +194,7 @@ void ScanTile(const Problem& p, int64_t start, const float* rows, Lists& lists) 
     std::memcpy(&bar, lists.bar.data() + chunk, sizeof(bar));
     I32x16 any = I32x16{};
     for (int r = 0; r < R; ++r) {
-      // At or above the bar (Push breaks ties), or the bar is NaN (open list).
+      // At or above the bar (Push decides ties), NaN, or the bar is NaN (open list).
       hits[r] = ~(acc[r] < bar);
       any |= hits[r];
     }
@@ -215,25 +225,30 @@ void ScanRows(const Problem& p, int64_t begin, int64_t end, Lists& lists) {
   for (; start < end; ++start) ScanTile<1>(p, start, rows_at(start, 1), lists);
 }
 
-int NumThreads(int64_t n) {
-  int cores = static_cast<int>(std::thread::hardware_concurrency());
+// `requested` > 0: that many (at most one per tile); 0: one per core, each with enough rows.
+int NumThreads(int64_t n, int64_t requested) {
+  int64_t tiles = std::max<int64_t>(1, n / kTileRows);
+  if (requested > 0) return static_cast<int>(std::min(requested, tiles));
+  int64_t cores = std::max(1u, std::thread::hardware_concurrency());
 #ifdef __linux__
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) cores = CPU_COUNT(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) cores = std::max(1, CPU_COUNT(&set));
 #endif
   int64_t useful = std::max<int64_t>(1, n / kRowsPerThread);
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cores, useful)));
+  return static_cast<int>(std::min(cores, useful));
 }
 
-ffi::Error TopKImpl(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus,
-                    ffi::Buffer<ffi::PRED> mask, float masked_score,
-                    ffi::Result<ffi::Buffer<ffi::F32>> scores,
-                    ffi::Result<ffi::Buffer<ffi::S32>> indices) {
+ffi::Error TopK(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus, ffi::Buffer<ffi::PRED> mask,
+                float masked_score, int64_t requested_threads,
+                ffi::Result<ffi::Buffer<ffi::F32>> scores,
+                ffi::Result<ffi::Buffer<ffi::S32>> indices) {
   auto qdims = queries.dimensions();
   auto cdims = corpus.dimensions();
   auto odims = scores->dimensions();
-  if (qdims.size() != 2 || cdims.size() != 2 || odims.size() != 2) {
-    return ffi::Error::InvalidArgument("phoenix_top_k: queries, corpus and outputs must be 2-D");
+  if (qdims.size() != 2 || cdims.size() != 2 || odims.size() != 2 ||
+      mask.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument(
+        "phoenix_top_k: queries, corpus and outputs must be 2-D, the mask 1-D");
   }
   const int64_t b = qdims[0], d = qdims[1], n = cdims[0];
   const int64_t k = odims[1];
@@ -256,24 +271,37 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus,
   Problem p{queries_t.data(), b, padded, d, corpus.untyped_data(), bf16,
             mask.typed_data(), masked_score, static_cast<int>(k)};
 
-  // Each thread scans a contiguous range of rows with its own running lists.
-  const int threads = NumThreads(n);
+  // Each thread scans a contiguous range of rows with its own running lists. A range whose
+  // thread cannot be started is scanned by this one.
+  const int threads = NumThreads(n, requested_threads);
   std::vector<Lists> lists(threads, Lists(b, padded, p.k));
   auto range = [&](int t) {
     int64_t per = (n + threads - 1) / threads;
     per = (per + kTileRows - 1) / kTileRows * kTileRows;
     return std::make_pair(std::min(n, t * per), std::min(n, (t + 1) * per));
   };
-  std::vector<std::thread> workers;
-  for (int t = 1; t < threads; ++t) {
-    auto [begin, end] = range(t);
-    workers.emplace_back([&p, &lists, t, begin = begin, end = end] {
+  std::atomic<bool> failed{false};
+  auto scan = [&](int t) {
+    try {
+      auto [begin, end] = range(t);
       ScanRows(p, begin, end, lists[t]);
-    });
+    } catch (const std::exception&) {
+      failed = true;
+    }
+  };
+  std::vector<std::thread> workers;
+  std::vector<int> unstarted;
+  for (int t = 1; t < threads; ++t) {
+    try {
+      workers.emplace_back(scan, t);
+    } catch (const std::system_error&) {
+      unstarted.push_back(t);
+    }
   }
-  auto [begin0, end0] = range(0);
-  ScanRows(p, begin0, end0, lists[0]);
+  scan(0);
+  for (int t : unstarted) scan(t);
   for (auto& w : workers) w.join();
+  if (failed) return ffi::Error::Internal("phoenix_top_k: out of memory");
 
   std::vector<Entry> merged;
   for (int64_t q = 0; q < b; ++q) {
@@ -291,6 +319,17 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus,
   return ffi::Error::Success();
 }
 
+ffi::Error TopKImpl(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus,
+                    ffi::Buffer<ffi::PRED> mask, float masked_score, int64_t threads,
+                    ffi::Result<ffi::Buffer<ffi::F32>> scores,
+                    ffi::Result<ffi::Buffer<ffi::S32>> indices) {
+  try {  // no exception may cross into XLA
+    return TopK(queries, corpus, mask, masked_score, threads, scores, indices);
+  } catch (const std::exception&) {
+    return ffi::Error::Internal("phoenix_top_k: out of memory");
+  }
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PhoenixTopK, TopKImpl,
@@ -299,5 +338,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PhoenixTopK, TopKImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Attr<float>("masked_score")
+                                  .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());

@@ -9,12 +9,14 @@ The kernel is compiled with the machine's C++ compiler (`c++`, or `$CXX`) agains
 headers shipped with jaxlib, the first time it is needed, and cached under
 `$XDG_CACHE_HOME/phoenix-jax` (default `~/.cache/phoenix-jax`), keyed by the source, the jaxlib
 version and the CPU. Without a compiler, or with `PHOENIX_NATIVE_SEARCH=0`, `available()` is
-False and `recsys_retrieval_model.top_k_search` uses its XLA path, with the same results.
+False and `recsys_retrieval_model.top_k_search` uses its XLA path, which finds the same posts
+(scores equal to float32 rounding: the two sum the products in different orders).
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib.version
 import numpy as np
 
 TARGET = "phoenix_top_k"
@@ -75,10 +78,11 @@ def _compiler_command(output: Path) -> list[str]:
 
 
 def _build() -> Path:
-    """Compiles the kernel into the cache, once per source, jaxlib version and CPU."""
+    """Compiles the kernel into the cache, once per source, command, jaxlib version and CPU."""
+    command = _compiler_command(Path("OUTPUT"))
     key = hashlib.sha256()
-    key.update(SOURCE.read_bytes())
-    key.update(jax.__version__.encode())
+    for part in (SOURCE.read_bytes(), " ".join(command), jaxlib.version.__version__):
+        key.update(part if isinstance(part, bytes) else part.encode())
     key.update(_cpu_signature().encode())
     library = _cache_dir() / f"native_search-{key.hexdigest()[:16]}.so"
     if library.exists():
@@ -99,7 +103,7 @@ def available() -> bool:
     with _lock:
         if "ok" not in _state:
             _state["ok"] = False
-            if os.environ.get(DISABLE_VARIABLE, "1") == "0":
+            if os.environ.get(DISABLE_VARIABLE, "").strip().lower() in ("0", "false", "no", "off"):
                 return False
             try:
                 library = ctypes.cdll.LoadLibrary(str(_build()))
@@ -116,17 +120,21 @@ def available() -> bool:
         return bool(_state["ok"])
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
 def top_k(
     queries: jax.Array,  # [B, D] float32
     corpus: jax.Array,  # [N, D] float32 or bfloat16
     corpus_mask: jax.Array,  # [N] bool
     k: int,
     masked_score: float,
+    threads: int = 0,
 ) -> tuple[jax.Array, jax.Array]:  # [B, k] float32, [B, k] int32
     """The kernel as a JAX operation (CPU only; call `available()` first).
 
     Exact top-k of queries · corpusᵀ with masked rows scored `masked_score`, best first, ties
-    to the lower row index, as `lax.top_k` over the full score matrix.
+    to the lower row index, as `lax.top_k` over the full score matrix. `threads` > 0 caps the
+    threads (default: one per core for a large corpus). Differentiable in the queries and the
+    corpus, as `lax.top_k` is: the chosen rows are held fixed.
     """
     b = queries.shape[0]
     call = jax.ffi.ffi_call(
@@ -142,4 +150,19 @@ def top_k(
         corpus,
         corpus_mask.astype(jnp.bool_),
         masked_score=np.float32(masked_score),
+        threads=np.int64(threads),
     )
+
+
+@top_k.defjvp
+def _top_k_jvp(k, masked_score, threads, primals, tangents):
+    queries, corpus, corpus_mask = primals
+    d_queries, d_corpus, _ = tangents
+    scores, indices = top_k(queries, corpus, corpus_mask, k, masked_score, threads)
+    rows = jnp.take(corpus, indices, axis=0).astype(jnp.float32)  # [B, k, D]
+    d_rows = jnp.take(d_corpus, indices, axis=0).astype(jnp.float32)
+    queries = queries.astype(jnp.float32)
+    d_scores = jnp.einsum("bd,bkd->bk", d_queries.astype(jnp.float32), rows)
+    d_scores = d_scores + jnp.einsum("bd,bkd->bk", queries, d_rows)
+    d_scores = jnp.where(jnp.take(corpus_mask, indices), d_scores, 0.0)  # masked: a constant
+    return (scores, indices), (d_scores, np.zeros(indices.shape, jax.dtypes.float0))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -146,6 +147,7 @@ def _block_top_k(
 
 
 SEARCH_METHODS = ("auto", "native", "xla")
+NATIVE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # corpus dtypes of the kernel
 
 
 def top_k_search(
@@ -155,6 +157,7 @@ def top_k_search(
     corpus_mask: jax.Array | None = None,  # [N] bool, False = never retrieved
     block_size: int | None = None,
     method: str = "auto",
+    threads: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact top-k of queries · corpusᵀ: (scores, indices) [B, k], best first.
 
@@ -170,6 +173,9 @@ def top_k_search(
     - "auto" (default): "native" on the CPU when it is available, `block_size` is not given,
       and it is faster (a bfloat16 corpus, or more than one query; one float32 query is a
       matrix-vector product, already as fast as a read of the corpus in XLA); else "xla".
+      The kernel was tuned and measured on an AVX-512 CPU; elsewhere pass method="xla" if it
+      is faster (`benchmark.py` compares the two).
+    `threads` (native only) caps the kernel's threads; 0 = one per core.
     """
     if method not in SEARCH_METHODS:
         raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
@@ -184,6 +190,10 @@ def top_k_search(
         )
     if not 1 <= k <= corpus.shape[0]:
         raise ValueError(f"k must be in [1, N={corpus.shape[0]}], got {k}")
+    if method == "native" and jnp.dtype(corpus.dtype) not in NATIVE_DTYPES:
+        raise ValueError(
+            f'method="native" needs a float32 or bfloat16 corpus, got {jnp.dtype(corpus.dtype)}'
+        )
     if method == "native" and not native_search.available():
         raise RuntimeError(
             'the native top-k search cannot be built here (see the warning above); use method="xla"'
@@ -197,7 +207,7 @@ def top_k_search(
             queries,
             corpus,
             corpus_mask,
-            cpu=lambda q, c, m: native_search.top_k(q, c, m, k, masked_score=-INF),
+            cpu=lambda q, c, m: native_search.top_k(q, c, m, k, -INF, threads),
             default=lambda q, c, m: _blocked_top_k(q, c, k, m, block_size),
         )
     return _blocked_top_k(queries, corpus, k, corpus_mask, block_size)
@@ -207,7 +217,7 @@ def auto_search_method(queries: jax.Array, corpus: jax.Array, block_size: int | 
     """The method `top_k_search(..., method="auto")` uses for these arguments."""
     if block_size is not None or jax.default_backend() != "cpu":
         return "xla"
-    if corpus.dtype not in (jnp.float32, jnp.bfloat16) or queries.dtype == jnp.float64:
+    if jnp.dtype(corpus.dtype) not in NATIVE_DTYPES or queries.dtype == jnp.float64:
         return "xla"
     if corpus.dtype == jnp.float32 and queries.shape[0] == 1:
         return "xla"
@@ -269,8 +279,14 @@ def _blocked_top_k(
 
 @functools.partial(jax.jit, static_argnames=("k", "mesh", "axis"))
 def _search_shards(queries, corpus, corpus_mask, k, mesh, axis):
+    # Devices of this host share its cores: each shard's kernel gets its part of them.
+    here = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+    threads = max(1, _usable_cores() // here) if here > 1 else 0
+
     def local(queries, corpus, corpus_mask):
-        scores, indices = top_k_search(queries, corpus, min(k, corpus.shape[0]), corpus_mask)
+        scores, indices = top_k_search(
+            queries, corpus, min(k, corpus.shape[0]), corpus_mask, threads=threads
+        )
         indices = indices + jax.lax.axis_index(axis) * corpus.shape[0]  # global row numbers
         scores = jax.lax.all_gather(scores, axis, axis=1, tiled=True)
         indices = jax.lax.all_gather(indices, axis, axis=1, tiled=True)
@@ -283,6 +299,12 @@ def _search_shards(queries, corpus, corpus_mask, k, mesh, axis):
         out_specs=(P(), P()),
         check_vma=False,
     )(queries, corpus, corpus_mask)
+
+
+def _usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def sharded_top_k_search(

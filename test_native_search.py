@@ -3,8 +3,10 @@
 Queries and corpus hold small integers, so that every dot product is an exact float32 integer
 whatever the order of summation: the kernel must then return exactly `lax.top_k`'s scores and
 indices, ties included (lower row index first). Shapes cross the kernel's edges: query counts
-around its 16 lanes, corpus sizes around its 16-row tiles, widths that are not multiples of 16,
-masks that leave fewer than k rows, and corpora large enough to be split over threads.
+around its 16 lanes, corpus sizes around its row tiles, widths that are not multiples of 16,
+masks that leave fewer than k rows, and rows split over several threads (forced, so that a
+one-core machine tests them too), some holding fewer than k rows. Also: NaN and infinities in
+`lax.top_k`'s order, zeros, gradients, and which method `auto` picks.
 """
 
 import warnings
@@ -17,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import native_search
-from recsys_retrieval_model import INF, top_k_search
+from recsys_retrieval_model import INF, auto_search_method, top_k_search
 
 pytestmark = pytest.mark.skipif(
     not native_search.available(), reason="the native kernel cannot be built on this machine"
@@ -34,7 +36,11 @@ def integer_rows(rng, shape, high=4):
 
 
 def full_top_k(queries, corpus, k, mask):
-    scores = jnp.dot(jnp.asarray(queries), jnp.asarray(corpus, jnp.float32).T)
+    """`lax.top_k` of the full scores. A zero score is made +0.0: the sign of a zero sum is
+    an accident of the order of summation (XLA's one-term product gives -0.0, its longer ones
+    +0.0, the kernel always +0.0), and `lax.top_k` ranks -0.0 below +0.0."""
+    scores = np.asarray(jnp.dot(jnp.asarray(queries), jnp.asarray(corpus, jnp.float32).T))
+    scores = np.where(scores == 0, np.float32(0), scores)
     return jax.lax.top_k(jnp.where(jnp.asarray(mask)[None, :], scores, -INF), k)
 
 
@@ -51,10 +57,11 @@ def assert_exact(result, expected):
     k_fraction=st.floats(0.0, 1.0),
     masked_fraction=st.sampled_from([0.0, 0.3, 0.95]),
     dtype=st.sampled_from(sorted(DTYPES)),
+    threads=st.sampled_from([0, 1, 3, 7]),
     seed=st.integers(0, 2**16),
 )
 def test_kernel_equals_lax_top_k_exactly(
-    num_queries, num_rows, width, k_fraction, masked_fraction, dtype, seed
+    num_queries, num_rows, width, k_fraction, masked_fraction, dtype, threads, seed
 ):
     rng = np.random.default_rng(seed)
     k = 1 + int(k_fraction * (num_rows - 1))
@@ -63,9 +70,7 @@ def test_kernel_equals_lax_top_k_exactly(
     corpus = integer_rows(rng, (num_rows, width), high=2)
     mask = rng.random(num_rows) >= masked_fraction
     corpus = jnp.asarray(corpus, DTYPES[dtype])
-    result = native_search.top_k(
-        jnp.asarray(queries), corpus, jnp.asarray(mask), k, masked_score=-INF
-    )
+    result = native_search.top_k(jnp.asarray(queries), corpus, jnp.asarray(mask), k, -INF, threads)
     assert_exact(result, full_top_k(queries, corpus, k, mask))
 
 
@@ -88,10 +93,30 @@ def test_kernel_over_two_threads_with_ties_across_their_boundary(dtype):
     corpus = jnp.asarray(corpus, DTYPES[dtype])
     expected = full_top_k(queries, corpus, k, mask)
     assert len(set(np.asarray(expected[0])[0].tolist())) == 1, "query 0: all tied"
+    result = native_search.top_k(jnp.asarray(queries), corpus, jnp.asarray(mask), k, -INF)
+    assert_exact(result, expected)
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_nan_infinities_and_zeros_are_ordered_as_lax_top_k_orders_them(threads):
+    """NaN scores rank by their sign beyond the infinities (`lax.top_k`'s total order of floats);
+    zero scores, of either sign in the products, are +0.0 and tie."""
+    rng = np.random.default_rng(5)
+    queries = integer_rows(rng, (3, 4))
+    queries[1] = 0.0  # every score of query 1 is a signed zero (or NaN, or inf * 0 = NaN)
+    corpus = integer_rows(rng, (200, 4))
+    corpus[[10, 150]] = np.nan
+    corpus[[20, 120], 0] = np.inf
+    corpus[[30, 130], 0] = -np.inf
+    corpus[40:100] = -1.0  # -0.0 products for query 1
+    corpus[100:110] = 0.0
+    mask = np.ones(200, bool)
+    expected = full_top_k(queries, corpus, 60, mask)
     result = native_search.top_k(
-        jnp.asarray(queries), corpus, jnp.asarray(mask), k, masked_score=-INF
+        jnp.asarray(queries), jnp.asarray(corpus), jnp.asarray(mask), 60, -INF, threads
     )
     assert_exact(result, expected)
+    assert np.isnan(np.asarray(result[0])[0, 0])
 
 
 def test_masked_rows_fill_the_list_when_fewer_than_k_rows_are_kept():
@@ -100,7 +125,7 @@ def test_masked_rows_fill_the_list_when_fewer_than_k_rows_are_kept():
     mask = np.zeros(100, bool)
     mask[[5, 50, 99]] = True
     result = native_search.top_k(
-        jnp.asarray(queries), jnp.asarray(corpus), jnp.asarray(mask), 10, masked_score=-INF
+        jnp.asarray(queries), jnp.asarray(corpus), jnp.asarray(mask), 10, -INF
     )
     assert_exact(result, full_top_k(queries, corpus, 10, mask))
     assert set(np.asarray(result[1])[:, :3].ravel()) == {5, 50, 99}
@@ -119,6 +144,38 @@ def test_top_k_search_methods_agree_on_real_valued_data(dtype):
     xla = top_k_search(queries, corpus, 64, mask, method="xla")
     np.testing.assert_array_equal(np.asarray(native[1]), np.asarray(xla[1]))
     np.testing.assert_allclose(np.asarray(native[0]), np.asarray(xla[0]), rtol=0, atol=1e-5)
+
+
+def test_gradients_equal_those_of_the_xla_method():
+    """The kernel's scores differentiate like `lax.top_k`'s: through the chosen rows, with no
+    gradient into masked rows (they score the constant -INF)."""
+    rng = np.random.default_rng(6)
+    queries = jnp.asarray(rng.standard_normal((5, 12)), jnp.float32)
+    corpus = jnp.asarray(rng.standard_normal((400, 12)), jnp.float32)
+    mask = jnp.asarray(rng.random(400) < 0.02)  # 8 kept rows: masked rows are chosen too
+    weights = jnp.asarray(rng.standard_normal((5, 10)), jnp.float32)
+
+    def loss(queries, corpus, method):
+        scores, _ = top_k_search(queries, corpus, 10, mask, method=method)
+        return jnp.sum(jnp.where(scores > -INF, scores, 0.0) * weights)
+
+    native = jax.grad(loss, argnums=(0, 1))(queries, corpus, "native")
+    xla = jax.grad(loss, argnums=(0, 1))(queries, corpus, "xla")
+    for got, want in zip(native, xla, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.asarray(native[1])).sum() > 0
+
+
+def test_auto_picks_the_kernel_where_it_is_faster():
+    one, many = np.ones((1, 8), np.float32), np.ones((4, 8), np.float32)
+    corpus = np.ones((100, 8), np.float32)
+    assert auto_search_method(many, corpus) == "native"
+    assert auto_search_method(one, corpus.astype(jnp.bfloat16)) == "native"
+    assert auto_search_method(one, corpus) == "xla"  # a matrix-vector product: read-bound
+    assert auto_search_method(many, corpus, block_size=10) == "xla"
+    assert auto_search_method(many, corpus.astype(np.float16)) == "xla"
+    with pytest.raises(ValueError, match="float32 or bfloat16 corpus, got float16"):
+        top_k_search(many, corpus.astype(np.float16), 3, method="native")
 
 
 def test_top_k_search_runs_the_kernel_inside_jit_and_vmap():
