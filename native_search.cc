@@ -32,19 +32,21 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;  // queries per vector
-// Corpus rows scored together: one 16-float accumulator each, plus the queries, must fit the
-// vector registers (32 of 16 floats with AVX-512; elsewhere, 16 or 32 of 4 or 8 floats).
+// kLanes queries per vector, kTileRows corpus rows scored together: one accumulator vector per
+// row, plus the queries, must fit the vector registers (AVX-512: 32 of 16 floats; AVX2: 16 of 8
+// floats; NEON: 32 of 4 floats, two per vector here).
 #ifdef __AVX512F__
+constexpr int kLanes = 16;
 constexpr int kTileRows = 16;
 #else
-constexpr int kTileRows = 6;
+constexpr int kLanes = 8;
+constexpr int kTileRows = 12;
 #endif
 constexpr int64_t kPrefetchTiles = 3;        // tiles ahead to prefetch
 constexpr int64_t kRowsPerThread = 1 << 15;  // fewer rows than this: not worth a thread
 
-typedef float F32x16 __attribute__((vector_size(64)));
-typedef int32_t I32x16 __attribute__((vector_size(64)));
+typedef float Floats __attribute__((vector_size(4 * kLanes)));  // one lane per query
+typedef int32_t Ints __attribute__((vector_size(4 * kLanes)));
 typedef uint32_t U32x16 __attribute__((vector_size(64)));
 typedef uint16_t U16x16 __attribute__((vector_size(32)));
 
@@ -105,19 +107,19 @@ class RunningTopK {
   std::vector<Entry> entries_;
 };
 
-// rows [R, D] (float32) against one chunk of 16 queries, queries_t [D, padded B]. The rows are
+// rows [R, D] (float32) against one chunk of kLanes queries, queries_t [D, padded B]. The rows are
 // read column by column, which the hardware prefetcher does not follow well; so each step also
 // asks for `ahead_step` bytes of the corpus `ahead` (a tile scored a little later), spreading
 // the requests over the loop. (A prefetch is only a hint: it never faults, even past the end.)
 template <int R>
 inline void ScoreTile(const float* rows, int64_t d, const float* queries_t, int64_t stride,
-                      uintptr_t ahead, int64_t ahead_step, F32x16 (&acc)[R]) {
+                      uintptr_t ahead, int64_t ahead_step, Floats (&acc)[R]) {
   // Sums start at +0.0, so a zero score is always +0.0 (as in XLA's products of more than one
   // term; XLA's single-term product may give -0.0, which lax.top_k ranks below +0.0).
-  for (int r = 0; r < R; ++r) acc[r] = F32x16{};
+  for (int r = 0; r < R; ++r) acc[r] = Floats{};
   for (int64_t j = 0; j < d; ++j) {
     if (ahead_step) __builtin_prefetch(reinterpret_cast<const void*>(ahead + j * ahead_step));
-    F32x16 q;
+    Floats q;
     std::memcpy(&q, queries_t + j * stride, sizeof(q));
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[r] += rows[r * d + j] * q;
@@ -126,7 +128,7 @@ inline void ScoreTile(const float* rows, int64_t d, const float* queries_t, int6
 
 inline void ToFloat(const uint16_t* src, int64_t count, float* dst) {
   int64_t i = 0;
-  for (; i + kLanes <= count; i += kLanes) {
+  for (; i + 16 <= count; i += 16) {
     U16x16 half;
     std::memcpy(&half, src + i, sizeof(half));
     U32x16 bits = __builtin_convertvector(half, U32x16) << 16;
@@ -164,8 +166,8 @@ struct Lists {
   std::vector<float> bar;
 };
 
-inline bool AnySet(I32x16 v) {
-  uint64_t words[8];
+inline bool AnySet(Ints v) {
+  uint64_t words[sizeof(Ints) / sizeof(uint64_t)];
   std::memcpy(words, &v, sizeof(v));
   uint64_t any = 0;
   for (uint64_t w : words) any |= w;
@@ -179,20 +181,20 @@ void ScanTile(const Problem& p, int64_t start, const float* rows, Lists& lists) 
   const int64_t ahead_step = R == kTileRows ? R * element : 0;
   const uintptr_t ahead = reinterpret_cast<uintptr_t>(p.corpus) +
                           (start + kPrefetchTiles * R) * p.d * element;
-  F32x16 acc[R];
-  I32x16 hits[R];
+  Floats acc[R];
+  Ints hits[R];
   for (int64_t chunk = 0; chunk < p.padded; chunk += kLanes) {
     ScoreTile<R>(rows, p.d, p.queries_t + chunk, p.padded, chunk ? 0 : ahead, chunk ? 0 : ahead_step, acc);
     if (p.mask) {
       // A masked row still enters an open list: lax.top_k returns masked rows when fewer than
       // k rows are kept.
       for (int r = 0; r < R; ++r) {
-        if (!p.mask[start + r]) acc[r] = F32x16{} + p.masked_score;
+        if (!p.mask[start + r]) acc[r] = Floats{} + p.masked_score;
       }
     }
-    F32x16 bar;
+    Floats bar;
     std::memcpy(&bar, lists.bar.data() + chunk, sizeof(bar));
-    I32x16 any = I32x16{};
+    Ints any = Ints{};
     for (int r = 0; r < R; ++r) {
       // At or above the bar (Push decides ties), NaN, or the bar is NaN (open list).
       hits[r] = ~(acc[r] < bar);
