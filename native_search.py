@@ -1,8 +1,8 @@
 """A fused top-k search kernel for the CPU, built on first use (see native_search.cc).
 
-On the CPU, XLA's matrix product of a few queries with a large corpus packs the corpus into a
-scratch copy before multiplying, so scoring 16 users against 1,000,000 posts costs about three
-reads of the corpus. The C++ kernel in native_search.cc reads each corpus row once, scores it
+On the CPU, XLA's matrix product of a few queries with a large corpus runs far below its
+large-matmul rate: scoring 16 users against 1,000,000 posts costs about three reads of the
+corpus or more. The C++ kernel in native_search.cc reads each corpus row once, scores it
 against every query and keeps a running top-k per query, on all cores.
 
 The kernel is compiled with the machine's C++ compiler (`c++`, or `$CXX`) against the XLA FFI
