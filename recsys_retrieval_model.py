@@ -184,12 +184,7 @@ def top_k_search(
             f"queries {jnp.shape(queries)} and corpus {jnp.shape(corpus)} must be [B, D] and "
             "[N, D] with the same D"
         )
-    if corpus_mask is not None and jnp.shape(corpus_mask) != (corpus.shape[0],):
-        raise ValueError(
-            f"corpus_mask has shape {jnp.shape(corpus_mask)}, expected [N={corpus.shape[0]}]"
-        )
-    if not 1 <= k <= corpus.shape[0]:
-        raise ValueError(f"k must be in [1, N={corpus.shape[0]}], got {k}")
+    _check_k_and_mask(corpus.shape[0], k, corpus_mask, "k")
     if method == "native" and jnp.dtype(corpus.dtype) not in NATIVE_DTYPES:
         raise ValueError(
             f'method="native" needs a float32 or bfloat16 corpus, got {jnp.dtype(corpus.dtype)}'
@@ -407,7 +402,11 @@ def validate_corpus(
         raise ValueError(f"corpus_embeddings has shape {shape}, expected [N, D={emb_size}]")
     if not jnp.issubdtype(jnp.result_type(corpus), jnp.floating):
         raise ValueError(f"corpus_embeddings must be floating, got {jnp.result_type(corpus)}")
-    if isinstance(top_k, bool) or int(top_k) != top_k or not 1 <= top_k <= shape[0]:
-        raise ValueError(f"top_k must be an integer in [1, N={shape[0]}], got {top_k}")
-    if corpus_mask is not None and jnp.shape(corpus_mask) != (shape[0],):
-        raise ValueError(f"corpus_mask has shape {jnp.shape(corpus_mask)}, expected [N={shape[0]}]")
+    _check_k_and_mask(shape[0], top_k, corpus_mask, "top_k")
+
+
+def _check_k_and_mask(n: int, k: int, corpus_mask: jax.Array | None, k_name: str) -> None:
+    if isinstance(k, bool) or int(k) != k or not 1 <= k <= n:
+        raise ValueError(f"{k_name} must be in [1, N={n}] (an integer), got {k}")
+    if corpus_mask is not None and jnp.shape(corpus_mask) != (n,):
+        raise ValueError(f"corpus_mask has shape {jnp.shape(corpus_mask)}, expected [N={n}]")
