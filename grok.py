@@ -220,6 +220,19 @@ class RotaryEmbedding(hk.Module):
         return x.astype(fprop_dtype)
 
 
+def _attention_mask(
+    mask: jax.Array,  # [B, T], True = valid (not padding)
+    candidate_start_offset: int | None = None,
+) -> jax.Array:  # [B, 1, T, T] bool
+    """Which keys each query may attend to: valid ones, causally, with candidate isolation
+    from `candidate_start_offset` on (None: no candidates, plain causal)."""
+    seq_len = mask.shape[1]
+    offset = seq_len if candidate_start_offset is None else candidate_start_offset
+    return mask.astype(jnp.bool_)[:, None, None, :] & make_recsys_attn_mask(
+        seq_len, offset, jnp.bool_
+    )
+
+
 def _default_positions(seq_len: int) -> jax.Array:
     return jnp.arange(seq_len, dtype=jnp.float32)[None, :]  # [1, T]
 
@@ -256,6 +269,9 @@ class MultiHeadAttention(hk.Module):
     def _rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         return RotaryEmbedding(self.key_size)(x, seq_dim=1, offset=0, t=positions)
 
+    def _queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:  # -> [B, T, H, d]
+        return self._rotate(self._project(x, "query", self.num_q_heads, self.key_size), positions)
+
     def _capped_logits(self, q: jax.Array, k: jax.Array, pattern: str) -> jax.Array:
         logits = jnp.einsum(pattern, q, k).astype(jnp.float32)
         logits = logits * self.attn_output_multiplier
@@ -289,7 +305,7 @@ class MultiHeadAttention(hk.Module):
         mask: jax.Array,  # [B or 1, 1, T or 1, S], nonzero = may attend
         positions: jax.Array,  # [B or 1, T]
     ) -> MHAOutput:
-        q = self._rotate(self._project(query, "query", self.num_q_heads, self.key_size), positions)
+        q = self._queries(query, positions)
         logits = self._capped_logits(self._grouped(q), keys, "btkgd,bskd->bkgts")
         logits = jnp.where(mask[:, :, None, :, :], logits, MASKED_LOGIT)
         weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)  # softmax in float32
@@ -324,15 +340,15 @@ class MultiHeadAttention(hk.Module):
 
         The softmax over [context, self] is taken in two parts (no concatenation), and the
         context part runs head-major ([B, K, C * G, P]), the layout in which XLA's batched
-        products need no transposes of the logits: 25 % faster on CPU than the [B, C, K, G, P]
-        layout, with the same values to float32 rounding.
+        products need no transposes of the logits. Together the two took scoring 1,024
+        candidates from 41 to 29.5 ms on the project's CPU (one side-by-side run; the
+        [B, C, K, G, P] layout needed transposes, a concatenation and slices), with the same
+        values to float32 rounding.
         """
         b, c, _ = x.shape
         kv, d = self.num_kv_heads, self.key_size
         g = self.num_q_heads // kv
-        q = self._grouped(
-            self._rotate(self._project(x, "query", self.num_q_heads, self.key_size), positions)
-        )  # [B, C, K, G, d]
+        q = self._grouped(self._queries(x, positions))  # [B, C, K, G, d]
         k, v = self.keys_values(x, x, positions)  # [B, C, K, d]
         self_logits = self._capped_logits(q, k, "bckgd,bckd->bckg")
         self_logits = jnp.where(self_mask[:, :, None, None], self_logits, MASKED_LOGIT)
@@ -549,14 +565,7 @@ class Transformer(hk.Module):
         candidate_start_offset: int | None = None,
         positions: jax.Array | None = None,  # [B or 1, T]; default 0 .. T-1
     ) -> TransformerOutput:
-        seq_len = embeddings.shape[1]
-        attn_mask = mask[:, None, None, :].astype(embeddings.dtype)  # keys that are not padding
-        if candidate_start_offset is not None:
-            attn_mask = attn_mask * make_recsys_attn_mask(
-                seq_len, candidate_start_offset, embeddings.dtype
-            )
-        else:
-            attn_mask = attn_mask * jnp.tril(jnp.ones((1, 1, seq_len, seq_len), embeddings.dtype))
+        attn_mask = _attention_mask(mask, candidate_start_offset)
         h = embeddings
         for i in range(self.num_layers):
             h = self._layer(i)(h, attn_mask, mask, positions).embeddings
@@ -572,8 +581,7 @@ class Transformer(hk.Module):
         seq_len = embeddings.shape[1]
         if positions is None:
             positions = _default_positions(seq_len)
-        causal = jnp.tril(jnp.ones((seq_len, seq_len), jnp.bool_))
-        attn_mask = mask[:, None, None, :] & causal[None, None]
+        attn_mask = _attention_mask(mask)
         h, keys, values = embeddings, [], []
         for i in range(self.num_layers):
             out, k, v = self._layer(i).encode_context(h, attn_mask, positions)
