@@ -84,15 +84,7 @@ _EMBEDDING_DIMS = {
     "history_author_embeddings": ("B", "S", "Ha", "D"),
     "candidate_author_embeddings": ("B", "C", "Ha", "D"),
 }
-_INTEGER_FIELDS = (
-    "user_hashes",
-    "history_post_hashes",
-    "history_author_hashes",
-    "candidate_post_hashes",
-    "candidate_author_hashes",
-    "history_product_surface",
-    "candidate_product_surface",
-)
+_INTEGER_FIELDS = tuple(name for name in _BATCH_DIMS if name != "history_actions")
 
 
 def _concrete(x) -> np.ndarray | None:
@@ -356,6 +348,8 @@ class PhoenixModel(hk.Module):
     def _validate(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> None:
         validate_inputs(batch, embeddings, self.config, self.config.num_actions)
 
+    # The published model's helpers, kept for notebooks that call them (the user's guide shows
+    # them); the model itself calls the module-level functions.
     def _get_action_embeddings(self, actions: jax.Array) -> jax.Array:
         return action_embeddings(actions, self.config.emb_size, self.fprop_dtype)
 

@@ -2,8 +2,9 @@
 
 `RecsysInferenceRunner.rank` encodes each user's history once and scores the candidates against
 it in blocks (see `grok.Transformer.score_candidates`), so it takes any number of candidates.
-`RecsysRetrievalInferenceRunner.retrieve` searches the corpus block by block, and shard by
-shard when the corpus is a `jax.Array` sharded along its rows over several devices.
+`RecsysRetrievalInferenceRunner.retrieve` searches the corpus with `top_k_search` (in one pass
+with the native kernel on the CPU, block by block in XLA elsewhere), and shard by shard when the
+corpus is a `jax.Array` sharded along its rows over several devices.
 All entry points are compiled once per input shape.
 """
 
@@ -283,12 +284,13 @@ class RetrievalModelRunner(BaseModelRunner):
     def make_forward_fn(self) -> hk.Transformed:
         """(batch, embeddings, corpus_embeddings, top_k, corpus_mask=None) -> RetrievalOutput.
 
-        Also builds the candidate tower, so that `init` creates every parameter.
+        At `init` it also builds the candidate tower, so that every parameter is created.
         """
 
         def forward(batch, embeddings, corpus_embeddings, top_k, corpus_mask=None):
             model = self.model.make()
-            model.build_candidate_representation(batch, embeddings)
+            if hk.running_init():
+                model.build_candidate_representation(batch, embeddings)
             return model(batch, embeddings, corpus_embeddings, top_k, corpus_mask)
 
         return hk.transform(forward)
