@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 import native_search
 from recsys_retrieval_model import INF, auto_search_method, top_k_search
 
-pytestmark = pytest.mark.skipif(
+# The tests of the kernel itself; the fallback and input checks below run everywhere.
+needs_kernel = pytest.mark.skipif(
     not native_search.available(), reason="the native kernel cannot be built on this machine"
 )
 
@@ -49,6 +50,7 @@ def assert_exact(result, expected):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@needs_kernel
 @settings(max_examples=25, deadline=None, derandomize=True)  # compiles per example
 @given(
     num_queries=st.integers(1, 40),
@@ -74,6 +76,7 @@ def test_kernel_equals_lax_top_k_exactly(
     assert_exact(result, full_top_k(queries, corpus, k, mask))
 
 
+@needs_kernel
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_kernel_over_two_threads_with_ties_across_their_boundary(dtype):
     """Two threads scan the two halves; equal best scores on both sides of the split, and in
@@ -97,6 +100,7 @@ def test_kernel_over_two_threads_with_ties_across_their_boundary(dtype):
     assert_exact(result, expected)
 
 
+@needs_kernel
 @pytest.mark.parametrize("threads", [1, 4])
 def test_nan_infinities_and_zeros_are_ordered_as_lax_top_k_orders_them(threads):
     """NaN scores rank by their sign beyond the infinities (`lax.top_k`'s total order of floats);
@@ -119,6 +123,7 @@ def test_nan_infinities_and_zeros_are_ordered_as_lax_top_k_orders_them(threads):
     assert np.isnan(np.asarray(result[0])[0, 0])
 
 
+@needs_kernel
 def test_masked_rows_fill_the_list_when_fewer_than_k_rows_are_kept():
     rng = np.random.default_rng(1)
     queries, corpus = integer_rows(rng, (3, 8)), integer_rows(rng, (100, 8))
@@ -131,6 +136,7 @@ def test_masked_rows_fill_the_list_when_fewer_than_k_rows_are_kept():
     assert set(np.asarray(result[1])[:, :3].ravel()) == {5, 50, 99}
 
 
+@needs_kernel
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_top_k_search_methods_agree_on_real_valued_data(dtype):
     """Unit-norm random rows: the two methods sum in different orders, so scores agree to
@@ -146,6 +152,7 @@ def test_top_k_search_methods_agree_on_real_valued_data(dtype):
     np.testing.assert_allclose(np.asarray(native[0]), np.asarray(xla[0]), rtol=0, atol=1e-5)
 
 
+@needs_kernel
 def test_gradients_equal_those_of_the_xla_method():
     """The kernel's scores differentiate like `lax.top_k`'s: through the chosen rows, with no
     gradient into masked rows (they score the constant -INF)."""
@@ -166,6 +173,7 @@ def test_gradients_equal_those_of_the_xla_method():
     assert np.abs(np.asarray(native[1])).sum() > 0
 
 
+@needs_kernel
 def test_auto_picks_the_kernel_where_it_is_faster():
     one, many = np.ones((1, 8), np.float32), np.ones((4, 8), np.float32)
     corpus = np.ones((100, 8), np.float32)
@@ -178,6 +186,7 @@ def test_auto_picks_the_kernel_where_it_is_faster():
         top_k_search(many, corpus.astype(np.float16), 3, method="native")
 
 
+@needs_kernel
 def test_top_k_search_runs_the_kernel_inside_jit_and_vmap():
     rng = np.random.default_rng(3)
     queries = integer_rows(rng, (2, 5, 16))

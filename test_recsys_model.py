@@ -296,7 +296,7 @@ def test_history_outputs_do_not_see_later_history():
         assert np.all(np.any(after[:, token + 1] != before[:, token + 1], axis=-1))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(
     padded=st.lists(st.lists(st.booleans(), min_size=S, max_size=S), min_size=B, max_size=B),
     pad_user=st.lists(st.booleans(), min_size=B, max_size=B),
@@ -522,7 +522,7 @@ def test_rank_does_not_trace_again_for_the_same_shapes(ranker, traces):
     assert np.any(np.asarray(first.scores) != np.asarray(second.scores))
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(padded=st.lists(st.booleans(), min_size=C, max_size=C), seed=SEEDS)
 def test_ranked_indices_put_padded_candidates_last_and_sort_by_favorite(ranker, padded, seed):
     batch, emb = fixed_example(seed, padded_candidates=np.flatnonzero(padded))
@@ -690,9 +690,3 @@ def test_make_recsys_attn_mask_values():
     np.testing.assert_array_equal(no_candidates[0, 0], np.tril(np.ones((4, 4))))
     np.testing.assert_array_equal(all_candidates[0, 0], np.eye(3))
     assert mask16.dtype == jnp.bfloat16
-
-
-def test_ffn_size():
-    assert grok.ffn_size(128, 2) == 176  # int(256 * 2 / 3) = 170, rounded up to 176
-    assert grok.ffn_size(8, 4.0) == 24  # 21 -> 24
-    assert grok.ffn_size(48, 1) == 32  # already a multiple of 8

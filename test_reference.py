@@ -380,33 +380,24 @@ def flat_tree(params):
 
 @pytest.mark.parametrize(
     ("emb_size", "widening", "expected"),
-    [(128, 2.0, 176), (128, 4.0, 344), (64, 4.0, 176), (48, 4.0, 128), (8, 4.0, 24), (7, 2.5, 16)],
+    [
+        (128, 2.0, 176),  # int(256 * 2 / 3) = 170, rounded up to 176
+        (128, 4.0, 344),
+        (64, 4.0, 176),
+        (48, 4.0, 128),
+        (48, 1.0, 32),  # already a multiple of 8
+        (8, 4.0, 24),  # 21 -> 24
+        (7, 2.5, 16),
+    ],
 )
 def test_ffn_size_hand_values(emb_size, widening, expected):
     assert grok.ffn_size(emb_size, widening) == expected
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=100, deadline=None, derandomize=True)
 @given(st.integers(1, 512), st.sampled_from([0.5, 1.0, 1.5, 2.0, 2.5, 4.0, 8.0 / 3.0]))
 def test_ffn_size_is_two_thirds_of_widened_size_rounded_up_to_eight(emb_size, widening):
     assert grok.ffn_size(emb_size, widening) == ref_ffn_size(emb_size, widening)
-
-
-def test_recsys_attn_mask_hand_written():
-    expected = np.array(
-        [
-            [1, 0, 0, 0, 0],
-            [1, 1, 0, 0, 0],
-            [1, 1, 1, 0, 0],
-            [1, 1, 1, 1, 0],
-            [1, 1, 1, 0, 1],
-        ],
-        np.float32,
-    )
-    mask = grok.make_recsys_attn_mask(5, 3)
-    assert mask.shape == (1, 1, 5, 5)
-    assert mask.dtype == jnp.float32
-    np.testing.assert_array_equal(np.asarray(mask)[0, 0], expected)
 
 
 @pytest.mark.parametrize(("seq_len", "offset"), [(1, 0), (4, 4), (9, 0), (9, 6)])

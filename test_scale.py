@@ -304,7 +304,7 @@ def assert_same_top_k(result, expected):
 @pytest.mark.parametrize(
     ("block_size", "k", "masked", "dtype"),
     [
-        (None, 10, False, jnp.float32),  # one block
+        (None, 10, False, jnp.float32),  # one block (the default for N = 1,000)
         (64, 10, False, jnp.float32),  # 16 blocks, the last one shifted back to end at N
         (64, 10, True, jnp.float32),
         (7, 10, True, jnp.float32),  # block smaller than k: widened to k
@@ -322,7 +322,7 @@ def test_top_k_search_equals_full_top_k(block_size, k, masked, dtype):
         mask = np.random.default_rng(3).random(CORPUS_SIZE) < 0.5
         mask[np.argmax(queries @ np.asarray(corpus, np.float32).T, axis=1)] = False
         mask = jnp.asarray(mask)
-    result = top_k_search(queries, corpus, k, mask, block_size=block_size)
+    result = top_k_search(queries, corpus, k, mask, block_size=block_size, method="xla")
     assert_same_top_k(result, full_top_k(queries, corpus, k, mask))
 
 
