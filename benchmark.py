@@ -1,6 +1,6 @@
 """Benchmark: ranking thousands of candidates and retrieving from millions of posts.
 
-    uv run benchmark.py            # full run, three to five minutes on two cores
+    uv run benchmark.py            # full run, about 3.5 minutes on two cores
     uv run benchmark.py --quick    # smoke run, about a minute
 
 Every row is a median over repeated calls (compilation and a warm-up call excluded); the
@@ -16,8 +16,9 @@ key size 32, widening 2, history 128) in float32 with random parameters, one use
 - cached: `RecsysInferenceRunner.rank` (context encoded once, candidates scored in blocks);
 - bound: the cached path's floating-point operations (counted below) at the machine's measured
   float32 matrix-multiply rate.
-Retrieval: top-100 of a unit-norm float32 corpus [N, 128] for B users, `sharded_top_k_search`
-(with the method `top_k_search` picks: the native CPU kernel for more than one user) against
+Retrieval: top-100 of a unit-norm float32 corpus [N, 128] (and one bfloat16 copy) for B users,
+`sharded_top_k_search` (with the method `top_k_search` picks: the native CPU kernel for more
+than one user) against
 `top_k_search(method="xla")`, against `lax.top_k(queries @ corpus.T)` compiled, and against one
 read of the corpus.
 """
@@ -522,7 +523,8 @@ def main(argv: list[str] | None = None) -> None:
         " 1 user, history 128.\n"
         "eager: dense forward, hk.transform apply not compiled (as the published runner runs "
         "it); jit: the same, jax.jit-compiled;\ncached: RecsysInferenceRunner.rank, blocks of "
-        "1024 (encode / score: its two parts, one block); bound: counted matrix FLOPs at the "
+        f"{runners.DEFAULT_CANDIDATE_BLOCK} (encode / score: its two parts, one block); bound: "
+        "counted matrix FLOPs at the "
         "measured matmul rate."
     )
     counts = RANK_COUNTS_QUICK if args.quick else RANK_COUNTS
