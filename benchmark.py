@@ -25,7 +25,6 @@ read of the corpus.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import platform
@@ -494,7 +493,7 @@ def goal_line(name: str, value: float | None, target: float, higher_is_better: b
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = runners.DemoArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -502,9 +501,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--eager-limit",
-        type=int,
+        type=runners.non_negative_int,
         default=4096,
-        help="largest candidate count for the uncompiled dense forward (default 4096)",
+        help="largest candidate count for the uncompiled dense forward (default 4096; 0: none)",
     )
     args = parser.parse_args(argv)
     budget = 0.3 if args.quick else 2.0

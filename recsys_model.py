@@ -122,18 +122,26 @@ def validate_inputs(
     }
     if num_actions is not None:
         sizes["A"] = num_actions
+    bound_by = {}  # the field that fixed each size read from the inputs (B, S, C)
     fields = [(name, getattr(batch, name), dims) for name, dims in _BATCH_DIMS.items()]
     fields += [(name, getattr(embeddings, name), dims) for name, dims in _EMBEDDING_DIMS.items()]
     for name, value, dims in fields:
         shape = np.shape(value)
-        expected = ", ".join(f"{d}={sizes[d]}" if d in sizes else d for d in dims)
+        expected = ", ".join(
+            (f"{d}={sizes[d]}" + (f" as in {bound_by[d]}" if d in bound_by else ""))
+            if d in sizes
+            else d
+            for d in dims
+        )
         if len(shape) != len(dims):
             raise ValueError(
                 f"{name} has shape {shape} (rank {len(shape)}), expected rank {len(dims)}: "
                 f"[{expected}]"
             )
         for dim, size in zip(dims, shape, strict=True):
-            if sizes.setdefault(dim, size) != size:
+            if dim not in sizes:
+                sizes[dim], bound_by[dim] = size, name
+            elif sizes[dim] != size:
                 raise ValueError(f"{name} has shape {shape}, expected [{expected}]")
     for name in _INTEGER_FIELDS:
         dtype = jnp.result_type(getattr(batch, name))

@@ -185,6 +185,12 @@ def top_k_search(
             "[N, D] with the same D"
         )
     _check_k_and_mask(corpus.shape[0], k, corpus_mask, "k")
+    if not jnp.issubdtype(corpus.dtype, jnp.floating):
+        raise ValueError(f"corpus must be floating, got {jnp.dtype(corpus.dtype)}")
+    if block_size is not None and (int(block_size) != block_size or block_size < 1):
+        raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size}")
+    if int(threads) != threads or threads < 0:
+        raise ValueError(f"threads must be an integer >= 0 (0: one per core), got {threads}")
     if method == "native" and jnp.dtype(corpus.dtype) not in NATIVE_DTYPES:
         raise ValueError(
             f'method="native" needs a float32 or bfloat16 corpus, got {jnp.dtype(corpus.dtype)}'

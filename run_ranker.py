@@ -22,6 +22,7 @@ from runners import (
     demo_argument_parser,
     demo_inputs,
     demo_transformer_config,
+    run_demo,
     timed,
 )
 
@@ -57,11 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Weights: RANDOM (seed {args.seed}), not a trained model; the probabilities show the "
         "model's behaviour, not real preferences."
     )
-    try:
-        output, first, median = timed(lambda: ranker.rank(batch, embeddings), args.repeats)
-    except ValueError as error:
-        print(f"run_ranker.py: error: {error}", file=sys.stderr)
-        return 2
+    output, first, median = timed(lambda: ranker.rank(batch, embeddings), args.repeats)
     print(
         f"First call (compile + run): {first:.2f} s; ranking: median {median * 1e3:.2f} ms "
         f"over {args.repeats} runs"
@@ -86,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_demo(main, "run_ranker.py"))

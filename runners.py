@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple, NoReturn
 
 import haiku as hk
@@ -551,21 +553,42 @@ class DemoArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1)  # argparse type: an integer >= 1
+non_negative_int = _int_at_least(0)  # argparse type: an integer >= 0
+
+
+def run_demo(main: Callable[[], int], prog: str) -> int:
+    """Runs a demo's `main`; input it refuses (ValueError) and sizes that do not fit in memory
+    end in one line on stderr and exit status 2, as argparse's errors do."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
-    return value
+        return main()
+    except ValueError as error:
+        message = str(error)
+    except MemoryError as error:
+        message = f"not enough memory for the sizes asked for ({error})"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
 
 
 def demo_argument_parser(description: str) -> DemoArgumentParser:
     """The flags both demo scripts take."""
     parser = DemoArgumentParser(description=description)
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (0)")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of weights and data (0)"
+    )
     parser.add_argument("--batch-size", type=positive_int, default=2, help="users (2)")
     parser.add_argument(
         "--history-len", type=positive_int, default=DEMO_HISTORY_LEN, help="history length (32)"

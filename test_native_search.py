@@ -211,6 +211,14 @@ def test_bad_method_k_and_shapes_are_refused():
         top_k_search(queries[0], corpus, 3)
     with pytest.raises(ValueError, match=r"corpus_mask has shape \(9,\)"):
         top_k_search(queries, corpus, 3, np.ones(9, bool))
+    with pytest.raises(ValueError, match=r"k must be in \[1, N=10\] \(an integer\), got 2.5"):
+        top_k_search(queries, corpus, 2.5)
+    with pytest.raises(ValueError, match="corpus must be floating, got int32"):
+        top_k_search(queries, corpus.astype(np.int32), 3)
+    with pytest.raises(ValueError, match="block_size must be"):
+        top_k_search(queries, corpus, 3, block_size=0)
+    with pytest.raises(ValueError, match="threads must be"):
+        top_k_search(queries, corpus, 3, threads=-1)
 
 
 def test_without_a_compiler_the_search_warns_and_falls_back(monkeypatch, tmp_path):

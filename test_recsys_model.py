@@ -587,6 +587,7 @@ BAD_INPUTS = [
     ("history_product_surface", lambda x: _grow(x, 1)),  # S
     ("candidate_post_embeddings", lambda x: _grow(x, 1)),  # C
     ("candidate_author_hashes", lambda x: _grow(x, 1)),  # C
+    ("candidate_post_hashes", lambda x: _grow(x, 1)),  # C, in the field that fixes C
     ("user_hashes", lambda x: _grow(x, 1)),  # Hu
     ("history_author_embeddings", lambda x: _grow(x, 2)),  # Ha
     ("candidate_post_hashes", lambda x: _grow(x, 2)),  # Hi
@@ -616,6 +617,28 @@ def test_bad_input_raises_value_error_naming_the_field(ranker, monkeypatch, fiel
         ranker.rank(batch, emb)
     with pytest.raises(ValueError, match=field):  # the model itself, outside any runner
         ranking_forward(SETUP).apply(ranker.params, None, batch, emb)
+
+
+def test_demo_errors_are_one_line_with_status_2(capsys):
+    """Bad flags (argparse) and what the demo's main refuses, or cannot fit in memory, end in
+    one line `prog: error: ...` and exit status 2, not a traceback."""
+    parser = runners.demo_argument_parser("demo")
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--seed", "-1"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("--seed: expected an integer >= 0, got -1")
+
+    def too_big() -> int:
+        raise MemoryError("Unable to allocate 745. GiB")
+
+    def refused() -> int:
+        raise ValueError("top_k must be in [1, N=3]")
+
+    for main, text in [(too_big, "not enough memory"), (refused, "top_k must be")]:
+        assert runners.run_demo(main, "demo.py") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"demo.py: error: {text}") and err.count("\n") == 1
+    assert runners.run_demo(lambda: 0, "demo.py") == 0
 
 
 def test_rank_rejects_a_model_with_fewer_actions_than_ranking_output_fields():
