@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -572,9 +573,14 @@ non_negative_int = _int_at_least(0)  # argparse type: an integer >= 0
 
 def run_demo(main: Callable[[], int], prog: str) -> int:
     """Runs a demo's `main`; input it refuses (ValueError) and sizes that do not fit in memory
-    end in one line on stderr and exit status 2, as argparse's errors do."""
+    end in one line on stderr and exit status 2, as argparse's errors do. Output piped into a
+    reader that stops early (`| head`) ends quietly."""
     try:
         return main()
+    except BrokenPipeError:
+        # Python's advice: point stdout at devnull so that the exit flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except ValueError as error:
         message = str(error)
     except MemoryError as error:
