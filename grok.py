@@ -2,7 +2,7 @@
 
 The sequence is [user (1), history (S), candidates (C)]. User and history attend causally;
 each candidate attends to the user, the history and itself, never to another candidate
-(candidate isolation). Two ways to run it share one set of parameters:
+(candidate isolation). Two ways to run it share one set of parameters and one loop over layers:
 
 - `Transformer.__call__`: the dense masked forward over the whole sequence (the published path
   and the reference the fast path is tested against);
@@ -11,8 +11,11 @@ each candidate attends to the user, the history and itself, never to another can
   candidates is scored against them. Because of candidate isolation this gives the dense result
   at a cost of C * (1 + S) attention pairs instead of (1 + S + C) ** 2.
 
-Shapes: B batch, T sequence, D model width, H query heads, K key/value heads, d key size,
-P context (user + history) length, C candidates.
+Modules are dataclasses, as in Grok-1: each field is declared once. Arguments of the published
+signatures that nothing here reads are `InitVar`s: accepted, not stored.
+
+Shapes: B batch, T sequence, D model width, H query heads, K key/value heads, G = H / K,
+d key size, P context (user + history) length, C candidates, L layers.
 """
 
 from __future__ import annotations
@@ -85,7 +88,7 @@ def make_recsys_attn_mask(
 class TransformerConfig:
     """Hyper-parameters of the transformer.
 
-    `key_size` may be omitted (the fourth seed's guide does): it then defaults to
+    `key_size` may be omitted (the published ranking guide does): it then defaults to
     `emb_size // num_q_heads`.
     """
 
@@ -99,13 +102,13 @@ class TransformerConfig:
     name: str | None = None
 
     def __post_init__(self):
-        for field in ("num_q_heads", "num_kv_heads", "num_layers"):
+        for field in ("emb_size", "num_q_heads", "num_kv_heads", "num_layers"):
             value = getattr(self, field)
             if value is None:
                 raise TypeError(f"TransformerConfig needs {field}")
-            if int(value) != value or value < 1:
+            if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(
-                    f"TransformerConfig.{field} must be a positive integer, got {value}"
+                    f"TransformerConfig.{field} must be a positive integer, got {value!r}"
                 )
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(
@@ -119,6 +122,8 @@ class TransformerConfig:
                 f"key_size must be even and at least 2 (rotary embeddings rotate pairs), "
                 f"got {self.key_size}"
             )
+        if not self.widening_factor > 0:
+            raise ValueError(f"widening_factor must be positive, got {self.widening_factor!r}")
 
     def make(self) -> Transformer:
         return Transformer(
@@ -188,13 +193,13 @@ def rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate((-x2, x1), axis=-1)
 
 
+@dataclasses.dataclass
 class RotaryEmbedding(hk.Module):
     """Rotary position embedding (rotate-half convention). Has no parameters."""
 
-    def __init__(self, dim: int, name: str | None = None, base_exponent: int = ROPE_BASE):
-        super().__init__(name=name)
-        self.dim = dim
-        self.base_exponent = base_exponent
+    dim: int
+    name: str | None = None
+    base_exponent: int = ROPE_BASE
 
     def __call__(
         self,
@@ -237,30 +242,26 @@ def _default_positions(seq_len: int) -> jax.Array:
     return jnp.arange(seq_len, dtype=jnp.float32)[None, :]  # [1, T]
 
 
+@dataclasses.dataclass
 class MultiHeadAttention(hk.Module):
     """Grouped-query attention with rotary embeddings and soft-capped float32 logits."""
 
-    def __init__(
-        self,
-        num_q_heads: int,
-        num_kv_heads: int,
-        key_size: int,
-        *,
-        with_bias: bool = True,
-        value_size: int | None = None,
-        model_size: int | None = None,
-        attn_output_multiplier: float = 1.0,
-        name: str | None = None,
-    ):
-        super().__init__(name=name)
-        self.num_q_heads = num_q_heads
-        self.num_kv_heads = num_kv_heads
-        self.key_size = key_size
-        self.value_size = value_size or key_size
-        self.model_size = model_size or key_size * num_q_heads
-        # The published projections are bias-free whatever `with_bias` says; kept for the API.
-        self.with_bias = with_bias
-        self.attn_output_multiplier = attn_output_multiplier
+    num_q_heads: int
+    num_kv_heads: int
+    key_size: int
+    _: dataclasses.KW_ONLY
+    # The published projections are bias-free whatever `with_bias` says.
+    with_bias: dataclasses.InitVar[bool] = True
+    value_size: int | None = None
+    model_size: int | None = None
+    attn_output_multiplier: float = 1.0
+    name: str | None = None
+
+    def __post_init__(self, with_bias: bool):
+        del with_bias
+        super().__post_init__()
+        self.value_size = self.value_size or self.key_size
+        self.model_size = self.model_size or self.key_size * self.num_q_heads
 
     def _project(self, x: jax.Array, name: str, num_heads: int, size: int) -> jax.Array:
         y = Linear(num_heads * size, with_bias=False, name=shared_name(self, name))(x)
@@ -269,16 +270,14 @@ class MultiHeadAttention(hk.Module):
     def _rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         return RotaryEmbedding(self.key_size)(x, seq_dim=1, offset=0, t=positions)
 
-    def _queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:  # -> [B, T, H, d]
-        return self._rotate(self._project(x, "query", self.num_q_heads, self.key_size), positions)
-
     def _capped_logits(self, q: jax.Array, k: jax.Array, pattern: str) -> jax.Array:
         logits = jnp.einsum(pattern, q, k).astype(jnp.float32)
         logits = logits * self.attn_output_multiplier
         return MAX_ATTN_LOGIT * jnp.tanh(logits / MAX_ATTN_LOGIT)
 
-    def _grouped(self, q: jax.Array) -> jax.Array:
-        """[B, T, H, d] -> [B, T, K, H/K, d]: query head h uses key/value head h // (H/K)."""
+    def _grouped_queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        """Rotated queries [B, T, K, G, d]: query head h uses key/value head h // G."""
+        q = self._rotate(self._project(x, "query", self.num_q_heads, self.key_size), positions)
         b, t, h, d = q.shape
         return q.reshape((b, t, self.num_kv_heads, h // self.num_kv_heads, d))
 
@@ -304,13 +303,53 @@ class MultiHeadAttention(hk.Module):
         values: jax.Array,  # [B, S, K, d]
         mask: jax.Array,  # [B or 1, 1, T or 1, S], nonzero = may attend
         positions: jax.Array,  # [B or 1, T]
-    ) -> MHAOutput:
-        q = self._queries(query, positions)
-        logits = self._capped_logits(self._grouped(q), keys, "btkgd,bskd->bkgts")
+    ) -> jax.Array:  # [B, T, model]
+        q = self._grouped_queries(query, positions)
+        logits = self._capped_logits(q, keys, "btkgd,bskd->bkgts")
         logits = jnp.where(mask[:, :, None, :, :], logits, MASKED_LOGIT)
         weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)  # softmax in float32
-        attn = jnp.einsum("bkgts,bskd->btkgd", weights, values)
-        return MHAOutput(self._output(attn))
+        return self._output(jnp.einsum("bkgts,bskd->btkgd", weights, values))
+
+    def attend_candidates(
+        self,
+        x: jax.Array,  # [B, C, D] candidate inputs
+        keys: jax.Array,  # [B, C, K, d] the candidates' own rotated keys
+        values: jax.Array,  # [B, C, K, d] and values
+        mask: jax.Array,  # [B, C] bool, False for padded candidates
+        positions: jax.Array,  # [B or 1, C]
+        context: tuple[jax.Array, jax.Array, jax.Array],  # keys, values [B, P, K, d]; mask [B, P]
+    ) -> jax.Array:  # [B, C, model]
+        """Each candidate attends to the cached context and to itself only.
+
+        The softmax over [context, self] is taken in two parts (no concatenation), and the
+        context part runs head-major ([B, K, C * G, P]), the layout in which XLA's batched
+        products need no transposes of the logits. Together the two took scoring 1,024
+        candidates from 41 to 29.5 ms on the project's CPU (one side-by-side run; the
+        [B, C, K, G, P] layout needed transposes, a concatenation and slices), with the same
+        values to float32 rounding.
+        """
+        context_keys, context_values, context_mask = context
+        b, c, _ = x.shape
+        kv, d = self.num_kv_heads, self.key_size
+        g = self.num_q_heads // kv
+        q = self._grouped_queries(x, positions)  # [B, C, K, G, d]
+        self_logits = self._capped_logits(q, keys, "bckgd,bckd->bckg")
+        self_logits = jnp.where(mask[:, :, None, None], self_logits, MASKED_LOGIT)
+        self_logits = self_logits.transpose(0, 2, 1, 3).reshape(b, kv, c * g)  # [B, K, C * G]
+        q = q.transpose(0, 2, 1, 3, 4).reshape(b, kv, c * g, d)  # [B, K, C * G, d]
+        ctx_logits = self._capped_logits(q, context_keys, "bkqd,bpkd->bkqp")  # [B, K, C*G, P]
+        ctx_logits = jnp.where(context_mask[:, None, None, :], ctx_logits, MASKED_LOGIT)
+        # softmax(concat(ctx, self)) as in jax.nn.softmax: exp(x - max) / sum, in float32.
+        top = jnp.maximum(jnp.max(ctx_logits, axis=-1, initial=MASKED_LOGIT), self_logits)
+        ctx_exp = jnp.exp(ctx_logits - top[..., None])
+        self_exp = jnp.exp(self_logits - top)
+        total = jnp.sum(ctx_exp, axis=-1) + self_exp
+        ctx_weights = (ctx_exp / total[..., None]).astype(x.dtype)
+        self_weights = (self_exp / total).astype(x.dtype)
+        attn = jnp.einsum("bkqp,bpkd->bkqd", ctx_weights, context_values)  # [B, K, C * G, d]
+        attn = attn.reshape(b, kv, c, g, -1).transpose(0, 2, 1, 3, 4)  # [B, C, K, G, d]
+        self_weights = self_weights.reshape(b, kv, c, g).transpose(0, 2, 1, 3)
+        return self._output(attn + self_weights[..., None] * values[:, :, :, None, :])
 
     def __call__(
         self,
@@ -325,103 +364,47 @@ class MultiHeadAttention(hk.Module):
         if positions is None:
             positions = _default_positions(query.shape[1])
         keys, values = self.keys_values(key, value, positions)
-        return self.attend(query, keys, values, mask, positions)
-
-    def attend_cached(
-        self,
-        x: jax.Array,  # [B, C, D] candidate inputs
-        positions: jax.Array,  # [B or 1, C]
-        self_mask: jax.Array,  # [B, C] bool, False for padded candidates
-        cache_keys: jax.Array,  # [B, P, K, d]
-        cache_values: jax.Array,  # [B, P, K, d]
-        cache_mask: jax.Array,  # [B, P] bool
-    ) -> MHAOutput:
-        """Each candidate attends to the cached context and to itself only.
-
-        The softmax over [context, self] is taken in two parts (no concatenation), and the
-        context part runs head-major ([B, K, C * G, P]), the layout in which XLA's batched
-        products need no transposes of the logits. Together the two took scoring 1,024
-        candidates from 41 to 29.5 ms on the project's CPU (one side-by-side run; the
-        [B, C, K, G, P] layout needed transposes, a concatenation and slices), with the same
-        values to float32 rounding.
-        """
-        b, c, _ = x.shape
-        kv, d = self.num_kv_heads, self.key_size
-        g = self.num_q_heads // kv
-        q = self._grouped(self._queries(x, positions))  # [B, C, K, G, d]
-        k, v = self.keys_values(x, x, positions)  # [B, C, K, d]
-        self_logits = self._capped_logits(q, k, "bckgd,bckd->bckg")
-        self_logits = jnp.where(self_mask[:, :, None, None], self_logits, MASKED_LOGIT)
-        self_logits = self_logits.transpose(0, 2, 1, 3).reshape(b, kv, c * g)  # [B, K, C * G]
-        q = q.transpose(0, 2, 1, 3, 4).reshape(b, kv, c * g, d)  # [B, K, C * G, d]
-        ctx_logits = self._capped_logits(q, cache_keys, "bkqd,bpkd->bkqp")  # [B, K, C * G, P]
-        ctx_logits = jnp.where(cache_mask[:, None, None, :], ctx_logits, MASKED_LOGIT)
-        # softmax(concat(ctx, self)) as in jax.nn.softmax: exp(x - max) / sum, in float32.
-        top = jnp.maximum(jnp.max(ctx_logits, axis=-1, initial=MASKED_LOGIT), self_logits)
-        ctx_exp = jnp.exp(ctx_logits - top[..., None])
-        self_exp = jnp.exp(self_logits - top)
-        total = jnp.sum(ctx_exp, axis=-1) + self_exp
-        ctx_weights = (ctx_exp / total[..., None]).astype(x.dtype)
-        self_weights = (self_exp / total).astype(x.dtype)
-        attn = jnp.einsum("bkqp,bpkd->bkqd", ctx_weights, cache_values)  # [B, K, C * G, d]
-        attn = attn.reshape(b, kv, c, g, -1).transpose(0, 2, 1, 3, 4)  # [B, C, K, G, d]
-        self_weights = self_weights.reshape(b, kv, c, g).transpose(0, 2, 1, 3)
-        attn = attn + self_weights[..., None] * v[:, :, :, None, :]
-        return MHAOutput(self._output(attn))
+        return MHAOutput(self.attend(query, keys, values, mask, positions))
 
 
+@dataclasses.dataclass
 class MHABlock(hk.Module):
-    """Self-attention of the inputs with themselves."""
+    """Self-attention of the inputs with themselves; its parameters sit in the caller's scope."""
 
-    def __init__(
-        self,
-        num_q_heads: int,
-        num_kv_heads: int,
-        key_size: int,
-        attn_output_multiplier: float = 1.0,
-        name: str | None = None,
-    ):
-        super().__init__(name=name)
-        self.num_q_heads = num_q_heads
-        self.num_kv_heads = num_kv_heads
-        self.key_size = key_size
-        self.attn_output_multiplier = attn_output_multiplier
+    num_q_heads: int
+    num_kv_heads: int
+    key_size: int
+    attn_output_multiplier: float = 1.0
+    name: str | None = None
 
-    def attention(self, model_size: int) -> MultiHeadAttention:
-        return MultiHeadAttention(
-            num_q_heads=self.num_q_heads,
-            num_kv_heads=self.num_kv_heads,
-            key_size=self.key_size,
-            model_size=model_size,
-            attn_output_multiplier=self.attn_output_multiplier,
-            name=shared_name(self, "multi_head_attention"),
-        )
-
+    @hk.transparent
     def __call__(
         self,
         inputs: jax.Array,  # [B, T, D]
         mask: jax.Array,  # [B or 1, 1, T or 1, T]
         positions: jax.Array | None = None,  # [B or 1, T]
     ) -> MHAOutput:
-        return self.attention(inputs.shape[-1])(inputs, inputs, inputs, mask, positions)
+        heads = (self.num_q_heads, self.num_kv_heads, self.key_size)
+        multiplier = self.attn_output_multiplier
+        attention = MultiHeadAttention(
+            *heads, model_size=inputs.shape[-1], attn_output_multiplier=multiplier
+        )
+        return attention(inputs, inputs, inputs, mask, positions)
 
 
+@dataclasses.dataclass
 class DenseBlock(hk.Module):
     """Gated GELU feed-forward: linear_1(gelu(linear(x)) * linear_v(x)), no biases."""
 
-    def __init__(
-        self,
-        num_q_heads: int,
-        num_kv_heads: int,
-        key_size: int,
-        widening_factor: float = 4.0,
-        name: str | None = None,
-    ):
-        super().__init__(name=name)
-        self.num_q_heads = num_q_heads
-        self.num_kv_heads = num_kv_heads
-        self.key_size = key_size
-        self.widening_factor = widening_factor
+    num_q_heads: dataclasses.InitVar[int]
+    num_kv_heads: dataclasses.InitVar[int]
+    key_size: dataclasses.InitVar[int]
+    widening_factor: float = 4.0
+    name: str | None = None
+
+    def __post_init__(self, num_q_heads: int, num_kv_heads: int, key_size: int):
+        del num_q_heads, num_kv_heads, key_size  # the published signature; the width is D's
+        super().__post_init__()
 
     def __call__(self, inputs: jax.Array) -> jax.Array:  # [B, T, D] -> [B, T, D]
         model_size = inputs.shape[-1]
@@ -431,132 +414,112 @@ class DenseBlock(hk.Module):
         return Linear(model_size, with_bias=False, name="linear_1")(h_w1 * h_v)
 
 
+# What a decoder layer attends to besides its own tokens: the context's cached keys and
+# values [B, P, K, d] and its mask [B, P], or None for self-attention under a mask.
+LayerContext = tuple[jax.Array, jax.Array, jax.Array] | None
+
+
+@dataclasses.dataclass
 class DecoderLayer(hk.Module):
     """Attention then feed-forward, each normed on the way in and out of its residual branch.
 
-    The blocks are given this layer's own name, so that their parameters sit directly under
-    `decoder_layer_{i}` as in the published checkpoints.
+    Its attention, feed-forward and norms are named under this layer (`decoder_layer_{i}/...`),
+    as in the published checkpoints, from whichever method creates them.
     """
 
-    def __init__(
-        self,
-        num_q_heads: int,
-        num_kv_heads: int,
-        key_size: int,
-        num_layers: int,
-        layer_index: int | None = None,
-        widening_factor: float = 4.0,
-        name: str | None = None,
-        attn_output_multiplier: float = 1.0,
-    ):
-        super().__init__(name=name)
-        self.num_q_heads = num_q_heads
-        self.num_kv_heads = num_kv_heads
-        self.key_size = key_size
-        self.num_layers = num_layers
-        self.layer_index = layer_index
-        self.widening_factor = widening_factor
-        self.attn_output_multiplier = attn_output_multiplier
+    num_q_heads: int
+    num_kv_heads: int
+    key_size: int
+    num_layers: dataclasses.InitVar[int]
+    layer_index: dataclasses.InitVar[int | None] = None
+    widening_factor: float = 4.0
+    name: str | None = None
+    attn_output_multiplier: float = 1.0
+
+    def __post_init__(self, num_layers: int, layer_index: int | None):
+        del num_layers, layer_index  # the published signature; the name says which layer
+        super().__post_init__()
 
     def _norm(self, x: jax.Array, index: int) -> jax.Array:
         """Norm 0: attention in, 1: attention out, 2: feed-forward in, 3: feed-forward out."""
         return layer_norm(x, name=shared_name(self, "rms_norm" + (f"_{index}" if index else "")))
 
-    def _attention(self, model_size: int) -> MultiHeadAttention:
-        block = MHABlock(
-            self.num_q_heads,
-            self.num_kv_heads,
-            self.key_size,
-            self.attn_output_multiplier,
-            name=hk.experimental.force_name(self.module_name),
-        )
-        return block.attention(model_size)
+    def run(
+        self,
+        h: jax.Array,  # [B, T, D]
+        mask: jax.Array,  # self-attention: [B or 1, 1, T or 1, T]; with a context: [B, T] bool
+        positions: jax.Array,  # [B or 1, T]
+        context: LayerContext = None,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The layer's forward, and the rotated keys and values [B, T, K, d] of its tokens.
 
-    def _feed_forward(self, h: jax.Array) -> jax.Array:
-        dense = DenseBlock(
-            self.num_q_heads,
-            self.num_kv_heads,
-            self.key_size,
-            self.widening_factor,
-            name=hk.experimental.force_name(self.module_name),
+        Without a context the tokens attend to each other under `mask`. With one they are
+        candidates: each attends to the context and to itself, and `mask` marks the valid ones.
+        """
+        heads = (self.num_q_heads, self.num_kv_heads, self.key_size)
+        name, multiplier = shared_name(self, "multi_head_attention"), self.attn_output_multiplier
+        attention = MultiHeadAttention(
+            *heads, model_size=h.shape[-1], attn_output_multiplier=multiplier, name=name
         )
-        return h + self._norm(dense(self._norm(h, 2)), 3)
+        x = self._norm(h, 0)
+        keys, values = attention.keys_values(x, x, positions)
+        if context is None:
+            attended = attention.attend(x, keys, values, mask, positions)
+        else:
+            attended = attention.attend_candidates(x, keys, values, mask, positions, context)
+        h = h + self._norm(attended, 1)
+        dense = DenseBlock(
+            *heads, self.widening_factor, hk.experimental.force_name(self.module_name)
+        )
+        return h + self._norm(dense(self._norm(h, 2)), 3), keys, values
 
     def __call__(
         self,
         inputs: jax.Array,  # [B, T, D]
         mask: jax.Array,  # [B or 1, 1, T or 1, T]
-        padding_mask: jax.Array | None = None,  # [B, T]; unused: already folded into `mask`
+        padding_mask: jax.Array | None = None,  # [B, T] bool; padded keys are masked too
         positions: jax.Array | None = None,  # [B or 1, T]
     ) -> DecoderOutput:
-        return self.encode_context(inputs, mask, positions)[0]
-
-    def encode_context(
-        self,
-        inputs: jax.Array,  # [B, P, D]
-        mask: jax.Array,  # [B or 1, 1, P or 1, P]
-        positions: jax.Array | None = None,  # [B or 1, P]
-    ) -> tuple[DecoderOutput, jax.Array, jax.Array]:
-        """The layer's forward, also returning its rotated keys and values [B, P, K, d]."""
+        if padding_mask is not None:
+            mask = jnp.logical_and(mask, padding_mask.astype(jnp.bool_)[:, None, None, :])
         if positions is None:
             positions = _default_positions(inputs.shape[1])
-        h = inputs
-        x = self._norm(h, 0)
-        mha = self._attention(h.shape[-1])
-        keys, values = mha.keys_values(x, x, positions)
-        h = h + self._norm(mha.attend(x, keys, values, mask, positions).embeddings, 1)
-        return DecoderOutput(self._feed_forward(h)), keys, values
-
-    def score_candidates(
-        self,
-        inputs: jax.Array,  # [B, C, D]
-        positions: jax.Array,  # [B or 1, C]
-        candidate_mask: jax.Array,  # [B, C] bool
-        cache_keys: jax.Array,  # [B, P, K, d]
-        cache_values: jax.Array,  # [B, P, K, d]
-        cache_mask: jax.Array,  # [B, P] bool
-    ) -> DecoderOutput:
-        """The layer's forward for candidates that see the cached context and themselves."""
-        h = inputs
-        attn = self._attention(h.shape[-1]).attend_cached(
-            self._norm(h, 0), positions, candidate_mask, cache_keys, cache_values, cache_mask
-        )
-        h = h + self._norm(attn.embeddings, 1)
-        return DecoderOutput(self._feed_forward(h))
+        return DecoderOutput(self.run(inputs, mask, positions)[0])
 
 
+@dataclasses.dataclass
 class Transformer(hk.Module):
     """A stack of `DecoderLayer`s named decoder_layer_0 ... decoder_layer_{L-1}."""
 
-    def __init__(
-        self,
-        num_q_heads: int,
-        num_kv_heads: int,
-        key_size: int,
-        widening_factor: float,
-        attn_output_multiplier: float,
-        num_layers: int,
-        name: str | None = None,
-    ):
-        super().__init__(name=name)
-        self.num_q_heads = num_q_heads
-        self.num_kv_heads = num_kv_heads
-        self.key_size = key_size
-        self.widening_factor = widening_factor
-        self.attn_output_multiplier = attn_output_multiplier
-        self.num_layers = num_layers
+    num_q_heads: int
+    num_kv_heads: int
+    key_size: int
+    widening_factor: float
+    attn_output_multiplier: float
+    num_layers: int
+    name: str | None = None
 
-    def _layer(self, index: int) -> DecoderLayer:
-        return DecoderLayer(
-            num_q_heads=self.num_q_heads,
-            num_kv_heads=self.num_kv_heads,
-            key_size=self.key_size,
-            num_layers=self.num_layers,
-            layer_index=index,
-            widening_factor=self.widening_factor,
-            attn_output_multiplier=self.attn_output_multiplier,
-            name=shared_name(self, f"decoder_layer_{index}"),
-        )
+    def _layers(
+        self,
+        h: jax.Array,  # [B, T, D]
+        mask: jax.Array,  # as `DecoderLayer.run` takes it
+        positions: jax.Array | None,  # [B or 1, T]; default 0 .. T-1
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+        """The one loop over layers: the output, and every layer's keys and values."""
+        if positions is None:
+            positions = _default_positions(h.shape[1])
+        heads = (self.num_q_heads, self.num_kv_heads, self.key_size)
+        multiplier = self.attn_output_multiplier
+        keys, values = [], []
+        for i in range(self.num_layers):
+            name = shared_name(self, f"decoder_layer_{i}")
+            layer = DecoderLayer(*heads, self.num_layers, i, self.widening_factor, name, multiplier)
+            context = None if cache is None else (cache.keys[i], cache.values[i], cache.mask)
+            h, k, v = layer.run(h, mask, positions, context)
+            keys.append(k)
+            values.append(v)
+        return h, keys, values
 
     def __call__(
         self,
@@ -566,10 +529,7 @@ class Transformer(hk.Module):
         positions: jax.Array | None = None,  # [B or 1, T]; default 0 .. T-1
     ) -> TransformerOutput:
         attn_mask = _attention_mask(mask, candidate_start_offset)
-        h = embeddings
-        for i in range(self.num_layers):
-            h = self._layer(i)(h, attn_mask, mask, positions).embeddings
-        return TransformerOutput(h)
+        return TransformerOutput(self._layers(embeddings, attn_mask, positions)[0])
 
     def encode_context(
         self,
@@ -578,16 +538,7 @@ class Transformer(hk.Module):
         positions: jax.Array | None = None,  # [B or 1, P]; default 0 .. P-1
     ) -> tuple[TransformerOutput, KVCache]:
         """Causal forward over the context, keeping every layer's keys and values."""
-        seq_len = embeddings.shape[1]
-        if positions is None:
-            positions = _default_positions(seq_len)
-        attn_mask = _attention_mask(mask)
-        h, keys, values = embeddings, [], []
-        for i in range(self.num_layers):
-            out, k, v = self._layer(i).encode_context(h, attn_mask, positions)
-            h = out.embeddings
-            keys.append(k)
-            values.append(v)
+        h, keys, values = self._layers(embeddings, _attention_mask(mask), positions)
         return TransformerOutput(h), KVCache(jnp.stack(keys), jnp.stack(values), mask)
 
     def score_candidates(
@@ -598,11 +549,4 @@ class Transformer(hk.Module):
         positions: jax.Array,  # [B or 1, C]
     ) -> TransformerOutput:
         """Runs candidates that attend to the cached context and to themselves only."""
-        h = embeddings
-        for i in range(self.num_layers):
-            h = (
-                self._layer(i)
-                .score_candidates(h, positions, mask, cache.keys[i], cache.values[i], cache.mask)
-                .embeddings
-            )
-        return TransformerOutput(h)
+        return TransformerOutput(self._layers(embeddings, mask, positions, cache)[0])
