@@ -1,8 +1,9 @@
-"""The Phoenix two-tower retrieval model and exact top-K search over a corpus.
+"""The Phoenix two-tower retrieval model.
 
 User tower: the ranking model's user and history tokens through a causal transformer, averaged
 over valid positions and L2-normalised. Candidate tower: an MLP over a post's hash embeddings,
-L2-normalised. Retrieval: dot product of users with a corpus of candidate vectors, top-K.
+L2-normalised. Retrieval: dot product of users with a corpus of candidate vectors, top-K, by
+`search.top_k_search` (re-exported here with `INF`, the score of masked corpus rows).
 
 Shapes: B batch, S history length, C candidates, D `emb_size`, N corpus size, K top-K.
 """
@@ -10,39 +11,34 @@ Shapes: B batch, S history length, C candidates, D `emb_size`, N corpus size, K 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
-import os
 from typing import Any, NamedTuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-import native_search
 from grok import TransformerConfig
 from recsys_model import (
     HashConfig,
+    ModelConfigDefaults,
     RecsysBatch,
     RecsysEmbeddings,
     build_context_inputs,
     validate_inputs,
 )
+from search import INF, top_k_search, validate_corpus
+
+__all__ = [
+    "EPS",
+    "INF",
+    "CandidateTower",
+    "PhoenixRetrievalModel",
+    "PhoenixRetrievalModelConfig",
+    "RetrievalOutput",
+    "top_k_search",
+]
 
 EPS = 1e-12  # floor of a squared norm before the square root
-INF = 1e12  # masked corpus entries score -INF
-
-# `top_k_search` holds the scores of at most this many (user, post) pairs at once (128 MiB)
-# and reads at most this many corpus rows per block. Blocks pay a fixed cost each on CPU
-# (loop step, merge), so fewer, larger blocks are faster: for 256 users of 1M posts, 1.9 s
-# with 2**24 scores per block, 1.5 s with 2**25, 1.3 s with 2**26; 2**25 keeps the peak
-# memory of that search under the corpus plus 0.8 GB.
-SEARCH_BLOCK_ELEMENTS = 2**25
-SEARCH_BLOCK_ROWS = 2**20
-# `top_k_search` first ranks groups of this many consecutive posts by their best score.
-SEARCH_GROUP_SIZE = 128
 
 
 class RetrievalOutput(NamedTuple):
@@ -87,7 +83,7 @@ class CandidateTower(hk.Module):
 
 
 @dataclasses.dataclass
-class PhoenixRetrievalModelConfig:
+class PhoenixRetrievalModelConfig(ModelConfigDefaults):
     """Configuration of the two-tower retrieval model. `emb_size` defaults to the model width."""
 
     model: TransformerConfig
@@ -99,248 +95,10 @@ class PhoenixRetrievalModelConfig:
     hash_config: HashConfig | None = None
     product_surface_vocab_size: int = 16
 
-    def __post_init__(self):
-        if self.hash_config is None:
-            self.hash_config = HashConfig()
-        if self.emb_size is None:
-            self.emb_size = self.model.emb_size
-
-    def initialize(self) -> PhoenixRetrievalModelConfig:
-        return self
-
     def make(self) -> PhoenixRetrievalModel:
         return PhoenixRetrievalModel(
             model=self.model.make(), config=self, fprop_dtype=self.fprop_dtype
         )
-
-
-def _merge_top_k(
-    scores: jax.Array, indices: jax.Array, k: int
-) -> tuple[jax.Array, jax.Array]:  # [B, M] each -> [B, k] each
-    top_scores, where = jax.lax.top_k(scores, k)
-    return top_scores, jnp.take_along_axis(indices, where, axis=-1)
-
-
-def _block_top_k(
-    scores: jax.Array, start: jax.Array, k: int
-) -> tuple[jax.Array, jax.Array]:  # [R, B] scores of rows start .. start+R -> [B, k] each
-    """Exact top-k of a block of scores, in two stages.
-
-    A post in the top k lies in one of the k groups with the largest maxima (a group ranked
-    below k others has k better posts), so only those k * SEARCH_GROUP_SIZE posts are ranked.
-    The groups are taken in row order, so that ties resolve as in `lax.top_k`.
-    """
-    r, b = scores.shape
-    num_groups = r // SEARCH_GROUP_SIZE
-    if num_groups <= 2 * k:
-        rows = jnp.broadcast_to(jnp.arange(r), (b, r))
-        return _merge_top_k(scores.T, start + rows, k)
-    main = num_groups * SEARCH_GROUP_SIZE
-    group_max = jnp.max(scores[:main].reshape(num_groups, SEARCH_GROUP_SIZE, b), axis=1)
-    _, groups = jax.lax.top_k(group_max.T, k)  # [B, k]
-    groups = jnp.sort(groups, axis=1)
-    rows = (groups[:, :, None] * SEARCH_GROUP_SIZE + jnp.arange(SEARCH_GROUP_SIZE)).reshape(b, -1)
-    # Rows after the last whole group are always candidates.
-    rows = jnp.concatenate([rows, jnp.broadcast_to(jnp.arange(main, r), (b, r - main))], axis=1)
-    candidates = scores[rows, jnp.arange(b)[:, None]]  # [B, k * group + rest]
-    return _merge_top_k(candidates, start + rows, k)
-
-
-SEARCH_METHODS = ("auto", "native", "xla")
-NATIVE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # corpus dtypes of the kernel
-
-
-def top_k_search(
-    queries: jax.Array,  # [B, D]
-    corpus: jax.Array,  # [N, D], float32 or bfloat16
-    k: int,
-    corpus_mask: jax.Array | None = None,  # [N] bool, False = never retrieved
-    block_size: int | None = None,
-    method: str = "auto",
-    threads: int = 0,
-) -> tuple[jax.Array, jax.Array]:
-    """Exact top-k of queries · corpusᵀ: (scores, indices) [B, k], best first.
-
-    Equal to `lax.top_k` over the full [B, N] score matrix (up to the order of tied scores and
-    float32 rounding), without ever holding that matrix. Scores are computed in float32
-    whatever the corpus dtype. Masked entries score -INF.
-
-    `method`:
-    - "xla": score `block_size` rows at a time with XLA's matrix product and keep a running
-      top-k (any backend);
-    - "native": the fused CPU kernel of `native_search` (one pass over the corpus, all cores);
-      raises RuntimeError if it cannot be built here;
-    - "auto" (default): "native" on the CPU when it is available, `block_size` is not given,
-      and it is faster (a bfloat16 corpus, or more than one query; one float32 query is a
-      matrix-vector product, already as fast as a read of the corpus in XLA); else "xla".
-      The kernel was tuned and measured on an AVX-512 CPU; elsewhere pass method="xla" if it
-      is faster (`benchmark.py` compares the two).
-    `threads` (native only) caps the kernel's threads; 0 = one per core.
-    """
-    if method not in SEARCH_METHODS:
-        raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
-    if jnp.ndim(queries) != 2 or jnp.ndim(corpus) != 2 or queries.shape[1] != corpus.shape[1]:
-        raise ValueError(
-            f"queries {jnp.shape(queries)} and corpus {jnp.shape(corpus)} must be [B, D] and "
-            "[N, D] with the same D"
-        )
-    _check_k_and_mask(corpus.shape[0], k, corpus_mask, "k")
-    if not jnp.issubdtype(corpus.dtype, jnp.floating):
-        raise ValueError(f"corpus must be floating, got {jnp.dtype(corpus.dtype)}")
-    if block_size is not None and (int(block_size) != block_size or block_size < 1):
-        raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size}")
-    if int(threads) != threads or threads < 0:
-        raise ValueError(f"threads must be an integer >= 0 (0: one per core), got {threads}")
-    if method == "native" and jnp.dtype(corpus.dtype) not in NATIVE_DTYPES:
-        raise ValueError(
-            f'method="native" needs a float32 or bfloat16 corpus, got {jnp.dtype(corpus.dtype)}'
-        )
-    if method == "native" and not native_search.available():
-        raise RuntimeError(
-            'the native top-k search cannot be built here (see the warning above); use method="xla"'
-        )
-    if method == "auto":
-        method = auto_search_method(queries, corpus, block_size)
-    if method == "native":
-        if corpus_mask is None:
-            corpus_mask = jnp.ones(corpus.shape[0], jnp.bool_)
-        return jax.lax.platform_dependent(
-            queries,
-            corpus,
-            corpus_mask,
-            cpu=lambda q, c, m: native_search.top_k(q, c, m, k, -INF, threads),
-            default=lambda q, c, m: _blocked_top_k(q, c, k, m, block_size),
-        )
-    return _blocked_top_k(queries, corpus, k, corpus_mask, block_size)
-
-
-def auto_search_method(queries: jax.Array, corpus: jax.Array, block_size: int | None = None) -> str:
-    """The method `top_k_search(..., method="auto")` uses for these arguments."""
-    if block_size is not None or jax.default_backend() != "cpu":
-        return "xla"
-    if jnp.dtype(corpus.dtype) not in NATIVE_DTYPES or queries.dtype == jnp.float64:
-        return "xla"
-    if corpus.dtype == jnp.float32 and queries.shape[0] == 1:
-        return "xla"
-    return "native" if native_search.available() else "xla"
-
-
-def _blocked_top_k(
-    queries: jax.Array,  # [B, D]
-    corpus: jax.Array,  # [N, D]
-    k: int,
-    corpus_mask: jax.Array | None,  # [N] bool
-    block_size: int | None,
-) -> tuple[jax.Array, jax.Array]:
-    """The "xla" method of `top_k_search`: blocks of `block_size` rows, running top-k."""
-    num_queries, n = queries.shape[0], corpus.shape[0]
-    if block_size is None:
-        block_size = min(SEARCH_BLOCK_ROWS, SEARCH_BLOCK_ELEMENTS // max(num_queries, 1))
-    block_size = max(k, min(block_size, n))
-    # Equal blocks: the last one, shifted back to end at N, then re-scores few rows.
-    block_size = max(k, math.ceil(n / math.ceil(n / block_size)))
-    queries = queries.astype(jnp.float32)
-
-    def block_top_k(start: jax.Array, first_new: jax.Array | None = None):
-        rows = jax.lax.dynamic_slice_in_dim(corpus, start, block_size)
-        # Corpus-major [block, B]: the large operand is read in its stored layout.
-        scores = jnp.dot(rows.astype(jnp.float32), queries.T)
-        idx = start + jnp.arange(block_size)
-        if corpus_mask is not None:
-            keep = jax.lax.dynamic_slice_in_dim(corpus_mask, start, block_size)
-            scores = jnp.where(keep[:, None], scores, -INF)
-        if first_new is not None:
-            # The last block is shifted back to end at N; rows it shares with the block
-            # before are dropped so that no post is counted twice.
-            scores = jnp.where((idx >= first_new)[:, None], scores, -jnp.inf)
-        return _block_top_k(scores, start, k)
-
-    num_blocks = math.ceil(n / block_size)
-    if num_blocks == 1:
-        return block_top_k(jnp.int32(0))
-
-    def step(carry, block):
-        best_scores, best_idx = carry
-        start = jnp.minimum(block * block_size, n - block_size)
-        scores, idx = block_top_k(start, block * block_size)
-        merged = _merge_top_k(
-            jnp.concatenate([best_scores, scores], axis=1),
-            jnp.concatenate([best_idx, idx], axis=1),
-            k,
-        )
-        return merged, None
-
-    init = (
-        jnp.full((num_queries, k), -jnp.inf, jnp.float32),
-        jnp.zeros((num_queries, k), jnp.int32),
-    )
-    (scores, idx), _ = jax.lax.scan(step, init, jnp.arange(num_blocks))
-    return scores, idx
-
-
-@functools.partial(jax.jit, static_argnames=("k", "mesh", "axis"))
-def _search_shards(queries, corpus, corpus_mask, k, mesh, axis):
-    # Devices of this host share its cores: each shard's kernel gets its part of them.
-    here = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    threads = max(1, _usable_cores() // here) if here > 1 else 0
-
-    def local(queries, corpus, corpus_mask):
-        scores, indices = top_k_search(
-            queries, corpus, min(k, corpus.shape[0]), corpus_mask, threads=threads
-        )
-        indices = indices + jax.lax.axis_index(axis) * corpus.shape[0]  # global row numbers
-        scores = jax.lax.all_gather(scores, axis, axis=1, tiled=True)
-        indices = jax.lax.all_gather(indices, axis, axis=1, tiled=True)
-        return _merge_top_k(scores, indices, k)
-
-    return jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(P(), P(axis, None), P(axis)),
-        out_specs=(P(), P()),
-        check_vma=False,
-    )(queries, corpus, corpus_mask)
-
-
-def _usable_cores() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def sharded_top_k_search(
-    queries: jax.Array,  # [B, D]
-    corpus: jax.Array,  # [N, D]
-    k: int,
-    corpus_mask: jax.Array | None = None,  # [N] bool
-) -> tuple[jax.Array, jax.Array]:
-    """`top_k_search`, run shard by shard when `corpus` is a `jax.Array` sharded along N.
-
-    Each device searches its own rows; the per-shard top-k are gathered and merged into the
-    exact global top-k. Works unchanged across hosts after `jax.distributed.initialize()`.
-    """
-    sharding = getattr(corpus, "sharding", None)
-    row_axis = sharding.spec[0] if isinstance(sharding, NamedSharding) and sharding.spec else None
-    if row_axis is None or sharding.num_devices == 1:
-        return _search_one_device(queries, corpus, corpus_mask, k=k)
-    shards = math.prod(
-        sharding.mesh.shape[a] for a in (row_axis if isinstance(row_axis, tuple) else (row_axis,))
-    )
-    if corpus.shape[0] % shards:
-        raise ValueError(
-            f"corpus of {corpus.shape[0]} rows cannot be split evenly over {shards} shards"
-        )
-    if corpus_mask is None:
-        corpus_mask = jax.device_put(
-            jnp.ones(corpus.shape[0], jnp.bool_), NamedSharding(sharding.mesh, P(row_axis))
-        )
-    return _search_shards(queries, corpus, corpus_mask, k=k, mesh=sharding.mesh, axis=row_axis)
-
-
-_search_one_device = jax.jit(
-    lambda queries, corpus, corpus_mask, k: top_k_search(queries, corpus, k, corpus_mask),
-    static_argnames=("k",),
-)
 
 
 class PhoenixRetrievalModel(hk.Module):
@@ -397,22 +155,3 @@ class PhoenixRetrievalModel(hk.Module):
         validate_corpus(corpus_embeddings, self.config.emb_size, top_k, corpus_mask)
         scores, indices = top_k_search(user, corpus_embeddings, top_k, corpus_mask)
         return RetrievalOutput(user, indices, scores)
-
-
-def validate_corpus(
-    corpus: jax.Array, emb_size: int, top_k: int, corpus_mask: jax.Array | None = None
-) -> None:
-    """Raises ValueError unless corpus is [N, emb_size] floating, 1 <= top_k <= N, mask [N]."""
-    shape = jnp.shape(corpus)
-    if len(shape) != 2 or shape[1] != emb_size:
-        raise ValueError(f"corpus_embeddings has shape {shape}, expected [N, D={emb_size}]")
-    if not jnp.issubdtype(jnp.result_type(corpus), jnp.floating):
-        raise ValueError(f"corpus_embeddings must be floating, got {jnp.result_type(corpus)}")
-    _check_k_and_mask(shape[0], top_k, corpus_mask, "top_k")
-
-
-def _check_k_and_mask(n: int, k: int, corpus_mask: jax.Array | None, k_name: str) -> None:
-    if isinstance(k, bool) or int(k) != k or not 1 <= k <= n:
-        raise ValueError(f"{k_name} must be in [1, N={n}] (an integer), got {k}")
-    if corpus_mask is not None and jnp.shape(corpus_mask) != (n,):
-        raise ValueError(f"corpus_mask has shape {jnp.shape(corpus_mask)}, expected [N={n}]")
