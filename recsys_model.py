@@ -11,6 +11,8 @@ Hu/Hi/Ha user/item/author hashes, V product-surface vocabulary, P = 1 + S contex
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -20,8 +22,28 @@ import numpy as np
 
 from grok import KVCache, TransformerConfig, layer_norm, shared_name
 
-# Number of engagement actions the published model predicts (see `runners.ACTIONS`).
-DEFAULT_NUM_ACTIONS = 19
+# The engagement actions the published model predicts, in the order of its outputs.
+ACTIONS = [
+    "favorite_score",
+    "reply_score",
+    "repost_score",
+    "photo_expand_score",
+    "click_score",
+    "profile_click_score",
+    "vqv_score",
+    "share_score",
+    "share_via_dm_score",
+    "share_via_copy_link_score",
+    "dwell_score",
+    "quote_score",
+    "quoted_click_score",
+    "follow_author_score",
+    "not_interested_score",
+    "block_author_score",
+    "mute_author_score",
+    "report_score",
+    "dwell_time",
+]
 
 
 @dataclasses.dataclass
@@ -31,6 +53,35 @@ class HashConfig:
     num_user_hashes: int = 2
     num_item_hashes: int = 2
     num_author_hashes: int = 2
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            _check_count(f"HashConfig.{field.name}", getattr(self, field.name), low=1)
+
+
+def _check_count(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+class ModelConfigDefaults:
+    """Defaults and checks both model configurations share (each declares its own fields, in
+    the order of its published signature)."""
+
+    def __post_init__(self):
+        if self.hash_config is None:
+            self.hash_config = HashConfig()
+        if self.emb_size is None:
+            self.emb_size = self.model.emb_size
+        _check_count("emb_size", self.emb_size, low=1)
+        _check_count("history_seq_len", self.history_seq_len, low=0)
+        _check_count("candidate_seq_len", self.candidate_seq_len, low=1)
+        _check_count("product_surface_vocab_size", self.product_surface_vocab_size, low=1)
+        if not jnp.issubdtype(jnp.dtype(self.fprop_dtype), jnp.floating):
+            raise ValueError(f"fprop_dtype must be a floating dtype, got {self.fprop_dtype!r}")
+
+    def initialize(self):
+        return self
 
 
 class RecsysBatch(NamedTuple):
@@ -66,6 +117,23 @@ class RecsysModelOutput(NamedTuple):
     logits: jax.Array  # [B, C, A]
 
 
+def map_candidates(
+    batch: RecsysBatch, embeddings: RecsysEmbeddings, fn: Callable[[Any], Any]
+) -> tuple[RecsysBatch, RecsysEmbeddings]:
+    """Applies `fn` to every candidate field ([B, C, ...] arrays); history fields are kept."""
+    batch = batch._replace(
+        candidate_post_hashes=fn(batch.candidate_post_hashes),
+        candidate_author_hashes=fn(batch.candidate_author_hashes),
+        candidate_product_surface=fn(batch.candidate_product_surface),
+    )
+    embeddings = dataclasses.replace(
+        embeddings,
+        candidate_post_embeddings=fn(embeddings.candidate_post_embeddings),
+        candidate_author_embeddings=fn(embeddings.candidate_author_embeddings),
+    )
+    return batch, embeddings
+
+
 # Symbolic shape of every input field, checked by `validate_inputs`.
 _BATCH_DIMS = {
     "user_hashes": ("B", "Hu"),
@@ -87,13 +155,78 @@ _EMBEDDING_DIMS = {
 _INTEGER_FIELDS = tuple(name for name in _BATCH_DIMS if name != "history_actions")
 
 
-def _concrete(x) -> np.ndarray | None:
-    """The value of `x` if it is known now (not a tracer inside jit), else None."""
-    if isinstance(x, jax.core.Tracer):
-        return None
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return None  # partly held by other hosts: only its shape can be checked here
-    return np.asarray(x)
+def _value_kind(name: str) -> str:
+    if name == "history_actions":
+        return "actions"
+    return "ids" if name in _INTEGER_FIELDS else "embeddings"
+
+
+# The largest id JAX holds exactly: without jax_enable_x64 it computes in int32, and a larger
+# int64 hash would wrap (2**32 becomes 0, padding).
+MAX_ID = 2**31 - 1
+
+
+def _at_hand(x) -> bool:
+    """Whether the values of `x` can be read now: not a tracer inside jit, not an array partly
+    held by other hosts, not empty."""
+    if isinstance(x, jax.core.Tracer) or np.size(x) == 0:
+        return False
+    return not isinstance(x, jax.Array) or x.is_fully_addressable
+
+
+def _summary(kind: str, x, xp) -> tuple:
+    """What the value checks need of a field, in numpy or jax.numpy (`xp`): the range of ids,
+    whether actions are all 0 or 1, the sum of embeddings (finite iff every entry is, unless it
+    overflows, which `_check_values` double-checks)."""
+    if kind == "ids":
+        return xp.min(x), xp.max(x)
+    if kind == "actions":
+        return (xp.all((x == 0) | (x == 1)),)
+    return (xp.sum(x, dtype=xp.float32),)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _device_summaries(kinds: tuple[str, ...], values: list) -> list:
+    return [_summary(kind, x, jnp) for kind, x in zip(kinds, values, strict=True)]
+
+
+def _check_values(fields: list[tuple[str, str, Any, int | None]]) -> None:
+    """Raises ValueError for the first field (name, kind, value, id bound) holding values it
+    must not: ids outside [0, bound) or beyond int32, actions other than 0 and 1, non-finite
+    embeddings. Fields whose values are not at hand are skipped; the others are summarised in
+    one compiled call (jax arrays) or with numpy."""
+    fields = [f for f in fields if _at_hand(f[2])]
+    on_device = [f for f in fields if isinstance(f[2], jax.Array)]
+    summaries = dict(
+        zip(
+            [f[0] for f in on_device],
+            jax.device_get(
+                _device_summaries(tuple(f[1] for f in on_device), [f[2] for f in on_device])
+            ),
+            strict=True,
+        )
+    )
+    for name, kind, value, high in fields:
+        summary = summaries.get(name) or _summary(kind, np.asarray(value), np)
+        if kind == "ids":
+            low, top = summary
+            limit = MAX_ID + 1 if high is None else high
+            if low < 0 or top >= limit:
+                expected = f"[0, {high})" if high is not None else f"[0, 2**31) (int32: {MAX_ID})"
+                raise ValueError(f"{name} holds values in [{low}, {top}], expected {expected}")
+        elif kind == "actions" and not summary[0]:
+            x = np.asarray(value)
+            _raise_at(name, x, (x != 0) & (x != 1), "a multi-hot of 0 and 1 (actions taken)")
+        elif kind == "embeddings" and not np.isfinite(summary[0]):
+            x = np.asarray(value)
+            _raise_at(name, x, ~np.isfinite(x), "finite values")
+
+
+def _raise_at(name: str, x: np.ndarray, bad: np.ndarray, expected: str) -> None:
+    """Raises ValueError naming the first entry of `x` where `bad` holds, if any does."""
+    if bad.any():
+        where = [int(i) for i in np.unravel_index(np.argmax(bad), bad.shape)]
+        raise ValueError(f"{name} holds {x[tuple(where)]} at {where}; expected {expected}")
 
 
 def validate_inputs(
@@ -102,14 +235,15 @@ def validate_inputs(
     config: Any,
     num_actions: int | None = None,
 ) -> dict[str, int]:
-    """Checks every field's rank, dtype and shape, and id ranges when values are concrete.
+    """Checks every field's rank, dtype and shape, and its values when they are at hand.
 
     `config` (a ranking or retrieval config) gives D, the hash counts and the product-surface
-    vocabulary; `num_actions`, when given, the width of `history_actions`. Raises ValueError
-    naming the field, what it got and what was expected. Returns the sizes it bound (B, S, C...).
+    vocabulary; `num_actions`, when given, the width of `history_actions`. Values (outside jit):
+    ids in [0, 2**31), product surfaces in [0, V), actions 0 or 1, embeddings finite, at least
+    one user. Raises ValueError naming the field, what it got and what was expected. Returns
+    the sizes it bound (B, S, C...).
     """
     hash_config = config.hash_config
-    product_surface_vocab_size = config.product_surface_vocab_size
     if not isinstance(batch, RecsysBatch):
         raise ValueError(f"batch must be a RecsysBatch, got {type(batch).__name__}")
     if not isinstance(embeddings, RecsysEmbeddings):
@@ -143,24 +277,20 @@ def validate_inputs(
                 sizes[dim], bound_by[dim] = size, name
             elif sizes[dim] != size:
                 raise ValueError(f"{name} has shape {shape}, expected [{expected}]")
-    for name in _INTEGER_FIELDS:
-        dtype = jnp.result_type(getattr(batch, name))
-        if not jnp.issubdtype(dtype, jnp.integer):
-            raise ValueError(f"{name} must have an integer dtype, got {dtype}")
-    for name in _EMBEDDING_DIMS:
-        dtype = jnp.result_type(getattr(embeddings, name))
-        if not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(f"{name} must have a floating dtype, got {dtype}")
-    for name in _INTEGER_FIELDS:
-        value = _concrete(getattr(batch, name))
-        if value is None or value.size == 0:
-            continue
-        high = product_surface_vocab_size if name.endswith("product_surface") else None
-        if value.min() < 0 or (high is not None and value.max() >= high):
-            bound = f"[0, {high})" if high is not None else ">= 0"
-            raise ValueError(
-                f"{name} holds values in [{value.min()}, {value.max()}], expected {bound}"
-            )
+        # history_actions may be bool, integer or floating, as long as it holds 0 and 1.
+        kind = jnp.integer if name in _INTEGER_FIELDS else jnp.floating
+        dtype = jnp.result_type(value)
+        if name != "history_actions" and not jnp.issubdtype(dtype, kind):
+            raise ValueError(f"{name} must have a dtype of kind {kind.__name__}, got {dtype}")
+    if sizes["B"] == 0:
+        raise ValueError("the batch has no users (B=0 in user_hashes); pass at least one")
+    vocab = config.product_surface_vocab_size
+    _check_values(
+        [
+            (name, _value_kind(name), value, vocab if name.endswith("product_surface") else None)
+            for name, value, _ in fields
+        ]
+    )
     return sizes
 
 
@@ -295,11 +425,11 @@ def build_context_inputs(
 
 
 @dataclasses.dataclass
-class PhoenixModelConfig:
+class PhoenixModelConfig(ModelConfigDefaults):
     """Configuration of the ranking model.
 
     `emb_size` defaults to the transformer's width and `num_actions` to the 19 published
-    actions (the fourth seed's guide leaves both out).
+    actions (the published ranking guide leaves both out).
     """
 
     model: TransformerConfig
@@ -313,21 +443,16 @@ class PhoenixModelConfig:
     product_surface_vocab_size: int = 16
 
     def __post_init__(self):
-        if self.hash_config is None:
-            self.hash_config = HashConfig()
-        if self.emb_size is None:
-            self.emb_size = self.model.emb_size
+        super().__post_init__()
         if self.num_actions is None:
-            self.num_actions = DEFAULT_NUM_ACTIONS
-
-    def initialize(self) -> PhoenixModelConfig:
-        return self
+            self.num_actions = len(ACTIONS)
+        _check_count("num_actions", self.num_actions, low=1)
 
     def make(self) -> PhoenixModel:
         return PhoenixModel(model=self.model.make(), config=self, fprop_dtype=self.fprop_dtype)
 
 
-# The fourth seed's guide uses this name.
+# The published ranking guide uses this name.
 PhoenixRankingModelConfig = PhoenixModelConfig
 
 
