@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from recsys_model import PhoenixModelConfig
+from cli import ArgumentParser, add_demo_flags, run_main, timed
+from recsys_model import ACTIONS, PhoenixModelConfig
 from runners import (
-    ACTIONS,
     DEMO_EMB_SIZE,
-    DTYPES,
+    DEMO_HISTORY_LEN,
+    DEMO_NUM_CANDIDATES,
     ModelRunner,
     RecsysInferenceRunner,
-    demo_argument_parser,
     demo_inputs,
     demo_transformer_config,
-    run_demo,
-    timed,
 )
 
 TOP_ACTIONS_SHOWN = 3
@@ -32,7 +32,8 @@ RANKS_SHOWN = 10
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = demo_argument_parser(__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_demo_flags(parser, DEMO_HISTORY_LEN, DEMO_NUM_CANDIDATES)
     return parser.parse_args(argv)
 
 
@@ -44,10 +45,12 @@ def main(argv: list[str] | None = None) -> int:
         num_actions=len(ACTIONS),
         history_seq_len=args.history_len,
         candidate_seq_len=args.candidates,
-        fprop_dtype=DTYPES[args.dtype],
+        fprop_dtype=jnp.dtype(args.dtype),
     )
     ranker = RecsysInferenceRunner(ModelRunner(config), name="ranker")
-    batch, embeddings = demo_inputs(ranker, args)
+    batch, embeddings = demo_inputs(
+        ranker, args.seed, args.batch_size, args.history_len, args.candidates
+    )
 
     print(
         f"Phoenix ranking: D={config.emb_size}, {config.model.num_layers} layers, "
@@ -58,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Weights: RANDOM (seed {args.seed}), not a trained model; the probabilities show the "
         "model's behaviour, not real preferences."
     )
-    output, first, median = timed(lambda: ranker.rank(batch, embeddings), args.repeats)
+    output, first, median = timed(
+        lambda: jax.block_until_ready(ranker.rank(batch, embeddings)), args.repeats
+    )
     print(
         f"First call (compile + run): {first:.2f} s; ranking: median {median * 1e3:.2f} ms "
         f"over {args.repeats} runs"
@@ -83,4 +88,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_demo(main, "run_ranker.py"))
+    sys.exit(run_main(main, "run_ranker.py"))

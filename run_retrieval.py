@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import sys
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from cli import ArgumentParser, add_demo_flags, positive_int, run_main, timed
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from runners import (
     DEMO_EMB_SIZE,
-    DTYPES,
+    DEMO_HISTORY_LEN,
+    DEMO_NUM_CANDIDATES,
     RecsysRetrievalInferenceRunner,
     RetrievalModelRunner,
     create_example_corpus,
-    demo_argument_parser,
     demo_inputs,
     demo_transformer_config,
-    positive_int,
-    run_demo,
-    timed,
 )
 
 USERS_SHOWN = 2
@@ -33,7 +33,8 @@ RESULTS_SHOWN = 10
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = demo_argument_parser(__doc__.splitlines()[0])
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    add_demo_flags(parser, DEMO_HISTORY_LEN, DEMO_NUM_CANDIDATES)
     parser.add_argument("--corpus-size", type=positive_int, default=1000, help="posts (1000)")
     parser.add_argument("--top-k", type=positive_int, default=10, help="posts per user (10)")
     args = parser.parse_args(argv)
@@ -49,10 +50,12 @@ def main(argv: list[str] | None = None) -> int:
         emb_size=DEMO_EMB_SIZE,
         history_seq_len=args.history_len,
         candidate_seq_len=args.candidates,
-        fprop_dtype=DTYPES[args.dtype],
+        fprop_dtype=jnp.dtype(args.dtype),
     )
     retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(config), name="retrieval")
-    batch, embeddings = demo_inputs(retriever, args)
+    batch, embeddings = demo_inputs(
+        retriever, args.seed, args.batch_size, args.history_len, args.candidates
+    )
     corpus, post_ids = create_example_corpus(args.corpus_size, DEMO_EMB_SIZE, seed=args.seed)
     retriever.set_corpus(corpus, post_ids)
 
@@ -66,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         "model's behaviour, not real relevance."
     )
     output, first, median = timed(
-        lambda: retriever.retrieve(batch, embeddings, top_k=args.top_k), args.repeats
+        lambda: jax.block_until_ready(retriever.retrieve(batch, embeddings, top_k=args.top_k)),
+        args.repeats,
     )
     candidates = np.asarray(retriever.encode_candidates(batch, embeddings))
     print(
@@ -77,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     indices = np.asarray(output.top_k_indices)
     scores = np.asarray(output.top_k_scores)
     all_scores = user @ corpus.T
+    if args.batch_size > USERS_SHOWN:
+        print(f"(showing {USERS_SHOWN} of the {args.batch_size} users retrieved for)")
     for b in range(min(args.batch_size, USERS_SHOWN)):
         print(
             f"\nUser {b}: |user vector| = {np.linalg.norm(user[b]):.4f}; corpus scores range "
@@ -89,10 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         own = candidates[b] @ user[b]
         own_scores = " ".join(f"{x:+.3f}" for x in own[:RESULTS_SHOWN])
         print(f"  the user's own candidates, through the candidate tower, score: {own_scores}")
-    if args.batch_size > USERS_SHOWN:
-        print(f"\n({args.batch_size - USERS_SHOWN} more users retrieved, not shown)")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(run_demo(main, "run_retrieval.py"))
+    sys.exit(run_main(main, "run_retrieval.py"))

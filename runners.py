@@ -1,43 +1,42 @@
 """Runners: initialise the models, JIT-compile them, rank and retrieve; example data.
 
-`RecsysInferenceRunner.rank` encodes each user's history once and scores the candidates against
-it in blocks (see `grok.Transformer.score_candidates`), so it takes any number of candidates.
-`RecsysRetrievalInferenceRunner.retrieve` searches the corpus with `top_k_search` (in one pass
-with the native kernel on the CPU, block by block in XLA elsewhere), and shard by shard when the
-corpus is a `jax.Array` sharded along its rows over several devices.
-All entry points are compiled once per input shape.
+`RecsysInferenceRunner.rank` is one compiled function per input shape: it encodes each user's
+history once and scores the candidates against it in blocks (see
+`grok.Transformer.score_candidates`), so it takes any number of candidates.
+`RecsysRetrievalInferenceRunner.retrieve` searches the corpus with `search.top_k_search` (in one
+pass with the native kernel on the CPU, block by block in XLA elsewhere), and shard by shard
+when the corpus is a `jax.Array` sharded along its rows over several devices.
+
+Whatever enters a runner is checked before any work: inputs (`validate_inputs`), parameters
+(against the tree the model would initialise: paths, shapes, dtypes, finite values) and sizes
+whose memory would plainly not fit.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import functools
 import math
 import os
-import sys
-import time
-from collections.abc import Callable
-from typing import Any, NamedTuple, NoReturn
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok import TrainingState, TransformerConfig
+from grok import TrainingState, TransformerConfig, ffn_size
 from recsys_model import (
+    ACTIONS,
     HashConfig,
     PhoenixModelConfig,
     RecsysBatch,
     RecsysEmbeddings,
+    map_candidates,
     validate_inputs,
 )
-from recsys_retrieval_model import (
-    PhoenixRetrievalModelConfig,
-    RetrievalOutput,
-    sharded_top_k_search,
-    validate_corpus,
-)
+from recsys_retrieval_model import PhoenixRetrievalModelConfig, RetrievalOutput
+from search import check_top_k, sharded_top_k_search, validate_corpus
 
 __all__ = [
     "ACTIONS",
@@ -49,6 +48,7 @@ __all__ = [
     "RecsysRetrievalInferenceRunner",
     "RetrievalModelRunner",
     "RetrievalOutput",
+    "check_params",
     "create_dummy_batch_from_config",
     "create_dummy_embeddings_from_config",
     "create_example_batch",
@@ -57,31 +57,9 @@ __all__ = [
     "randomize_params",
 ]
 
-ACTIONS = [
-    "favorite_score",
-    "reply_score",
-    "repost_score",
-    "photo_expand_score",
-    "click_score",
-    "profile_click_score",
-    "vqv_score",
-    "share_score",
-    "share_via_dm_score",
-    "share_via_copy_link_score",
-    "dwell_score",
-    "quote_score",
-    "quoted_click_score",
-    "follow_author_score",
-    "not_interested_score",
-    "block_author_score",
-    "mute_author_score",
-    "report_score",
-    "dwell_time",
-]
-
 # Candidates are ranked by the probability of this action.
 RANKING_ACTION = ACTIONS.index("favorite_score")
-# Candidates scored per compiled call of the cached ranking path.
+# Candidates scored per step of the cached ranking path: bounds its memory.
 DEFAULT_CANDIDATE_BLOCK = 1024
 
 RankingOutput = NamedTuple(
@@ -92,6 +70,11 @@ RankingOutput = NamedTuple(
 RankingOutput.__doc__ = """Probabilities scores [B, C, A] (sigmoid of the logits, float32),
 ranked_indices [B, C] (descending favorite probability, padded candidates last), and one field
 p_<action> [B, C] per action of `ACTIONS`."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Example inputs and parameters.
+# ---------------------------------------------------------------------------------------------
 
 
 def create_dummy_batch_from_config(
@@ -131,6 +114,16 @@ def create_dummy_embeddings_from_config(
         history_author_embeddings=np.zeros((b, s, hash_config.num_author_hashes, d), np.float32),
         candidate_author_embeddings=np.zeros((b, c, hash_config.num_author_hashes, d), np.float32),
     )
+
+
+def _dummy_inputs(config, num_actions: int, batch_size: int = 1):
+    """All-zero inputs of a config's shapes (history and candidates of length at least 1)."""
+    s, c = max(1, config.history_seq_len), max(1, config.candidate_seq_len)
+    batch = create_dummy_batch_from_config(config.hash_config, s, c, num_actions, batch_size)
+    embeddings = create_dummy_embeddings_from_config(
+        config.hash_config, config.emb_size, s, c, batch_size
+    )
+    return batch, embeddings
 
 
 def create_example_batch(
@@ -216,6 +209,101 @@ def randomize_params(params: hk.Params, seed: int) -> hk.Params:
     return jax.tree_util.tree_map_with_path(draw, params)
 
 
+# ---------------------------------------------------------------------------------------------
+# What enters a runner: parameters that fit the model, sizes that fit in memory.
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat(params: Any) -> dict[str, Any]:
+    """{"module/name": array} of a Haiku parameter tree (module -> name -> array)."""
+    if not isinstance(params, Mapping) or not all(isinstance(v, Mapping) for v in params.values()):
+        raise TypeError(
+            "params must be a Haiku parameter tree, a dict of modules each a dict of arrays, "
+            f"got {type(params).__name__}"
+        )
+    return {f"{m}/{n}": value for m, leaves in params.items() for n, value in leaves.items()}
+
+
+def _layer_count(paths) -> int:
+    return len({p.split("/")[1] for p in paths if p.startswith("transformer/decoder_layer_")})
+
+
+def check_params(params: hk.Params, expected: hk.Params) -> None:
+    """Raises ValueError naming the first parameter of `params` that does not fit `expected`
+    (a tree of arrays or shapes, as `jax.eval_shape(init, ...)` gives): missing, extra, of
+    another shape or dtype, or holding NaN or infinity."""
+    got, want = _flat(params), _flat(expected)
+    hint = ""
+    if _layer_count(got) != _layer_count(want):
+        hint = f" (the parameters have {_layer_count(got)} layers, the model {_layer_count(want)})"
+    got_models, want_models = ({p.split("/")[0] for p in t} - {"transformer"} for t in (got, want))
+    if got_models and not got_models & want_models:
+        hint = f" (they are parameters of {', '.join(sorted(got_models))}, another model)"
+    for path, shape in want.items():
+        if path not in got:
+            raise ValueError(
+                f"params do not fit the model: {path} {list(shape.shape)} is missing{hint}"
+            )
+        value = got[path]
+        dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+        if np.shape(value) != shape.shape or dtype != shape.dtype:
+            raise ValueError(
+                f"params do not fit the model: {path} is {list(np.shape(value))} {dtype}, "
+                f"the model expects {list(shape.shape)} {shape.dtype}{hint}"
+            )
+    for path in got:
+        if path not in want:
+            raise ValueError(f"params do not fit the model: {path} is not a parameter of it{hint}")
+    for path, value in got.items():
+        if not bool(jnp.all(jnp.isfinite(value))):
+            raise ValueError(f"params hold NaN or infinite values in {path}")
+
+
+def available_memory() -> int | None:
+    """Bytes the default device can still allocate (on the CPU: the host's available memory),
+    or None if it cannot be told."""
+    device = jax.local_devices()[0]
+    if device.platform != "cpu":
+        stats = device.memory_stats() or {}
+        if "bytes_limit" in stats:
+            return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def check_memory(needed: float, what: str) -> None:
+    """Raises ValueError, in one line, if `needed` bytes plainly exceed the available memory."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ValueError(
+            f"{what} would need about {needed / 2**30:.1f} GiB of memory; "
+            f"{available / 2**30:.1f} GiB is available"
+        )
+
+
+def attention_bytes(config: Any, batch_size: int, queries: int, keys: int) -> float:
+    """A lower bound on the working memory of one attention layer over `queries` x `keys`
+    pairs: float32 logits and weights for every query head, plus the feed-forward activations."""
+    t = config.model
+    logits = 2 * 4 * batch_size * t.num_q_heads * queries * keys
+    activations = 4 * 4 * batch_size * queries * ffn_size(config.emb_size, t.widening_factor)
+    return logits + activations
+
+
+# ---------------------------------------------------------------------------------------------
+# Model runners: configuration -> Haiku functions and initial parameters.
+# ---------------------------------------------------------------------------------------------
+
+
 class BaseModelRunner:
     """Holds a model configuration and builds its Haiku forward function."""
 
@@ -262,6 +350,12 @@ class ModelRunner(BaseModelRunner):
         )
         return encode, score
 
+    def param_shapes(self) -> hk.Params:
+        """The shapes and dtypes of the parameters `init` creates (nothing is computed)."""
+        self._require_initialized()
+        inputs = _dummy_inputs(self.model, self.model.num_actions)
+        return jax.eval_shape(self.forward.init, jax.random.PRNGKey(0), *inputs)
+
     def init(
         self, rng: jax.Array, data: RecsysBatch, embeddings: RecsysEmbeddings
     ) -> TrainingState:
@@ -298,6 +392,15 @@ class RetrievalModelRunner(BaseModelRunner):
 
         return hk.transform(forward)
 
+    def param_shapes(self, num_actions: int = len(ACTIONS)) -> hk.Params:
+        """The shapes and dtypes of the parameters `init` creates for histories of
+        `num_actions` actions (the retrieval config does not fix it)."""
+        self._require_initialized()
+        inputs = _dummy_inputs(self.model, num_actions)
+        corpus = jax.ShapeDtypeStruct((1, self.model.emb_size), jnp.float32)
+        init = functools.partial(self.forward.init, top_k=1)
+        return jax.eval_shape(init, jax.random.PRNGKey(0), *inputs, corpus)
+
     def init(
         self,
         rng: jax.Array,
@@ -321,64 +424,38 @@ class RetrievalModelRunner(BaseModelRunner):
         return self.init(rng, init_data, init_embeddings, corpus_embeddings, top_k)
 
 
+# ---------------------------------------------------------------------------------------------
+# Inference runners.
+# ---------------------------------------------------------------------------------------------
+
+
 class BaseInferenceRunner:
-    """A named inference runner around a model runner."""
+    """A named inference runner around a model runner.
+
+    `params` may be assigned directly; whatever is assigned is checked against the model's
+    parameter tree first.
+    """
 
     def __init__(self, name: str):
         self.name = name
-        self.params: hk.Params | None = None
+        self._params: hk.Params | None = None
+
+    @property
+    def params(self) -> hk.Params | None:
+        return self._params
+
+    @params.setter
+    def params(self, params: hk.Params | None) -> None:
+        if params is not None:
+            check_params(params, self._param_shapes(params))
+        self._params = params
+
+    def _param_shapes(self, params: hk.Params) -> hk.Params:
+        raise NotImplementedError
 
     def _require_initialized(self) -> None:
-        if self.params is None:
+        if self._params is None:
             raise ValueError(f"{type(self).__name__}.initialize() must be called first")
-
-
-def _dummy_inputs(config, batch_size: int, num_actions: int):
-    batch = create_dummy_batch_from_config(
-        config.hash_config,
-        config.history_seq_len,
-        config.candidate_seq_len,
-        num_actions,
-        batch_size,
-    )
-    embeddings = create_dummy_embeddings_from_config(
-        config.hash_config,
-        config.emb_size,
-        config.history_seq_len,
-        config.candidate_seq_len,
-        batch_size,
-    )
-    return batch, embeddings
-
-
-def map_candidates(
-    batch: RecsysBatch, embeddings: RecsysEmbeddings, fn
-) -> tuple[RecsysBatch, RecsysEmbeddings]:
-    """Applies `fn` to every candidate field ([B, C, ...] arrays); history fields are kept."""
-    batch = batch._replace(
-        candidate_post_hashes=fn(batch.candidate_post_hashes),
-        candidate_author_hashes=fn(batch.candidate_author_hashes),
-        candidate_product_surface=fn(batch.candidate_product_surface),
-    )
-    embeddings = dataclasses.replace(
-        embeddings,
-        candidate_post_embeddings=fn(embeddings.candidate_post_embeddings),
-        candidate_author_embeddings=fn(embeddings.candidate_author_embeddings),
-    )
-    return batch, embeddings
-
-
-def _slice_candidates(
-    batch: RecsysBatch, embeddings: RecsysEmbeddings, start: int, stop: int, size: int
-) -> tuple[RecsysBatch, RecsysEmbeddings]:
-    """Candidates [start, stop) of every candidate field, padded (hash 0) to `size`."""
-
-    def take(x):
-        x = x[:, start:stop]
-        pad = size - x.shape[1]
-        return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
-
-    return map_candidates(batch, embeddings, take)
 
 
 def _ranking_output(logits: jax.Array, candidate_mask: jax.Array) -> RankingOutput:
@@ -390,12 +467,35 @@ def _ranking_output(logits: jax.Array, candidate_mask: jax.Array) -> RankingOutp
     return RankingOutput(scores, ranked, *probabilities)
 
 
+def _blocked_logits(score, context, batch, embeddings, block: int) -> jax.Array:
+    """Logits [B, C, A] of every candidate, `block` candidates per step of a `lax.map` (the
+    last block padded with hash 0), each at its own position in the list."""
+    num_candidates = batch.candidate_post_hashes.shape[1]
+    if num_candidates <= block:
+        return score(context, batch, embeddings, 0)
+    num_blocks = -(-num_candidates // block)
+
+    def pad(x):  # [B, C, ...] -> [B, num_blocks * block, ...]
+        widths = [(0, 0), (0, num_blocks * block - num_candidates)] + [(0, 0)] * (x.ndim - 2)
+        return jnp.pad(x, widths)
+
+    padded = map_candidates(batch, embeddings, pad)
+
+    def score_block(start):
+        part = map_candidates(*padded, lambda x: jax.lax.dynamic_slice_in_dim(x, start, block, 1))
+        return score(context, *part, start)
+
+    logits = jax.lax.map(score_block, jnp.arange(num_blocks) * block)  # [blocks, B, block, A]
+    logits = jnp.moveaxis(logits, 0, 1).reshape(logits.shape[1], -1, logits.shape[-1])
+    return logits[:, :num_candidates]
+
+
 class RecsysInferenceRunner(BaseInferenceRunner):
     """Ranks candidates with a `ModelRunner`: `initialize()`, then `rank(batch, embeddings)`.
 
-    `rank` takes any number of candidates. Each user's history is encoded once and candidates
-    are scored against it `candidate_block_size` at a time, with the same logits as the dense
-    forward (`runner.forward`). Compiled once per input shape.
+    `rank` takes any number of candidates. One compiled function per input shape encodes each
+    user's history once and scores the candidates against it `candidate_block_size` at a time,
+    with the same logits as the dense forward (`runner.forward`).
     """
 
     def __init__(
@@ -405,11 +505,20 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         candidate_block_size: int = DEFAULT_CANDIDATE_BLOCK,
     ):
         super().__init__(name)
+        if isinstance(candidate_block_size, bool) or not (
+            isinstance(candidate_block_size, int) and candidate_block_size >= 1
+        ):
+            raise ValueError(
+                f"candidate_block_size must be an integer >= 1, got {candidate_block_size!r}"
+            )
         self.runner = runner
         self.candidate_block_size = candidate_block_size
 
+    def _param_shapes(self, params: hk.Params) -> hk.Params:
+        return self.runner.param_shapes()
+
     def initialize(self, params: hk.Params | None = None) -> None:
-        """Initialises parameters (or takes `params`) and compiles lazily on first use."""
+        """Initialises parameters (or checks and takes `params`); compiles on first use."""
         runner = self.runner
         config = runner.model
         if config.num_actions < len(ACTIONS):
@@ -419,36 +528,42 @@ class RecsysInferenceRunner(BaseInferenceRunner):
             )
         runner.initialize()
         if params is None:
-            batch, embeddings = _dummy_inputs(config, runner.batch_size, config.num_actions)
-            params = runner.load_or_init(batch, embeddings).params
-        self.params = params
+            inputs = _dummy_inputs(config, config.num_actions, runner.batch_size)
+            self._params = runner.load_or_init(*inputs).params
+        else:
+            self.params = params
         encode, score = runner.make_cached_fns()
 
-        def rank_block(params, batch, embeddings):
+        def rank(params, batch, embeddings, block):
             context = encode.apply(params, None, batch, embeddings)
-            logits = score.apply(params, None, context, batch, embeddings, 0).logits
+
+            def score_logits(context, batch, embeddings, start):
+                return score.apply(params, None, context, batch, embeddings, start).logits
+
+            logits = _blocked_logits(score_logits, context, batch, embeddings, block)
             return _ranking_output(logits, batch.candidate_post_hashes[:, :, 0] != 0)
 
-        self._rank_block = jax.jit(rank_block)
-        self._encode = jax.jit(encode.apply)
-        self._score = jax.jit(lambda *args: score.apply(*args).logits)
-        self._finish = jax.jit(_ranking_output)
+        self._rank = jax.jit(rank, static_argnames="block")
 
     def rank(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> RankingOutput:
+        """Probabilities and order of every candidate, for any number of candidates (none
+        gives empty arrays)."""
         self._require_initialized()
         config = self.runner.model
         sizes = validate_inputs(batch, embeddings, config, config.num_actions)
-        num_candidates, block = sizes["C"], self.candidate_block_size
-        if num_candidates <= block:
-            return self._rank_block(self.params, batch, embeddings)
-        context = self._encode(self.params, None, batch, embeddings)
-        logits = []
-        for start in range(0, num_candidates, block):
-            stop = min(start + block, num_candidates)
-            part = _slice_candidates(batch, embeddings, start, stop, block)
-            logits.append(self._score(self.params, None, context, *part, start)[:, : stop - start])
-        mask = jnp.asarray(batch.candidate_post_hashes)[:, :, 0] != 0
-        return self._finish(jnp.concatenate(logits, axis=1), mask)
+        b, c = sizes["B"], sizes["C"]
+        if c == 0:
+            scores = jnp.zeros((b, 0, config.num_actions), jnp.float32)
+            return _ranking_output(scores, jnp.zeros((b, 0), bool))
+        self.check_fits(b, sizes["S"], c)
+        return self._rank(self.params, batch, embeddings, block=min(c, self.candidate_block_size))
+
+    def check_fits(self, batch_size: int, history_len: int, num_candidates: int) -> None:
+        """Raises ValueError if ranking inputs of these sizes would plainly not fit in memory."""
+        config, b, s = self.runner.model, batch_size, history_len
+        block = min(num_candidates, self.candidate_block_size)
+        needed = attention_bytes(config, b, 1 + s, 1 + s) + attention_bytes(config, b, block, 2 + s)
+        check_memory(needed, f"ranking {b} users with history {s} and {num_candidates} candidates")
 
 
 class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
@@ -460,16 +575,24 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         self.corpus_embeddings: jax.Array | None = None
         self.corpus_post_ids: np.ndarray | None = None
 
+    def _param_shapes(self, params: hk.Params) -> hk.Params:
+        # The action projection's rows are the number of actions the model was built for.
+        projection = params.get("phoenix_retrieval_model", {}).get("action_projection")
+        num_actions = len(ACTIONS) if projection is None else np.shape(projection)[0]
+        return self.runner.param_shapes(num_actions)
+
     def initialize(self, params: hk.Params | None = None) -> None:
+        """Initialises parameters (or checks and takes `params`); compiles on first use."""
         runner = self.runner
         runner.initialize()
         config = runner.model
         if params is None:
             # The retrieval config has no num_actions; the published demo uses 19.
-            batch, embeddings = _dummy_inputs(config, runner.batch_size, len(ACTIONS))
+            inputs = _dummy_inputs(config, len(ACTIONS), runner.batch_size)
             corpus = np.zeros((1, config.emb_size), np.float32)
-            params = runner.load_or_init(batch, embeddings, corpus, 1).params
-        self.params = params
+            self._params = runner.load_or_init(*inputs, corpus, 1).params
+        else:
+            self.params = params
 
         def model_method(method):
             return hk.transform(lambda *args: getattr(config.make(), method)(*args)).apply
@@ -481,8 +604,18 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
 
     def _validate(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> None:
         self._require_initialized()
+        config = self.runner.model
         num_actions = self.params["phoenix_retrieval_model"]["action_projection"].shape[0]
-        validate_inputs(batch, embeddings, self.runner.model, num_actions)
+        sizes = validate_inputs(batch, embeddings, config, num_actions)
+        self.check_fits(sizes["B"], sizes["S"])
+
+    def check_fits(self, batch_size: int, history_len: int, num_candidates: int = 0) -> None:
+        """Raises ValueError if encoding users of these sizes would plainly not fit in memory."""
+        context = 1 + history_len
+        check_memory(
+            attention_bytes(self.runner.model, batch_size, context, context),
+            f"encoding {batch_size} users with history {history_len}",
+        )
 
     def encode_user(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> jax.Array:
         """Unit user vectors [B, D]."""
@@ -496,7 +629,7 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
 
     def set_corpus(self, corpus_embeddings: Any, corpus_post_ids: Any | None = None) -> None:
         """Keeps a corpus [N, D] (float32 or bfloat16; a `jax.Array` may be sharded along N)
-        and its post ids [N] (default arange(N))."""
+        and its post ids [N] (default arange(N)). Its values are checked here, once."""
         validate_corpus(corpus_embeddings, self.runner.model.emb_size, 1)
         n = jnp.shape(corpus_embeddings)[0]
         ids = np.arange(n) if corpus_post_ids is None else np.asarray(corpus_post_ids)
@@ -516,23 +649,30 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
     ) -> RetrievalOutput:
         """Top-K corpus rows for each user: indices into the corpus and their scores [B, K].
 
-        Map indices to post ids with `corpus_post_ids[top_k_indices]`.
+        Map indices to post ids with `corpus_post_ids[top_k_indices]`. A corpus passed here
+        (instead of kept with `set_corpus`) is checked on every call.
         """
         self._validate(batch, embeddings)
-        corpus = self.corpus_embeddings if corpus_embeddings is None else corpus_embeddings
-        if corpus is None:
-            raise ValueError("no corpus: call set_corpus() or pass corpus_embeddings")
-        validate_corpus(corpus, self.runner.model.emb_size, top_k)
+        if corpus_embeddings is None:
+            corpus = self.corpus_embeddings
+            if corpus is None:
+                raise ValueError("no corpus: call set_corpus() or pass corpus_embeddings")
+            check_top_k(corpus.shape[0], top_k)
+        else:
+            corpus = corpus_embeddings
+            validate_corpus(corpus, self.runner.model.emb_size, top_k)
         user = self._encode_user(self.params, batch, embeddings)
         scores, indices = sharded_top_k_search(user, corpus, int(top_k))
         return RetrievalOutput(user, indices, scores)
 
 
-# Demo configuration of both scripts (SPEC section 5).
+# ---------------------------------------------------------------------------------------------
+# The demo configuration of run_ranker.py and run_retrieval.py.
+# ---------------------------------------------------------------------------------------------
+
 DEMO_EMB_SIZE = 128
 DEMO_HISTORY_LEN = 32
 DEMO_NUM_CANDIDATES = 8
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def demo_transformer_config() -> TransformerConfig:
@@ -547,89 +687,26 @@ def demo_transformer_config() -> TransformerConfig:
     )
 
 
-class DemoArgumentParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: `prog: error: message`."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-positive_int = _int_at_least(1)  # argparse type: an integer >= 1
-non_negative_int = _int_at_least(0)  # argparse type: an integer >= 0
-
-
-def run_demo(main: Callable[[], int], prog: str) -> int:
-    """Runs a demo's `main`; input it refuses (ValueError) and sizes that do not fit in memory
-    end in one line on stderr and exit status 2, as argparse's errors do. Output piped into a
-    reader that stops early (`| head`) ends quietly."""
-    try:
-        return main()
-    except BrokenPipeError:
-        # Python's advice: point stdout at devnull so that the exit flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    except ValueError as error:
-        message = str(error)
-    except MemoryError as error:
-        message = f"not enough memory for the sizes asked for ({error})"
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2
-
-
-def demo_argument_parser(description: str) -> DemoArgumentParser:
-    """The flags both demo scripts take."""
-    parser = DemoArgumentParser(description=description)
-    parser.add_argument(
-        "--seed", type=non_negative_int, default=0, help="seed of weights and data (0)"
+def demo_inputs(
+    inference_runner: RecsysInferenceRunner | RecsysRetrievalInferenceRunner,
+    seed: int,
+    batch_size: int,
+    history_len: int,
+    num_candidates: int,
+) -> tuple[RecsysBatch, RecsysEmbeddings]:
+    """Initialises a demo runner with random weights (`seed`) and returns an example
+    (batch, embeddings) of the sizes asked for, refusing sizes that would not fit in memory."""
+    inference_runner.check_fits(batch_size, history_len, num_candidates)
+    config = inference_runner.runner.model
+    hashes = config.hash_config
+    per_item = (hashes.num_item_hashes + hashes.num_author_hashes) * config.emb_size + len(ACTIONS)
+    check_memory(
+        8 * batch_size * (history_len + num_candidates) * per_item,
+        f"example inputs for {batch_size} users, history {history_len}, "
+        f"{num_candidates} candidates",
     )
-    parser.add_argument("--batch-size", type=positive_int, default=2, help="users (2)")
-    parser.add_argument(
-        "--history-len", type=positive_int, default=DEMO_HISTORY_LEN, help="history length (32)"
-    )
-    parser.add_argument(
-        "--candidates", type=positive_int, default=DEMO_NUM_CANDIDATES, help="per user (8)"
-    )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="(float32)")
-    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs (10)")
-    return parser
-
-
-def demo_inputs(inference_runner: BaseInferenceRunner, args: argparse.Namespace):
-    """Initialises a demo runner with random weights (seed `args.seed`) and returns an example
-    (batch, embeddings) of the sizes the flags ask for."""
     inference_runner.initialize()
-    inference_runner.params = randomize_params(inference_runner.params, seed=args.seed)
+    inference_runner.params = randomize_params(inference_runner.params, seed=seed)
     return create_example_batch(
-        args.batch_size,
-        DEMO_EMB_SIZE,
-        args.history_len,
-        args.candidates,
-        len(ACTIONS),
-        seed=args.seed,
+        batch_size, config.emb_size, history_len, num_candidates, len(ACTIONS), seed=seed
     )
-
-
-def timed(fn, repeats: int) -> tuple[Any, float, float]:
-    """Runs fn once (compiling it), then `repeats` times: (result, first seconds, median s)."""
-    start = time.perf_counter()
-    result = jax.block_until_ready(fn())
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return result, first, float(np.median(times))

@@ -1,0 +1,92 @@
+"""What every script of the project shares: flags, one-line errors, timing.
+
+Standard library only, so that any script can use it whatever it imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+DTYPE_NAMES = ("bfloat16", "float32")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line: `prog: error: message`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = _int_at_least(1)  # argparse type: an integer >= 1
+non_negative_int = _int_at_least(0)  # argparse type: an integer >= 0
+
+
+def add_demo_flags(parser: ArgumentParser, history_len: int, candidates: int) -> None:
+    """The flags both demo scripts take, with their defaults."""
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of weights and data (0)"
+    )
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="users (2)")
+    parser.add_argument(
+        "--history-len",
+        type=positive_int,
+        default=history_len,
+        help=f"history length ({history_len})",
+    )
+    parser.add_argument(
+        "--candidates", type=positive_int, default=candidates, help=f"per user ({candidates})"
+    )
+    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="(float32)")
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs (10)")
+
+
+def run_main(main: Callable[[], int], prog: str) -> int:
+    """Runs a script's `main`; input it refuses (ValueError, TypeError, a missing file) and
+    sizes that do not fit in memory end in one line on stderr and exit status 2, as argparse's
+    errors do. Output piped into a reader that stops early (`| head`) ends quietly."""
+    try:
+        return main()
+    except BrokenPipeError:
+        # Python's advice: point stdout at devnull so that the exit flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (ValueError, TypeError, FileNotFoundError) as error:
+        message = str(error)
+    except MemoryError as error:
+        message = f"not enough memory for the sizes asked for ({error})"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, float]:
+    """Runs fn once (compiling it), then `repeats` times: (result, first seconds, median s).
+
+    `fn` must wait for its own result (e.g. `jax.block_until_ready`)."""
+    start = time.perf_counter()
+    result = fn()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return result, first, statistics.median(times)
