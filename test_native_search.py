@@ -6,7 +6,7 @@ indices, ties included (lower row index first). Shapes cross the kernel's edges:
 around its 16 lanes, corpus sizes around its row tiles, widths that are not multiples of 16,
 masks that leave fewer than k rows, and rows split over several threads (forced, so that a
 one-core machine tests them too), some holding fewer than k rows. Also: NaN and infinities in
-`lax.top_k`'s order, zeros, gradients, and which method `auto` picks.
+`lax.top_k`'s order, zeros, gradients, and the fallback when no compiler is at hand.
 """
 
 import warnings
@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import native_search
-from recsys_retrieval_model import INF, auto_search_method, top_k_search
+from conftest import assert_same_top_k, full_top_k
+from search import INF, top_k_search
 
 # The tests of the kernel itself; the fallback and input checks below run everywhere.
 needs_kernel = pytest.mark.skipif(
@@ -36,18 +37,8 @@ def integer_rows(rng, shape, high=4):
     return rng.integers(-high, high + 1, shape).astype(np.float32)
 
 
-def full_top_k(queries, corpus, k, mask):
-    """`lax.top_k` of the full scores. A zero score is made +0.0: the sign of a zero sum is
-    an accident of the order of summation (XLA's one-term product gives -0.0, its longer ones
-    +0.0, the kernel always +0.0), and `lax.top_k` ranks -0.0 below +0.0."""
-    scores = np.asarray(jnp.dot(jnp.asarray(queries), jnp.asarray(corpus, jnp.float32).T))
-    scores = np.where(scores == 0, np.float32(0), scores)
-    return jax.lax.top_k(jnp.where(jnp.asarray(mask)[None, :], scores, -INF), k)
-
-
 def assert_exact(result, expected):
-    for got, want in zip(result, expected, strict=True):
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert_same_top_k(result, expected, atol=0)
 
 
 @needs_kernel
@@ -137,22 +128,6 @@ def test_masked_rows_fill_the_list_when_fewer_than_k_rows_are_kept():
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", sorted(DTYPES))
-def test_top_k_search_methods_agree_on_real_valued_data(dtype):
-    """Unit-norm random rows: the two methods sum in different orders, so scores agree to
-    float32 rounding, and the indices agree (no two scores here are that close)."""
-    rng = np.random.default_rng(2)
-    queries = rng.standard_normal((20, 64)).astype(np.float32)
-    corpus = rng.standard_normal((5000, 64)).astype(np.float32)
-    corpus = jnp.asarray(corpus / np.linalg.norm(corpus, axis=1, keepdims=True), DTYPES[dtype])
-    mask = jnp.asarray(rng.random(5000) < 0.5)
-    native = top_k_search(queries, corpus, 64, mask, method="native")
-    xla = top_k_search(queries, corpus, 64, mask, method="xla")
-    np.testing.assert_array_equal(np.asarray(native[1]), np.asarray(xla[1]))
-    np.testing.assert_allclose(np.asarray(native[0]), np.asarray(xla[0]), rtol=0, atol=1e-5)
-
-
-@needs_kernel
 def test_gradients_equal_those_of_the_xla_method():
     """The kernel's scores differentiate like `lax.top_k`'s: through the chosen rows, with no
     gradient into masked rows (they score the constant -INF)."""
@@ -174,19 +149,6 @@ def test_gradients_equal_those_of_the_xla_method():
 
 
 @needs_kernel
-def test_auto_picks_the_kernel_where_it_is_faster():
-    one, many = np.ones((1, 8), np.float32), np.ones((4, 8), np.float32)
-    corpus = np.ones((100, 8), np.float32)
-    assert auto_search_method(many, corpus) == "native"
-    assert auto_search_method(one, corpus.astype(jnp.bfloat16)) == "native"
-    assert auto_search_method(one, corpus) == "xla"  # a matrix-vector product: read-bound
-    assert auto_search_method(many, corpus, block_size=10) == "xla"
-    assert auto_search_method(many, corpus.astype(np.float16)) == "xla"
-    with pytest.raises(ValueError, match="float32 or bfloat16 corpus, got float16"):
-        top_k_search(many, corpus.astype(np.float16), 3, method="native")
-
-
-@needs_kernel
 def test_top_k_search_runs_the_kernel_inside_jit_and_vmap():
     rng = np.random.default_rng(3)
     queries = integer_rows(rng, (2, 5, 16))
@@ -196,29 +158,6 @@ def test_top_k_search_runs_the_kernel_inside_jit_and_vmap():
     scores, indices = search(queries)
     for i in range(2):
         assert_exact((scores[i], indices[i]), full_top_k(queries[i], corpus, 7, mask))
-
-
-def test_bad_method_k_and_shapes_are_refused():
-    queries, corpus = np.ones((2, 4), np.float32), np.ones((10, 4), np.float32)
-    with pytest.raises(ValueError, match="method must be one of"):
-        top_k_search(queries, corpus, 3, method="fast")
-    for k in (0, 11):
-        with pytest.raises(ValueError, match=r"k must be in \[1, N=10\]"):
-            top_k_search(queries, corpus, k)
-    with pytest.raises(ValueError, match="same D"):
-        top_k_search(queries, np.ones((10, 5), np.float32), 3)
-    with pytest.raises(ValueError, match="same D"):
-        top_k_search(queries[0], corpus, 3)
-    with pytest.raises(ValueError, match=r"corpus_mask has shape \(9,\)"):
-        top_k_search(queries, corpus, 3, np.ones(9, bool))
-    with pytest.raises(ValueError, match=r"k must be in \[1, N=10\] \(an integer\), got 2.5"):
-        top_k_search(queries, corpus, 2.5)
-    with pytest.raises(ValueError, match="corpus must be floating, got int32"):
-        top_k_search(queries, corpus.astype(np.int32), 3)
-    with pytest.raises(ValueError, match="block_size must be"):
-        top_k_search(queries, corpus, 3, block_size=0)
-    with pytest.raises(ValueError, match="threads must be"):
-        top_k_search(queries, corpus, 3, threads=-1)
 
 
 def test_without_a_compiler_the_search_warns_and_falls_back(monkeypatch, tmp_path):

@@ -1,6 +1,6 @@
-"""The models against an independent NumPy transcription of SPEC.md.
+"""The models against an independent NumPy transcription of the published numerics.
 
-The `ref_*` functions below are written from the contract alone (sections 1-4), in float64 NumPy
+The `ref_*` functions below are written from the published formulas alone, in float64 NumPy
 with no JAX. Every model is run under random non-zero parameters (a fresh model is all zeros and
 would hide almost any mistake) and compared with them, so a wrong concatenation order, mask, norm
 placement, head grouping, rotary phase or soft-cap shows up as a numerical mismatch.
@@ -47,7 +47,7 @@ def assert_close(actual, expected, rtol=RTOL):
 
 
 # ---------------------------------------------------------------------------------------------
-# NumPy reference, from SPEC.md sections 1-3.
+# NumPy reference of the published formulas.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -227,22 +227,28 @@ def ref_top_k(user, corpus, corpus_mask, top_k):
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """A tiny configuration, in SPEC.md's notation."""
+    """A tiny configuration: D width, d key size, H/K query/key-value heads, L layers, Hu/Hi/Ha
+    hashes, A actions, S history, C candidates, V product surfaces, B batch."""
 
-    D: int = 16  # emb_size
-    d: int = 6  # key_size; H * d != D on purpose
+    # The transformer (H * d != D on purpose).
+    D: int = 16
+    d: int = 6
     H: int = 4
     K: int = 2
     L: int = 2
     widening: float = 2.0
     mult: float = 0.5
+
+    # Hashes, actions and product surfaces.
     Hu: int = 1
     Hi: int = 2
     Ha: int = 3
     A: int = 5
+    V: int = 7
+
+    # Inputs.
     S: int = 6
     C: int = 3
-    V: int = 7
     B: int = 2
 
 
@@ -254,15 +260,7 @@ CASES = [
 
 
 def transformer_config(case):
-    return grok.TransformerConfig(
-        emb_size=case.D,
-        key_size=case.d,
-        num_q_heads=case.H,
-        num_kv_heads=case.K,
-        num_layers=case.L,
-        widening_factor=case.widening,
-        attn_output_multiplier=case.mult,
-    )
+    return grok.TransformerConfig(case.D, case.d, case.H, case.K, case.L, case.widening, case.mult)
 
 
 def hash_config(case):
@@ -271,29 +269,24 @@ def hash_config(case):
     )
 
 
-def ranker_config(case):
-    return recsys_model.PhoenixModelConfig(
+def config_arguments(case):
+    return dict(
         model=transformer_config(case),
         emb_size=case.D,
-        num_actions=case.A,
         history_seq_len=case.S,
         candidate_seq_len=case.C,
         fprop_dtype=jnp.float32,
         hash_config=hash_config(case),
         product_surface_vocab_size=case.V,
-    ).initialize()
+    )
+
+
+def ranker_config(case):
+    return recsys_model.PhoenixModelConfig(num_actions=case.A, **config_arguments(case))
 
 
 def retrieval_config(case):
-    return recsys_retrieval_model.PhoenixRetrievalModelConfig(
-        model=transformer_config(case),
-        emb_size=case.D,
-        history_seq_len=case.S,
-        candidate_seq_len=case.C,
-        fprop_dtype=jnp.float32,
-        hash_config=hash_config(case),
-        product_surface_vocab_size=case.V,
-    ).initialize()
+    return recsys_retrieval_model.PhoenixRetrievalModelConfig(**config_arguments(case))
 
 
 def make_inputs(case, seed=0):
@@ -398,12 +391,6 @@ def test_ffn_size_hand_values(emb_size, widening, expected):
 @given(st.integers(1, 512), st.sampled_from([0.5, 1.0, 1.5, 2.0, 2.5, 4.0, 8.0 / 3.0]))
 def test_ffn_size_is_two_thirds_of_widened_size_rounded_up_to_eight(emb_size, widening):
     assert grok.ffn_size(emb_size, widening) == ref_ffn_size(emb_size, widening)
-
-
-@pytest.mark.parametrize(("seq_len", "offset"), [(1, 0), (4, 4), (9, 0), (9, 6)])
-def test_recsys_attn_mask_isolates_candidates(seq_len, offset):
-    mask = grok.make_recsys_attn_mask(seq_len, offset)
-    np.testing.assert_array_equal(np.asarray(mask)[0, 0], ref_recsys_mask(seq_len, offset))
 
 
 def test_rotate_half():
@@ -524,7 +511,7 @@ def test_transformer_matches_reference(case, offset):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter trees (SPEC section 4) and initial values (sections 1-3).
+# Parameter trees (the published checkpoints' names) and initial values.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -624,17 +611,6 @@ def test_retrieval_parameter_tree(case):
     init = retrieval_forward(case, top_k=3).init
     params = jax.eval_shape(init, jax.random.PRNGKey(0), batch, emb, corpus, [corpus_mask])
     assert flat_tree(params) == expected_retrieval_tree(case)
-
-
-def test_transformer_key_size_defaults_to_emb_size_over_heads():
-    config = grok.TransformerConfig(emb_size=16, num_q_heads=4, num_kv_heads=2, num_layers=1)
-    x, padding = jnp.zeros((1, 3, 16)), jnp.ones((1, 3), bool)
-    params = jax.eval_shape(
-        hk.transform(lambda x, m: config.make()(x, m)).init, jax.random.PRNGKey(0), x, padding
-    )
-    attention = "transformer/decoder_layer_0/multi_head_attention"
-    assert params[f"{attention}/query"]["w"].shape == (16, 16)
-    assert params[f"{attention}/key"]["w"].shape == (16, 8)
 
 
 def test_initial_values():

@@ -1,0 +1,234 @@
+"""Helpers shared by the test files: tiny configurations, example inputs, random parameters and
+the one brute-force top-K every search test compares with.
+
+Every model under test runs with random non-zero parameters (`random_params`): the published
+initialisation makes every logit 0, which would hide almost any mistake. Tiny configurations
+keep compilation, which dominates the suite's time, short; compiled functions and parameters are
+cached per configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import settings
+from hypothesis import strategies as st
+
+import runners
+from grok import TransformerConfig
+from recsys_model import ACTIONS, HashConfig, PhoenixModelConfig, RecsysBatch, RecsysEmbeddings
+from recsys_retrieval_model import PhoenixRetrievalModelConfig
+from search import INF
+
+# Hashes are drawn from [1, TABLE_SIZE); 0 is padding.
+TABLE_SIZE = 50
+# Two float32 computations of the same quantity (dense vs cached, jit vs vmap) agree to this.
+RTOL = 1e-5
+ATOL = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """A hashable model configuration; compiled functions and parameters are cached on it."""
+
+    emb_size: int = 8
+    num_layers: int = 1
+    num_q_heads: int = 2
+    num_kv_heads: int = 1
+    key_size: int = 4
+    num_actions: int = len(ACTIONS)
+    hashes: tuple[int, int, int] = (1, 2, 1)  # user, item, author
+    vocab_size: int = 4
+    multiplier: float = 0.5
+    fprop_dtype: str = "float32"
+
+    def transformer_config(self) -> TransformerConfig:
+        heads = (self.num_q_heads, self.num_kv_heads, self.num_layers)
+        return TransformerConfig(self.emb_size, self.key_size, *heads, 2.0, self.multiplier)
+
+    def _common(self, history_len: int, num_candidates: int) -> dict:
+        return dict(
+            model=self.transformer_config(),
+            emb_size=self.emb_size,
+            history_seq_len=history_len,
+            candidate_seq_len=num_candidates,
+            fprop_dtype=jnp.dtype(self.fprop_dtype),
+            hash_config=HashConfig(*self.hashes),
+            product_surface_vocab_size=self.vocab_size,
+        )
+
+    def ranking_config(self, history_len: int = 4, num_candidates: int = 5) -> PhoenixModelConfig:
+        common = self._common(history_len, num_candidates)
+        return PhoenixModelConfig(num_actions=self.num_actions, **common)
+
+    def retrieval_config(
+        self, history_len: int = 4, num_candidates: int = 3
+    ) -> PhoenixRetrievalModelConfig:
+        return PhoenixRetrievalModelConfig(**self._common(history_len, num_candidates))
+
+
+# Each example of a test over configurations compiles a model afresh (one to four seconds).
+# Derandomised, so that the suite draws the same configurations, and takes the same time, on
+# every run.
+FEW_EXAMPLES = settings(max_examples=8, deadline=None, derandomize=True)
+SEEDS = st.integers(0, 2**31 - 1)
+
+
+@st.composite
+def setups(draw) -> Setup:
+    """Small configurations: widths, layers, grouped-query layouts, hash counts, vocabularies."""
+    num_kv_heads = draw(st.sampled_from([1, 2]))
+    return Setup(
+        emb_size=draw(st.sampled_from([8, 16])),
+        num_layers=draw(st.sampled_from([1, 2])),
+        num_q_heads=num_kv_heads * draw(st.sampled_from([1, 2])),
+        num_kv_heads=num_kv_heads,
+        key_size=draw(st.sampled_from([2, 4])),
+        num_actions=draw(st.sampled_from([2, 3])),
+        hashes=tuple(draw(st.integers(1, 3)) for _ in range(3)),
+        vocab_size=draw(st.sampled_from([2, 5])),
+    )
+
+
+# D 16, two layers (the second reads cached keys computed from the first's outputs) and
+# grouped-query attention (4 query heads over 2 key/value heads of 8), so that the cache layout
+# is exercised.
+SCALE_SETUP = Setup(16, 2, 4, 2, 8, hashes=(2, 2, 2), vocab_size=16, multiplier=0.125)
+
+
+def example(
+    setup: Setup, batch_size: int, history_len: int, num_candidates: int, seed: int = 0
+) -> tuple[RecsysBatch, RecsysEmbeddings]:
+    """A random batch (random padded history tail, all candidates valid) as numpy arrays."""
+    return runners.create_example_batch(
+        batch_size,
+        setup.emb_size,
+        history_len,
+        num_candidates,
+        setup.num_actions,
+        *setup.hashes,
+        product_surface_vocab_size=setup.vocab_size,
+        num_user_embeddings=TABLE_SIZE,
+        num_post_embeddings=TABLE_SIZE,
+        num_author_embeddings=TABLE_SIZE,
+        seed=seed,
+    )
+
+
+# The shapes of `fixed_example`: users, history, candidates.
+B, S, C = 2, 4, 5
+
+
+def fixed_example(seed: int = 0, padded_candidates=()) -> tuple[RecsysBatch, RecsysEmbeddings]:
+    """Writable inputs of `Setup()` and shapes B, S, C whose listed candidates are padded."""
+    batch, emb = copy_inputs(*example(Setup(), B, S, C, seed))
+    batch.candidate_post_hashes[:, list(padded_candidates)] = 0
+    return batch, emb
+
+
+def copy_inputs(batch: RecsysBatch, emb: RecsysEmbeddings):
+    """Writable numpy copies of every field."""
+    batch = RecsysBatch(*(None if x is None else np.array(x) for x in batch))
+    emb = jax.tree.map(np.array, emb)
+    return batch, emb
+
+
+def grow(x, axis: int) -> np.ndarray:
+    """x with one more entry along `axis`."""
+    return np.concatenate([x, np.take(x, [0], axis=axis)], axis=axis)
+
+
+def random_params(init, *args, seed: int = 0) -> hk.Params:
+    """Random non-zero parameters of the tree `init(rng, *args)` makes; only shapes are traced,
+    nothing is compiled."""
+    return runners.randomize_params(jax.eval_shape(init, jax.random.PRNGKey(0), *args), seed)
+
+
+@functools.cache
+def ranking_forward(setup: Setup) -> hk.Transformed:
+    """The dense forward of a ModelRunner of `setup` (what its `runner.forward` is)."""
+    return runners.ModelRunner(setup.ranking_config()).make_forward_fn()
+
+
+@functools.cache
+def ranking_params(setup: Setup, seed: int = 0) -> hk.Params:
+    return random_params(ranking_forward(setup).init, *example(setup, 1, 1, 1), seed=seed)
+
+
+@functools.cache
+def _jit_logits(setup: Setup):
+    forward = ranking_forward(setup)
+    return jax.jit(lambda params, batch, emb: forward.apply(params, None, batch, emb).logits)
+
+
+def dense_logits(setup: Setup, batch, emb, params: hk.Params | None = None) -> np.ndarray:
+    """Logits [B, C, A] of the dense forward (compiled once per shape)."""
+    params = ranking_params(setup) if params is None else params
+    return np.asarray(_jit_logits(setup)(params, batch, emb))
+
+
+def make_ranker(setup: Setup, params=None, **kwargs) -> runners.RecsysInferenceRunner:
+    """An initialised ranking runner with `ranking_params(setup)` unless `params` is given."""
+    ranker = runners.RecsysInferenceRunner(
+        runners.ModelRunner(setup.ranking_config()), "test", **kwargs
+    )
+    ranker.initialize(params=ranking_params(setup) if params is None else params)
+    return ranker
+
+
+@functools.cache
+def retrieval_params(setup: Setup, seed: int = 0) -> hk.Params:
+    runner = runners.RetrievalModelRunner(setup.retrieval_config())
+    runner.initialize()
+    return runners.randomize_params(runner.param_shapes(setup.num_actions), seed)
+
+
+def make_retriever(setup: Setup, params=None) -> runners.RecsysRetrievalInferenceRunner:
+    """An initialised retrieval runner with `retrieval_params(setup)` unless `params` is given."""
+    retriever = runners.RecsysRetrievalInferenceRunner(
+        runners.RetrievalModelRunner(setup.retrieval_config()), "test"
+    )
+    retriever.initialize(params=retrieval_params(setup) if params is None else params)
+    return retriever
+
+
+def sigmoid(x) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def normal(seed: int, shape) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def unit_rows(shape, seed: int) -> np.ndarray:
+    x = normal(seed, shape)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def full_top_k(queries, corpus, k: int, mask=None) -> tuple[np.ndarray, np.ndarray]:
+    """`lax.top_k` of the full [B, N] score matrix: (scores [B, k] float32, indices [B, k]).
+
+    Products in float64 rounded once to float32 (exact for the small integers some tests use);
+    masked rows score -INF; a zero score is +0.0, since the sign of a zero sum is an accident of
+    the order of summation and `lax.top_k` ranks -0.0 below +0.0.
+    """
+    with np.errstate(invalid="ignore"):  # NaN and infinite rows give NaN, as in XLA
+        scores = np.asarray(queries, np.float64) @ np.asarray(corpus, np.float64).T
+    scores = np.where(scores == 0, 0.0, scores).astype(np.float32)
+    if mask is not None:
+        scores = np.where(np.asarray(mask)[None, :], scores, np.float32(-INF))
+    return tuple(np.asarray(x) for x in jax.lax.top_k(scores, k))
+
+
+def assert_same_top_k(result, expected, atol: float = 1e-5) -> None:
+    """Same indices, scores equal to float32 rounding."""
+    (scores, indices), (want_scores, want_indices) = (
+        map(np.asarray, r) for r in (result, expected)
+    )
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=atol)

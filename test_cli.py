@@ -1,0 +1,80 @@
+"""The command-line scripts and what they share (`cli.py`): output a person can check, and bad
+input ending in one line `prog: error: ...` with exit status 2, before any work."""
+
+import re
+
+import pytest
+
+import cli
+import run_ranker
+import run_retrieval
+
+
+def run(main, argv, capsys) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a script's main, as `python script.py argv` ends."""
+    try:
+        status = cli.run_main(lambda: main(argv), "script.py")
+    except SystemExit as exit_info:  # argparse
+        status = exit_info.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_errors_are_one_line_with_status_2(capsys):
+    """Bad flags (argparse) and what a main refuses, or cannot fit in memory, end in one line,
+    not a traceback; a main that succeeds returns its status."""
+    parser = cli.ArgumentParser(prog="demo")
+    cli.add_demo_flags(parser, history_len=32, candidates=8)
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["--seed", "-1"])
+    assert exit_info.value.code == 2
+    assert (
+        capsys.readouterr().err
+        == "demo: error: argument --seed: expected an integer >= 0, got -1\n"
+    )
+
+    def raises(error):
+        def main() -> int:
+            raise error
+
+        return main
+
+    for error, text in [
+        (MemoryError("Unable to allocate 745. GiB"), "not enough memory for the sizes asked for"),
+        (ValueError("top_k must be in [1, N=3]"), "top_k must be in [1, N=3]"),
+        (FileNotFoundError("no such file: x.npz"), "no such file: x.npz"),
+    ]:
+        assert cli.run_main(raises(error), "demo.py") == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"demo.py: error: {text}") and err.count("\n") == 1
+    assert cli.run_main(lambda: 0, "demo.py") == 0
+
+
+@pytest.mark.parametrize(
+    "main, argv, message",
+    [
+        (run_ranker.main, ["--history-len", "100000"], "would need about 29"),
+        (run_retrieval.main, ["--history-len", "100000"], "encoding 2 users with history 100000"),
+        (run_ranker.main, ["--candidates", "10000000000"], "example inputs for 2 users"),
+        (run_retrieval.main, ["--top-k", "2000"], r"--top-k \(2000\) must not exceed"),
+        (run_ranker.main, ["--dtype", "float16"], "argument --dtype: invalid choice"),
+        (run_ranker.main, ["--batch-size", "0"], "expected an integer >= 1, got 0"),
+    ],
+)
+def test_scripts_refuse_bad_flags_in_one_line(main, argv, message, capsys):
+    status, out, err = run(main, argv, capsys)
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and re.search(message, err), err
+
+
+def test_run_ranker_lists_each_users_candidates_by_descending_favorite(capsys):
+    status, out, err = run(run_ranker.main, ["--repeats", "1", "--batch-size", "3"], capsys)
+    assert status == 0, err
+    users = out.split("\nUser ")[1:]
+    assert len(users) == 2 and "(1 more users ranked, not shown)" in out
+    for user in users:
+        rows = [line.split() for line in user.splitlines() if re.match(r"\s+\d+\s+\d+\s+0\.", line)]
+        assert [int(r[0]) for r in rows] == list(range(1, 9))
+        assert sorted(int(r[1]) for r in rows) == list(range(8))
+        favorites = [float(r[2]) for r in rows]
+        assert favorites == sorted(favorites, reverse=True)

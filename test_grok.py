@@ -1,0 +1,211 @@
+"""Properties of the transformer (`grok.py`): its masks, causality and candidate isolation, the
+cached path against the dense forward, and the published constructor signatures."""
+
+import inspect
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import grok
+from conftest import ATOL, RTOL, SEEDS, Setup, normal, random_params, setups
+from grok import TransformerConfig
+
+
+def test_make_recsys_attn_mask_values():
+    expected = np.array(
+        [
+            [1, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],  # positions 0-2: user and history, causal
+            [1, 1, 1, 1, 0],  # candidate 3: context and itself
+            [1, 1, 1, 0, 1],  # candidate 4: context and itself, not candidate 3
+        ],
+        np.float32,
+    )
+    make = grok.make_recsys_attn_mask
+    mask, no_candidates, all_candidates, mask16 = jax.jit(
+        lambda: (make(5, 3), make(4, 4), make(3, 0), make(5, 3, jnp.bfloat16))
+    )()
+    assert mask.shape == (1, 1, 5, 5) and mask.dtype == jnp.float32
+    np.testing.assert_array_equal(mask[0, 0], expected)
+    np.testing.assert_array_equal(no_candidates[0, 0], np.tril(np.ones((4, 4))))
+    np.testing.assert_array_equal(all_candidates[0, 0], np.eye(3))
+    assert mask16.dtype == jnp.bfloat16
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)  # compiles per example
+@given(setups(), st.integers(1, 2), st.integers(2, 8), st.data(), SEEDS)
+def test_transformer_output_sees_only_earlier_positions_and_itself(
+    setup, batch_size, seq_len, data, seed
+):
+    """Changing position j changes no output before j (causality); a candidate (j >= offset)
+    changes no output but its own (isolation). Without an offset the whole sequence is causal."""
+    offset = data.draw(st.none() | st.integers(1, seq_len), label="candidate_start_offset")
+    j = data.draw(st.integers(0, seq_len - 1), label="changed position")
+    forward = hk.transform(
+        lambda x, mask: setup.transformer_config().make()(x, mask, offset).embeddings
+    )
+    x = normal(seed, (batch_size, seq_len, setup.emb_size))
+    mask = np.ones((batch_size, seq_len), bool)
+    params = random_params(forward.init, x, mask, seed=seed)
+    changed = x.copy()
+    changed[:, j] = normal(seed + 1, changed[:, j].shape)
+    apply = jax.jit(forward.apply)
+    before = np.asarray(apply(params, None, x, mask))
+    after = np.asarray(apply(params, None, changed, mask))
+
+    q = np.arange(seq_len)
+    affected = q >= j if offset is None or j < offset else q == j
+    np.testing.assert_array_equal(after[:, ~affected], before[:, ~affected])
+    assert np.all(np.any(after[:, j] != before[:, j], axis=-1))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)  # compiles per example
+@given(
+    setup=setups(),
+    context_len=st.integers(1, 5),
+    num_candidates=st.integers(1, 4),
+    seed=SEEDS,
+)
+def test_cached_candidates_equal_the_dense_forward(setup, context_len, num_candidates, seed):
+    """encode_context + score_candidates give the dense forward's outputs: the context rows
+    from the encoding, each candidate row from scoring it against the cache at its own position,
+    with padded context positions and padded candidates in the sequence."""
+    batch_size, total = 2, context_len + num_candidates
+    x = normal(seed, (batch_size, total, setup.emb_size))
+    rng = np.random.default_rng(seed)
+    mask = rng.random((batch_size, total)) < 0.75
+    mask[:, 0] = True  # at least one valid context position per row
+
+    def both(x, mask):
+        transformer = setup.transformer_config().make()
+        dense = transformer(x, mask, candidate_start_offset=context_len).embeddings
+        encoded, cache = transformer.encode_context(x[:, :context_len], mask[:, :context_len])
+        positions = jnp.arange(context_len, total, dtype=jnp.float32)[None, :]
+        scored = transformer.score_candidates(
+            x[:, context_len:], mask[:, context_len:], cache, positions
+        )
+        return dense, encoded.embeddings, scored.embeddings
+
+    forward = hk.transform(both)
+    params = random_params(forward.init, x, mask, seed=seed)
+    dense, encoded, scored = map(np.asarray, jax.jit(forward.apply)(params, None, x, mask))
+    np.testing.assert_allclose(encoded, dense[:, :context_len], rtol=RTOL, atol=ATOL)
+    valid = mask[:, context_len:]
+    np.testing.assert_allclose(scored[valid], dense[:, context_len:][valid], rtol=RTOL, atol=ATOL)
+
+
+def test_decoder_layer_padding_mask_masks_keys():
+    """DecoderLayer's `padding_mask` masks padded keys, as folding it into `mask` does."""
+    x = normal(0, (2, 5, Setup().emb_size))
+    padding = np.array([[1, 1, 0, 1, 0], [1, 0, 1, 1, 1]], bool)
+    causal = np.tril(np.ones((5, 5), bool))[None, None]
+    forward = hk.transform(
+        lambda x, mask, padding: grok.DecoderLayer(2, 1, 4, num_layers=1)(x, mask, padding)
+    )
+    params = random_params(forward.init, x, causal, None)
+    apply = jax.jit(lambda *args: forward.apply(params, None, x, *args).embeddings)
+    folded = np.asarray(apply(causal & padding[:, None, None, :], None))
+    np.testing.assert_array_equal(np.asarray(apply(causal, padding)), folded)
+    assert np.any(np.asarray(apply(causal, None)) != folded)
+
+
+# The published constructor signatures: (name, default or REQUIRED), in order, '*' where the
+# keyword-only arguments start.
+REQUIRED = inspect.Parameter.empty
+PUBLISHED_SIGNATURES = {
+    grok.MultiHeadAttention: [
+        ("num_q_heads", REQUIRED),
+        ("num_kv_heads", REQUIRED),
+        ("key_size", REQUIRED),
+        "*",
+        ("with_bias", True),
+        ("value_size", None),
+        ("model_size", None),
+        ("attn_output_multiplier", 1.0),
+        ("name", None),
+    ],
+    grok.MHABlock: [
+        ("num_q_heads", REQUIRED),
+        ("num_kv_heads", REQUIRED),
+        ("key_size", REQUIRED),
+        ("attn_output_multiplier", 1.0),
+    ],
+    grok.DenseBlock: [
+        ("num_q_heads", REQUIRED),
+        ("num_kv_heads", REQUIRED),
+        ("key_size", REQUIRED),
+        ("widening_factor", 4.0),
+    ],
+    grok.DecoderLayer: [
+        ("num_q_heads", REQUIRED),
+        ("num_kv_heads", REQUIRED),
+        ("key_size", REQUIRED),
+        ("num_layers", REQUIRED),
+        ("layer_index", None),
+        ("widening_factor", 4.0),
+        ("name", None),
+        ("attn_output_multiplier", 1.0),
+    ],
+    grok.Transformer: [
+        ("num_q_heads", REQUIRED),
+        ("num_kv_heads", REQUIRED),
+        ("key_size", REQUIRED),
+        ("widening_factor", REQUIRED),
+        ("attn_output_multiplier", REQUIRED),
+        ("num_layers", REQUIRED),
+        ("name", None),
+    ],
+    grok.RotaryEmbedding: [("dim", REQUIRED), ("name", None), ("base_exponent", 10000)],
+}
+
+
+@pytest.mark.parametrize("module", PUBLISHED_SIGNATURES, ids=lambda m: m.__name__)
+def test_constructors_take_the_published_arguments(module):
+    """Same names, order, defaults and keyword-only split as the published modules (extra
+    trailing arguments with defaults are allowed)."""
+    parameters = list(inspect.signature(module).parameters.values())
+    got, keyword_only = [], False
+    for p in parameters:
+        if p.kind == p.KEYWORD_ONLY and not keyword_only:
+            got.append("*")
+            keyword_only = True
+        got.append((p.name, p.default))
+    want = PUBLISHED_SIGNATURES[module]
+    assert got[: len(want)] == want
+    assert all(p.default is not REQUIRED for p in parameters[len(want) :])
+
+
+def test_unused_published_arguments_are_not_stored():
+    """Arguments no computation reads are accepted but not kept on the module."""
+
+    def stored():
+        modules = {
+            "num_layers layer_index": grok.DecoderLayer(2, 1, 4, num_layers=3, layer_index=1),
+            "num_q_heads num_kv_heads key_size": grok.DenseBlock(2, 1, 4),
+            "with_bias": grok.MultiHeadAttention(2, 1, 4, with_bias=False),
+        }
+        return [a for names, m in modules.items() for a in names.split() if a in vars(m)]
+
+    assert hk.transform(stored).apply({}, None) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_q_heads=3, num_kv_heads=2), "num_kv_heads"),
+        (dict(num_layers=0), "num_layers must be a positive integer, got 0"),
+        (dict(widening_factor=0), "widening_factor must be positive"),
+        (dict(key_size=3), "key_size must be even"),
+        (dict(num_q_heads=None), "TransformerConfig needs num_q_heads"),
+    ],
+)
+def test_transformer_config_refuses_what_cannot_be_built(kwargs, message):
+    arguments = dict(emb_size=12, num_q_heads=2, num_kv_heads=1, num_layers=1) | kwargs
+    with pytest.raises((ValueError, TypeError), match=message):
+        TransformerConfig(**arguments)

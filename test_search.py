@@ -1,0 +1,217 @@
+"""Exact top-K search (`search.py`) against `lax.top_k` of the full score matrix.
+
+Data is continuous and random unless a test plants ties: the methods sum products in different
+orders, so scores agree to float32 rounding and indices exactly.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import native_search
+from conftest import SEEDS, assert_same_top_k, full_top_k, normal, unit_rows
+from search import (
+    INF,
+    auto_search_method,
+    first_non_finite_row,
+    sharded_top_k_search,
+    top_k_search,
+    validate_corpus,
+)
+
+needs_kernel = pytest.mark.skipif(
+    not native_search.available(), reason="the native kernel cannot be built on this machine"
+)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EMB_SIZE = 16
+CORPUS_SIZE = 1000
+
+search = jax.jit(top_k_search, static_argnames=("k", "block_size"))
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)  # compiles per example
+@given(
+    num_queries=st.integers(1, 3),
+    corpus_size=st.integers(1, 40),
+    dim=st.sampled_from([2, 5, 8]),
+    data=st.data(),
+    seed=SEEDS,
+)
+def test_top_k_search_equals_lax_top_k_over_the_full_score_matrix(
+    num_queries, corpus_size, dim, data, seed
+):
+    """The search (blockwise with a block size, the last block shifted back; without one, by
+    the method `auto` picks) returns the full matrix's top-k: same scores, same indices,
+    masked rows scored -INF and retrieved only once every unmasked row is."""
+    k = data.draw(st.integers(1, corpus_size), label="k")
+    block_size = data.draw(st.none() | st.integers(1, corpus_size + 3), label="block_size")
+    mask = data.draw(
+        st.none() | st.lists(st.booleans(), min_size=corpus_size, max_size=corpus_size),
+        label="corpus_mask",
+    )
+    mask = None if mask is None else np.array(mask)
+    queries, corpus = normal(seed, (num_queries, dim)), normal(seed + 1, (corpus_size, dim))
+
+    scores, indices = map(np.asarray, search(queries, corpus, k, mask, block_size=block_size))
+    full_mask = np.ones(corpus_size, bool) if mask is None else mask
+    want_scores, want_indices = full_top_k(queries, corpus, k, full_mask)
+
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-6, atol=1e-6)
+    unmasked = want_scores > -INF / 2
+    np.testing.assert_array_equal(indices[unmasked], want_indices[unmasked])
+    assert np.all(scores[~unmasked] == -INF)
+    assert not full_mask[indices[~unmasked]].any()
+    for row in indices:
+        assert len(set(row)) == k  # no corpus row counted twice
+
+
+@pytest.mark.parametrize(
+    ("block_size", "k", "masked", "dtype"),
+    [
+        (None, 10, False, jnp.float32),  # one block (the default for N = 1,000)
+        (64, 10, False, jnp.float32),  # 16 blocks, the last one shifted back to end at N
+        (64, 10, True, jnp.float32),
+        (7, 10, True, jnp.float32),  # block smaller than k: widened to k
+        (250, 1, False, jnp.bfloat16),  # blocks divide N
+        (64, 100, True, jnp.bfloat16),
+        (300, CORPUS_SIZE, False, jnp.float32),  # k = N: a full sort
+    ],
+)
+def test_top_k_search_in_many_blocks_equals_full_top_k(block_size, k, masked, dtype):
+    queries = unit_rows((3, EMB_SIZE), seed=1)
+    corpus = jnp.asarray(unit_rows((CORPUS_SIZE, EMB_SIZE), seed=2), dtype)
+    mask = None
+    if masked:
+        # Half the corpus masked, including the best match of every query.
+        mask = np.random.default_rng(3).random(CORPUS_SIZE) < 0.5
+        mask[np.argmax(queries @ np.asarray(corpus, np.float32).T, axis=1)] = False
+        mask = jnp.asarray(mask)
+    result = top_k_search(queries, corpus, k, mask, block_size=block_size, method="xla")
+    assert_same_top_k(result, full_top_k(queries, corpus, k, mask))
+
+
+@pytest.mark.parametrize(("k", "dtype"), [(10, jnp.float32), (100, jnp.bfloat16)])
+def test_top_k_search_of_a_larger_corpus_with_ties(k, dtype):
+    """Tens of thousands of rows (no multiple of any power of two), a mask, and rows repeated
+    many times so that equal scores straddle the k-th place: `lax.top_k` takes the lowest
+    indices among equal scores, and so must the search."""
+    size = 20_011
+    rng = np.random.default_rng(13)
+    queries = unit_rows((4, EMB_SIZE), seed=14)
+    corpus = unit_rows((size, EMB_SIZE), seed=15)
+    best = queries[0] + 0.05 * rng.standard_normal(EMB_SIZE).astype(np.float32)
+    repeated = rng.choice(size, 3 * k, replace=False)
+    corpus[repeated] = best / np.linalg.norm(best)
+    mask = rng.random(size) < 0.8
+    mask[repeated[: k // 2]] = False
+    corpus, mask = jnp.asarray(corpus, dtype), jnp.asarray(mask)
+    expected = full_top_k(queries, corpus, k, mask)
+    tied = np.asarray(expected[0][0])
+    assert tied[0] == tied[-1], "the first query's top k should be all ties"
+    for block_size in (None, 4096):
+        assert_same_top_k(top_k_search(queries, corpus, k, mask, block_size=block_size), expected)
+
+
+def test_top_k_search_counts_rows_shared_by_the_last_two_blocks_once():
+    """The last block is shifted back to end at N and overlaps the one before; the best matches
+    are planted in that overlap, so a row counted twice would show up in the top-k."""
+    block, k = 64, 10
+    last_start = CORPUS_SIZE - block
+    overlap = np.arange(last_start, (CORPUS_SIZE // block) * block)
+    assert len(overlap) > k
+    queries = unit_rows((2, EMB_SIZE), seed=10)
+    corpus = unit_rows((CORPUS_SIZE, EMB_SIZE), seed=11)
+    noise = 0.1 * np.random.default_rng(12).standard_normal((len(overlap), EMB_SIZE))
+    corpus[overlap] = queries[np.arange(len(overlap)) % 2] + noise.astype(np.float32)
+    scores, indices = top_k_search(queries, jnp.asarray(corpus), k, block_size=block)
+    assert np.all(np.isin(np.asarray(indices), overlap))
+    assert all(len(set(row)) == k for row in np.asarray(indices).tolist())
+    assert_same_top_k((scores, indices), full_top_k(queries, corpus, k))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_sharded_search_on_one_device_equals_full_top_k(dtype):
+    """Without a multi-device sharding, `sharded_top_k_search` is the one-device search."""
+    queries = unit_rows((5, EMB_SIZE), seed=4)
+    corpus = jnp.asarray(unit_rows((CORPUS_SIZE, EMB_SIZE), seed=5), dtype)
+    assert_same_top_k(sharded_top_k_search(queries, corpus, 20), full_top_k(queries, corpus, 20))
+
+
+def test_validate_corpus_names_a_non_finite_row():
+    """A NaN row would be every user's best match (lax.top_k ranks NaN first); an infinite one
+    its best or worst. Both are refused by row, numpy or jax, before any search."""
+    corpus = unit_rows((50, 4), seed=0)
+    validate_corpus(corpus, 4, 10)
+    for bad in (np.nan, -np.inf):
+        broken = corpus.copy()
+        broken[37, 2] = bad
+        for array in (broken, jnp.asarray(broken)):
+            assert first_non_finite_row(array) == 37
+            with pytest.raises(
+                ValueError, match=r"corpus_embeddings row 37 holds .*expected finite"
+            ):
+                validate_corpus(array, 4, 10)
+    assert first_non_finite_row(jnp.asarray(corpus)) is None
+    with pytest.raises(
+        ValueError, match=r"corpus_embeddings has shape \(50, 4\), expected \[N, D=5\]"
+    ):
+        validate_corpus(corpus, 5, 10)
+    with pytest.raises(ValueError, match=r"top_k must be in \[1, N=50\]"):
+        validate_corpus(corpus, 4, 51)
+    with pytest.raises(ValueError, match=r"corpus_embeddings is empty \(N=0\)"):
+        validate_corpus(corpus[:0], 4, 1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+def test_top_k_search_methods_agree_on_real_valued_data(dtype):
+    """Unit-norm random rows: the two methods sum in different orders, so scores agree to
+    float32 rounding, and the indices agree (no two scores here are that close)."""
+    rng = np.random.default_rng(2)
+    queries = rng.standard_normal((20, 64)).astype(np.float32)
+    corpus = rng.standard_normal((5000, 64)).astype(np.float32)
+    corpus = jnp.asarray(corpus / np.linalg.norm(corpus, axis=1, keepdims=True), DTYPES[dtype])
+    mask = jnp.asarray(rng.random(5000) < 0.5)
+    native = top_k_search(queries, corpus, 64, mask, method="native")
+    xla = top_k_search(queries, corpus, 64, mask, method="xla")
+    np.testing.assert_array_equal(np.asarray(native[1]), np.asarray(xla[1]))
+    np.testing.assert_allclose(np.asarray(native[0]), np.asarray(xla[0]), rtol=0, atol=1e-5)
+
+
+@needs_kernel
+def test_auto_picks_the_kernel_where_it_is_faster():
+    one, many = np.ones((1, 8), np.float32), np.ones((4, 8), np.float32)
+    corpus = np.ones((100, 8), np.float32)
+    assert auto_search_method(many, corpus) == "native"
+    assert auto_search_method(one, corpus.astype(jnp.bfloat16)) == "native"
+    assert auto_search_method(one, corpus) == "xla"  # a matrix-vector product: read-bound
+    assert auto_search_method(many, corpus, block_size=10) == "xla"
+    assert auto_search_method(many, corpus.astype(np.float16)) == "xla"
+    with pytest.raises(ValueError, match="float32 or bfloat16 corpus, got float16"):
+        top_k_search(many, corpus.astype(np.float16), 3, method="native")
+
+
+def test_bad_method_k_and_shapes_are_refused():
+    queries, corpus = np.ones((2, 4), np.float32), np.ones((10, 4), np.float32)
+    with pytest.raises(ValueError, match="method must be one of"):
+        top_k_search(queries, corpus, 3, method="fast")
+    for k in (0, 11):
+        with pytest.raises(ValueError, match=r"k must be in \[1, N=10\]"):
+            top_k_search(queries, corpus, k)
+    with pytest.raises(ValueError, match="same D"):
+        top_k_search(queries, np.ones((10, 5), np.float32), 3)
+    with pytest.raises(ValueError, match="same D"):
+        top_k_search(queries[0], corpus, 3)
+    with pytest.raises(ValueError, match=r"corpus_mask has shape \(9,\)"):
+        top_k_search(queries, corpus, 3, np.ones(9, bool))
+    with pytest.raises(ValueError, match=r"k must be in \[1, N=10\] \(an integer\), got 2.5"):
+        top_k_search(queries, corpus, 2.5)
+    with pytest.raises(ValueError, match="corpus must be floating, got int32"):
+        top_k_search(queries, corpus.astype(np.int32), 3)
+    with pytest.raises(ValueError, match="block_size must be"):
+        top_k_search(queries, corpus, 3, block_size=0)
+    with pytest.raises(ValueError, match="threads must be"):
+        top_k_search(queries, corpus, 3, threads=-1)
