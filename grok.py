@@ -84,6 +84,32 @@ def make_recsys_attn_mask(
     return (causal & ~other_candidate).astype(dtype)[None, None]
 
 
+def right_anchored_rope_positions(
+    padding_mask: jax.Array,  # [B, T] bool, True = valid
+    history_seq_len: int,
+    num_user_prefix_tokens: int,
+) -> jax.Array:  # [B, T] float32
+    """Rotary positions that anchor the history to the candidates.
+
+    The sequence is [prefix (P tokens), history (S), candidates]. Prefix tokens keep their
+    index; the newest valid history item sits at P + S - 1 and each older valid one a step
+    before the next valid one, whatever the history's length and wherever its padding is;
+    every candidate sits at P + S; padded positions get 0. So a candidate's position, and
+    its distance to each history item, depend neither on its slot nor on how much history the
+    user has. (The published function counts the valid history anywhere in the slice and is
+    right only for left-aligned history without holes.)
+    """
+    valid = padding_mask.astype(jnp.bool_)
+    p, s = num_user_prefix_tokens, history_seq_len
+    index = jnp.arange(valid.shape[1])
+    history = valid & (index >= p) & (index < p + s)
+    # Valid history items at or after each position, counted from the end.
+    at_or_after = jnp.flip(jnp.cumsum(jnp.flip(history, axis=1), axis=1), axis=1)
+    positions = jnp.where(index < p, index, p + s)
+    positions = jnp.where(history, p + s - at_or_after, positions)
+    return jnp.where(valid, positions, 0).astype(jnp.float32)
+
+
 @dataclasses.dataclass
 class TransformerConfig:
     """Hyper-parameters of the transformer.
@@ -126,15 +152,9 @@ class TransformerConfig:
             raise ValueError(f"widening_factor must be positive, got {self.widening_factor!r}")
 
     def make(self) -> Transformer:
-        return Transformer(
-            num_q_heads=self.num_q_heads,
-            num_kv_heads=self.num_kv_heads,
-            key_size=self.key_size,
-            widening_factor=self.widening_factor,
-            attn_output_multiplier=self.attn_output_multiplier,
-            num_layers=self.num_layers,
-            name=self.name,
-        )
+        heads = (self.num_q_heads, self.num_kv_heads, self.key_size)
+        multiplier = self.attn_output_multiplier
+        return Transformer(*heads, self.widening_factor, multiplier, self.num_layers, self.name)
 
 
 def shared_name(module: hk.Module, child: str) -> str:

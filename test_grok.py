@@ -209,3 +209,45 @@ def test_transformer_config_refuses_what_cannot_be_built(kwargs, message):
     arguments = dict(emb_size=12, num_q_heads=2, num_kv_heads=1, num_layers=1) | kwargs
     with pytest.raises((ValueError, TypeError), match=message):
         TransformerConfig(**arguments)
+
+
+# ---------------------------------------------------------------------------------------------
+# Right-anchored rotary positions.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mask, history_len, expected",
+    [
+        # Left-aligned history of 2 in 4 (as the published function handles it too).
+        ([1, 1, 1, 0, 0, 1, 1], 4, [0, 3, 4, 0, 0, 5, 5]),
+        # A hole: the published function gives [0, 3, 0, 0, 6, 5, 5], a history item beyond
+        # the candidates; the newest valid item belongs at 1 + S - 1 = 4.
+        ([1, 1, 0, 0, 1, 1, 1], 4, [0, 3, 0, 0, 4, 5, 5]),
+        ([1, 1, 1, 1, 1, 1], 4, [0, 1, 2, 3, 4, 5]),  # full history, one candidate
+        ([0, 1, 1, 0, 1, 0], 3, [0, 2, 3, 0, 4, 0]),  # padded user; a padded candidate
+        ([1, 0, 0, 0, 1, 1], 3, [0, 0, 0, 0, 4, 4]),  # no history at all
+    ],
+)
+def test_right_anchored_positions_hand_values(mask, history_len, expected):
+    positions = grok.right_anchored_rope_positions(np.array([mask], bool), history_len, 1)
+    assert positions.dtype == jnp.float32
+    np.testing.assert_array_equal(positions[0], expected)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(st.integers(0, 6), st.integers(1, 4), st.integers(0, 3), st.data())
+def test_right_anchored_positions_anchor_the_history_to_the_candidates(s, c, p, data):
+    """Valid history items take consecutive positions ending at P + S - 1, in order, whatever
+    the padding; valid candidates sit at P + S; prefix tokens keep their index."""
+    valid = np.array(data.draw(st.lists(st.booleans(), min_size=p + s + c, max_size=p + s + c)))
+    positions = np.asarray(grok.right_anchored_rope_positions(valid[None], s, p))[0]
+    history = np.flatnonzero(valid[p : p + s]) + p
+    np.testing.assert_array_equal(
+        positions[history], p + s - len(history) + np.arange(len(history))
+    )
+    candidates = np.flatnonzero(valid[p + s :]) + p + s
+    assert np.all(positions[candidates] == p + s)
+    prefix = np.flatnonzero(valid[:p])
+    np.testing.assert_array_equal(positions[prefix], prefix)
+    assert np.all(positions[~valid] == 0)
