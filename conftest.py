@@ -46,6 +46,9 @@ class Setup:
     vocab_size: int = 4
     multiplier: float = 0.5
     fprop_dtype: str = "float32"
+    release: int = 1  # 2: the second release's ranker (its inputs are then in the examples)
+    anchored: bool = False  # right-anchored rotary positions
+    num_continuous: int = 3
 
     def transformer_config(self) -> TransformerConfig:
         heads = (self.num_q_heads, self.num_kv_heads, self.num_layers)
@@ -63,8 +66,14 @@ class Setup:
         )
 
     def ranking_config(self, history_len: int = 4, num_candidates: int = 5) -> PhoenixModelConfig:
-        common = self._common(history_len, num_candidates)
-        return PhoenixModelConfig(num_actions=self.num_actions, **common)
+        return PhoenixModelConfig(
+            num_actions=self.num_actions,
+            num_continuous_actions=self.num_continuous,
+            continuous_action_hidden_dim=4,
+            right_anchored_rope=self.anchored,
+            release=self.release,
+            **self._common(history_len, num_candidates),
+        )
 
     def retrieval_config(
         self, history_len: int = 4, num_candidates: int = 3
@@ -116,6 +125,9 @@ def example(
         num_user_embeddings=TABLE_SIZE,
         num_post_embeddings=TABLE_SIZE,
         num_author_embeddings=TABLE_SIZE,
+        include_continuous_actions=setup.release == 2,
+        include_timestamps=setup.release == 2,
+        num_continuous_actions=setup.num_continuous,
         seed=seed,
     )
 

@@ -4,8 +4,17 @@ Embeddings are looked up outside the model (by hash, from tables the caller owns
 as `RecsysEmbeddings`; the model reduces the hashes of each entity to one token, runs the
 transformer with candidate isolation and maps each candidate's output to `num_actions` logits.
 
+Both published releases are built here. A config made as the published guides show builds the
+first release's model, unchanged. `PhoenixModelConfig(..., release=2)` builds the second's: a
+history item also carries its dwell time, a candidate its post age (bucketed from two
+timestamps), and a continuous head predicts `num_continuous_actions` values per candidate.
+Right-anchored rotary positions (`right_anchored_rope=True`), which make a candidate's score
+independent of its slot, and IP hashes (`HashConfig.num_ip_hashes`) add no parameters and work
+with either release.
+
 Shapes: B batch, S history length, C candidates, D `emb_size`, A `num_actions`,
-Hu/Hi/Ha user/item/author hashes, V product-surface vocabulary, P = 1 + S context length.
+Hu/Hi/Ha/Hip user/item/author/IP hashes, V product-surface vocabulary, Nc continuous actions,
+P = 1 + S context length.
 """
 
 from __future__ import annotations
@@ -20,7 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok import KVCache, TransformerConfig, layer_norm, shared_name
+from grok import (
+    KVCache,
+    TransformerConfig,
+    layer_norm,
+    right_anchored_rope_positions,
+    shared_name,
+)
 
 # The engagement actions the published model predicts, in the order of its outputs.
 ACTIONS = [
@@ -46,17 +61,81 @@ ACTIONS = [
 ]
 
 
+# Post ages are bucketed up to this many minutes; older posts share the last bucket.
+POST_AGE_MAX_MINUTES = 4800
+
+
 @dataclasses.dataclass
 class HashConfig:
-    """How many hash functions map each entity id to embedding rows."""
+    """How many hash functions map each entity id to embedding rows (IP: none by default)."""
 
     num_user_hashes: int = 2
     num_item_hashes: int = 2
     num_author_hashes: int = 2
+    num_ip_hashes: int = 0
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
-            _check_count(f"HashConfig.{field.name}", getattr(self, field.name), low=1)
+            low = 0 if field.name == "num_ip_hashes" else 1
+            _check_count(f"HashConfig.{field.name}", getattr(self, field.name), low=low)
+
+
+@dataclasses.dataclass
+class NormConfig:
+    """How a continuous value is brought to [0, 1]: clamped to [0, norm_scale], then divided by
+    norm_scale (or log1p of both with `use_log`)."""
+
+    norm_scale: float = 30.0
+    use_log: bool = False
+
+
+@dataclasses.dataclass
+class ContinuousActionConfig:
+    """The continuous head's normalisation and, for training, its loss: "mae", "mse",
+    "huber" or "tweedie" (with `tweedie_power`), weighted by `loss_weight`."""
+
+    loss_weight: float = 0.0
+    loss_type: str = "mae"
+    tweedie_power: float = 1.5
+    norm_config: NormConfig | None = None
+
+
+def normalize_continuous_value(
+    values: jax.typing.ArrayLike, config: NormConfig | ContinuousActionConfig | None = None
+) -> jax.Array:
+    """`values` clamped to [0, scale] and mapped to [0, 1] (linearly, or by log1p), in float32.
+
+    `config` is a `NormConfig`, or a `ContinuousActionConfig` whose `norm_config` is used;
+    None means the defaults (scale 30, linear).
+    """
+    if isinstance(config, ContinuousActionConfig):
+        config = config.norm_config
+    config = NormConfig() if config is None else config
+    x = jnp.clip(jnp.asarray(values, jnp.float32), 0.0, config.norm_scale)
+    if config.use_log:
+        return jnp.log1p(x) / jnp.log1p(jnp.float32(config.norm_scale))
+    return x / config.norm_scale
+
+
+def compute_post_age_bucket(
+    impr_ts_sec: jax.typing.ArrayLike,
+    post_creation_ts_sec: jax.typing.ArrayLike,
+    granularity_mins: int = 60,
+) -> jax.Array:
+    """Post age buckets (int32, same shape as the timestamps, unix seconds).
+
+    Bucket 1 + floor(age in minutes / granularity), at most POST_AGE_MAX_MINUTES // granularity
+    + 1; bucket 0 when either timestamp is 0 (absent) or the post is younger than 0.
+    """
+    impr = jnp.asarray(impr_ts_sec)
+    created = jnp.asarray(post_creation_ts_sec)
+    age = impr - created
+    minutes = jnp.floor_divide(age, 60)
+    bucket = jnp.minimum(
+        minutes // granularity_mins + 1, POST_AGE_MAX_MINUTES // granularity_mins + 1
+    )
+    absent = (impr == 0) | (created == 0) | (age < 0)
+    return jnp.where(absent, 0, bucket).astype(jnp.int32)
 
 
 def _check_count(name: str, value: Any, low: int) -> None:
@@ -95,6 +174,11 @@ class RecsysBatch(NamedTuple):
     candidate_post_hashes: jax.typing.ArrayLike  # [B, C, Hi]
     candidate_author_hashes: jax.typing.ArrayLike  # [B, C, Ha]
     candidate_product_surface: jax.typing.ArrayLike  # [B, C] int in [0, V)
+    # Second release; each may be None (absent).
+    history_continuous_actions: jax.typing.ArrayLike | None = None  # [B, S, Nc], col. 1 dwell
+    candidate_impr_ts: jax.typing.ArrayLike | None = None  # [B, C] unix seconds, 0 = absent
+    candidate_post_creation_ts: jax.typing.ArrayLike | None = None  # [B, C] unix seconds
+    user_ip_hashes: jax.typing.ArrayLike | None = None  # [B, Hip]
 
 
 @jax.tree_util.register_dataclass
@@ -111,25 +195,80 @@ class RecsysEmbeddings:
     candidate_post_embeddings: jax.typing.ArrayLike  # [B, C, Hi, D]
     history_author_embeddings: jax.typing.ArrayLike  # [B, S, Ha, D]
     candidate_author_embeddings: jax.typing.ArrayLike  # [B, C, Ha, D]
+    user_ip_embeddings: jax.typing.ArrayLike | None = None  # [B, Hip, D], second release
 
 
 class RecsysModelOutput(NamedTuple):
     logits: jax.Array  # [B, C, A]
+    continuous_preds: jax.Array | None = None  # [B, C, Nc], second release
 
 
 def map_candidates(
     batch: RecsysBatch, embeddings: RecsysEmbeddings, fn: Callable[[Any], Any]
 ) -> tuple[RecsysBatch, RecsysEmbeddings]:
-    """Applies `fn` to every candidate field ([B, C, ...] arrays); history fields are kept."""
+    """Applies `fn` to every candidate field ([B, C, ...] arrays, those present); history
+    fields are kept."""
     batch = batch._replace(
-        candidate_post_hashes=fn(batch.candidate_post_hashes),
-        candidate_author_hashes=fn(batch.candidate_author_hashes),
-        candidate_product_surface=fn(batch.candidate_product_surface),
+        **{
+            name: fn(value)
+            for name, value in batch._asdict().items()
+            if name.startswith("candidate_") and value is not None
+        }
     )
     embeddings = dataclasses.replace(
         embeddings,
         candidate_post_embeddings=fn(embeddings.candidate_post_embeddings),
         candidate_author_embeddings=fn(embeddings.candidate_author_embeddings),
+    )
+    return batch, embeddings
+
+
+def create_dummy_batch_from_config(
+    hash_config: HashConfig,
+    history_len: int,
+    num_candidates: int,
+    num_actions: int,
+    batch_size: int = 1,
+) -> RecsysBatch:
+    """An all-zero batch of the given shapes (used to initialise parameters)."""
+    b, s, c = batch_size, history_len, num_candidates
+    return RecsysBatch(
+        user_hashes=np.zeros((b, hash_config.num_user_hashes), np.int32),
+        history_post_hashes=np.zeros((b, s, hash_config.num_item_hashes), np.int32),
+        history_author_hashes=np.zeros((b, s, hash_config.num_author_hashes), np.int32),
+        history_actions=np.zeros((b, s, num_actions), np.float32),
+        history_product_surface=np.zeros((b, s), np.int32),
+        candidate_post_hashes=np.zeros((b, c, hash_config.num_item_hashes), np.int32),
+        candidate_author_hashes=np.zeros((b, c, hash_config.num_author_hashes), np.int32),
+        candidate_product_surface=np.zeros((b, c), np.int32),
+    )
+
+
+def create_dummy_embeddings_from_config(
+    hash_config: HashConfig,
+    emb_size: int,
+    history_len: int,
+    num_candidates: int,
+    batch_size: int = 1,
+) -> RecsysEmbeddings:
+    """All-zero embeddings of the given shapes."""
+    b, s, c, d = batch_size, history_len, num_candidates, emb_size
+    return RecsysEmbeddings(
+        user_embeddings=np.zeros((b, hash_config.num_user_hashes, d), np.float32),
+        history_post_embeddings=np.zeros((b, s, hash_config.num_item_hashes, d), np.float32),
+        candidate_post_embeddings=np.zeros((b, c, hash_config.num_item_hashes, d), np.float32),
+        history_author_embeddings=np.zeros((b, s, hash_config.num_author_hashes, d), np.float32),
+        candidate_author_embeddings=np.zeros((b, c, hash_config.num_author_hashes, d), np.float32),
+    )
+
+
+def dummy_inputs(config: Any, num_actions: int, batch_size: int = 1):
+    """All-zero (batch, embeddings) of a config's shapes (history and candidates of length at
+    least 1), enough to initialise a model or trace its parameter shapes."""
+    s, c = max(1, config.history_seq_len), max(1, config.candidate_seq_len)
+    batch = create_dummy_batch_from_config(config.hash_config, s, c, num_actions, batch_size)
+    embeddings = create_dummy_embeddings_from_config(
+        config.hash_config, config.emb_size, s, c, batch_size
     )
     return batch, embeddings
 
@@ -144,6 +283,10 @@ _BATCH_DIMS = {
     "candidate_post_hashes": ("B", "C", "Hi"),
     "candidate_author_hashes": ("B", "C", "Ha"),
     "candidate_product_surface": ("B", "C"),
+    "history_continuous_actions": ("B", "S", "Nc"),
+    "candidate_impr_ts": ("B", "C"),
+    "candidate_post_creation_ts": ("B", "C"),
+    "user_ip_hashes": ("B", "Hip"),
 }
 _EMBEDDING_DIMS = {
     "user_embeddings": ("B", "Hu", "D"),
@@ -151,11 +294,14 @@ _EMBEDDING_DIMS = {
     "candidate_post_embeddings": ("B", "C", "Hi", "D"),
     "history_author_embeddings": ("B", "S", "Ha", "D"),
     "candidate_author_embeddings": ("B", "C", "Ha", "D"),
+    "user_ip_embeddings": ("B", "Hip", "D"),
 }
-_INTEGER_FIELDS = tuple(name for name in _BATCH_DIMS if name != "history_actions")
+_FLOAT_BATCH_FIELDS = ("history_actions", "history_continuous_actions")
+_INTEGER_FIELDS = tuple(name for name in _BATCH_DIMS if name not in _FLOAT_BATCH_FIELDS)
 
 
 def _value_kind(name: str) -> str:
+    """ids (and timestamps): integers in range; actions: 0 or 1; the rest: finite floats."""
     if name == "history_actions":
         return "actions"
     return "ids" if name in _INTEGER_FIELDS else "embeddings"
@@ -238,10 +384,11 @@ def validate_inputs(
     """Checks every field's rank, dtype and shape, and its values when they are at hand.
 
     `config` (a ranking or retrieval config) gives D, the hash counts and the product-surface
-    vocabulary; `num_actions`, when given, the width of `history_actions`. Values (outside jit):
-    ids in [0, 2**31), product surfaces in [0, V), actions 0 or 1, embeddings finite, at least
-    one user. Raises ValueError naming the field, what it got and what was expected. Returns
-    the sizes it bound (B, S, C...).
+    vocabulary; `num_actions`, when given, the width of `history_actions`. Second-release fields
+    may be None (absent); the two candidate timestamps come together. Values (outside jit): ids
+    and timestamps in [0, 2**31), product surfaces in [0, V), actions 0 or 1, embeddings and
+    continuous actions finite, at least one user. Raises ValueError naming the field, what it
+    got and what was expected. Returns the sizes it bound (B, S, C...).
     """
     hash_config = config.hash_config
     if not isinstance(batch, RecsysBatch):
@@ -256,9 +403,23 @@ def validate_inputs(
     }
     if num_actions is not None:
         sizes["A"] = num_actions
+    if hash_config.num_ip_hashes:
+        sizes["Hip"] = hash_config.num_ip_hashes
+    if getattr(config, "release", 1) >= 2:
+        sizes["Nc"] = config.num_continuous_actions
+    if (batch.candidate_impr_ts is None) != (batch.candidate_post_creation_ts is None):
+        given = (
+            "candidate_impr_ts"
+            if batch.candidate_post_creation_ts is None
+            else "candidate_post_creation_ts"
+        )
+        raise ValueError(
+            f"{given} is given without the other candidate timestamp; pass both or neither"
+        )
     bound_by = {}  # the field that fixed each size read from the inputs (B, S, C)
     fields = [(name, getattr(batch, name), dims) for name, dims in _BATCH_DIMS.items()]
     fields += [(name, getattr(embeddings, name), dims) for name, dims in _EMBEDDING_DIMS.items()]
+    fields = [(name, value, dims) for name, value, dims in fields if value is not None]
     for name, value, dims in fields:
         shape = np.shape(value)
         expected = ", ".join(
@@ -318,11 +479,28 @@ def block_user_reduce(
     num_user_hashes: int,
     emb_size: int,
     embed_init_scale: float = 1.0,
+    *,
+    user_ip_embeddings: jax.Array | None = None,  # [B, Hip, D]
+    num_ip_hashes: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
-    """One user token [B, 1, D] from the user's hash embeddings, and its mask [B, 1]."""
+    """One user token [B, 1, D] from the user's hash embeddings, and its mask [B, 1].
+
+    With IP hashes, their embeddings are summed and added to the projected token, unprojected.
+    """
     flat = user_embeddings.reshape((user_embeddings.shape[0], 1, num_user_hashes * emb_size))
     user = _project([flat], "proj_mat_1", emb_size, embed_init_scale)
+    if num_ip_hashes > 0 and user_ip_embeddings is not None:
+        user = user + jnp.sum(user_ip_embeddings, axis=1, keepdims=True).astype(user.dtype)
     return user, user_hashes[:, :1] != 0
+
+
+def _reduce(items: list[jax.Array], extras: list, hashes: jax.Array, name: str, scale: float):
+    """One token per item: the pieces, then the extras that are present, projected by `name`;
+    and the mask (first hash not 0)."""
+    pieces = [
+        _flat_hashes(x) if x.ndim == 4 else x for x in items + [e for e in extras if e is not None]
+    ]
+    return _project(pieces, name, items[0].shape[-1], scale), hashes[:, :, 0] != 0
 
 
 def block_history_reduce(
@@ -334,18 +512,21 @@ def block_history_reduce(
     num_item_hashes: int,
     num_author_hashes: int,
     embed_init_scale: float = 1.0,
+    *,
+    history_continuous_embeddings: jax.Array | None = None,  # [B, S, D]
+    history_post_age_embeddings: jax.Array | None = None,  # [B, S, D]
 ) -> tuple[jax.Array, jax.Array]:
-    """One token per history item [B, S, D] (post, author, actions, surface), and mask [B, S]."""
+    """One token per history item [B, S, D] (post, author, actions, surface, then the second
+    release's dwell and post age when given), and the mask [B, S]."""
     del num_item_hashes, num_author_hashes  # implied by the embeddings' shapes
-    pieces = [
-        _flat_hashes(history_post_embeddings),
-        _flat_hashes(history_author_embeddings),
+    items = [
+        history_post_embeddings,
+        history_author_embeddings,
         history_actions_embeddings,
         history_product_surface_embeddings,
     ]
-    emb_size = history_post_embeddings.shape[-1]
-    history = _project(pieces, "proj_mat_3", emb_size, embed_init_scale)
-    return history, history_post_hashes[:, :, 0] != 0
+    extras = [history_continuous_embeddings, history_post_age_embeddings]
+    return _reduce(items, extras, history_post_hashes, "proj_mat_3", embed_init_scale)
 
 
 def block_candidate_reduce(
@@ -356,22 +537,29 @@ def block_candidate_reduce(
     num_item_hashes: int,
     num_author_hashes: int,
     embed_init_scale: float = 1.0,
+    *,
+    candidate_post_age_embeddings: jax.Array | None = None,  # [B, C, D]
 ) -> tuple[jax.Array, jax.Array]:
-    """One token per candidate [B, C, D] (post, author, surface), and mask [B, C]."""
+    """One token per candidate [B, C, D] (post, author, surface, then the second release's post
+    age when given), and the mask [B, C]."""
     del num_item_hashes, num_author_hashes  # implied by the embeddings' shapes
-    pieces = [
-        _flat_hashes(candidate_post_embeddings),
-        _flat_hashes(candidate_author_embeddings),
+    items = [
+        candidate_post_embeddings,
+        candidate_author_embeddings,
         candidate_product_surface_embeddings,
     ]
-    emb_size = candidate_post_embeddings.shape[-1]
-    candidates = _project(pieces, "proj_mat_2", emb_size, embed_init_scale)
-    return candidates, candidate_post_hashes[:, :, 0] != 0
+    extras = [candidate_post_age_embeddings]
+    return _reduce(items, extras, candidate_post_hashes, "proj_mat_2", embed_init_scale)
 
 
 def _table(name: str, shape: list[int]) -> jax.Array:
     """A float32 parameter drawn with variance 1 / shape[-1]."""
     return hk.get_parameter(name, shape, jnp.float32, init=_variance_scaling(1.0, "fan_out"))
+
+
+def _dense(name: str, shape: list[int]) -> jax.Array:
+    """A float32 parameter drawn with variance 1 / shape[0] (the second release's projections)."""
+    return hk.get_parameter(name, shape, jnp.float32, init=_variance_scaling(1.0, "fan_in"))
 
 
 def action_embeddings(
@@ -396,32 +584,89 @@ def product_surface_embeddings(
     return jnp.dot(jax.nn.one_hot(surface, vocab_size, dtype=jnp.float32), table)
 
 
+def dwell_time_embeddings(
+    continuous_actions: jax.Array | None,  # [B, S, Nc] or None (absent: zeros)
+    shape: tuple[int, int],  # (B, S)
+    config: PhoenixModelConfig,
+    fprop_dtype: Any,
+) -> jax.Array:  # [B, S, D]
+    """The second release's dwell-time token piece: column 1 of the continuous actions,
+    normalised, through a tanh-GELU layer; exactly zero where the dwell time is 0 or absent."""
+    proj1 = _dense("history_dwell_time_proj1", [1, config.continuous_action_hidden_dim])
+    proj2 = _dense(
+        "history_dwell_time_proj2", [config.continuous_action_hidden_dim, config.emb_size]
+    )
+    if continuous_actions is None:
+        dwell = jnp.zeros((*shape, 1), jnp.float32)
+    else:
+        action_config = config.continuous_action_config
+        dwell = normalize_continuous_value(continuous_actions[..., 1:2], action_config.norm_config)
+    return jnp.dot(jax.nn.gelu(jnp.dot(dwell, proj1)), proj2).astype(fprop_dtype)
+
+
+def post_age_embeddings(batch: RecsysBatch, config: PhoenixModelConfig) -> jax.Array:  # [B, C, D]
+    """The second release's post-age token piece: the row of `post_age_embedding_table` for each
+    candidate's age bucket (bucket 0, a learned row like the others, when timestamps are absent)."""
+    table = _table("post_age_embedding_table", [config.post_age_vocab_size, config.emb_size])
+    if batch.candidate_impr_ts is None:
+        bucket = jnp.zeros(np.shape(batch.candidate_product_surface), jnp.int32)
+    else:
+        bucket = compute_post_age_bucket(
+            batch.candidate_impr_ts,
+            batch.candidate_post_creation_ts,
+            config.post_age_granularity_mins,
+        )
+    return jnp.take(table, bucket, axis=0)
+
+
 def build_context_inputs(
-    batch: RecsysBatch, embeddings: RecsysEmbeddings, config: Any, fprop_dtype: Any
+    batch: RecsysBatch,
+    embeddings: RecsysEmbeddings,
+    config: Any,
+    fprop_dtype: Any,
+    with_dwell_time: bool = False,
+    with_ip: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """User and history tokens [B, 1 + S, D] in `fprop_dtype`, and their mask [B, 1 + S].
 
-    Shared by the ranking and the retrieval model, so both create the same parameters
-    (`proj_mat_1`, `proj_mat_3`, `action_projection`, `product_surface_embedding_table`) in the
-    calling module's scope.
+    Shared by the ranking and the retrieval model, so both create the same parameters in the
+    calling module's scope, in the published order: `product_surface_embedding_table`,
+    `action_projection`, (the second release's dwell-time projections), `proj_mat_1`,
+    `proj_mat_3`. The ranker adds dwell time (second release) and IP embeddings (with IP
+    hashes); the retrieval model uses neither, as published.
     """
     hashes = config.hash_config
+    surfaces = product_surface_embeddings(
+        batch.history_product_surface, config.product_surface_vocab_size, config.emb_size
+    )
+    actions = action_embeddings(batch.history_actions, config.emb_size, fprop_dtype)
+    dwell = None
+    if with_dwell_time:
+        shape = np.shape(batch.history_product_surface)
+        dwell = dwell_time_embeddings(batch.history_continuous_actions, shape, config, fprop_dtype)
     user, user_mask = block_user_reduce(
-        batch.user_hashes, embeddings.user_embeddings, hashes.num_user_hashes, config.emb_size
+        batch.user_hashes,
+        embeddings.user_embeddings,
+        hashes.num_user_hashes,
+        config.emb_size,
+        user_ip_embeddings=embeddings.user_ip_embeddings,
+        num_ip_hashes=hashes.num_ip_hashes if with_ip else 0,
     )
     history, history_mask = block_history_reduce(
         batch.history_post_hashes,
         embeddings.history_post_embeddings,
         embeddings.history_author_embeddings,
-        product_surface_embeddings(
-            batch.history_product_surface, config.product_surface_vocab_size, config.emb_size
-        ),
-        action_embeddings(batch.history_actions, config.emb_size, fprop_dtype),
+        surfaces,
+        actions,
         hashes.num_item_hashes,
         hashes.num_author_hashes,
+        history_continuous_embeddings=dwell,
     )
     tokens = jnp.concatenate([user.astype(fprop_dtype), history.astype(fprop_dtype)], axis=1)
     return tokens, jnp.concatenate([user_mask, history_mask], axis=1)
+
+
+RELEASES = (1, 2)
 
 
 @dataclasses.dataclass
@@ -429,7 +674,12 @@ class PhoenixModelConfig(ModelConfigDefaults):
     """Configuration of the ranking model.
 
     `emb_size` defaults to the transformer's width and `num_actions` to the 19 published
-    actions (the published ranking guide leaves both out).
+    actions (the published ranking guide leaves both out). The fields after
+    `product_surface_vocab_size` are the second release's; `release` (1 by default, the model
+    the published guides describe) chooses which published ranker to build: 2 adds the dwell-time
+    and post-age inputs and the continuous head, with their parameters. `use_ip_address`,
+    `mask_neg_feedback_on_negatives` and the loss fields of `continuous_action_config` are read
+    by training, not by the model.
     """
 
     model: TransformerConfig
@@ -441,12 +691,33 @@ class PhoenixModelConfig(ModelConfigDefaults):
     fprop_dtype: Any = jnp.bfloat16
     hash_config: HashConfig | None = None
     product_surface_vocab_size: int = 16
+    post_age_granularity_mins: int = 60
+    num_continuous_actions: int = 8
+    continuous_action_hidden_dim: int = 64
+    continuous_action_config: ContinuousActionConfig | None = None
+    use_ip_address: bool = False
+    right_anchored_rope: bool = False
+    mask_neg_feedback_on_negatives: bool = True
+    release: int = 1
 
     def __post_init__(self):
         super().__post_init__()
         if self.num_actions is None:
             self.num_actions = len(ACTIONS)
+        if self.continuous_action_config is None:
+            self.continuous_action_config = ContinuousActionConfig()
         _check_count("num_actions", self.num_actions, low=1)
+        _check_count("post_age_granularity_mins", self.post_age_granularity_mins, low=1)
+        # Column 1 of the continuous actions is the dwell time.
+        _check_count("num_continuous_actions", self.num_continuous_actions, low=2)
+        _check_count("continuous_action_hidden_dim", self.continuous_action_hidden_dim, low=1)
+        if self.release not in RELEASES:
+            raise ValueError(f"release must be one of {RELEASES}, got {self.release!r}")
+
+    @property
+    def post_age_vocab_size(self) -> int:
+        """Rows of the post-age table: bucket 0 (absent) and one per age step up to the cap."""
+        return POST_AGE_MAX_MINUTES // self.post_age_granularity_mins + 2
 
     def make(self) -> PhoenixModel:
         return PhoenixModel(model=self.model.make(), config=self, fprop_dtype=self.fprop_dtype)
@@ -457,7 +728,8 @@ PhoenixRankingModelConfig = PhoenixModelConfig
 
 
 class PhoenixModel(hk.Module):
-    """Ranking model: logits [B, C, A] for every candidate and action.
+    """Ranking model: logits [B, C, A] (and, second release, continuous predictions [B, C, Nc])
+    for every candidate.
 
     Two ways to run it, with the same parameters:
     - `__call__(batch, embeddings)`: the dense forward over [user, history, candidates];
@@ -481,6 +753,10 @@ class PhoenixModel(hk.Module):
     def _validate(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> None:
         validate_inputs(batch, embeddings, self.config, self.config.num_actions)
 
+    @property
+    def _second_release(self) -> bool:
+        return self.config.release >= 2
+
     # The published model's helpers, kept for notebooks that call them (the user's guide shows
     # them); the model itself calls the module-level functions.
     def _get_action_embeddings(self, actions: jax.Array) -> jax.Array:
@@ -492,20 +768,27 @@ class PhoenixModel(hk.Module):
         del name  # the one table is always `product_surface_embedding_table`
         return product_surface_embeddings(input, vocab_size, emb_size)
 
+    def _context_inputs(self, batch: RecsysBatch, embeddings: RecsysEmbeddings):
+        return build_context_inputs(
+            batch, embeddings, self.config, self.fprop_dtype, self._second_release, with_ip=True
+        )
+
     def _candidate_inputs(
         self, batch: RecsysBatch, embeddings: RecsysEmbeddings
     ) -> tuple[jax.Array, jax.Array]:
+        config = self.config
+        surfaces = product_surface_embeddings(
+            batch.candidate_product_surface, config.product_surface_vocab_size, config.emb_size
+        )
+        age = post_age_embeddings(batch, config) if self._second_release else None
         candidates, mask = block_candidate_reduce(
             batch.candidate_post_hashes,
             embeddings.candidate_post_embeddings,
             embeddings.candidate_author_embeddings,
-            product_surface_embeddings(
-                batch.candidate_product_surface,
-                self.config.product_surface_vocab_size,
-                self.config.emb_size,
-            ),
-            self.config.hash_config.num_item_hashes,
-            self.config.hash_config.num_author_hashes,
+            surfaces,
+            config.hash_config.num_item_hashes,
+            config.hash_config.num_author_hashes,
+            candidate_post_age_embeddings=age,
         )
         return candidates.astype(self.fprop_dtype), mask
 
@@ -514,29 +797,40 @@ class PhoenixModel(hk.Module):
     ) -> tuple[jax.Array, jax.Array, int]:
         """Tokens [B, 1 + S + C, D] in fprop dtype, padding mask [B, T], candidate offset 1 + S."""
         self._validate(batch, embeddings)
-        context, context_mask = build_context_inputs(
-            batch, embeddings, self.config, self.fprop_dtype
-        )
+        context, context_mask = self._context_inputs(batch, embeddings)
         candidates, candidate_mask = self._candidate_inputs(batch, embeddings)
         tokens = jnp.concatenate([context, candidates], axis=1)
         mask = jnp.concatenate([context_mask, candidate_mask], axis=1)
         return tokens, mask, context.shape[1]
 
-    def _logits(self, h: jax.Array) -> jax.Array:  # [B, C, D] -> [B, C, A]
-        h = layer_norm(h, name=shared_name(self, "rms_norm"))
+    def _outputs(self, h: jax.Array) -> RecsysModelOutput:  # [B, C, D]
+        h = layer_norm(h, name=shared_name(self, "rms_norm")).astype(jnp.float32)
         unembeddings = _table("unembeddings", [self.config.emb_size, self.config.num_actions])
-        return jnp.dot(h.astype(jnp.float32), unembeddings).astype(self.fprop_dtype)
+        logits = jnp.dot(h, unembeddings).astype(self.fprop_dtype)
+        if not self._second_release:
+            return RecsysModelOutput(logits)
+        shape = [self.config.emb_size, self.config.num_continuous_actions]
+        continuous = jax.nn.sigmoid(jnp.dot(h, _dense("continuous_unembeddings", shape)))
+        return RecsysModelOutput(logits, continuous.astype(self.fprop_dtype))
+
+    def _anchored(self, mask: jax.Array, history_len: int) -> jax.Array | None:
+        """Right-anchored positions [B, T] when the config asks for them, else None (0 .. T-1)."""
+        if not self.config.right_anchored_rope:
+            return None
+        return right_anchored_rope_positions(mask, history_len, 1)
 
     def __call__(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> RecsysModelOutput:
         tokens, mask, offset = self.build_inputs(batch, embeddings)
-        h = self.model(tokens, mask, candidate_start_offset=offset).embeddings
-        return RecsysModelOutput(self._logits(h[:, offset:]))
+        positions = self._anchored(mask, offset - 1)
+        h = self.model(tokens, mask, candidate_start_offset=offset, positions=positions)
+        return self._outputs(h.embeddings[:, offset:])
 
     def encode_context(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> KVCache:
         """Runs user and history once; returns every layer's keys and values [L, B, 1+S, K, d]."""
         self._validate(batch, embeddings)
-        context, mask = build_context_inputs(batch, embeddings, self.config, self.fprop_dtype)
-        return self.model.encode_context(context, mask)[1]
+        context, mask = self._context_inputs(batch, embeddings)
+        positions = self._anchored(mask, context.shape[1] - 1)
+        return self.model.encode_context(context, mask, positions)[1]
 
     def score_candidates(
         self,
@@ -544,17 +838,25 @@ class PhoenixModel(hk.Module):
         batch: RecsysBatch,
         embeddings: RecsysEmbeddings,
         candidate_offset: int | jax.Array = 0,
+        *,
+        candidate_slots: jax.Array | None = None,  # [C] or [B, C]
     ) -> RecsysModelOutput:
-        """Logits [B, C, A] of the batch's candidates against an encoded context.
+        """Outputs for the batch's candidates against an encoded context, equal to the dense
+        forward's.
 
-        Equal to the dense forward's logits: candidate c sits at position
-        1 + S + candidate_offset + c, as if this were a slice of a longer candidate list.
+        With right-anchored positions every candidate sits at 1 + S. Otherwise candidate c sits
+        at 1 + S + slot, where the slot is `candidate_offset + c` (as if this were a slice of a
+        longer candidate list) unless `candidate_slots` gives each candidate's own.
         """
         self._validate(batch, embeddings)
         candidates, mask = self._candidate_inputs(batch, embeddings)
-        num_context = context.keys.shape[2]
-        positions = (
-            jnp.arange(candidates.shape[1], dtype=jnp.float32) + num_context + candidate_offset
-        )[None, :]
+        num_context, num_candidates = context.keys.shape[2], candidates.shape[1]
+        if self.config.right_anchored_rope:
+            slots = jnp.zeros((1, num_candidates), jnp.float32)
+        elif candidate_slots is None:
+            slots = jnp.arange(num_candidates, dtype=jnp.float32)[None, :] + candidate_offset
+        else:
+            slots = jnp.asarray(candidate_slots, jnp.float32).reshape(-1, num_candidates)
+        positions = num_context + slots
         h = self.model.score_candidates(candidates, mask, context, positions).embeddings
-        return RecsysModelOutput(self._logits(h))
+        return self._outputs(h)

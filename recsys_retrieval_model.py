@@ -55,11 +55,17 @@ def l2_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 class CandidateTower(hk.Module):
-    """MLP from a post's hash embeddings [..., Hi + Ha, D] to a unit vector [..., D]."""
+    """A post's hash embeddings [..., Hi + Ha, D] to a unit vector [..., D].
 
-    def __init__(self, emb_size: int, name: str | None = None):
+    With `enable_linear_proj` (the default, and the only tower of the first release) an MLP of
+    the flattened embeddings; without it, the second release's parameter-free tower: the mean
+    over the hash axis (padded hash rows included) in the input dtype.
+    """
+
+    def __init__(self, emb_size: int, enable_linear_proj: bool = True, name: str | None = None):
         super().__init__(name=name)
         self.emb_size = emb_size
+        self.enable_linear_proj = enable_linear_proj
 
     def __call__(self, post_author_embedding: jax.Array) -> jax.Array:
         x = post_author_embedding  # [B, C, Hi + Ha, D] or [B, Hi + Ha, D]
@@ -67,6 +73,8 @@ class CandidateTower(hk.Module):
             raise ValueError(
                 f"CandidateTower expects [B, C, H, D] or [B, H, D] embeddings, got shape {x.shape}"
             )
+        if not self.enable_linear_proj:
+            return l2_normalize(jnp.mean(x, axis=-2))[0].astype(x.dtype)
         flat = x.reshape((*x.shape[:-2], x.shape[-2] * x.shape[-1])).astype(jnp.float32)
         init = hk.initializers.VarianceScaling(1.0, "fan_out", "truncated_normal")
         w1 = hk.get_parameter(
@@ -84,7 +92,8 @@ class CandidateTower(hk.Module):
 
 @dataclasses.dataclass
 class PhoenixRetrievalModelConfig(ModelConfigDefaults):
-    """Configuration of the two-tower retrieval model. `emb_size` defaults to the model width."""
+    """Configuration of the two-tower retrieval model. `emb_size` defaults to the model width;
+    `enable_linear_proj=False` gives the second release's parameter-free candidate tower."""
 
     model: TransformerConfig
     emb_size: int | None = None
@@ -94,6 +103,7 @@ class PhoenixRetrievalModelConfig(ModelConfigDefaults):
     fprop_dtype: Any = jnp.bfloat16
     hash_config: HashConfig | None = None
     product_surface_vocab_size: int = 16
+    enable_linear_proj: bool = True  # the second release's option: False = mean tower
 
     def make(self) -> PhoenixRetrievalModel:
         return PhoenixRetrievalModel(
@@ -140,7 +150,8 @@ class PhoenixRetrievalModel(hk.Module):
             [embeddings.candidate_post_embeddings, embeddings.candidate_author_embeddings],
             axis=2,
         )
-        candidates = CandidateTower(self.config.emb_size)(post_author)
+        tower = CandidateTower(self.config.emb_size, self.config.enable_linear_proj)
+        candidates = tower(post_author)
         return candidates, batch.candidate_post_hashes[:, :, 0] != 0
 
     def __call__(

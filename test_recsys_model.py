@@ -211,7 +211,7 @@ def test_a_candidates_logits_depend_on_its_slot():
 
 
 def test_pytrees_pass_through_jit_vmap_and_grad_in_field_order(ranker):
-    """Each container is a pytree with one leaf per field, in field order (the published
+    """Each container is a pytree with one leaf per field present, in field order (the published
     RecsysEmbeddings was a plain dataclass, which jit rejects), and keeps its type and values
     through jax.jit, jax.vmap and jax.grad."""
     batch, emb = fixed_example()
@@ -222,9 +222,9 @@ def test_pytrees_pass_through_jit_vmap_and_grad_in_field_order(ranker):
         ranker.rank(batch, emb),
     )
 
-    def fields(tree):
+    def fields(tree):  # the values of the fields that are present, in field order
         names = [f.name for f in dataclasses.fields(tree)] if tree is emb else tree._fields
-        return [getattr(tree, name) for name in names]
+        return [getattr(tree, name) for name in names if getattr(tree, name) is not None]
 
     stacked = jax.tree.map(lambda x: np.stack([x, x]), trees)
     for transformed in (
@@ -486,3 +486,152 @@ def test_the_published_guides_configuration():
 def test_configs_refuse_sizes_no_model_has(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+# ---------------------------------------------------------------------------------------------
+# The second release: post age, continuous values, IP, slot invariance.
+# ---------------------------------------------------------------------------------------------
+
+NOW = 1_700_000_000
+
+
+@pytest.mark.parametrize(
+    "age_seconds, granularity, bucket",
+    [
+        (0, 60, 1),  # brand new: minute 0, bucket 1
+        (59 * 60 + 59, 60, 1),  # 59.98 minutes: still the first hour
+        (60 * 60, 60, 2),
+        (4799 * 60, 60, 80),  # 4799 minutes // 60 + 1
+        (4800 * 60, 60, 81),  # the cap: 4800 // 60 + 1
+        (10**7, 60, 81),  # older: clipped to the cap
+        (45 * 60, 30, 2),  # 45 // 30 + 1
+        (4800 * 60, 30, 161),
+        (-1, 60, 0),  # created after the impression
+    ],
+)
+def test_post_age_bucket_hand_values(age_seconds, granularity, bucket):
+    got = recsys_model.compute_post_age_bucket(NOW, NOW - age_seconds, granularity)
+    assert got.dtype == jnp.int32 and int(got) == bucket
+
+
+def test_post_age_bucket_is_zero_when_a_timestamp_is_absent_and_the_table_fits_every_bucket():
+    buckets = recsys_model.compute_post_age_bucket(
+        np.array([0, NOW, NOW]), np.array([NOW - 600, 0, NOW - 600])
+    )
+    np.testing.assert_array_equal(buckets, [0, 0, 1])
+    for granularity in (1, 7, 60, 4800):
+        config = PhoenixModelConfig(
+            SETUP.transformer_config(), post_age_granularity_mins=granularity
+        )
+        top = int(recsys_model.compute_post_age_bucket(NOW, NOW - 10**9, granularity))
+        assert config.post_age_vocab_size == 4800 // granularity + 2 == top + 1
+
+
+def test_normalize_continuous_value_hand_values():
+    values = np.array([-5.0, 0.0, 15.0, 30.0, 60.0])
+    linear = recsys_model.normalize_continuous_value(values, recsys_model.NormConfig())
+    np.testing.assert_allclose(linear, [0.0, 0.0, 0.5, 1.0, 1.0])
+    log = recsys_model.normalize_continuous_value(values, recsys_model.NormConfig(10.0, True))
+    np.testing.assert_allclose(log, [0.0, 0.0, 1.0, 1.0, 1.0])
+    middle = recsys_model.normalize_continuous_value(4.0, recsys_model.NormConfig(10.0, True))
+    np.testing.assert_allclose(middle, np.log1p(4.0) / np.log1p(10.0), rtol=1e-6)
+    action_config = recsys_model.ContinuousActionConfig(norm_config=recsys_model.NormConfig(60))
+    np.testing.assert_allclose(recsys_model.normalize_continuous_value(30.0, action_config), 0.5)
+
+
+def test_ip_embeddings_are_summed_and_added_to_the_user_token_unprojected():
+    rng = np.random.default_rng(0)
+    hashes = np.ones((2, 2), np.int32)
+    user, ip = rng.standard_normal((2, 2, 8)), rng.standard_normal((2, 3, 8))
+
+    def reduce(ip_embeddings, num_ip_hashes):
+        return recsys_model.block_user_reduce(
+            hashes, user, 2, 8, user_ip_embeddings=ip_embeddings, num_ip_hashes=num_ip_hashes
+        )[0]
+
+    forward = hk.transform(reduce)
+    params = forward.init(jax.random.PRNGKey(0), ip, 3)
+    with_ip = np.asarray(forward.apply(params, None, ip, 3))
+    without = np.asarray(forward.apply(params, None, None, 0))
+    np.testing.assert_allclose(with_ip - without, ip.sum(axis=1, keepdims=True), atol=1e-6)
+    np.testing.assert_array_equal(forward.apply(params, None, ip, 0), without)  # IP off: ignored
+
+
+SECOND = Setup(release=2, num_layers=2)
+
+
+def test_absent_second_release_inputs_are_zero_dwell_and_bucket_zero():
+    """No continuous actions give exactly the logits of zero dwell times; no timestamps give
+    exactly those of bucket 0 (a learned row, not zero: the logits differ from a model that has
+    no post-age input); present ones change the logits."""
+    batch, emb = copy_inputs(*example(SECOND, B, S, C, seed=1))
+    full = dense_logits(SECOND, batch, emb)
+    zero_dwell = batch._replace(
+        history_continuous_actions=np.zeros_like(batch.history_continuous_actions)
+    )
+    no_dwell = batch._replace(history_continuous_actions=None)
+    np.testing.assert_array_equal(
+        dense_logits(SECOND, no_dwell, emb), dense_logits(SECOND, zero_dwell, emb)
+    )
+    assert np.all(np.any(dense_logits(SECOND, no_dwell, emb) != full, axis=-1))
+    absent = np.zeros_like(batch.candidate_impr_ts)
+    zero_ts = batch._replace(candidate_impr_ts=absent)
+    no_ts = batch._replace(candidate_impr_ts=None, candidate_post_creation_ts=None)
+    np.testing.assert_array_equal(
+        dense_logits(SECOND, no_ts, emb), dense_logits(SECOND, zero_ts, emb)
+    )
+    assert np.all(np.any(dense_logits(SECOND, no_ts, emb) != full, axis=-1))
+
+
+def test_a_first_release_model_ignores_second_release_inputs():
+    batch, emb = copy_inputs(*example(SECOND, B, S, C, seed=2))
+    first = Setup(num_layers=2)
+    bare = batch._replace(
+        history_continuous_actions=None, candidate_impr_ts=None, candidate_post_creation_ts=None
+    )
+    np.testing.assert_array_equal(dense_logits(first, batch, emb), dense_logits(first, bare, emb))
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)  # compiles per example
+@given(
+    setup=setups(),
+    release=st.sampled_from([1, 2]),
+    history_len=st.integers(1, 5),
+    num_candidates=st.integers(2, 6),
+    seed=SEEDS,
+)
+def test_right_anchored_logits_do_not_depend_on_slot(
+    setup, release, history_len, num_candidates, seed
+):
+    """With right-anchored positions, permuting the candidates permutes their logits and
+    nothing more (to float32 rounding), on the dense forward and on the cached path, with
+    histories of random length (padded at random places, not only at the end)."""
+    setup = dataclasses.replace(setup, release=release, anchored=True, num_actions=len(ACTIONS))
+    batch, emb = copy_inputs(*example(setup, 2, history_len, num_candidates, seed))
+    rng = np.random.default_rng(seed)
+    holes = rng.random(batch.history_post_hashes.shape[:2]) < 0.3
+    batch.history_post_hashes[holes] = 0
+    order = rng.permutation(num_candidates)
+    while num_candidates > 1 and np.all(order == np.arange(num_candidates)):
+        order = rng.permutation(num_candidates)
+    moved = recsys_model.map_candidates(batch, emb, lambda x: np.asarray(x)[:, order])
+    back = np.argsort(order)
+    dense_before = dense_logits(setup, batch, emb)
+    dense_after = dense_logits(setup, *moved)[:, back]
+    np.testing.assert_allclose(dense_after, dense_before, rtol=RTOL, atol=ATOL)
+    ranker = make_ranker(setup)
+    cached_before = np.asarray(ranker.rank(batch, emb).scores)
+    cached_after = np.asarray(ranker.rank(*moved).scores)[:, back]
+    np.testing.assert_allclose(cached_after, cached_before, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(cached_before, 1 / (1 + np.exp(-dense_before)), atol=1e-5)
+
+
+def test_release_and_continuous_sizes_are_checked():
+    with pytest.raises(ValueError, match=r"release must be one of \(1, 2\), got 3"):
+        PhoenixModelConfig(SETUP.transformer_config(), release=3)
+    with pytest.raises(ValueError, match="num_continuous_actions must be an integer >= 2"):
+        PhoenixModelConfig(SETUP.transformer_config(), num_continuous_actions=1)
+    batch, emb = fixed_example()
+    lone = batch._replace(candidate_impr_ts=np.full((B, C), NOW))
+    with pytest.raises(ValueError, match="candidate_impr_ts is given without the other"):
+        validate_inputs(lone, emb, SETUP.ranking_config(), SETUP.num_actions)

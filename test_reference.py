@@ -87,13 +87,16 @@ def ref_softmax(x):
     return e / np.sum(e, axis=-1, keepdims=True)
 
 
-def ref_mha(x, w, mask, num_q_heads, num_kv_heads, key_size, multiplier, soft_cap=True):
-    """Self-attention. x [B, T, D]; w: query/key/value/linear [in, out]; mask [B|1, 1, T, T]."""
+def ref_mha(
+    x, w, mask, num_q_heads, num_kv_heads, key_size, multiplier, soft_cap=True, positions=None
+):
+    """Self-attention. x [B, T, D]; w: query/key/value/linear [in, out]; mask [B|1, 1, T, T];
+    rotary positions [B|1, T] (default 0 .. T-1)."""
     b, t, _ = x.shape
     q = (x @ w["query"]).reshape(b, t, num_q_heads, key_size)
     k = (x @ w["key"]).reshape(b, t, num_kv_heads, key_size)
     v = (x @ w["value"]).reshape(b, t, num_kv_heads, key_size)
-    positions = np.arange(t)[None, :]
+    positions = np.arange(t)[None, :] if positions is None else positions
     q, k = ref_rope(q, positions), ref_rope(k, positions)
     # Query head h reads kv head h // (H / K).
     group = num_q_heads // num_kv_heads
@@ -119,7 +122,7 @@ def leaf(params, module, name):
     return np.asarray(params[module][name], np.float64)
 
 
-def ref_transformer(params, x, padding_mask, offset, cfg):
+def ref_transformer(params, x, padding_mask, offset, cfg, positions=None):
     """x [B, T, D], padding_mask [B, T]; offset None means a plain causal mask."""
     t = x.shape[1]
     structure = ref_recsys_mask(t, offset) if offset is not None else np.tril(np.ones((t, t)))
@@ -135,7 +138,9 @@ def ref_transformer(params, x, padding_mask, offset, cfg):
         def norm(y, name, layer=layer):
             return ref_rms_norm(y, leaf(params, f"{layer}/{name}", "scale"))
 
-        attn = ref_mha(norm(h, "rms_norm"), attn_w, mask, cfg.H, cfg.K, cfg.d, cfg.mult)
+        attn = ref_mha(
+            norm(h, "rms_norm"), attn_w, mask, cfg.H, cfg.K, cfg.d, cfg.mult, positions=positions
+        )
         h = h + norm(attn, "rms_norm_1")
         y = norm(h, "rms_norm_2")
         gated = ref_gelu(y @ leaf(params, f"{layer}/linear", "w"))
@@ -144,24 +149,53 @@ def ref_transformer(params, x, padding_mask, offset, cfg):
     return h
 
 
+def ref_post_age_bucket(impression, created, granularity):
+    """One timestamp pair (unix seconds) to its bucket, in plain Python."""
+    if impression == 0 or created == 0 or impression < created:
+        return 0
+    minutes = (impression - created) // 60
+    return min(minutes // granularity + 1, 4800 // granularity + 1)
+
+
+def ref_anchored_positions(padding, history_len):
+    """Positions [B, T] for one prefix token: newest valid history item at S, older valid
+    ones one step before the next valid one, candidates at 1 + S, padding at 0."""
+    positions = np.zeros(padding.shape)
+    for row, valid in enumerate(padding):
+        position = history_len  # 1 + S - 1
+        for j in range(history_len, 0, -1):
+            if valid[j]:
+                positions[row, j] = position
+                position -= 1
+        positions[row, 1 + history_len :] = 1 + history_len
+        positions[row, 0] = 0
+    return positions * padding
+
+
 def ref_user_and_history(params, module, batch, emb, cfg):
     """The user token and history tokens, [B, 1 + S, D], and their padding mask [B, 1 + S]."""
     b, s = batch["history_post_hashes"].shape[:2]
     user = emb["user_embeddings"].reshape(b, 1, cfg.Hu * cfg.D) @ leaf(params, module, "proj_mat_1")
+    if module == "phoenix_model" and cfg.Hip:  # IP embeddings: summed, added, unprojected
+        user = user + np.sum(emb["user_ip_embeddings"], axis=1, keepdims=True)
     actions = np.asarray(batch["history_actions"], np.float64)
     action_emb = (2.0 * actions - 1.0) @ leaf(params, module, "action_projection")
     action_emb = action_emb * np.any(actions != 0, axis=-1, keepdims=True)
     table = leaf(params, module, "product_surface_embedding_table")
     surface = np.eye(cfg.V)[batch["history_product_surface"]] @ table
-    history = np.concatenate(
-        [
-            emb["history_post_embeddings"].reshape(b, s, cfg.Hi * cfg.D),
-            emb["history_author_embeddings"].reshape(b, s, cfg.Ha * cfg.D),
-            action_emb,
-            surface,
-        ],
-        axis=-1,
-    ) @ leaf(params, module, "proj_mat_3")
+    pieces = [
+        emb["history_post_embeddings"].reshape(b, s, cfg.Hi * cfg.D),
+        emb["history_author_embeddings"].reshape(b, s, cfg.Ha * cfg.D),
+        action_emb,
+        surface,
+    ]
+    if module == "phoenix_model" and cfg.release == 2:
+        continuous = batch.get("history_continuous_actions")
+        dwell = np.zeros((b, s, 1)) if continuous is None else continuous[..., 1:2]
+        dwell = np.clip(dwell, 0.0, 30.0) / 30.0
+        hidden = ref_gelu(dwell @ leaf(params, module, "history_dwell_time_proj1"))
+        pieces.append(hidden @ leaf(params, module, "history_dwell_time_proj2"))
+    history = np.concatenate(pieces, axis=-1) @ leaf(params, module, "proj_mat_3")
     tokens = np.concatenate([user, history], axis=1)
     padding = np.concatenate(
         [batch["user_hashes"][:, :1] != 0, batch["history_post_hashes"][:, :, 0] != 0], axis=1
@@ -169,25 +203,35 @@ def ref_user_and_history(params, module, batch, emb, cfg):
     return tokens, padding
 
 
-def ref_ranker_logits(params, batch, emb, cfg):
+def ref_ranker_outputs(params, batch, emb, cfg):
+    """Logits [B, C, A] and, second release, continuous predictions [B, C, Nc]."""
     module = "phoenix_model"
     b, c = batch["candidate_post_hashes"].shape[:2]
     tokens, padding = ref_user_and_history(params, module, batch, emb, cfg)
     table = leaf(params, module, "product_surface_embedding_table")
-    candidates = np.concatenate(
-        [
-            emb["candidate_post_embeddings"].reshape(b, c, cfg.Hi * cfg.D),
-            emb["candidate_author_embeddings"].reshape(b, c, cfg.Ha * cfg.D),
-            np.eye(cfg.V)[batch["candidate_product_surface"]] @ table,
-        ],
-        axis=-1,
-    ) @ leaf(params, module, "proj_mat_2")
+    pieces = [
+        emb["candidate_post_embeddings"].reshape(b, c, cfg.Hi * cfg.D),
+        emb["candidate_author_embeddings"].reshape(b, c, cfg.Ha * cfg.D),
+        np.eye(cfg.V)[batch["candidate_product_surface"]] @ table,
+    ]
+    if cfg.release == 2:
+        impressions = batch.get("candidate_impr_ts", np.zeros((b, c), int))
+        created = batch.get("candidate_post_creation_ts", np.zeros((b, c), int))
+        bucket = np.vectorize(lambda i, t: ref_post_age_bucket(int(i), int(t), cfg.granularity))
+        buckets = bucket(impressions, created)
+        pieces.append(leaf(params, module, "post_age_embedding_table")[buckets])
+    candidates = np.concatenate(pieces, axis=-1) @ leaf(params, module, "proj_mat_2")
     offset = tokens.shape[1]
     tokens = np.concatenate([tokens, candidates], axis=1)
     padding = np.concatenate([padding, batch["candidate_post_hashes"][:, :, 0] != 0], axis=1)
-    h = ref_transformer(params, tokens, padding, offset, cfg)
-    h = ref_rms_norm(h, leaf(params, "phoenix_model/rms_norm", "scale"))
-    return h[:, offset:] @ leaf(params, module, "unembeddings")
+    positions = ref_anchored_positions(padding, offset - 1) if cfg.anchored else None
+    h = ref_transformer(params, tokens, padding, offset, cfg, positions)
+    h = ref_rms_norm(h, leaf(params, "phoenix_model/rms_norm", "scale"))[:, offset:]
+    logits = h @ leaf(params, module, "unembeddings")
+    if cfg.release != 2:
+        return logits, None
+    continuous = 1.0 / (1.0 + np.exp(-(h @ leaf(params, module, "continuous_unembeddings"))))
+    return logits, continuous
 
 
 def ref_l2_normalize(x):
@@ -251,6 +295,14 @@ class Case:
     C: int = 3
     B: int = 2
 
+    # The second release.
+    release: int = 1
+    anchored: bool = False
+    Hip: int = 0
+    Nc: int = 3
+    hidden: int = 4
+    granularity: int = 60
+
 
 CASES = [
     Case(),
@@ -264,9 +316,7 @@ def transformer_config(case):
 
 
 def hash_config(case):
-    return recsys_model.HashConfig(
-        num_user_hashes=case.Hu, num_item_hashes=case.Hi, num_author_hashes=case.Ha
-    )
+    return recsys_model.HashConfig(case.Hu, case.Hi, case.Ha, case.Hip)
 
 
 def config_arguments(case):
@@ -282,7 +332,15 @@ def config_arguments(case):
 
 
 def ranker_config(case):
-    return recsys_model.PhoenixModelConfig(num_actions=case.A, **config_arguments(case))
+    return recsys_model.PhoenixModelConfig(
+        num_actions=case.A,
+        post_age_granularity_mins=case.granularity,
+        num_continuous_actions=case.Nc,
+        continuous_action_hidden_dim=case.hidden,
+        right_anchored_rope=case.anchored,
+        release=case.release,
+        **config_arguments(case),
+    )
 
 
 def retrieval_config(case):
@@ -326,6 +384,19 @@ def make_inputs(case, seed=0):
         "history_author_embeddings": normal(b, s, case.Ha, case.D),
         "candidate_author_embeddings": normal(b, c, case.Ha, case.D),
     }
+    if case.release == 2:
+        # Dwell times around the norm scale (some clipped), ages up to past the cap, one
+        # impression without timestamps and one post "created" after it (bucket 0).
+        batch["history_continuous_actions"] = (40 * rng.random((b, s, case.Nc))).astype(np.float32)
+        impressions = np.full((b, c), 1_700_000_000, np.int32)
+        ages = rng.integers(0, 6000 * 60, (b, c))
+        ages[0, 0] = -100
+        created = (impressions - ages).astype(np.int32)
+        impressions[1, 0] = 0
+        batch["candidate_impr_ts"], batch["candidate_post_creation_ts"] = impressions, created
+    if case.Hip:
+        batch["user_ip_hashes"] = rng.integers(1, 1000, (b, case.Hip)).astype(np.int32)
+        emb["user_ip_embeddings"] = normal(b, case.Hip, case.D)
     return batch, emb
 
 
@@ -535,16 +606,33 @@ def expected_transformer_tree(case):
 
 
 def expected_ranker_tree(case):
+    """{path: (shape, dtype)}, the model's own parameters in the order they are created."""
     f32 = np.dtype(np.float32)
     d, hashes = case.D, case.Hi + case.Ha
+    model = "phoenix_model"
+    if case.release == 1:
+        return {
+            f"{model}/product_surface_embedding_table": ((case.V, d), f32),
+            f"{model}/action_projection": ((case.A, d), f32),
+            f"{model}/proj_mat_1": ((case.Hu * d, d), f32),
+            f"{model}/proj_mat_3": (((hashes + 2) * d, d), f32),
+            f"{model}/proj_mat_2": (((hashes + 1) * d, d), f32),
+            f"{model}/unembeddings": ((d, case.A), f32),
+            f"{model}/rms_norm/scale": ((d,), f32),
+            **expected_transformer_tree(case),
+        }
     return {
-        "phoenix_model/product_surface_embedding_table": ((case.V, d), f32),
-        "phoenix_model/action_projection": ((case.A, d), f32),
-        "phoenix_model/proj_mat_1": ((case.Hu * d, d), f32),
-        "phoenix_model/proj_mat_3": (((hashes + 2) * d, d), f32),
-        "phoenix_model/proj_mat_2": (((hashes + 1) * d, d), f32),
-        "phoenix_model/unembeddings": ((d, case.A), f32),
-        "phoenix_model/rms_norm/scale": ((d,), f32),
+        f"{model}/product_surface_embedding_table": ((case.V, d), f32),
+        f"{model}/action_projection": ((case.A, d), f32),
+        f"{model}/history_dwell_time_proj1": ((1, case.hidden), f32),
+        f"{model}/history_dwell_time_proj2": ((case.hidden, d), f32),
+        f"{model}/proj_mat_1": ((case.Hu * d, d), f32),
+        f"{model}/proj_mat_3": (((hashes + 3) * d, d), f32),
+        f"{model}/post_age_embedding_table": ((4800 // case.granularity + 2, d), f32),
+        f"{model}/proj_mat_2": (((hashes + 2) * d, d), f32),
+        f"{model}/unembeddings": ((d, case.A), f32),
+        f"{model}/continuous_unembeddings": ((d, case.Nc), f32),
+        f"{model}/rms_norm/scale": ((d,), f32),
         **expected_transformer_tree(case),
     }
 
@@ -594,6 +682,10 @@ TREE_CASES = [
     Case(L=1),
     Case(L=3),
     Case(D=8, d=8, H=2, K=2, L=1, Hu=3, Hi=1, Ha=2, A=19, V=16, widening=4.0),
+    Case(release=2, L=1, Hip=2),
+    Case(
+        release=2, D=8, d=8, H=2, K=2, L=1, Hu=3, Hi=1, Ha=2, A=19, Nc=8, hidden=64, granularity=30
+    ),
 ]
 
 
@@ -602,6 +694,29 @@ def test_ranker_parameter_tree(case):
     batch, emb = to_model_inputs(*make_inputs(case))
     params = jax.eval_shape(ranker_forward(case).init, jax.random.PRNGKey(0), batch, emb)
     assert flat_tree(params) == expected_ranker_tree(case)
+
+
+@pytest.mark.parametrize("case", [TREE_CASES[0], TREE_CASES[3]])
+def test_ranker_parameters_are_created_in_the_published_order(case):
+    """The order decides which random key draws which parameter, so the initial values a seed
+    gives. (Recorded as the parameters are created: jit and eval_shape sort a dict's keys.)"""
+    batch, emb = to_model_inputs(*make_inputs(case))
+    created = []
+
+    def record(next_creator, shape, dtype, init, context):
+        created.append(context.full_name)
+        return next_creator(shape, dtype, init)
+
+    def forward(batch, emb):
+        with hk.custom_creator(record):
+            return ranker_config(case).make()(batch, emb)
+
+    jax.eval_shape(hk.transform(forward).init, jax.random.PRNGKey(0), batch, emb)
+    created = [
+        name for name in created if name.count("/") == 1 and name.startswith("phoenix_model/")
+    ]
+    want = expected_ranker_tree(case)
+    assert created == [p for p in want if p.count("/") == 1 and p.startswith("phoenix_model/")]
 
 
 @pytest.mark.parametrize("case", TREE_CASES)
@@ -664,9 +779,29 @@ def test_ranker_logits_match_reference(case):
     batch, emb = to_model_inputs(np_batch, np_emb)
     f = ranker_forward(case)
     params = random_params(f.init, batch, emb)
-    logits = jax.jit(f.apply)(params, None, batch, emb).logits
-    assert logits.dtype == jnp.float32
-    assert_close(logits, ref_ranker_logits(params, np_batch, np_emb, case))
+    out = jax.jit(f.apply)(params, None, batch, emb)
+    assert out.logits.dtype == jnp.float32
+    logits, continuous = ref_ranker_outputs(params, np_batch, np_emb, case)
+    assert_close(out.logits, logits)
+    if case.release == 2:
+        assert out.continuous_preds.shape == (case.B, case.C, case.Nc)
+        assert_close(out.continuous_preds, continuous)
+    else:
+        assert out.continuous_preds is None
+
+
+# The second release's inputs and options: dwell time, post age, the continuous head, IP
+# embeddings, right-anchored positions (the history of row 1 has a hole, not left-aligned).
+SECOND_RELEASE_CASES = [
+    Case(release=2),
+    Case(release=2, anchored=True, Hip=2, granularity=30, D=8, d=4, H=2, K=1, L=1, A=3),
+    Case(release=1, anchored=True, Hip=1, L=1),
+]
+
+
+@pytest.mark.parametrize("case", SECOND_RELEASE_CASES)
+def test_second_release_outputs_match_reference(case):
+    test_ranker_logits_match_reference(case)
 
 
 # ---------------------------------------------------------------------------------------------
