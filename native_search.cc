@@ -210,7 +210,78 @@ void ScanTile(const Problem& p, int64_t start, const float* rows, Lists& lists) 
   }
 }
 
+// The sum of a vector's lanes as a tree of halves: a chain of log2(kLanes) dependent adds
+// instead of kLanes.
+template <typename V, int N>
+inline float SumLanes(V v) {
+  if constexpr (N == 1) {
+    return v[0];
+  } else {
+    typedef float Half __attribute__((vector_size(sizeof(V) / 2)));
+    Half lo, hi;
+    std::memcpy(&lo, &v, sizeof(lo));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(lo), sizeof(hi));
+    return SumLanes<Half, N / 2>(lo + hi);
+  }
+}
+
+// kLanes consecutive elements of a row as floats (bfloat16 widened in registers).
+inline Floats LoadLanes(const void* corpus, bool bf16, int64_t offset) {
+  Floats out;
+  if (bf16) {
+    typedef uint16_t Halves __attribute__((vector_size(2 * kLanes)));
+    typedef uint32_t Words __attribute__((vector_size(4 * kLanes)));
+    Halves half;
+    std::memcpy(&half, static_cast<const uint16_t*>(corpus) + offset, sizeof(half));
+    Words bits = __builtin_convertvector(half, Words) << 16;
+    std::memcpy(&out, &bits, sizeof(out));
+  } else {
+    std::memcpy(&out, static_cast<const float*>(corpus) + offset, sizeof(out));
+  }
+  return out;
+}
+
+// One query: each row's score is its dot product with the query, summed along the row in
+// vector lanes and then across them, so that every multiply-add is useful (the lane-per-query
+// layout above would use one lane in kLanes) and the scan is bound by the read.
+void ScanRowsOneQuery(const Problem& p, int64_t begin, int64_t end, Lists& lists) {
+  const int64_t d = p.d, vectors = d / kLanes;
+  std::vector<Floats> query(vectors);
+  std::vector<float> tail(d - vectors * kLanes);
+  for (int64_t j = 0; j < d; ++j) {
+    float q = p.queries_t[j * p.padded];
+    if (j < vectors * kLanes) {
+      query[j / kLanes][j % kLanes] = q;
+    } else {
+      tail[j - vectors * kLanes] = q;
+    }
+  }
+  RunningTopK& best = lists.best[0];
+  for (int64_t row = begin; row < end; ++row) {
+    Floats acc = Floats{};
+    for (int64_t v = 0; v < vectors; ++v) {
+      acc += LoadLanes(p.corpus, p.bf16, row * d + v * kLanes) * query[v];
+    }
+    float score = SumLanes<Floats, kLanes>(acc);
+    for (int64_t j = vectors * kLanes; j < d; ++j) {
+      float x;
+      if (p.bf16) {
+        uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p.corpus)[row * d + j]) << 16;
+        std::memcpy(&x, &bits, sizeof(x));
+      } else {
+        x = static_cast<const float*>(p.corpus)[row * d + j];
+      }
+      score += x * tail[j - vectors * kLanes];
+    }
+    score += 0.0f;  // a zero sum is +0.0, as on the many-query path
+    if (p.mask && !p.mask[row]) score = p.masked_score;
+    // At or above the bar (Push decides ties), NaN, or the list is still open.
+    if (!best.full() || !(score < best.threshold())) best.Push(score, static_cast<int32_t>(row));
+  }
+}
+
 void ScanRows(const Problem& p, int64_t begin, int64_t end, Lists& lists) {
+  if (p.num_queries == 1) return ScanRowsOneQuery(p, begin, end, lists);
   std::vector<float> buffer(p.bf16 ? kTileRows * p.d : 0);
   auto rows_at = [&](int64_t start, int64_t count) -> const float* {
     // float32 rows are read in place (the hardware prefetcher follows the stream); bfloat16

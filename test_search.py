@@ -15,8 +15,11 @@ import native_search
 from conftest import SEEDS, assert_same_top_k, full_top_k, normal, unit_rows
 from search import (
     INF,
+    TwoPassIndex,
     auto_search_method,
     first_non_finite_row,
+    read_block,
+    read_rows,
     sharded_top_k_search,
     top_k_search,
     validate_corpus,
@@ -215,3 +218,39 @@ def test_bad_method_k_and_shapes_are_refused():
         top_k_search(queries, corpus, 3, block_size=0)
     with pytest.raises(ValueError, match="threads must be"):
         top_k_search(queries, corpus, 3, threads=-1)
+
+
+def test_two_pass_index_equals_the_full_float32_search(tmp_path):
+    """The bfloat16 first pass and float32 rescoring give the exact top k, from a
+    memory-mapped corpus too; and where bfloat16 cannot tell the rows apart (more rows within
+    its error of the k-th than the first pass keeps), the query falls back to a full float32
+    search, still exact."""
+    corpus = unit_rows((3000, EMB_SIZE), seed=20)
+    queries = unit_rows((3, EMB_SIZE), seed=21)
+    # Query 2 is axis 0, and 150 rows lie along it at 1 + i * 2**-17: distinct in float32,
+    # scored exactly (one product each), all equal in bfloat16.
+    queries[2] = np.eye(EMB_SIZE, dtype=np.float32)[0]
+    near = np.random.default_rng(0).choice(3000, 150, replace=False)
+    corpus[near] = 0.0
+    corpus[near, 0] = 1.0 + np.arange(150, dtype=np.float32) * 2.0**-17
+    path = tmp_path / "corpus.npy"
+    np.save(path, corpus)
+    mapped = np.load(path, mmap_mode="r")
+    for source in (corpus, mapped):
+        index = TwoPassIndex(source)
+        for k in (1, 10, 60):
+            scores, indices = index.search(queries, k)
+            assert_same_top_k((scores, indices), full_top_k(queries, corpus, k))
+        # Query 2 at k = 1 and 10 (the first pass keeps 66 and 84 rows of the 150); at k = 60
+        # it keeps all 150, and queries 0 and 1 never need it.
+        assert index.fallbacks == 2
+
+
+def test_read_rows_reads_a_mapped_file_without_mapping_it(tmp_path):
+    table = np.random.default_rng(1).standard_normal((500, 7)).astype(np.float32)
+    np.save(tmp_path / "t.npy", table)
+    mapped = np.load(tmp_path / "t.npy", mmap_mode="r")
+    rows = np.array([[3, 499, 3], [0, 17, 250]])
+    np.testing.assert_array_equal(read_rows(mapped, rows), table[rows])
+    np.testing.assert_array_equal(read_rows(table, rows), table[rows])
+    np.testing.assert_array_equal(read_block(mapped, 490, 600), table[490:])
