@@ -1,0 +1,179 @@
+"""Ids to hashes (the published hash functions), embedding tables, and lookups into inputs.
+
+A user, post or author id becomes H hashes, each a row of that entity's embedding table: for
+an id x != 0, hash j is ((x * scale_j + bias_j) mod modulus) mod (vocab - 1) + 1, computed in
+int64 (wrapping on overflow, as the published code does), and id 0 hashes to 0 (padding). The
+published pipeline loops over ids in Python and copies the three tables into one; here hashing
+is vectorised and lookups read the rows they need from each table (numpy arrays, memory-mapped
+files included, or jax arrays inside a compiled step).
+
+Shapes: B batch, S history, C candidates, H hashes, V vocabulary, D width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from recsys_model import HashConfig, RecsysBatch, RecsysEmbeddings
+from search import read_rows
+
+ENTITIES = ("user", "item", "author")
+# Embedding table names, as the published files name them.
+TABLE_NAMES = {entity: f"{entity}_embeddings" for entity in ENTITIES}
+# A prime below 2**31: hashes then fit int32 whatever the vocabulary.
+DEFAULT_MODULUS = 2_147_483_647
+
+
+@dataclasses.dataclass(frozen=True)
+class EntityHash:
+    """The hash functions of one entity kind and the size of its table."""
+
+    scales: tuple[int, ...]
+    biases: tuple[int, ...]
+    modulus: int
+    vocab_size: int
+
+    def __post_init__(self):
+        if len(self.scales) != len(self.biases) or not self.scales:
+            raise ValueError(
+                f"hash scales {self.scales} and biases {self.biases} must be non-empty and of "
+                "equal length (one of each per hash)"
+            )
+        if self.modulus < 2 or self.vocab_size < 2:
+            raise ValueError(
+                f"hash modulus ({self.modulus}) and vocab_size ({self.vocab_size}) must be >= 2"
+            )
+
+    def __call__(self, ids: Any) -> np.ndarray:  # [...] -> [..., H] int32 in [0, vocab)
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"ids must be integers, got {ids.dtype}")
+        x = ids.astype(np.int64)[..., None]
+        scales, biases = np.asarray(self.scales, np.int64), np.asarray(self.biases, np.int64)
+        with np.errstate(over="ignore"):  # int64 wraps, as in the published hash
+            h = (x * scales + biases) % self.modulus % (self.vocab_size - 1) + 1
+        return np.where(x == 0, 0, h).astype(np.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Hashing:
+    """The hash functions and table sizes of a model's three entity kinds."""
+
+    user: EntityHash
+    item: EntityHash
+    author: EntityHash
+
+    @property
+    def hash_config(self) -> HashConfig:
+        return HashConfig(len(self.user.scales), len(self.item.scales), len(self.author.scales))
+
+    @classmethod
+    def random(cls, hash_config: HashConfig, vocab_sizes: Mapping[str, int], seed: int) -> Hashing:
+        """Scales in [1, modulus) and biases in [0, modulus) drawn from `seed`."""
+        rng = np.random.default_rng(seed)
+        counts = {
+            "user": hash_config.num_user_hashes,
+            "item": hash_config.num_item_hashes,
+            "author": hash_config.num_author_hashes,
+        }
+        kinds = {}
+        for entity in ENTITIES:
+            n = counts[entity]
+            kinds[entity] = EntityHash(
+                tuple(int(v) for v in rng.integers(1, DEFAULT_MODULUS, n)),
+                tuple(int(v) for v in rng.integers(0, DEFAULT_MODULUS, n)),
+                DEFAULT_MODULUS,
+                int(vocab_sizes[entity]),
+            )
+        return cls(**kinds)
+
+    def to_json(self) -> dict:
+        """The `hash_params` and `*_vocab_size` keys of a published `config.json`."""
+        params, sizes = {}, {}
+        for entity in ENTITIES:
+            kind = getattr(self, entity)
+            params[f"{entity}_hash_scales"] = list(kind.scales)
+            params[f"{entity}_biases"] = list(kind.biases)
+            params[f"{entity}_modulus"] = kind.modulus
+            sizes[f"{entity}_vocab_size"] = kind.vocab_size
+        return {"hash_params": params, **sizes}
+
+    @classmethod
+    def from_json(cls, config: Mapping[str, Any]) -> Hashing:
+        """From a published `config.json` (its `hash_params` and `*_vocab_size` keys)."""
+        params = config["hash_params"]
+        kinds = {}
+        for entity in ENTITIES:
+            kinds[entity] = EntityHash(
+                tuple(int(v) for v in params[f"{entity}_hash_scales"]),
+                tuple(int(v) for v in params[f"{entity}_biases"]),
+                int(params[f"{entity}_modulus"]),
+                int(config[f"{entity}_vocab_size"]),
+            )
+        return cls(**kinds)
+
+
+def init_tables(hashing: Hashing, emb_size: int, seed: int, scale: float = 1.0) -> dict:
+    """Embedding tables {user,item,author}_embeddings [V, D] float32, normal with standard
+    deviation `scale` (row 0, padding, included: masks keep it out)."""
+    rng = np.random.default_rng(seed)
+    return {
+        TABLE_NAMES[e]: scale
+        * rng.standard_normal((getattr(hashing, e).vocab_size, emb_size), np.float32)
+        for e in ENTITIES
+    }
+
+
+def _take(table, hashes):
+    """Rows of `table` [V, D] at `hashes` [...]: numpy (from a memory-mapped file, only those
+    rows are read) or jax (inside a compiled step, differentiable)."""
+    if isinstance(table, jax.Array) or isinstance(hashes, jax.core.Tracer):
+        return jnp.take(table, hashes, axis=0)
+    return read_rows(table, np.asarray(hashes))
+
+
+def lookup(tables: Mapping[str, Any], batch: RecsysBatch) -> RecsysEmbeddings:
+    """The embeddings of a batch's hashes, from split tables (`user_embeddings`,
+    `item_embeddings`, `author_embeddings`)."""
+    users, items, authors = (tables[TABLE_NAMES[e]] for e in ENTITIES)
+    return RecsysEmbeddings(
+        user_embeddings=_take(users, batch.user_hashes),
+        history_post_embeddings=_take(items, batch.history_post_hashes),
+        candidate_post_embeddings=_take(items, batch.candidate_post_hashes),
+        history_author_embeddings=_take(authors, batch.history_author_hashes),
+        candidate_author_embeddings=_take(authors, batch.candidate_author_hashes),
+    )
+
+
+def hash_batch(
+    hashing: Hashing,
+    user_ids: Any,  # [B]
+    history_post_ids: Any,  # [B, S]
+    history_author_ids: Any,  # [B, S]
+    history_actions: Any,  # [B, S, A]
+    candidate_post_ids: Any,  # [B, C]
+    candidate_author_ids: Any,  # [B, C]
+    **second_release: Any,
+) -> RecsysBatch:
+    """A `RecsysBatch` from ids (0 = padding): every id hashed, product surfaces 0. Keyword
+    arguments pass second-release fields through (`history_continuous_actions`,
+    `candidate_impr_ts`, `candidate_post_creation_ts`)."""
+    history_post_ids = np.asarray(history_post_ids)
+    candidate_post_ids = np.asarray(candidate_post_ids)
+    return RecsysBatch(
+        user_hashes=hashing.user(user_ids),
+        history_post_hashes=hashing.item(history_post_ids),
+        history_author_hashes=hashing.author(history_author_ids),
+        history_actions=np.asarray(history_actions, np.float32),
+        history_product_surface=np.zeros(history_post_ids.shape, np.int32),
+        candidate_post_hashes=hashing.item(candidate_post_ids),
+        candidate_author_hashes=hashing.author(candidate_author_ids),
+        candidate_product_surface=np.zeros(candidate_post_ids.shape, np.int32),
+        **second_release,
+    )
