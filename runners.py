@@ -14,10 +14,8 @@ whose memory would plainly not fit.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -25,13 +23,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from checkpoint import (
+    LOG_TEMPERATURE,
+    check_params,
+    load_embedding_table,
+    load_model_params,
+    param_shapes,
+)
 from grok import TrainingState, TransformerConfig, ffn_size
 from recsys_model import (
     ACTIONS,
-    HashConfig,
     PhoenixModelConfig,
     RecsysBatch,
     RecsysEmbeddings,
+    RecsysModelOutput,
+    create_dummy_batch_from_config,
+    create_dummy_embeddings_from_config,
+    dummy_inputs,
     map_candidates,
     validate_inputs,
 )
@@ -40,6 +48,8 @@ from search import check_top_k, sharded_top_k_search, validate_corpus
 
 __all__ = [
     "ACTIONS",
+    "CONTINUOUS_ACTIONS",
+    "NEGATIVE_FEEDBACK_INDICES",
     "BaseInferenceRunner",
     "BaseModelRunner",
     "ModelRunner",
@@ -53,6 +63,8 @@ __all__ = [
     "create_dummy_embeddings_from_config",
     "create_example_batch",
     "create_example_corpus",
+    "load_embedding_table",
+    "load_model_params",
     "map_candidates",
     "randomize_params",
 ]
@@ -62,14 +74,31 @@ RANKING_ACTION = ACTIONS.index("favorite_score")
 # Candidates scored per step of the cached ranking path: bounds its memory.
 DEFAULT_CANDIDATE_BLOCK = 1024
 
+# The second release's continuous values, in the order of the continuous head's outputs.
+CONTINUOUS_ACTIONS = [
+    "reserved",
+    "dwell_time",
+    "video_watch_time",
+    "scroll_depth",
+    "reserved_3",
+    "reserved_4",
+    "reserved_5",
+    "reserved_6",
+]
+# Indices in ACTIONS of the negative feedback: not interested, block, mute, report.
+NEGATIVE_FEEDBACK_INDICES = [14, 15, 16, 17]
+
 RankingOutput = NamedTuple(
     "RankingOutput",
     [("scores", jax.Array), ("ranked_indices", jax.Array)]
-    + [(f"p_{action}", jax.Array) for action in ACTIONS],
+    + [(f"p_{action}", jax.Array) for action in ACTIONS]
+    + [("continuous_preds", jax.Array | None)],
 )
+RankingOutput.__new__.__defaults__ = (None,)
 RankingOutput.__doc__ = """Probabilities scores [B, C, A] (sigmoid of the logits, float32),
-ranked_indices [B, C] (descending favorite probability, padded candidates last), and one field
-p_<action> [B, C] per action of `ACTIONS`."""
+ranked_indices [B, C] (descending favorite probability, padded candidates last), one field
+p_<action> [B, C] per action of `ACTIONS`, and the second release's continuous predictions
+[B, C, Nc] (float32; None for a first-release model)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,53 +106,8 @@ p_<action> [B, C] per action of `ACTIONS`."""
 # ---------------------------------------------------------------------------------------------
 
 
-def create_dummy_batch_from_config(
-    hash_config: HashConfig,
-    history_len: int,
-    num_candidates: int,
-    num_actions: int,
-    batch_size: int = 1,
-) -> RecsysBatch:
-    """An all-zero batch of the given shapes (used to initialise parameters)."""
-    b, s, c = batch_size, history_len, num_candidates
-    return RecsysBatch(
-        user_hashes=np.zeros((b, hash_config.num_user_hashes), np.int32),
-        history_post_hashes=np.zeros((b, s, hash_config.num_item_hashes), np.int32),
-        history_author_hashes=np.zeros((b, s, hash_config.num_author_hashes), np.int32),
-        history_actions=np.zeros((b, s, num_actions), np.float32),
-        history_product_surface=np.zeros((b, s), np.int32),
-        candidate_post_hashes=np.zeros((b, c, hash_config.num_item_hashes), np.int32),
-        candidate_author_hashes=np.zeros((b, c, hash_config.num_author_hashes), np.int32),
-        candidate_product_surface=np.zeros((b, c), np.int32),
-    )
-
-
-def create_dummy_embeddings_from_config(
-    hash_config: HashConfig,
-    emb_size: int,
-    history_len: int,
-    num_candidates: int,
-    batch_size: int = 1,
-) -> RecsysEmbeddings:
-    """All-zero embeddings of the given shapes."""
-    b, s, c, d = batch_size, history_len, num_candidates, emb_size
-    return RecsysEmbeddings(
-        user_embeddings=np.zeros((b, hash_config.num_user_hashes, d), np.float32),
-        history_post_embeddings=np.zeros((b, s, hash_config.num_item_hashes, d), np.float32),
-        candidate_post_embeddings=np.zeros((b, c, hash_config.num_item_hashes, d), np.float32),
-        history_author_embeddings=np.zeros((b, s, hash_config.num_author_hashes, d), np.float32),
-        candidate_author_embeddings=np.zeros((b, c, hash_config.num_author_hashes, d), np.float32),
-    )
-
-
-def _dummy_inputs(config, num_actions: int, batch_size: int = 1):
-    """All-zero inputs of a config's shapes (history and candidates of length at least 1)."""
-    s, c = max(1, config.history_seq_len), max(1, config.candidate_seq_len)
-    batch = create_dummy_batch_from_config(config.hash_config, s, c, num_actions, batch_size)
-    embeddings = create_dummy_embeddings_from_config(
-        config.hash_config, config.emb_size, s, c, batch_size
-    )
-    return batch, embeddings
+# Impression time of example candidates (unix seconds, November 2023).
+EXAMPLE_IMPRESSION_TIME = 1_700_000_000
 
 
 def create_example_batch(
@@ -136,13 +120,21 @@ def create_example_batch(
     num_item_hashes: int = 2,
     num_author_hashes: int = 2,
     product_surface_vocab_size: int = 16,
-    num_user_embeddings: int = 100000,
-    num_post_embeddings: int = 100000,
-    num_author_embeddings: int = 100000,
+    num_user_embeddings: int = 1_000_000,
+    num_post_embeddings: int = 1_000_000,
+    num_author_embeddings: int = 1_000_000,
+    include_continuous_actions: bool = False,
+    include_timestamps: bool = False,
+    num_continuous_actions: int = 8,
     seed: int = 0,
 ) -> tuple[RecsysBatch, RecsysEmbeddings]:
     """A random, seeded batch: hashes in [1, table size), a random tail of each history padded
-    with 0, about 30 % of action bits set, standard-normal embeddings (zero where padded)."""
+    with 0, about 30 % of action bits set, standard-normal embeddings (zero where padded).
+
+    Second-release inputs on request: continuous actions [B, S, Nc] (exponential, mean 10;
+    column 1 is the dwell time in seconds; zero where padded), and candidate impression and
+    creation times (unix seconds; post ages up to four days).
+    """
     rng = np.random.default_rng(seed)
     b, s, c, d = batch_size, history_len, num_candidates, emb_size
 
@@ -169,6 +161,15 @@ def create_example_batch(
             np.int32
         ),
     )
+    if include_continuous_actions:
+        continuous = rng.exponential(10.0, (b, s, num_continuous_actions)) * valid[..., None]
+        batch = batch._replace(history_continuous_actions=continuous.astype(np.float32))
+    if include_timestamps:
+        impressions = np.full((b, c), EXAMPLE_IMPRESSION_TIME, np.int64)
+        ages = rng.integers(0, 4 * 24 * 3600, (b, c))
+        batch = batch._replace(
+            candidate_impr_ts=impressions, candidate_post_creation_ts=impressions - ages
+        )
 
     def normal(shape, mask=None):
         x = rng.standard_normal(shape, dtype=np.float32)
@@ -212,51 +213,6 @@ def randomize_params(params: hk.Params, seed: int) -> hk.Params:
 # ---------------------------------------------------------------------------------------------
 # What enters a runner: parameters that fit the model, sizes that fit in memory.
 # ---------------------------------------------------------------------------------------------
-
-
-def _flat(params: Any) -> dict[str, Any]:
-    """{"module/name": array} of a Haiku parameter tree (module -> name -> array)."""
-    if not isinstance(params, Mapping) or not all(isinstance(v, Mapping) for v in params.values()):
-        raise TypeError(
-            "params must be a Haiku parameter tree, a dict of modules each a dict of arrays, "
-            f"got {type(params).__name__}"
-        )
-    return {f"{m}/{n}": value for m, leaves in params.items() for n, value in leaves.items()}
-
-
-def _layer_count(paths) -> int:
-    return len({p.split("/")[1] for p in paths if p.startswith("transformer/decoder_layer_")})
-
-
-def check_params(params: hk.Params, expected: hk.Params) -> None:
-    """Raises ValueError naming the first parameter of `params` that does not fit `expected`
-    (a tree of arrays or shapes, as `jax.eval_shape(init, ...)` gives): missing, extra, of
-    another shape or dtype, or holding NaN or infinity."""
-    got, want = _flat(params), _flat(expected)
-    hint = ""
-    if _layer_count(got) != _layer_count(want):
-        hint = f" (the parameters have {_layer_count(got)} layers, the model {_layer_count(want)})"
-    got_models, want_models = ({p.split("/")[0] for p in t} - {"transformer"} for t in (got, want))
-    if got_models and not got_models & want_models:
-        hint = f" (they are parameters of {', '.join(sorted(got_models))}, another model)"
-    for path, shape in want.items():
-        if path not in got:
-            raise ValueError(
-                f"params do not fit the model: {path} {list(shape.shape)} is missing{hint}"
-            )
-        value = got[path]
-        dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
-        if np.shape(value) != shape.shape or dtype != shape.dtype:
-            raise ValueError(
-                f"params do not fit the model: {path} is {list(np.shape(value))} {dtype}, "
-                f"the model expects {list(shape.shape)} {shape.dtype}{hint}"
-            )
-    for path in got:
-        if path not in want:
-            raise ValueError(f"params do not fit the model: {path} is not a parameter of it{hint}")
-    for path, value in got.items():
-        if not bool(jnp.all(jnp.isfinite(value))):
-            raise ValueError(f"params hold NaN or infinite values in {path}")
 
 
 def available_memory() -> int | None:
@@ -343,18 +299,19 @@ class ModelRunner(BaseModelRunner):
 
     def make_cached_fns(self) -> tuple[hk.Transformed, hk.Transformed]:
         """The cached path, sharing `forward`'s parameters: encode(batch, embeddings) -> KVCache
-        and score(context, batch, embeddings, candidate_offset) -> RecsysModelOutput."""
+        and score(context, batch, embeddings, candidate_offset, candidate_slots=None) ->
+        RecsysModelOutput."""
         encode = hk.transform(lambda b, e: self.model.make().encode_context(b, e))
         score = hk.transform(
-            lambda ctx, b, e, off: self.model.make().score_candidates(ctx, b, e, off)
+            lambda ctx, b, e, off, slots=None: self.model.make().score_candidates(
+                ctx, b, e, off, candidate_slots=slots
+            )
         )
         return encode, score
 
     def param_shapes(self) -> hk.Params:
         """The shapes and dtypes of the parameters `init` creates (nothing is computed)."""
-        self._require_initialized()
-        inputs = _dummy_inputs(self.model, self.model.num_actions)
-        return jax.eval_shape(self.forward.init, jax.random.PRNGKey(0), *inputs)
+        return param_shapes(self.model)
 
     def init(
         self, rng: jax.Array, data: RecsysBatch, embeddings: RecsysEmbeddings
@@ -364,9 +321,21 @@ class ModelRunner(BaseModelRunner):
         return TrainingState(jax.jit(self.forward.init)(rng, data, embeddings))
 
     def load_or_init(
-        self, init_data: RecsysBatch, init_embeddings: RecsysEmbeddings
+        self,
+        init_data: RecsysBatch,
+        init_embeddings: RecsysEmbeddings,
+        checkpoint_path: str | os.PathLike | None = None,
     ) -> TrainingState:
-        return self.init(jax.random.PRNGKey(self.rng_seed), init_data, init_embeddings)
+        """Parameters from `checkpoint_path` (an npz in the published layout), checked against
+        this model's tree, or freshly initialised."""
+        if checkpoint_path is None:
+            return self.init(jax.random.PRNGKey(self.rng_seed), init_data, init_embeddings)
+        params = load_model_params(checkpoint_path)
+        try:
+            check_params(params, self.param_shapes())
+        except ValueError as error:
+            raise ValueError(f"{checkpoint_path}: {error}") from None
+        return TrainingState(params)
 
 
 class RetrievalModelRunner(BaseModelRunner):
@@ -395,11 +364,7 @@ class RetrievalModelRunner(BaseModelRunner):
     def param_shapes(self, num_actions: int = len(ACTIONS)) -> hk.Params:
         """The shapes and dtypes of the parameters `init` creates for histories of
         `num_actions` actions (the retrieval config does not fix it)."""
-        self._require_initialized()
-        inputs = _dummy_inputs(self.model, num_actions)
-        corpus = jax.ShapeDtypeStruct((1, self.model.emb_size), jnp.float32)
-        init = functools.partial(self.forward.init, top_k=1)
-        return jax.eval_shape(init, jax.random.PRNGKey(0), *inputs, corpus)
+        return param_shapes(self.model, num_actions)
 
     def init(
         self,
@@ -447,8 +412,11 @@ class BaseInferenceRunner:
     @params.setter
     def params(self, params: hk.Params | None) -> None:
         if params is not None:
-            check_params(params, self._param_shapes(params))
+            check_params(params, self._param_shapes(params), self._optional_params)
         self._params = params
+
+    # Parameters a tree may hold beyond the model's own: {"module/name": shape}.
+    _optional_params: dict[str, tuple] = {}
 
     def _param_shapes(self, params: hk.Params) -> hk.Params:
         raise NotImplementedError
@@ -458,36 +426,45 @@ class BaseInferenceRunner:
             raise ValueError(f"{type(self).__name__}.initialize() must be called first")
 
 
-def _ranking_output(logits: jax.Array, candidate_mask: jax.Array) -> RankingOutput:
-    """Probabilities and the ranking of [B, C, A] logits; padded candidates rank last."""
-    scores = jax.nn.sigmoid(logits.astype(jnp.float32))
+def _ranking_output(output: RecsysModelOutput, candidate_mask: jax.Array) -> RankingOutput:
+    """Probabilities and the ranking of a model's outputs ([B, C, A] logits); padded
+    candidates rank last."""
+    scores = jax.nn.sigmoid(output.logits.astype(jnp.float32))
     key = jnp.where(candidate_mask, scores[:, :, RANKING_ACTION], -jnp.inf)
     ranked = jnp.argsort(-key, axis=-1, stable=True)
     probabilities = [scores[:, :, i] for i in range(len(ACTIONS))]
-    return RankingOutput(scores, ranked, *probabilities)
+    continuous = output.continuous_preds
+    continuous = None if continuous is None else continuous.astype(jnp.float32)
+    return RankingOutput(scores, ranked, *probabilities, continuous)
 
 
-def _blocked_logits(score, context, batch, embeddings, block: int) -> jax.Array:
-    """Logits [B, C, A] of every candidate, `block` candidates per step of a `lax.map` (the
-    last block padded with hash 0), each at its own position in the list."""
+def _blocked_outputs(score, batch, embeddings, slots, block: int) -> RecsysModelOutput:
+    """The outputs [B, C, ...] of every candidate, `block` candidates per step of a `lax.map`
+    (the last block padded with hash 0), each at its own position in the list."""
     num_candidates = batch.candidate_post_hashes.shape[1]
     if num_candidates <= block:
-        return score(context, batch, embeddings, 0)
+        return score(batch, embeddings, 0, slots)
     num_blocks = -(-num_candidates // block)
+    extra = num_blocks * block - num_candidates
 
     def pad(x):  # [B, C, ...] -> [B, num_blocks * block, ...]
-        widths = [(0, 0), (0, num_blocks * block - num_candidates)] + [(0, 0)] * (x.ndim - 2)
-        return jnp.pad(x, widths)
+        return jnp.pad(x, [(0, 0), (0, extra)] + [(0, 0)] * (x.ndim - 2))
 
     padded = map_candidates(batch, embeddings, pad)
+    padded_slots = None if slots is None else jnp.pad(slots, (0, extra))
 
     def score_block(start):
         part = map_candidates(*padded, lambda x: jax.lax.dynamic_slice_in_dim(x, start, block, 1))
-        return score(context, *part, start)
+        if slots is None:
+            return score(*part, start, None)
+        return score(*part, start, jax.lax.dynamic_slice_in_dim(padded_slots, start, block))
 
-    logits = jax.lax.map(score_block, jnp.arange(num_blocks) * block)  # [blocks, B, block, A]
-    logits = jnp.moveaxis(logits, 0, 1).reshape(logits.shape[1], -1, logits.shape[-1])
-    return logits[:, :num_candidates]
+    outputs = jax.lax.map(score_block, jnp.arange(num_blocks) * block)  # [blocks, B, block, ...]
+
+    def merge(x):
+        return jnp.moveaxis(x, 0, 1).reshape(x.shape[1], -1, *x.shape[3:])[:, :num_candidates]
+
+    return jax.tree.map(merge, outputs)
 
 
 class RecsysInferenceRunner(BaseInferenceRunner):
@@ -528,35 +505,58 @@ class RecsysInferenceRunner(BaseInferenceRunner):
             )
         runner.initialize()
         if params is None:
-            inputs = _dummy_inputs(config, config.num_actions, runner.batch_size)
+            inputs = dummy_inputs(config, config.num_actions, runner.batch_size)
             self._params = runner.load_or_init(*inputs).params
         else:
             self.params = params
         encode, score = runner.make_cached_fns()
 
-        def rank(params, batch, embeddings, block):
+        def rank(params, batch, embeddings, slots, block):
             context = encode.apply(params, None, batch, embeddings)
 
-            def score_logits(context, batch, embeddings, start):
-                return score.apply(params, None, context, batch, embeddings, start).logits
+            def score_block(batch, embeddings, start, slots):
+                return score.apply(params, None, context, batch, embeddings, start, slots)
 
-            logits = _blocked_logits(score_logits, context, batch, embeddings, block)
-            return _ranking_output(logits, batch.candidate_post_hashes[:, :, 0] != 0)
+            outputs = _blocked_outputs(score_block, batch, embeddings, slots, block)
+            return _ranking_output(outputs, batch.candidate_post_hashes[:, :, 0] != 0)
 
         self._rank = jax.jit(rank, static_argnames="block")
 
-    def rank(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> RankingOutput:
+    def rank(
+        self,
+        batch: RecsysBatch,
+        embeddings: RecsysEmbeddings,
+        *,
+        candidate_slots: Any | None = None,
+    ) -> RankingOutput:
         """Probabilities and order of every candidate, for any number of candidates (none
-        gives empty arrays)."""
+        gives empty arrays).
+
+        `candidate_slots` [C] (ints) places candidate c at slot `candidate_slots[c]` of the
+        dense sequence instead of slot c: the published pipeline ranks in chunks of
+        `candidate_seq_len`, which puts candidate c at slot c mod candidate_seq_len. A model
+        with right-anchored positions puts every candidate at the same position anyway.
+        """
         self._require_initialized()
         config = self.runner.model
         sizes = validate_inputs(batch, embeddings, config, config.num_actions)
         b, c = sizes["B"], sizes["C"]
+        if candidate_slots is not None:
+            candidate_slots = np.asarray(candidate_slots)
+            if candidate_slots.shape != (c,) or candidate_slots.dtype.kind not in "iu":
+                raise ValueError(
+                    f"candidate_slots must be [C={c}] integers, got {candidate_slots.shape} "
+                    f"{candidate_slots.dtype}"
+                )
         if c == 0:
-            scores = jnp.zeros((b, 0, config.num_actions), jnp.float32)
-            return _ranking_output(scores, jnp.zeros((b, 0), bool))
+            logits = jnp.zeros((b, 0, config.num_actions), jnp.float32)
+            empty = None
+            if config.release >= 2:
+                empty = jnp.zeros((b, 0, config.num_continuous_actions), jnp.float32)
+            return _ranking_output(RecsysModelOutput(logits, empty), jnp.zeros((b, 0), bool))
         self.check_fits(b, sizes["S"], c)
-        return self._rank(self.params, batch, embeddings, block=min(c, self.candidate_block_size))
+        block = min(c, self.candidate_block_size)
+        return self._rank(self.params, batch, embeddings, candidate_slots, block=block)
 
     def check_fits(self, batch_size: int, history_len: int, num_candidates: int) -> None:
         """Raises ValueError if ranking inputs of these sizes would plainly not fit in memory."""
@@ -567,7 +567,13 @@ class RecsysInferenceRunner(BaseInferenceRunner):
 
 
 class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
-    """Encodes users and candidates and retrieves top-K posts from a corpus."""
+    """Encodes users and candidates and retrieves top-K posts from a corpus.
+
+    Its parameters may hold the top-level `log_temperature` of trained and published
+    retrieval checkpoints (it does not change retrieval).
+    """
+
+    _optional_params = {"/".join(LOG_TEMPERATURE): ()}
 
     def __init__(self, runner: RetrievalModelRunner, name: str):
         super().__init__(name)
@@ -588,7 +594,7 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         config = runner.model
         if params is None:
             # The retrieval config has no num_actions; the published demo uses 19.
-            inputs = _dummy_inputs(config, len(ACTIONS), runner.batch_size)
+            inputs = dummy_inputs(config, len(ACTIONS), runner.batch_size)
             corpus = np.zeros((1, config.emb_size), np.float32)
             self._params = runner.load_or_init(*inputs, corpus, 1).params
         else:

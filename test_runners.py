@@ -119,12 +119,13 @@ def dense_forward_at_slots() -> Callable[..., np.ndarray]:
         model = config.make()
         transformer = model.model
         context_len = 1 + batch.history_post_hashes.shape[1]
-        positions = jnp.concatenate(
+        explicit = jnp.concatenate(
             [jnp.arange(context_len, dtype=jnp.float32), context_len + slots.astype(jnp.float32)]
         )[None, :]
 
-        def with_positions(tokens, mask, candidate_start_offset):
-            return transformer(tokens, mask, candidate_start_offset, positions=positions)
+        def with_positions(tokens, mask, candidate_start_offset, positions=None):
+            del positions  # these candidates' own, below
+            return transformer(tokens, mask, candidate_start_offset, positions=explicit)
 
         model.model = with_positions
         return jax.nn.sigmoid(model(batch, embeddings).logits.astype(jnp.float32))
@@ -141,9 +142,9 @@ def traces(monkeypatch) -> dict[str, int]:
     for method in counts:
         original = getattr(recsys_model.PhoenixModel, method)
 
-        def counting(self, *args, method=method, original=original):
+        def counting(self, *args, method=method, original=original, **kwargs):
             counts[method] += 1
-            return original(self, *args)
+            return original(self, *args, **kwargs)
 
         monkeypatch.setattr(recsys_model.PhoenixModel, method, counting)
     return counts
@@ -262,7 +263,9 @@ def test_ranked_indices_put_padded_candidates_last_and_sort_by_favorite(ranker, 
 
 def test_ranking_output_fields_are_the_score_columns_of_actions(ranker):
     ranking = ranker.rank(*fixed_example())
-    assert RankingOutput._fields == ("scores", "ranked_indices", *(f"p_{a}" for a in ACTIONS))
+    fields = ("scores", "ranked_indices", *(f"p_{a}" for a in ACTIONS), "continuous_preds")
+    assert RankingOutput._fields == fields
+    assert ranking.continuous_preds is None  # a first-release model
     scores = np.asarray(ranking.scores)
     for i, action in enumerate(ACTIONS):
         np.testing.assert_array_equal(getattr(ranking, f"p_{action}"), scores[:, :, i])

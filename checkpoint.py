@@ -1,0 +1,611 @@
+"""Parameter trees and embedding tables in the published npz layout, artifacts folders, and the
+checks that a tree fits a model.
+
+A parameter file holds one array per parameter, named `module_path/param_name`; an embedding
+file holds `user_embeddings`, `item_embeddings` and `author_embeddings`. An artifacts folder,
+as the published pipeline reads it:
+
+    retrieval/  model_params.npz  embedding_tables.npz  config.json
+    ranker/     model_params.npz  embedding_tables.npz  config.json
+    <corpus>.npz         post_ids [N], candidate_representations [N, D], author_ids [N], topics
+    <sequence>.json      {"user_id": ..., "history": [{"post_id", "author_id", "actions"}, ...]}
+
+Reading memory-maps what the file stores uncompressed (np.savez does), so that a 1.5 GB table
+costs no copy, and checks every array (the zip's CRC, finite values, names, shapes) before
+anything is returned: a file that is missing, truncated, corrupt, holds NaN or does not fit the
+model is refused with one line naming the file and the first problem. Writing goes to a
+temporary name renamed at the end, so an interrupted save never leaves a file or a folder that
+looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from grok import TransformerConfig
+from recsys_model import (
+    ACTIONS,
+    HashConfig,
+    PhoenixModelConfig,
+    dummy_inputs,
+)
+from recsys_retrieval_model import PhoenixRetrievalModelConfig
+from tables import TABLE_NAMES, Hashing
+
+PARAMS_FILE = "model_params.npz"
+TABLES_FILE = "embedding_tables.npz"
+CONFIG_FILE = "config.json"
+# The published pipeline's file names in an artifacts folder.
+DEFAULT_SEQUENCE_FILE = "example_sequence.json"
+DEFAULT_CORPUS_FILE = "sports_corpus.npz"
+# The published pipeline creates this top-level retrieval parameter and requires it.
+LOG_TEMPERATURE = ("~", "log_temperature")
+# The published pipeline fixes these when it builds a model from config.json.
+PUBLISHED_WIDENING = 2.0
+PUBLISHED_MULTIPLIER = 0.125
+# Bytes read at a time when checking an array's CRC and values.
+CHUNK_BYTES = 64 << 20
+
+ModelConfig = PhoenixModelConfig | PhoenixRetrievalModelConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# npz files: memory-mapped, checked, written atomically.
+# ---------------------------------------------------------------------------------------------
+
+
+_HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
+
+
+def _member_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> np.ndarray:
+    """One .npy member, its CRC and values checked. Stored uncompressed (as np.savez writes),
+    it is checked by streaming reads and returned memory-mapped, so that only the rows used
+    later are ever in memory; compressed, it is read whole."""
+    with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = _HEADER_READERS.get(version)
+        if read_header is None or info.compress_type != zipfile.ZIP_STORED:
+            f.seek(0)
+            try:
+                array = np.lib.format.read_array(f, allow_pickle=False)
+            except ValueError as error:
+                raise ValueError(f"{path}: {info.filename}: {error}") from None
+            if array.dtype.kind in "fc" and not np.isfinite(array).all():
+                raise ValueError(f"{path}: {info.filename[:-4]} holds NaN or infinite values")
+            return array
+        shape, fortran, dtype = read_header(f)
+        header_size = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{path}: {info.filename} holds Python objects; expected numbers")
+    with open(path, "rb") as raw:
+        raw.seek(info.header_offset)
+        local = raw.read(zipfile.sizeFileHeader)
+        name_length, extra_length = np.frombuffer(local[26:30], "<u2")
+        start = info.header_offset + zipfile.sizeFileHeader + int(name_length) + int(extra_length)
+        if start + info.file_size > path.stat().st_size:
+            raise ValueError(f"{path}: {info.filename} is truncated")
+        raw.seek(start)
+        crc = zlib.crc32(raw.read(header_size))
+        finite = True
+        step = CHUNK_BYTES - CHUNK_BYTES % dtype.itemsize
+        for begin in range(header_size, info.file_size, step):
+            chunk = raw.read(min(step, info.file_size - begin))
+            crc = zlib.crc32(chunk, crc)
+            if dtype.kind in "fc" and finite:
+                finite = bool(np.isfinite(np.frombuffer(chunk, dtype)).all())
+    if crc != info.CRC:
+        raise ValueError(f"{path}: {info.filename} is corrupt (its checksum does not match)")
+    if not finite:
+        raise ValueError(f"{path}: {info.filename[:-4]} holds NaN or infinite values")
+    order = "F" if fortran else "C"
+    return np.memmap(path, dtype, mode="r", offset=start + header_size, shape=shape, order=order)
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, by name, memory-mapped where it is stored uncompressed.
+
+    Raises FileNotFoundError if the file is missing and ValueError if it is not a readable
+    npz (truncated, corrupt, holding objects or non-finite floats), naming the file and the
+    first problem. Nothing is returned unless every array passed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            arrays = {}
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    raise ValueError(f"{path}: {info.filename} is not an array")
+                arrays[info.filename[: -len(".npy")]] = _member_array(path, archive, info)
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        if "CRC" in str(error):  # zipfile checked a small member whole
+            raise ValueError(
+                f"{path}: {error}: it is corrupt (its checksum does not match)"
+            ) from None
+        raise ValueError(f"{path}: not a readable .npz file ({error})") from None
+    except zlib.error as error:
+        raise ValueError(f"{path}: corrupt ({error})") from None
+    return arrays
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def _atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write to, renamed to `path` only if writing succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    os.chmod(scratch, 0o666 & ~_umask())  # as open() would have made it, not mkstemp's 0600
+    try:
+        yield Path(scratch)
+        os.replace(scratch, path)
+    finally:
+        if os.path.exists(scratch):
+            os.remove(scratch)
+
+
+def write_npz(arrays: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Writes arrays, uncompressed (memory-mappable), to `path` atomically."""
+    with _atomic_path(Path(path)) as scratch, open(scratch, "wb") as f:
+        np.savez(f, **{name: np.asarray(value) for name, value in arrays.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter trees.
+# ---------------------------------------------------------------------------------------------
+
+
+def flatten_params(params: hk.Params) -> dict[str, Any]:
+    """{"module/name": array} of a Haiku parameter tree (module -> name -> array)."""
+    if not isinstance(params, Mapping) or not all(isinstance(v, Mapping) for v in params.values()):
+        raise TypeError(
+            "params must be a Haiku parameter tree, a dict of modules each a dict of arrays, "
+            f"got {type(params).__name__}"
+        )
+    return {f"{m}/{n}" if m else n: v for m, leaves in params.items() for n, v in leaves.items()}
+
+
+def unflatten_params(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The published rule: each key splits at its last "/" into module path and parameter
+    name; a key without "/" goes under module ""."""
+    params: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        module, _, name = key.rpartition("/")
+        params.setdefault(module, {})[name] = value
+    return params
+
+
+def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str, jax.Array]]:
+    """A parameter tree from an npz in the published layout, arrays converted as `jnp.array`
+    converts them (float64 to float32, int64 to int32 unless x64 is on). Checked as
+    `read_npz` checks; refuses objects (the published loader would unpickle them)."""
+    return jax.tree.map(jnp.asarray, unflatten_params(read_npz(checkpoint_path)))
+
+
+def save_model_params(params: hk.Params, checkpoint_path: str | os.PathLike) -> None:
+    """Writes a parameter tree in the published layout (`module/name` keys), atomically."""
+    write_npz(flatten_params(params), checkpoint_path)
+
+
+def load_embedding_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an embedding file (`user_embeddings`, `item_embeddings`,
+    `author_embeddings`), memory-mapped and checked as `read_npz` does."""
+    return read_npz(path)
+
+
+def save_embedding_tables(tables: Mapping[str, Any], path: str | os.PathLike) -> None:
+    write_npz(tables, path)
+
+
+def param_shapes(config: ModelConfig, num_actions: int | None = None) -> hk.Params:
+    """Shapes and dtypes of the parameters a model of `config` creates (nothing is computed).
+    The retrieval config does not fix the number of actions: `num_actions` (default 19)."""
+    num_actions = num_actions or getattr(config, "num_actions", None) or len(ACTIONS)
+    inputs = dummy_inputs(config, num_actions)
+
+    def init(batch, embeddings):
+        model = config.make()
+        if isinstance(config, PhoenixRetrievalModelConfig):
+            model.build_user_representation(batch, embeddings)
+            model.build_candidate_representation(batch, embeddings)
+        else:
+            model(batch, embeddings)
+
+    return jax.eval_shape(hk.transform(init).init, jax.random.PRNGKey(0), *inputs)
+
+
+def release_of(params: hk.Params) -> int:
+    """Which published ranker release a ranking parameter tree belongs to (2: it holds the
+    dwell-time projections)."""
+    return 2 if "history_dwell_time_proj1" in params.get("phoenix_model", {}) else 1
+
+
+def _layer_count(paths) -> int:
+    return len({p.split("/")[1] for p in paths if p.startswith("transformer/decoder_layer_")})
+
+
+def _hint(got: dict, want: dict, expected: hk.Params, params: hk.Params) -> str:
+    """Why a tree might not fit: another depth, the other model, the other release."""
+    got_models, want_models = ({p.split("/")[0] for p in t} - {"transformer"} for t in (got, want))
+    if got_models and not got_models & want_models:
+        return f" (they are parameters of {', '.join(sorted(got_models))}, another model)"
+    if _layer_count(got) != _layer_count(want):
+        return f" (the parameters have {_layer_count(got)} layers, the model {_layer_count(want)})"
+    if "phoenix_model" in params and release_of(params) != release_of(expected):
+        release = release_of(params)
+        return (
+            f" (these are parameters of the published release {release} ranker: build the "
+            f"config with release={release})"
+        )
+    return ""
+
+
+def check_params(
+    params: hk.Params, expected: hk.Params, optional: Mapping[str, tuple] = ()
+) -> None:
+    """Raises ValueError naming the first parameter of `params` that does not fit `expected`
+    (a tree of arrays or shapes, as `param_shapes` gives): missing, extra, of another shape or
+    dtype, or holding NaN or infinity. `optional` {path: shape} may be present or not."""
+    got, want = flatten_params(params), flatten_params(expected)
+    want_all = {
+        **want,
+        **{p: jax.ShapeDtypeStruct(s, jnp.float32) for p, s in dict(optional).items()},
+    }
+    hint = _hint(got, want, expected, params)
+    for path, shape in want_all.items():
+        if path not in got:
+            if path in want:
+                raise ValueError(
+                    f"params do not fit the model: {path} {list(shape.shape)} is missing{hint}"
+                )
+            continue
+        value = got[path]
+        dtype = np.dtype(getattr(value, "dtype", None) or np.asarray(value).dtype)
+        if np.shape(value) != shape.shape or dtype != shape.dtype:
+            raise ValueError(
+                f"params do not fit the model: {path} is {list(np.shape(value))} {dtype}, "
+                f"the model expects {list(shape.shape)} {shape.dtype}{hint}"
+            )
+    for path in got:
+        if path not in want_all:
+            raise ValueError(f"params do not fit the model: {path} is not a parameter of it{hint}")
+    for path, value in got.items():
+        if not bool(jnp.all(jnp.isfinite(value))):
+            raise ValueError(f"params hold NaN or infinite values in {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> configs.
+# ---------------------------------------------------------------------------------------------
+
+
+def config_to_json(config: ModelConfig, hashing: Hashing) -> dict:
+    """A model's `config.json`: the published keys, then ours (ignored by the published
+    pipeline) that rebuild exactly this config."""
+    t, h = config.model, config.hash_config
+    data = {
+        "emb_size": config.emb_size,
+        "history_seq_len": config.history_seq_len,
+        "candidate_seq_len": config.candidate_seq_len,
+        "num_user_hashes": h.num_user_hashes,
+        "num_item_hashes": h.num_item_hashes,
+        "num_author_hashes": h.num_author_hashes,
+        "product_surface_vocab_size": config.product_surface_vocab_size,
+        "key_size": t.key_size,
+        "num_heads": t.num_q_heads,
+        "num_layers": t.num_layers,
+        "num_actions": getattr(config, "num_actions", len(ACTIONS)),
+        "post_age_granularity_mins": getattr(config, "post_age_granularity_mins", 60),
+        **hashing.to_json(),
+        # Ours.
+        "num_kv_heads": t.num_kv_heads,
+        "widening_factor": t.widening_factor,
+        "attn_output_multiplier": t.attn_output_multiplier,
+        "action_names": list(ACTIONS),
+    }
+    if isinstance(config, PhoenixModelConfig):
+        data["right_anchored_rope"] = config.right_anchored_rope
+    return data
+
+
+_REQUIRED_KEYS = (
+    "emb_size", "history_seq_len", "candidate_seq_len", "num_user_hashes", "num_item_hashes",
+    "num_author_hashes", "product_surface_vocab_size", "key_size", "num_heads", "num_layers",
+    "num_actions", "post_age_granularity_mins", "hash_params",
+)  # fmt: skip
+
+
+def _read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_config_json(path: Path) -> dict:
+    data = _read_json(path)
+    missing = [key for key in _REQUIRED_KEYS if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise ValueError(f"{path}: lacks {', '.join(missing)}")
+    return data
+
+
+def configs_from_json(
+    retrieval_json: Mapping[str, Any],
+    ranker_json: Mapping[str, Any],
+    ranker_params: hk.Params,
+    fprop_dtype: Any = jnp.bfloat16,
+) -> tuple[PhoenixRetrievalModelConfig, PhoenixModelConfig]:
+    """The two configs the published pipeline builds from an artifacts folder: `num_heads` for
+    query and key/value heads, widening 2 and attention multiplier 0.125 (unless our keys say
+    otherwise), batch shapes of both from the retrieval config, the ranker's release and
+    continuous-head sizes from its own parameters."""
+
+    def transformer(data):
+        return TransformerConfig(
+            emb_size=int(data["emb_size"]),
+            key_size=int(data["key_size"]),
+            num_q_heads=int(data["num_heads"]),
+            num_kv_heads=int(data.get("num_kv_heads", data["num_heads"])),
+            num_layers=int(data["num_layers"]),
+            widening_factor=float(data.get("widening_factor", PUBLISHED_WIDENING)),
+            attn_output_multiplier=float(data.get("attn_output_multiplier", PUBLISHED_MULTIPLIER)),
+        )
+
+    def common(data):
+        return dict(
+            model=transformer(data),
+            emb_size=int(data["emb_size"]),
+            history_seq_len=int(retrieval_json["history_seq_len"]),
+            candidate_seq_len=int(retrieval_json["candidate_seq_len"]),
+            fprop_dtype=fprop_dtype,
+            hash_config=HashConfig(
+                int(data["num_user_hashes"]),
+                int(data["num_item_hashes"]),
+                int(data["num_author_hashes"]),
+            ),
+            product_surface_vocab_size=int(data["product_surface_vocab_size"]),
+        )
+
+    retrieval = PhoenixRetrievalModelConfig(**common(retrieval_json))
+    model = ranker_params.get("phoenix_model", {})
+    release = release_of(ranker_params)
+    extra = {}
+    if release == 2:
+        extra = dict(
+            num_continuous_actions=int(np.shape(model["continuous_unembeddings"])[1]),
+            continuous_action_hidden_dim=int(np.shape(model["history_dwell_time_proj1"])[1]),
+        )
+    ranker = PhoenixModelConfig(
+        num_actions=int(ranker_json["num_actions"]),
+        post_age_granularity_mins=int(ranker_json["post_age_granularity_mins"]),
+        right_anchored_rope=bool(ranker_json.get("right_anchored_rope", False)),
+        release=release,
+        **common(ranker_json),
+        **extra,
+    )
+    return retrieval, ranker
+
+
+def published_pipeline_can_read(config: ModelConfig) -> str | None:
+    """Why the published pipeline could not rebuild this model from its config.json (it reads
+    one head count and fixes widening and multiplier), or None if it can."""
+    t = config.model
+    if t.num_kv_heads != t.num_q_heads:
+        return f"{t.num_q_heads} query heads over {t.num_kv_heads} key/value heads"
+    if (t.widening_factor, t.attn_output_multiplier) != (PUBLISHED_WIDENING, PUBLISHED_MULTIPLIER):
+        return f"widening {t.widening_factor} and multiplier {t.attn_output_multiplier}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifacts folders.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ModelArtifacts:
+    """One model of an artifacts folder."""
+
+    config: ModelConfig
+    params: hk.Params
+    tables: dict[str, np.ndarray]  # user_embeddings, item_embeddings, author_embeddings
+    hashing: Hashing
+    # The config.json it was read from (keys of ours included); written from `config` if None.
+    json: dict | None = None
+
+
+@dataclasses.dataclass
+class Corpus:
+    """Posts to retrieve from: ids, their candidate-tower vectors and authors (and optionally
+    topics and, ours, creation times in unix seconds)."""
+
+    post_ids: np.ndarray  # [N] int64
+    candidate_representations: np.ndarray  # [N, D]
+    author_ids: np.ndarray  # [N] int64
+    topics: np.ndarray | None = None  # [N]
+    creation_times: np.ndarray | None = None  # [N] int64
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclasses.dataclass
+class Artifacts:
+    retrieval: ModelArtifacts
+    ranker: ModelArtifacts
+    corpus: Corpus
+    sequence: dict
+
+
+def _check_tables(tables: dict, hashing: Hashing, emb_size: int, where: Path) -> None:
+    for entity, name in TABLE_NAMES.items():
+        want = (getattr(hashing, entity).vocab_size, emb_size)
+        if name not in tables:
+            raise ValueError(f"{where}: lacks {name}")
+        if tables[name].shape != want or tables[name].dtype.kind != "f":
+            raise ValueError(
+                f"{where}: {name} is {list(tables[name].shape)} {tables[name].dtype}, "
+                f"config.json asks for {list(want)} floats"
+            )
+
+
+def _load_model(
+    folder: Path, config: ModelConfig, data: dict, params: hk.Params, optional: dict
+) -> ModelArtifacts:
+    try:
+        check_params(params, param_shapes(config, int(data["num_actions"])), optional)
+    except ValueError as error:
+        raise ValueError(f"{folder / PARAMS_FILE}: {error}") from None
+    hashing = Hashing.from_json(data)
+    tables_path = folder / TABLES_FILE
+    tables = load_embedding_table(tables_path)
+    _check_tables(tables, hashing, config.emb_size, tables_path)
+    return ModelArtifacts(config, params, tables, hashing, data)
+
+
+def load_corpus(path: str | os.PathLike, emb_size: int) -> Corpus:
+    """A corpus file, memory-mapped and checked (matching lengths, width D, integer ids)."""
+    path = Path(path)
+    arrays = read_npz(path)
+    for key in ("post_ids", "candidate_representations", "author_ids"):
+        if key not in arrays:
+            raise ValueError(f"{path}: lacks {key}")
+    corpus = Corpus(**{k: arrays[k] for k in arrays if k in Corpus.__dataclass_fields__})
+    n = len(corpus.post_ids)
+    if corpus.candidate_representations.shape != (n, emb_size):
+        raise ValueError(
+            f"{path}: candidate_representations is {list(corpus.candidate_representations.shape)},"
+            f" expected [{n}, {emb_size}] (one row of width D per post)"
+        )
+    for key in ("post_ids", "author_ids", "topics", "creation_times"):
+        value = getattr(corpus, key)
+        if value is not None and value.shape != (n,):
+            raise ValueError(f"{path}: {key} has shape {list(value.shape)}, expected [{n}]")
+    for key in ("post_ids", "author_ids"):
+        if getattr(corpus, key).dtype.kind not in "iu":
+            raise ValueError(f"{path}: {key} must be integers, got {getattr(corpus, key).dtype}")
+    return corpus
+
+
+def read_sequence(path: str | os.PathLike) -> dict:
+    """A user sequence file: {"user_id", "history": [{"post_id", "author_id", "actions"}]}."""
+    sequence = _read_json(path)
+    if not isinstance(sequence, dict) or "user_id" not in sequence or "history" not in sequence:
+        raise ValueError(f'{path}: expected an object with "user_id" and "history"')
+    return sequence
+
+
+def load_artifacts(
+    directory: str | os.PathLike,
+    sequence_file: str | os.PathLike | None = None,
+    corpus_file: str | os.PathLike | None = None,
+    fprop_dtype: Any = jnp.bfloat16,
+) -> Artifacts:
+    """Everything an artifacts folder holds, checked before anything is returned. The ranker's
+    release comes from its own parameters; the configs as `configs_from_json` builds them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: no such folder")
+    folders = {name: directory / name for name in ("retrieval", "ranker")}
+    jsons = {name: read_config_json(folder / CONFIG_FILE) for name, folder in folders.items()}
+    params = {name: load_model_params(folder / PARAMS_FILE) for name, folder in folders.items()}
+    retrieval_config, ranker_config = configs_from_json(
+        jsons["retrieval"], jsons["ranker"], params["ranker"], fprop_dtype
+    )
+    log_temperature = {"/".join(LOG_TEMPERATURE): ()}
+    retrieval = _load_model(
+        folders["retrieval"],
+        retrieval_config,
+        jsons["retrieval"],
+        params["retrieval"],
+        log_temperature,
+    )
+    ranker = _load_model(folders["ranker"], ranker_config, jsons["ranker"], params["ranker"], {})
+    corpus = load_corpus(corpus_file or directory / DEFAULT_CORPUS_FILE, retrieval_config.emb_size)
+    sequence = read_sequence(sequence_file or directory / DEFAULT_SEQUENCE_FILE)
+    return Artifacts(retrieval, ranker, corpus, sequence)
+
+
+def with_log_temperature(params: hk.Params, value: float = 0.0) -> hk.Params:
+    """The retrieval tree with the top-level `log_temperature` the published pipeline requires
+    (kept if present)."""
+    module, name = LOG_TEMPERATURE
+    if name in params.get(module, {}):
+        return params
+    return {**params, module: {name: jnp.asarray(value, jnp.float32)}}
+
+
+def check_new_folder(directory: str | os.PathLike) -> Path:
+    """`directory` as a Path, if it does not exist yet or is empty; else ValueError."""
+    directory = Path(directory)
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ValueError(f"{directory} already exists; choose a new folder or remove it")
+    return directory
+
+
+def write_artifacts(
+    directory: str | os.PathLike,
+    retrieval: ModelArtifacts,
+    ranker: ModelArtifacts,
+    corpus: Corpus,
+    sequence: dict,
+    corpus_file: str = DEFAULT_CORPUS_FILE,
+    sequence_file: str = DEFAULT_SEQUENCE_FILE,
+) -> Path:
+    """Writes a complete artifacts folder, in the published layout, to a temporary folder beside
+    `directory` renamed to it at the end. `directory` must not exist (or be empty)."""
+    directory = check_new_folder(directory)
+    if ranker.config.release != 2:
+        raise ValueError(
+            "an artifacts folder holds the second release's ranker (the published pipeline "
+            "builds that one): build its config with release=2"
+        )
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    os.chmod(scratch, 0o777 & ~_umask())
+    try:
+        for name, model in (("retrieval", retrieval), ("ranker", ranker)):
+            folder = scratch / name
+            folder.mkdir()
+            params = with_log_temperature(model.params) if name == "retrieval" else model.params
+            save_model_params(params, folder / PARAMS_FILE)
+            save_embedding_tables(model.tables, folder / TABLES_FILE)
+            data = model.json or config_to_json(model.config, model.hashing)
+            (folder / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
+        write_npz(corpus.arrays(), scratch / corpus_file)
+        (scratch / sequence_file).write_text(json.dumps(sequence, indent=1) + "\n")
+        if directory.exists():
+            directory.rmdir()
+        os.replace(scratch, directory)
+    finally:
+        if scratch.exists():
+            shutil.rmtree(scratch)
+    return directory

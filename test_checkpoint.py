@@ -1,0 +1,258 @@
+"""Checkpoints and artifacts folders (`checkpoint.py`): the published npz layout both ways,
+bit-exact round trips, every kind of bad file refused with one line, atomic writes, and the
+second release switched on by a checkpoint's own tree."""
+
+import dataclasses
+import json
+import os
+import shutil
+import zipfile
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import checkpoint
+import runners
+from checkpoint import (
+    check_params,
+    load_artifacts,
+    load_embedding_table,
+    load_model_params,
+    param_shapes,
+    read_npz,
+    save_model_params,
+    write_npz,
+)
+from conftest import Setup, fixed_example, ranking_params
+from pipeline import write_example
+
+SECOND = Setup(release=2, num_layers=2)
+
+
+@pytest.fixture(scope="module")
+def example_folder(tmp_path_factory):
+    """A small artifacts folder of tiny models (second-release ranker), written once."""
+    setup = Setup(num_layers=1, hashes=(2, 2, 2))
+    ranker = dataclasses.replace(setup, release=2).ranking_config(4, 3)
+    folder = tmp_path_factory.mktemp("artifacts") / "example"
+    configs = (setup.retrieval_config(4, 3), ranker)
+    return write_example(
+        folder, 3, corpus_size=300, vocab_size=50, history_length=6, configs=configs
+    )
+
+
+def flat(params):
+    return checkpoint.flatten_params(params)
+
+
+def test_parameters_round_trip_bit_exact_in_the_published_layout(tmp_path):
+    params = ranking_params(SECOND)
+    path = tmp_path / "model_params.npz"
+    save_model_params(params, path)
+    with zipfile.ZipFile(path) as archive:  # keys module_path/param_name, one .npy each
+        names = {info.filename for info in archive.infolist()}
+    assert names == {f"{key}.npy" for key in flat(params)}
+    assert "phoenix_model/history_dwell_time_proj1.npy" in names
+    loaded = load_model_params(path)
+    assert flat(loaded).keys() == flat(params).keys()
+    for key, value in flat(loaded).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(flat(params)[key]))
+        assert value.dtype == jnp.float32
+
+
+def test_load_model_params_follows_the_published_rules(tmp_path):
+    """Keys split at their last "/" (none: module ""); float64 becomes float32 and int64
+    int32, as jnp.array converts them."""
+    path = tmp_path / "p.npz"
+    write_npz(
+        {"a/b/c": np.ones((2, 3)), "scalar": np.float64(1.5), "~/log_temperature": np.int64(3)},
+        path,
+    )
+    params = load_model_params(path)
+    assert set(params) == {"a/b", "", "~"}
+    assert params["a/b"]["c"].dtype == jnp.float32 and params[""]["scalar"] == 1.5
+    assert params["~"]["log_temperature"].dtype == jnp.int32
+
+
+def test_tables_are_memory_mapped_and_equal(tmp_path):
+    tables = {"user_embeddings": np.random.default_rng(0).standard_normal((7, 4), np.float32)}
+    write_npz(tables, tmp_path / "t.npz")
+    loaded = load_embedding_table(tmp_path / "t.npz")
+    assert isinstance(loaded["user_embeddings"], np.memmap)
+    np.testing.assert_array_equal(loaded["user_embeddings"], tables["user_embeddings"])
+
+
+def _corrupt(path, how):
+    if how == "missing":
+        return
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how.startswith("flipped byte"):
+        with zipfile.ZipFile(path) as archive:
+            info = archive.infolist()[0]
+        data[info.header_offset + 30 + len(info.filename) + 200] ^= 0xFF  # inside the array
+        path.write_bytes(bytes(data))
+    elif how == "not a zip":
+        path.write_bytes(b"this is not an npz file")
+
+
+@pytest.mark.parametrize(
+    "how, message",
+    [
+        ("missing", "no such file"),
+        ("truncated", "not a readable .npz file"),
+        ("flipped byte", "is corrupt \\(its checksum does not match\\)"),
+        ("flipped byte, large", "is corrupt \\(its checksum does not match\\)"),
+        ("not a zip", "not a readable .npz file"),
+        ("nan", "w holds NaN or infinite values"),
+        ("objects", "holds Python objects"),
+    ],
+)
+def test_bad_files_are_refused_with_one_line_naming_the_file(tmp_path, how, message):
+    path = tmp_path / "model_params.npz"
+    rows = 4096 if how.endswith("large") else 64  # zipfile checks a small member itself
+    arrays = {"layer/w": np.random.default_rng(1).standard_normal((rows, 8), np.float32)}
+    if how == "nan":
+        arrays["layer/w"][3, 2] = np.nan
+    if how == "objects":
+        np.savez(path, **{"layer/w": np.array([{"a": 1}], dtype=object)})
+    elif how != "missing":
+        write_npz(arrays, path)
+    _corrupt(path, how)
+    error_type = FileNotFoundError if how == "missing" else ValueError
+    with pytest.raises(error_type, match=message) as error:
+        load_model_params(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
+    path = tmp_path / "model_params.npz"
+    write_npz({"a": np.zeros(3)}, path)
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez", crash)
+    with pytest.raises(KeyboardInterrupt):
+        write_npz({"a": np.ones(3)}, path)
+    assert path.read_bytes() == before  # the old file untouched
+    assert os.listdir(tmp_path) == ["model_params.npz"]  # no partial file left behind
+
+
+def test_an_example_folder_has_the_published_layout(example_folder):
+    files = sorted(str(p.relative_to(example_folder)) for p in example_folder.rglob("*"))
+    assert files == [
+        "example_sequence.json",
+        "ranker",
+        "ranker/config.json",
+        "ranker/embedding_tables.npz",
+        "ranker/model_params.npz",
+        "retrieval",
+        "retrieval/config.json",
+        "retrieval/embedding_tables.npz",
+        "retrieval/model_params.npz",
+        "sports_corpus.npz",
+    ]
+    for model in ("retrieval", "ranker"):
+        config = json.loads((example_folder / model / "config.json").read_text())
+        assert set(checkpoint._REQUIRED_KEYS) <= set(config)  # noqa: SLF001
+        tables = read_npz(example_folder / model / "embedding_tables.npz")
+        assert set(tables) == {"user_embeddings", "item_embeddings", "author_embeddings"}
+    retrieval = read_npz(example_folder / "retrieval" / "model_params.npz")
+    assert "~/log_temperature" in retrieval  # the published pipeline requires it
+    tower = "phoenix_retrieval_model/~build_candidate_representation/candidate_tower"
+    assert f"{tower}/candidate_tower_projection_1" in retrieval
+    corpus = read_npz(example_folder / "sports_corpus.npz")
+    assert {"post_ids", "candidate_representations", "author_ids", "topics"} <= set(corpus)
+    sequence = json.loads((example_folder / "example_sequence.json").read_text())
+    assert set(sequence) == {"user_id", "history"}
+    assert set(sequence["history"][0]) == {"post_id", "author_id", "actions"}
+
+
+def test_loading_the_folder_rebuilds_the_models_exactly(example_folder):
+    """The configs come back from config.json and the ranker's own tree (release 2 switched on
+    by its parameters), the parameters bit-exact, the corpus vectors unit-norm."""
+    artifacts = load_artifacts(example_folder, fprop_dtype=jnp.float32)
+    ranker = artifacts.ranker.config
+    assert ranker.release == 2 and ranker.num_continuous_actions == 3
+    assert (ranker.history_seq_len, ranker.candidate_seq_len) == (4, 3)
+    assert ranker.model.num_layers == 1 and not ranker.right_anchored_rope
+    check_params(artifacts.ranker.params, param_shapes(ranker))
+    vectors = np.asarray(artifacts.corpus.candidate_representations)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+
+
+RANKER_JSON, RETRIEVAL_JSON = "ranker/config.json", "retrieval/config.json"
+DAMAGES = {
+    # name: (what is done to a copy of the folder, the message that must name it)
+    "a file missing": (
+        lambda f: (f / "ranker" / "embedding_tables.npz").unlink(),
+        "ranker/embedding_tables.npz: no such file",
+    ),
+    "config.json of another width": (
+        lambda f: _edit_json(f / RANKER_JSON, emb_size=16),
+        "ranker/model_params.npz: params do not fit the model: .* the model expects",
+    ),
+    "config.json without a key": (
+        lambda f: _edit_json(f / RETRIEVAL_JSON, drop="hash_params"),
+        "retrieval/config.json: lacks hash_params",
+    ),
+    "a table of another size": (
+        lambda f: _edit_json(f / RANKER_JSON, item_vocab_size=51),
+        r"item_embeddings is \[50, 8\] float32, config.json asks for \[51, 8\]",
+    ),
+    "config.json not JSON": (
+        lambda f: (f / RANKER_JSON).write_text("{"),
+        "ranker/config.json: not valid JSON",
+    ),
+    "a truncated corpus": (
+        lambda f: _corrupt(f / "sports_corpus.npz", "truncated"),
+        "sports_corpus.npz: not a readable",
+    ),
+    "a sequence that is not an object": (
+        lambda f: (f / "example_sequence.json").write_text("[]"),
+        'example_sequence.json: expected an object with "user_id"',
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_folder_is_refused_naming_the_file(example_folder, tmp_path, damage):
+    folder = tmp_path / "copy"
+    shutil.copytree(example_folder, folder)
+    act, message = DAMAGES[damage]
+    act(folder)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_artifacts(folder)
+
+
+def _edit_json(path, drop=None, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    data.pop(drop, None)
+    path.write_text(json.dumps(data))
+
+
+def test_writing_into_an_existing_folder_is_refused(example_folder):
+    with pytest.raises(ValueError, match="already exists; choose a new folder"):
+        write_example(example_folder, corpus_size=10, vocab_size=10)
+
+
+def test_a_checkpoint_of_the_other_release_names_the_config_that_takes_it(tmp_path):
+    """Into a first-release runner, a second-release checkpoint is refused with the config that
+    would take it, and the reverse."""
+    first = Setup(num_layers=2)
+    save_model_params(ranking_params(SECOND), tmp_path / "second.npz")
+    save_model_params(ranking_params(first), tmp_path / "first.npz")
+    runner = runners.ModelRunner(first.ranking_config())
+    with pytest.raises(ValueError, match="release 2 ranker: build the config with release=2"):
+        runner.load_or_init(*fixed_example(), checkpoint_path=tmp_path / "second.npz")
+    runner2 = runners.ModelRunner(SECOND.ranking_config())
+    with pytest.raises(ValueError, match="release 1 ranker: build the config with release=1"):
+        runner2.load_or_init(*fixed_example(), checkpoint_path=tmp_path / "first.npz")
+    loaded = runner2.load_or_init(*fixed_example(), checkpoint_path=tmp_path / "second.npz")
+    want = ranking_params(SECOND)["phoenix_model"]["proj_mat_3"]
+    np.testing.assert_array_equal(loaded.params["phoenix_model"]["proj_mat_3"], want)
