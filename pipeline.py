@@ -1,0 +1,398 @@
+"""A user's feed from an artifacts folder: hash the history, retrieve from the corpus, rank the
+retrieved posts, order them by a weighted score. The published pipeline's procedure on the
+library's compiled paths.
+
+Where it follows the published pipeline: the first S items of the history (S of the retrieval
+config), left-aligned, with product surface 0; retrieval of the top K by dot product with the
+user vector over the whole corpus; every retrieved post ranked; the feed ordered by
+1.0 * favorite + 0.5 * reply + 0.3 * repost + 0.2 * dwell. Where it differs: hashing is
+vectorised, embeddings are read from the split tables (no unified 1.5 GB copy), retrieval is
+`top_k_search`, and ranking is one compiled cached pass over all retrieved posts. A ranker whose
+`config.json` says it was trained with right-anchored positions ranks every candidate at the
+anchored position; otherwise candidate i sits at slot i mod candidate_seq_len, as in the
+published pipeline's chunks, so the feed is the same.
+
+The published pipeline picks the four weighted outputs by its own action enum (favorite 1,
+reply 4, quote 5, repost 6, dwell 11, video quality view 13), which is not the order of
+`ACTIONS`. A ranker whose `config.json` lists `action_names` (ours do) is weighted by those
+names instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+import runners
+from checkpoint import (
+    Artifacts,
+    Corpus,
+    ModelArtifacts,
+    check_new_folder,
+    param_shapes,
+    write_artifacts,
+)
+from grok import TransformerConfig
+from recsys_model import ACTIONS, HashConfig, PhoenixModelConfig
+from recsys_retrieval_model import PhoenixRetrievalModelConfig
+from search import TwoPassIndex, read_rows
+from tables import TABLE_NAMES, Hashing, hash_batch, init_tables, lookup
+
+# The published pipeline's weights, by its own action enum (indices into the outputs).
+PUBLISHED_ACTION_ENUM = {"favorite": 1, "reply": 4, "quote": 5, "repost": 6, "dwell": 11, "vqv": 13}
+PUBLISHED_WEIGHTS = {"favorite": 1.0, "reply": 0.5, "repost": 0.3, "dwell": 0.2}
+# The same weights by name, for rankers whose config.json names their actions.
+NAMED_WEIGHTS = {"favorite_score": 1.0, "reply_score": 0.5, "repost_score": 0.3, "dwell_score": 0.2}
+
+
+def score_weights(ranker: ModelArtifacts) -> dict[str, tuple[int, float]]:
+    """{label: (output index, weight)} of the feed's weighted score."""
+    names = (ranker.json or {}).get("action_names")
+    if names:
+        return {name: (list(names).index(name), w) for name, w in NAMED_WEIGHTS.items()}
+    return {name: (PUBLISHED_ACTION_ENUM[name], w) for name, w in PUBLISHED_WEIGHTS.items()}
+
+
+@dataclasses.dataclass
+class FeedItem:
+    rank: int
+    post_id: int
+    author_id: int
+    topic: str | None
+    retrieval_score: float  # user vector . candidate vector
+    score: float  # the weighted score the feed is ordered by
+    probabilities: dict[str, float]  # every action, by ACTIONS name
+    continuous: dict[str, float] | None  # the second release's continuous head
+
+
+@dataclasses.dataclass
+class Feed:
+    user_id: int
+    history_length: int
+    items: list[FeedItem]
+    weights: dict[str, tuple[int, float]]
+    seconds: dict[str, float]  # hash, retrieve, rank
+
+
+def _positive_int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{what} must be a positive integer id, got {value!r}")
+    return value
+
+
+def read_history(
+    sequence: Mapping[str, Any], history_len: int, num_actions: int
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(user id, post ids [S], author ids [S], actions [S, A], dwell seconds [S] or None) of
+    the first `history_len` items of a sequence, left-aligned and padded with 0.
+
+    Action values must be 0 or 1 and indices in [0, num_actions); a history item may also
+    carry "dwell_time" (seconds), which the second release's ranker reads.
+    """
+    user_id = _positive_int(sequence.get("user_id"), "user_id")
+    history = sequence.get("history")
+    if not isinstance(history, list):
+        raise ValueError(f'"history" must be a list of items, got {type(history).__name__}')
+    posts, authors = np.zeros(history_len, np.int64), np.zeros(history_len, np.int64)
+    actions = np.zeros((history_len, num_actions), np.float32)
+    dwell = np.zeros(history_len, np.float32)
+    for i, item in enumerate(history[:history_len]):
+        if not isinstance(item, dict):
+            raise ValueError(f"history item {i} must be an object, got {item!r}")
+        posts[i] = _positive_int(item.get("post_id"), f"history item {i}: post_id")
+        authors[i] = _positive_int(item.get("author_id"), f"history item {i}: author_id")
+        for key, value in dict(item.get("actions", {})).items():
+            if not str(key).isdigit() or int(key) >= num_actions:
+                raise ValueError(
+                    f"history item {i}: action index {key!r} is not one of the ranker's "
+                    f"{num_actions} actions"
+                )
+            if value not in (0, 1):
+                raise ValueError(f"history item {i}: action {key} is {value!r}, expected 0 or 1")
+            actions[i, int(key)] = value
+        dwell[i] = float(item.get("dwell_time", 0.0))
+    has_dwell = any(isinstance(item, dict) and "dwell_time" in item for item in history)
+    return user_id, posts, authors, actions, (dwell if has_dwell else None)
+
+
+class Pipeline:
+    """Serves feeds from loaded artifacts with the library's runners."""
+
+    def __init__(self, artifacts: Artifacts):
+        self.artifacts = artifacts
+        retrieval, ranker = artifacts.retrieval, artifacts.ranker
+        self.retriever = runners.RecsysRetrievalInferenceRunner(
+            runners.RetrievalModelRunner(retrieval.config), "retrieval"
+        )
+        self.retriever.initialize(retrieval.params)
+        # The corpus stays where it is (memory-mapped); the device holds a bfloat16 copy.
+        self.index = TwoPassIndex(artifacts.corpus.candidate_representations)
+        self.ranker = runners.RecsysInferenceRunner(runners.ModelRunner(ranker.config), "ranker")
+        self.ranker.initialize(ranker.params)
+        self.weights = score_weights(ranker)
+
+    def _history_inputs(self, model: ModelArtifacts, history):
+        """Batch and embeddings of one user's history (no candidates), for `model`."""
+        user_id, posts, authors, actions, dwell = history
+        extra = {}
+        if dwell is not None and isinstance(model.config, PhoenixModelConfig):
+            continuous = np.zeros((1, len(posts), model.config.num_continuous_actions), np.float32)
+            continuous[0, :, 1] = dwell
+            extra["history_continuous_actions"] = continuous
+        none = np.zeros((1, 0), np.int64)
+        args = ([user_id], posts[None], authors[None], actions[None], none, none)
+        batch = hash_batch(model.hashing, *args, **extra)
+        return batch, lookup(model.tables, batch)
+
+    def _with_candidates(self, model: ModelArtifacts, inputs, posts, authors, times=None):
+        """`inputs` with candidates: ids [C], and (impression, creation) times [C] or None."""
+        batch, embeddings = inputs
+        post_hashes, author_hashes = (
+            model.hashing.item(posts)[None],
+            model.hashing.author(authors)[None],
+        )
+        batch = batch._replace(
+            candidate_post_hashes=post_hashes,
+            candidate_author_hashes=author_hashes,
+            candidate_product_surface=np.zeros(post_hashes.shape[:2], np.int32),
+        )
+        if times is not None:
+            batch = batch._replace(
+                candidate_impr_ts=times[0][None], candidate_post_creation_ts=times[1][None]
+            )
+        items, authors_table = (model.tables[TABLE_NAMES[e]] for e in ("item", "author"))
+        embeddings = dataclasses.replace(
+            embeddings,
+            candidate_post_embeddings=read_rows(items, post_hashes),
+            candidate_author_embeddings=read_rows(authors_table, author_hashes),
+        )
+        return batch, embeddings
+
+    def feed(
+        self, sequence: Mapping[str, Any], top_k_retrieval: int = 200, top_k_display: int = 30
+    ) -> Feed:
+        """Retrieves `top_k_retrieval` posts for the sequence's user, ranks them all and returns
+        the best `top_k_display` by weighted score."""
+        corpus: Corpus = self.artifacts.corpus
+        n = len(corpus.post_ids)
+        if not 1 <= top_k_retrieval <= n:
+            raise ValueError(
+                f"top_k_retrieval must be in [1, {n}] (the corpus), got {top_k_retrieval}"
+            )
+        if top_k_display < 1:
+            raise ValueError(f"top_k_display must be at least 1, got {top_k_display}")
+        retrieval, ranker = self.artifacts.retrieval, self.artifacts.ranker
+        seconds = {}
+        start = time.perf_counter()
+        history = read_history(
+            sequence, retrieval.config.history_seq_len, ranker.config.num_actions
+        )
+        batch, embeddings = self._history_inputs(retrieval, history)
+        seconds["hash"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        user = self.retriever.encode_user(batch, embeddings)  # dispatched, not awaited:
+        ranker_history = self._history_inputs(ranker, history)  # the host works meanwhile
+        user = np.asarray(user, np.float32)
+        retrieval_scores, indices = (x[0] for x in self.index.search(user, top_k_retrieval))
+        seconds["retrieve"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        candidates = (np.asarray(corpus.post_ids)[indices], np.asarray(corpus.author_ids)[indices])
+        times = None
+        request_time = sequence.get("request_time")
+        if request_time is not None and corpus.creation_times is not None:
+            created = np.asarray(corpus.creation_times)[indices]
+            times = (np.full(len(indices), request_time, np.int64), created)
+        batch, embeddings = self._with_candidates(ranker, ranker_history, *candidates, times)
+        slots = None
+        if not ranker.config.right_anchored_rope:
+            slots = np.arange(len(indices)) % ranker.config.candidate_seq_len
+        ranking = self.ranker.rank(batch, embeddings, candidate_slots=slots)
+        probabilities = np.asarray(ranking.scores)[0]  # [K, A]
+        continuous = ranking.continuous_preds
+        continuous = None if continuous is None else np.asarray(continuous)[0]
+        seconds["rank"] = time.perf_counter() - start
+
+        weighted = sum(w * probabilities[:, i] for i, w in self.weights.values())
+        order = np.argsort(-weighted, kind="stable")[:top_k_display]
+        items = []
+        for rank, c in enumerate(order, start=1):
+            items.append(
+                FeedItem(
+                    rank=rank,
+                    post_id=int(candidates[0][c]),
+                    author_id=int(candidates[1][c]),
+                    topic=None if corpus.topics is None else str(corpus.topics[indices[c]]),
+                    retrieval_score=float(retrieval_scores[c]),
+                    score=float(weighted[c]),
+                    probabilities={
+                        a: float(p) for a, p in zip(ACTIONS, probabilities[c], strict=False)
+                    },
+                    continuous=None
+                    if continuous is None
+                    else {
+                        name: float(v)
+                        for name, v in zip(runners.CONTINUOUS_ACTIONS, continuous[c], strict=False)
+                    },
+                )
+            )
+        return Feed(history[0], int(np.count_nonzero(history[1])), items, self.weights, seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# An example artifacts folder: the published mini model's shapes, weights drawn from a seed.
+# ---------------------------------------------------------------------------------------------
+
+# The published mini model: D 128, 4 layers, 4 heads of 32, widening 2, history 127, 64
+# candidates, 2 hashes per entity.
+MINI_TRANSFORMER = TransformerConfig(
+    128, 32, 4, 4, 4, widening_factor=2.0, attn_output_multiplier=0.125
+)
+MINI_HISTORY, MINI_CANDIDATES = 127, 64
+EXAMPLE_TOPICS = (
+    "football",
+    "basketball",
+    "tennis",
+    "cricket",
+    "cycling",
+    "golf",
+    "boxing",
+    "rugby",
+)
+EXAMPLE_NOW = 1_700_000_000  # unix seconds
+SNOWFLAKE_BASE = 1_700_000_000_000_000_000  # post ids of the size X's ids have
+
+
+def mini_configs(
+    fprop_dtype: Any = jnp.bfloat16,
+) -> tuple[PhoenixRetrievalModelConfig, PhoenixModelConfig]:
+    common = dict(
+        model=MINI_TRANSFORMER,
+        history_seq_len=MINI_HISTORY,
+        candidate_seq_len=MINI_CANDIDATES,
+        fprop_dtype=fprop_dtype,
+        hash_config=HashConfig(),
+    )
+    return PhoenixRetrievalModelConfig(**common), PhoenixModelConfig(release=2, **common)
+
+
+def encode_corpus(
+    retriever: runners.RecsysRetrievalInferenceRunner,
+    model: ModelArtifacts,
+    post_ids: np.ndarray,
+    author_ids: np.ndarray,
+    chunk: int = 8192,
+) -> np.ndarray:
+    """Candidate-tower vectors [N, D] float32 of posts, `chunk` posts per compiled call."""
+    out = np.empty((len(post_ids), model.config.emb_size), np.float32)
+    no_history = np.zeros((1, 1), np.int64)  # the candidate tower reads only the candidates
+    for start in range(0, len(post_ids), chunk):
+        stop = min(start + chunk, len(post_ids))
+        posts, authors = np.zeros((2, 1, chunk), np.int64)  # the last chunk padded with 0
+        posts[0, : stop - start], authors[0, : stop - start] = (
+            post_ids[start:stop],
+            author_ids[start:stop],
+        )
+        actions = np.zeros((1, 1, len(ACTIONS)), np.float32)
+        batch = hash_batch(model.hashing, [1], no_history, no_history, actions, posts, authors)
+        vectors = retriever.encode_candidates(batch, lookup(model.tables, batch))
+        out[start:stop] = np.asarray(vectors[0, : stop - start], np.float32)
+    return out
+
+
+def write_example(
+    directory: str | Path,
+    seed: int = 0,
+    corpus_size: int = 10_000,
+    vocab_size: int = 10_000,
+    history_length: int = 60,
+    configs: tuple[PhoenixRetrievalModelConfig, PhoenixModelConfig] | None = None,
+) -> Path:
+    """Writes a complete artifacts folder: the published mini model's retrieval and second-
+    release ranker (or the two `configs`) with weights drawn from `seed`, tables of
+    `vocab_size` rows, a corpus of `corpus_size` posts encoded by the retrieval model's
+    candidate tower, and one user's sequence of `history_length` posts from the corpus."""
+    check_new_folder(directory)  # before any work
+    retrieval_config, ranker_config = configs or mini_configs()
+    vocab = {"user": vocab_size, "item": vocab_size, "author": vocab_size}
+    models = {}
+    for i, (name, config) in enumerate(
+        (("retrieval", retrieval_config), ("ranker", ranker_config))
+    ):
+        hashing = Hashing.random(config.hash_config, vocab, seed + i)
+        params = runners.randomize_params(param_shapes(config), seed + i)
+        tables = init_tables(hashing, config.emb_size, seed + i)
+        models[name] = ModelArtifacts(config, params, tables, hashing)
+
+    rng = np.random.default_rng(seed)
+    post_ids = SNOWFLAKE_BASE + np.sort(rng.choice(10**15, corpus_size, replace=False)).astype(
+        np.int64
+    )
+    num_authors = max(1, corpus_size // 20)
+    author_pool = 1 + rng.choice(10**12, num_authors, replace=False).astype(np.int64)
+    author_ids = author_pool[rng.integers(0, num_authors, corpus_size)]
+    retriever = runners.RecsysRetrievalInferenceRunner(
+        runners.RetrievalModelRunner(retrieval_config), "example"
+    )
+    retriever.initialize(models["retrieval"].params)
+    corpus = Corpus(
+        post_ids=post_ids,
+        candidate_representations=encode_corpus(
+            retriever, models["retrieval"], post_ids, author_ids
+        ),
+        author_ids=author_ids,
+        topics=np.array(EXAMPLE_TOPICS)[rng.integers(0, len(EXAMPLE_TOPICS), corpus_size)],
+        creation_times=EXAMPLE_NOW - rng.integers(0, 4 * 24 * 3600, corpus_size),
+    )
+    sequence = example_sequence(corpus, history_length, rng)
+    return write_artifacts(directory, models["retrieval"], models["ranker"], corpus, sequence)
+
+
+def example_sequence(corpus: Corpus, history_length: int, rng: np.random.Generator) -> dict:
+    """A random user's sequence of `history_length` corpus posts, each with a few actions."""
+    seen = rng.choice(
+        len(corpus.post_ids), min(history_length, len(corpus.post_ids)), replace=False
+    )
+    history = []
+    for post in seen:
+        actions = {str(a): 1.0 for a in np.flatnonzero(rng.random(len(ACTIONS)) < 0.15)}
+        ids = {"post_id": int(corpus.post_ids[post]), "author_id": int(corpus.author_ids[post])}
+        history.append({**ids, "actions": actions})
+    return {"user_id": int(1 + rng.integers(0, 10**12)), "history": history}
+
+
+def describe_feed(feed: Feed) -> list[str]:
+    """The feed as the lines of a table."""
+    widths = {label: max(8, len(label)) for label in feed.weights}
+    header = (
+        f"{'rank':>4}  {'post id':>19}  {'author id':>13}  {'topic':<12}  {'score':>6}  "
+        + "  ".join(f"{label:>{width}}" for label, width in widths.items())
+    )
+    lines = [header, "-" * len(header)]
+    for item in feed.items:
+        values = list(item.probabilities.values())
+        parts = "  ".join(
+            f"{values[i]:{widths[label]}.3f}" for label, (i, _) in feed.weights.items()
+        )
+        topic = item.topic or "-"
+        lines.append(
+            f"{item.rank:>4}  {item.post_id:>19}  {item.author_id:>13}  {topic:<12}  "
+            f"{item.score:6.3f}  {parts}"
+        )
+    return lines
+
+
+def feed_to_json(feed: Feed) -> dict:
+    return {
+        "user_id": feed.user_id,
+        "history_length": feed.history_length,
+        "weights": {label: {"output": i, "weight": w} for label, (i, w) in feed.weights.items()},
+        "items": [dataclasses.asdict(item) for item in feed.items],
+    }

@@ -1,0 +1,99 @@
+"""Serve a user's feed end to end from an artifacts folder: hash, retrieve, rank, order.
+
+    uv run run_pipeline.py --write-example ./example     # a small folder, weights from a seed
+    uv run run_pipeline.py --artifacts_dir ./example      # the user's feed from it
+    uv run run_pipeline.py --artifacts_dir ./artifacts --output-json feed.json
+
+The folder is the published layout (retrieval/ and ranker/ with model_params.npz,
+embedding_tables.npz and config.json; a corpus .npz; a user sequence .json), as the published
+pipeline reads it; the flags before --output-json are the published pipeline's.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from checkpoint import load_artifacts
+from cli import ArgumentParser, non_negative_int, positive_int, run_main
+from pipeline import Pipeline, describe_feed, feed_to_json, write_example
+
+
+def parse_args(argv: list[str] | None = None):
+    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--artifacts_dir", default="./artifacts", help="(./artifacts)")
+    parser.add_argument(
+        "--sequence_file", help="a user sequence .json (<artifacts_dir>/example_sequence.json)"
+    )
+    parser.add_argument("--corpus_file", help="a corpus .npz (<artifacts_dir>/sports_corpus.npz)")
+    parser.add_argument("--top_k_retrieval", type=positive_int, default=200, help="(200)")
+    parser.add_argument("--top_k_display", type=positive_int, default=30, help="(30)")
+    parser.add_argument("--output-json", type=Path, help="also write the ranked posts, every score")
+    parser.add_argument(
+        "--dtype",
+        choices=("bfloat16", "float32"),
+        default="bfloat16",
+        help="compute dtype of both models (bfloat16, as the published pipeline)",
+    )
+    example = parser.add_argument_group("an example folder (written, then the script exits)")
+    example.add_argument("--write-example", type=Path, metavar="DIR", help="write it to DIR")
+    example.add_argument("--seed", type=non_negative_int, default=0, help="of weights and data (0)")
+    example.add_argument("--corpus-size", type=positive_int, default=10_000, help="posts (10,000)")
+    example.add_argument(
+        "--vocab-size", type=positive_int, default=10_000, help="rows per embedding table (10,000)"
+    )
+    args = parser.parse_args(argv)
+    if args.write_example is not None and args.vocab_size < 2:
+        parser.error("--vocab-size must be at least 2 (row 0 is padding)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.write_example is not None:
+        start = time.perf_counter()
+        folder = write_example(args.write_example, args.seed, args.corpus_size, args.vocab_size)
+        seconds = time.perf_counter() - start
+        print(
+            f"Wrote an example artifacts folder to {folder} in {seconds:.1f} s: "
+            f"the published mini model (D 128, 4 layers, 4 heads of 32) with RANDOM weights "
+            f"(seed {args.seed}), tables of {args.vocab_size:,} rows, {args.corpus_size:,} posts."
+        )
+        print(f"Serve it: uv run run_pipeline.py --artifacts_dir {folder}")
+        return 0
+
+    start = time.perf_counter()
+    artifacts = load_artifacts(
+        args.artifacts_dir, args.sequence_file, args.corpus_file, jnp.dtype(args.dtype)
+    )
+    pipeline = Pipeline(artifacts)
+    loaded = time.perf_counter() - start
+    ranker = artifacts.ranker.config
+    positions = "right-anchored" if ranker.right_anchored_rope else "in chunks, as published"
+    print(
+        f"Loaded {args.artifacts_dir} in {loaded:.1f} s: {len(artifacts.corpus.post_ids):,} "
+        f"posts; ranker release {ranker.release}, {ranker.model.num_layers} layers, D "
+        f"{ranker.emb_size}, {args.dtype}; candidates ranked {positions}."
+    )
+    feed = pipeline.feed(artifacts.sequence, args.top_k_retrieval, args.top_k_display)
+    timings = ", ".join(f"{stage} {1e3 * s:.0f} ms" for stage, s in feed.seconds.items())
+    print(
+        f"User {feed.user_id}, {feed.history_length} history items: retrieved "
+        f"{args.top_k_retrieval}, ranked them, showing {len(feed.items)} ({timings}; "
+        "the first call compiles)."
+    )
+    weights = " + ".join(f"{w} * {label} (output {i})" for label, (i, w) in feed.weights.items())
+    print(f"Score = {weights}\n")
+    print("\n".join(describe_feed(feed)))
+    if args.output_json is not None:
+        args.output_json.write_text(json.dumps(feed_to_json(feed), indent=1) + "\n")
+        print(f"\nWrote every score of the {len(feed.items)} posts to {args.output_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, "run_pipeline.py"))

@@ -1,0 +1,180 @@
+"""The end-to-end pipeline (`pipeline.py`, `run_pipeline.py`): the same feed as the published
+procedure re-enacted step by step, histories read as published, bad sequences refused, and the
+command line from writing an example folder to serving it."""
+
+import dataclasses
+import json
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import run_pipeline
+from checkpoint import load_artifacts
+from conftest import Setup
+from pipeline import Pipeline, read_history, write_example
+from published_pipeline import PublishedPipeline
+from recsys_model import ACTIONS
+
+SETUP = Setup(num_layers=2, hashes=(2, 2, 2))
+HISTORY, CANDIDATES = 6, 4
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """Tiny models, a corpus of 400 posts and a user of 8 history items (more than S)."""
+    configs = (
+        SETUP.retrieval_config(HISTORY, CANDIDATES),
+        dataclasses.replace(SETUP, release=2).ranking_config(HISTORY, CANDIDATES),
+    )
+    path = tmp_path_factory.mktemp("pipeline") / "artifacts"
+    return write_example(path, 5, corpus_size=400, vocab_size=60, history_length=8, configs=configs)
+
+
+def published_copy(folder, tmp_path):
+    """The folder as a published export has it: no `action_names` in the ranker's config."""
+    copy = tmp_path / "published"
+    shutil.copytree(folder, copy)
+    path = copy / "ranker" / "config.json"
+    config = json.loads(path.read_text())
+    del config["action_names"]
+    path.write_text(json.dumps(config))
+    return copy
+
+
+def test_the_feed_equals_the_published_procedure(folder, tmp_path):
+    """In float32 the two serve the same feed: the same posts in the same order, the same
+    scores. (Retrieval by one-pass search against numpy's full scores, one cached pass at the
+    published chunk positions against one dense forward per chunk, split tables against the
+    unified one, vectorised hashes against the double loop.)"""
+    copy = published_copy(folder, tmp_path)
+    artifacts = load_artifacts(copy, fprop_dtype=jnp.float32)
+    published = PublishedPipeline(copy, dtype=jnp.float32)
+    for top_k in (9, 40):  # 9: a partial last chunk; 40: ten chunks
+        feed = Pipeline(artifacts).feed(artifacts.sequence, top_k, top_k_display=top_k)
+        want, _ = published.feed(artifacts.sequence, top_k, top_k)
+        assert [item.post_id for item in feed.items] == [post for post, _ in want]
+        np.testing.assert_allclose([i.score for i in feed.items], [s for _, s in want], atol=1e-5)
+    assert feed.weights == {
+        "favorite": (1, 1.0),
+        "reply": (4, 0.5),
+        "repost": (6, 0.3),
+        "dwell": (11, 0.2),
+    }
+
+
+def test_our_folders_weight_the_actions_by_name(folder):
+    artifacts = load_artifacts(folder, fprop_dtype=jnp.float32)
+    feed = Pipeline(artifacts).feed(artifacts.sequence, 20, 5)
+    assert {label: i for label, (i, _) in feed.weights.items()} == {
+        name: ACTIONS.index(name)
+        for name in ("favorite_score", "reply_score", "repost_score", "dwell_score")
+    }
+    for item in feed.items:
+        assert set(item.probabilities) == set(ACTIONS)
+        assert len(item.continuous) == artifacts.ranker.config.num_continuous_actions
+        weighted = sum(w * item.probabilities[ACTIONS[i]] for i, w in feed.weights.values())
+        assert item.score == pytest.approx(weighted, abs=1e-6)
+    assert [i.score for i in feed.items] == sorted((i.score for i in feed.items), reverse=True)
+
+
+def test_history_is_the_first_items_left_aligned():
+    sequence = {
+        "user_id": 7,
+        "history": [
+            {
+                "post_id": 10 + i,
+                "author_id": 100 + i,
+                "actions": {"0": 1.0, "3": 1},
+                "dwell_time": i,
+            }
+            for i in range(5)
+        ],
+    }
+    user, posts, authors, actions, dwell = read_history(sequence, 3, 19)
+    assert user == 7
+    np.testing.assert_array_equal(posts, [10, 11, 12])
+    np.testing.assert_array_equal(authors, [100, 101, 102])
+    assert actions.shape == (3, 19) and actions[:, [0, 3]].all() and actions.sum() == 6
+    np.testing.assert_array_equal(dwell, [0, 1, 2])
+    user, posts, _, actions, dwell = read_history({"user_id": 7, "history": []}, 3, 19)
+    assert not posts.any() and not actions.any() and dwell is None
+
+
+@pytest.mark.parametrize(
+    "sequence, message",
+    [
+        ({"user_id": 0, "history": []}, "user_id must be a positive integer id, got 0"),
+        ({"user_id": "12", "history": []}, "user_id must be a positive integer id, got '12'"),
+        ({"user_id": 1, "history": {}}, '"history" must be a list'),
+        ({"user_id": 1, "history": [{"post_id": 1.5, "author_id": 2}]}, "history item 0: post_id"),
+        ({"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "actions": {"19": 1}}]},
+         "history item 0: action index '19' is not one of the ranker's 19 actions"),
+        ({"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "actions": {"-1": 1}}]},
+         "action index '-1'"),
+        ({"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "actions": {"2": 0.5}}]},
+         "history item 0: action 2 is 0.5, expected 0 or 1"),
+    ],
+)  # fmt: skip
+def test_bad_sequences_are_refused_in_one_line(sequence, message):
+    with pytest.raises(ValueError, match=message):
+        read_history(sequence, 4, 19)
+
+
+def run(argv, capsys):
+    from cli import run_main
+
+    status = run_main(lambda: run_pipeline.main(argv), "run_pipeline.py")
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
+    example = tmp_path / "example"
+    status, out, err = run(
+        ["--write-example", str(example), "--corpus-size", "300", "--vocab-size", "50"], capsys
+    )
+    assert status == 0, err
+    assert "RANDOM weights (seed 0)" in out and (example / "ranker" / "model_params.npz").exists()
+    feed_json = tmp_path / "feed.json"
+    argv = [
+        "--artifacts_dir",
+        str(example),
+        "--top_k_display",
+        "5",
+        "--output-json",
+        str(feed_json),
+    ]
+    status, out, err = run(argv, capsys)
+    assert status == 0, err
+    table = [line for line in out.splitlines() if line[:4].strip().isdigit()]
+    assert [int(line.split()[0]) for line in table] == [1, 2, 3, 4, 5]
+    feed = json.loads(feed_json.read_text())
+    assert [item["rank"] for item in feed["items"]] == [1, 2, 3, 4, 5]
+    assert set(feed["items"][0]["probabilities"]) == set(ACTIONS)
+    assert [str(item["post_id"]) in out for item in feed["items"]] == [True] * 5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--artifacts_dir", "/nonexistent/folder"], "/nonexistent/folder: no such folder"),
+        (["--top_k_display", "0"], "expected an integer >= 1, got 0"),
+        (["--write-example", "EXISTING"], "already exists; choose a new folder"),
+    ],
+)
+def test_the_command_line_refuses_bad_flags_in_one_line(argv, message, capsys, tmp_path):
+    argv = [str(tmp_path) if a == "EXISTING" else a for a in argv]
+    (tmp_path / "something").write_text("")
+    try:
+        status, out, err = run(argv, capsys)
+    except SystemExit as exit_info:  # argparse
+        status, err = exit_info.code, capsys.readouterr().err
+    assert status == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_retrieving_more_posts_than_the_corpus_holds_is_refused(folder):
+    artifacts = load_artifacts(folder, fprop_dtype=jnp.float32)
+    with pytest.raises(ValueError, match=r"top_k_retrieval must be in \[1, 400\]"):
+        Pipeline(artifacts).feed(artifacts.sequence, 401)
