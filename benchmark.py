@@ -1,7 +1,8 @@
 """Benchmark: ranking thousands of candidates and retrieving from millions of posts.
 
-    uv run benchmark.py            # full run, about 3.5 minutes on two cores
-    uv run benchmark.py --quick    # smoke run, about a minute
+    uv run benchmark.py                  # full run, about 2 minutes on two cores
+    uv run benchmark.py --quick          # smoke run, about 20 seconds
+    uv run benchmark.py --only ranking   # one section: ranking or retrieval
 
 Every time is a median over repeated calls (compilation and a warm-up call excluded); the
 implementations compared in one row are timed in alternation, so that a change in machine load
@@ -11,10 +12,12 @@ the end.
 Ranking: the published mini configuration (D 128, 4 layers, 4 heads of 32, widening 2) with a
 history of 128, float32, random parameters, one user. *eager*: the dense masked forward as the
 published runner runs it (`hk.transform(...).apply`, not compiled); *jit*: the same compiled;
-*cached*: `RecsysInferenceRunner.rank`; *bound*: the cached path's matrix FLOPs at the measured
-float32 matmul rate. Retrieval: the top 100 of a unit-norm corpus [N, 128] for B users; *ours*:
-`sharded_top_k_search` (by the method `top_k_search` picks), *xla*: `method="xla"`, *naive*:
-compiled `lax.top_k(queries @ corpus.T)`, *read*: one pass over the corpus (a compiled sum).
+*cached*: `RecsysInferenceRunner.rank`; *2nd release*: the same for the second release's ranker
+with right-anchored positions, dwell times and post ages; *bound*: the cached path's matrix FLOPs
+at the measured float32 matmul rate. Retrieval: the top 100 of a unit-norm corpus [N, 128] for
+B users; *ours*: `sharded_top_k_search` (by the method `top_k_search` picks), *xla*:
+`method="xla"`, *naive*: compiled `lax.top_k(queries @ corpus.T)`, *read*: one pass over the
+corpus (a compiled sum).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import checkpoint
 import runners
 from cli import ArgumentParser, non_negative_int
 from grok import TransformerConfig, ffn_size
@@ -52,6 +56,7 @@ GOALS = [
     ("rank 1,024: cached / FLOP bound", "rank", "bound_ratio", 3.0, False),
     ("top-100, 16 users, 1,000,000 posts: search / one read", "search", "read_ratio", 2.5, False),
 ]
+SECTIONS = ("ranking", "retrieval")
 
 
 def timed_call(fn: Callable[[], object]) -> float:
@@ -115,6 +120,7 @@ class RankingRow:
     cached: float
     flops: float  # matrix FLOPs of the cached path
     bound: float  # seconds those FLOPs take at the measured matmul rate
+    second: float  # the cached path of the second release's ranker, anchored, all its inputs
 
     @property
     def eager_ratio(self) -> float | None:
@@ -160,20 +166,31 @@ def bench_ranking(counts, budget: float, eager_limit: int, rate: float) -> list[
     params = runners.randomize_params(runner.param_shapes(), seed=0)
     ranker = runners.RecsysInferenceRunner(runner, "benchmark")
     ranker.initialize(params)
+    config2 = dataclasses.replace(config, release=2, right_anchored_rope=True)
+    ranker2 = runners.RecsysInferenceRunner(runners.ModelRunner(config2), "second release")
+    ranker2.initialize(runners.randomize_params(checkpoint.param_shapes(config2), seed=0))
     dense_jit = jax.jit(runner.forward.apply)
     rows = []
     for count in counts:
         inputs = runners.create_example_batch(1, 128, HISTORY_LEN, count, len(ACTIONS), seed=count)
+        inputs2 = runners.create_example_batch(
+            1, 128, HISTORY_LEN, count, len(ACTIONS), seed=count,
+            include_continuous_actions=True, include_timestamps=True,
+        )  # fmt: skip
         fns = {
             "cached": lambda x=inputs: ranker.rank(*x).scores,
             "jit": lambda x=inputs: dense_jit(params, None, *x).logits,
+            "second": lambda x=inputs2: ranker2.rank(*x).scores,
         }
         if count <= eager_limit:
             fns["eager"] = lambda x=inputs: runner.forward.apply(params, None, *x).logits
         times = measure(fns, budget)
         flops = cached_ranking_flops(config, count)
-        row = RankingRow(count, times.get("eager"), times["jit"], times["cached"], flops, 0.0)
-        rows.append(dataclasses.replace(row, bound=flops / rate))
+        row = RankingRow(
+            count, times.get("eager"), times["jit"], times["cached"], flops, flops / rate,
+            times["second"],
+        )  # fmt: skip
+        rows.append(row)
         print(f"  ranked {count} candidates", flush=True)
     return rows
 
@@ -183,6 +200,7 @@ RANKING_COLUMNS = {
     "eager ms": lambda r: ms(r.eager),
     "jit ms": lambda r: ms(r.jit),
     "cached ms": lambda r: ms(r.cached),
+    "2nd release ms": lambda r: ms(r.second),
     "GFLOP": lambda r: f"{r.flops / 1e9:.3f}",
     "bound ms": lambda r: ms(r.bound),
     "eager/cached": lambda r: ratio(r.eager_ratio),
@@ -281,7 +299,8 @@ def print_goals(ranking: list[RankingRow], retrieval: list[RetrievalRow]) -> Non
 
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run of about a minute")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: fewer sizes, repeats")
+    parser.add_argument("--only", choices=SECTIONS, action="append", help="sections to run (all)")
     parser.add_argument(
         "--eager-limit",
         type=non_negative_int,
@@ -289,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         help="largest candidate count for the uncompiled dense forward (4096; 0: none)",
     )
     args = parser.parse_args(argv)
+    sections = args.only or SECTIONS
     budget = 0.3 if args.quick else 2.0
     start = time.perf_counter()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -296,24 +316,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{machine}, {usable} usable cores, Python {platform.python_version()}")
     print(f"jax {jax.__version__}, devices {jax.devices()}")
     print(f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    rate = matmul_rate(budget)
-    print(f"float32 matmul {MATMUL_SIZE}^3, jit: {rate / 1e9:.1f} GFLOP/s\n")
-
-    print("Ranking, published mini configuration, float32, 1 user, history 128:")
-    counts = RANK_COUNTS[:3] if args.quick else RANK_COUNTS
-    ranking = bench_ranking(counts, budget, args.eager_limit, rate)
-    print()
-    print_table(ranking, RANKING_COLUMNS)
-
-    print(f"Retrieval of the top {TOP_K}, D 128, unit-norm corpus:")
-    sizes = CORPUS_SIZES[:1] if args.quick else CORPUS_SIZES
-    counts = QUERY_COUNTS[:2] if args.quick else QUERY_COUNTS
-    retrieval, recall = bench_retrieval(sizes, counts, budget, with_bf16=not args.quick)
-    print()
-    print_table(retrieval, RETRIEVAL_COLUMNS)
-    if recall is not None:
-        print(f"bfloat16 corpus, 1,000,000 rows, 16 users: recall@{TOP_K} = {recall:.4f}\n")
-
+    ranking, retrieval = [], []
+    if "ranking" in sections:
+        rate = matmul_rate(budget)
+        print(f"float32 matmul {MATMUL_SIZE}^3, jit: {rate / 1e9:.1f} GFLOP/s\n")
+        print("Ranking, published mini configuration, float32, 1 user, history 128:")
+        counts = RANK_COUNTS[:3] if args.quick else RANK_COUNTS
+        ranking = bench_ranking(counts, budget, args.eager_limit, rate)
+        print()
+        print_table(ranking, RANKING_COLUMNS)
+    if "retrieval" in sections:
+        print(f"Retrieval of the top {TOP_K}, D 128, unit-norm corpus:")
+        sizes = CORPUS_SIZES[:1] if args.quick else CORPUS_SIZES
+        counts = QUERY_COUNTS[:2] if args.quick else QUERY_COUNTS
+        retrieval, recall = bench_retrieval(sizes, counts, budget, with_bf16=not args.quick)
+        print()
+        print_table(retrieval, RETRIEVAL_COLUMNS)
+        if recall is not None:
+            print(f"bfloat16 corpus, 1,000,000 rows, 16 users: recall@{TOP_K} = {recall:.4f}\n")
     print_goals(ranking, retrieval)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\nload average at end: {load}; total {time.perf_counter() - start:.0f} s")
