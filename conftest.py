@@ -16,10 +16,12 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 
 import runners
+import world as world_lib
 from grok import TransformerConfig
 from recsys_model import ACTIONS, HashConfig, PhoenixModelConfig, RecsysBatch, RecsysEmbeddings
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
@@ -244,3 +246,9 @@ def assert_same_top_k(result, expected, atol: float = 1e-5) -> None:
     )
     np.testing.assert_array_equal(indices, want_indices)
     np.testing.assert_allclose(scores, want_scores, rtol=0, atol=atol)
+
+
+@pytest.fixture(scope="session")
+def world() -> world_lib.World:
+    """The tiny synthetic world (a few hundred posts, a few dozen users), built once."""
+    return world_lib.build_world(world_lib.WorldConfig.tiny())

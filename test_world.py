@@ -1,0 +1,308 @@
+"""Properties of the synthetic world: determinism, causal histories, the time split, the engagement
+model's directions, calibrated sampling, and the retrieval oracle's exclusions."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+import world as W
+from recsys_model import ACTIONS
+
+FAVORITE = ACTIONS.index("favorite_score")
+NEGATIVE = [ACTIONS.index(name) for name in W.NEGATIVE_ACTIONS]
+POSITIVE = [ACTIONS.index(name) for name in W.POSITIVE_ACTIONS]
+
+
+def _arrays(obj, prefix=""):
+    """Every numpy array of a world or of examples, by a dotted name."""
+    out = {}
+    for field in dataclasses.fields(obj):
+        value = getattr(obj, field.name)
+        if isinstance(value, np.ndarray):
+            out[prefix + field.name] = value
+        elif dataclasses.is_dataclass(value) and not isinstance(value, W.WorldConfig):
+            out.update(_arrays(value, prefix + field.name + "."))
+    return out
+
+
+def _concat(first, second):
+    """Two example dataclasses of the same kind, one after the other."""
+    values = {}
+    for field in dataclasses.fields(first):
+        x, y = getattr(first, field.name), getattr(second, field.name)
+        values[field.name] = (
+            _concat(x, y) if dataclasses.is_dataclass(x) else np.concatenate([x, y])
+        )
+    return type(first)(**values)
+
+
+def _all_ranking(world) -> W.RankingExamples:
+    """Training and held-out requests together."""
+    return _concat(world.ranking_train, world.ranking_eval)
+
+
+def test_same_seed_gives_identical_arrays_and_another_seed_different_ones(world):
+    again = _arrays(W.build_world(W.WorldConfig.tiny()))
+    arrays = _arrays(world)
+    assert arrays.keys() == again.keys()
+    for name, value in arrays.items():
+        np.testing.assert_array_equal(value, again[name], err_msg=name)
+    other = W.build_world(W.WorldConfig.tiny(seed=1))
+    assert not np.array_equal(world.user_topic_prefs, other.user_topic_prefs)
+    assert not np.array_equal(world.post_quality, other.post_quality)
+    assert not np.array_equal(
+        world.ranking_train.candidate_post_ids[:10], other.ranking_train.candidate_post_ids[:10]
+    )
+
+
+def test_histories_are_the_last_engagements_strictly_before_the_request(world):
+    # Rebuild every history by brute force from the served requests themselves.
+    examples = _all_ranking(world)
+    S = world.config.history_len
+    engaged = examples.labels[..., POSITIVE].any(axis=-1)  # [N, C]
+    for n in range(len(examples)):
+        user, t = examples.user_ids[n], examples.request_times[n]
+        earlier = np.flatnonzero((examples.user_ids == user) & (examples.request_times < t))
+        earlier = earlier[np.argsort(examples.request_times[earlier])]
+        rows, slots = np.nonzero(engaged[earlier])
+        rows = earlier[rows][-S:]
+        slots = slots[-S:]
+        h = W.take_rows(examples.history, n)
+        length = len(rows)
+        np.testing.assert_array_equal(h.post_ids[:length], examples.candidate_post_ids[rows, slots])
+        np.testing.assert_array_equal(h.actions[:length], examples.labels[rows, slots])
+        np.testing.assert_array_equal(h.dwell[:length], examples.dwell[rows, slots])
+        np.testing.assert_array_equal(h.times[:length], examples.request_times[rows])
+        # Left-aligned: padding only after the last engagement, zero in every field.
+        for field in _arrays(h).values():
+            assert not field[length:].any()
+        assert np.all(np.diff(h.times[:length]) >= 0) and np.all(h.times[:length] < t)
+
+
+def test_retrieval_histories_are_causal_and_never_hold_the_target(world):
+    for examples in (world.retrieval_train, world.retrieval_eval):
+        h = examples.history
+        valid = h.post_ids > 0
+        assert np.all(valid[:, 1:] <= valid[:, :-1])  # left-aligned
+        assert np.all(np.where(valid, h.times < examples.query_times[:, None], True))
+        assert not (h.post_ids == examples.target_post_ids[:, None]).any()
+
+
+def test_held_out_requests_come_after_every_training_request_of_the_user(world):
+    train, held_out = world.ranking_train, world.ranking_eval
+    for user in np.unique(train.user_ids):
+        held = held_out.request_times[held_out.user_ids == user]
+        assert len(held) == world.config.eval_requests_per_user
+        assert held.min() > train.request_times[train.user_ids == user].max()
+    # The held-out retrieval query is each user's first favorite among the held-out requests.
+    for user, t in zip(
+        world.retrieval_eval.user_ids, world.retrieval_eval.query_times, strict=True
+    ):
+        fav_times = held_out.request_times[
+            (held_out.user_ids == user) & held_out.labels[..., FAVORITE].any(axis=1)
+        ]
+        assert t == fav_times.min()
+
+
+def test_media_actions_have_probability_zero_exactly_on_the_wrong_media(world):
+    users = np.arange(1, world.num_users + 1)[:, None]
+    posts = np.arange(1, world.num_posts + 1)[None, :]
+    probs = world.true_probabilities(users, posts, world.post_created[None, :] + 3600)
+    for name, kind in W.MEDIA_ONLY_ACTIONS.items():
+        right = world.post_media == W.MEDIA_KINDS.index(kind)
+        p = probs[..., ACTIONS.index(name)]
+        assert np.all(p[:, ~right] == 0.0) and np.all(p[:, right] > 0.0), name
+        examples = _all_ranking(world)
+        wrong = world.post_media[examples.candidate_post_ids - 1] != W.MEDIA_KINDS.index(kind)
+        assert not examples.labels[..., ACTIONS.index(name)][wrong].any(), name
+
+
+def test_negative_feedback_falls_and_favorite_rises_with_affinity(world):
+    # Pairs of users for the same post and impression time: only the taste differs.
+    posts = np.arange(1, world.num_posts + 1, 37)
+    users = np.arange(1, world.num_users + 1)
+    t = world.post_created[posts - 1] + 5 * 3600
+    probs = world.true_probabilities(users[:, None], posts[None, :], t[None, :])  # [U, P, A]
+    affinity = world.affinity(users[:, None], posts[None, :])
+    dwell = world.expected_dwell(users[:, None], posts[None, :], t[None, :])
+    higher = affinity[:, None, :] > affinity[None, :, :]  # [U, U, P]: user i above user j
+    assert higher.sum() > 1000
+    diff = probs[:, None] - probs[None, :]  # [U, U, P, A]
+    assert np.all(diff[..., FAVORITE][higher] > 0)
+    assert np.all(diff[..., NEGATIVE][higher] < 0)
+    assert np.all((dwell[:, None] - dwell[None, :])[higher] > 0)
+    # Pairs of posts for one user at the same age with no taste for either: only quality differs.
+    u = 1
+    untasted = np.flatnonzero(
+        (world.user_topic_prefs[u - 1, world.post_topics] == 0)
+        & ~world.user_favourite_authors[u - 1, world.post_authors]
+    )
+    probs = world.true_probabilities(u, untasted + 1, world.post_created[untasted] + 3600)
+    by_quality = np.argsort(world.post_quality[untasted])
+    assert np.all(np.diff(probs[by_quality, FAVORITE]) > 0)
+    assert np.all(np.diff(probs[by_quality][:, NEGATIVE], axis=0) < 0)
+
+
+def test_positive_actions_decay_with_post_age_and_negative_feedback_does_not(world):
+    ages_hours = np.array([0, 1, 6, 24, 48, 80])
+    probs = world.true_probabilities(3, 10, world.post_created[9] + ages_hours * 3600)
+    assert np.all(np.diff(probs[:, FAVORITE]) < 0)
+    np.testing.assert_array_equal(np.diff(probs[:, NEGATIVE], axis=0), 0.0)
+
+
+def test_sampled_action_rates_match_the_true_probabilities(world):
+    rng = np.random.default_rng(0)
+    n = 200_000
+    users = rng.integers(1, world.num_users + 1, size=n)
+    posts = rng.integers(1, world.num_posts + 1, size=n)
+    times = world.post_created[posts - 1] + rng.integers(0, 80 * 3600, size=n)
+    probs = world.true_probabilities(users, posts, times)
+    labels, dwell = world.sample_engagement(users, posts, times, rng)
+    # The dwell actions are thresholds on the very dwell that was sampled.
+    c = world.config
+    np.testing.assert_array_equal(
+        labels[:, ACTIONS.index("dwell_time")], dwell > c.dwell_time_threshold_seconds
+    )
+    np.testing.assert_array_equal(
+        labels[:, ACTIONS.index("dwell_score")], dwell > c.dwell_score_threshold_seconds
+    )
+    served = _all_ranking(world)  # the world's own requests, against what it stored
+    for sample_labels, sample_probs in (
+        (labels, probs),
+        (
+            served.labels.reshape(-1, len(ACTIONS)),
+            served.probabilities.reshape(-1, len(ACTIONS)).astype(np.float64),
+        ),
+    ):
+        m = len(sample_labels)
+        stderr = np.sqrt((sample_probs * (1 - sample_probs)).sum(axis=0)) / m
+        gap = np.abs(sample_labels.mean(axis=0) - sample_probs.mean(axis=0))
+        assert np.all(gap <= 5 * stderr + 1e-12), dict(
+            zip(ACTIONS, gap / (stderr + 1e-12), strict=True)
+        )
+
+
+def test_stored_probabilities_are_the_true_probabilities_of_what_was_served(world):
+    examples = world.ranking_eval
+    probs = world.true_probabilities(
+        examples.user_ids[:, None], examples.candidate_post_ids, examples.request_times[:, None]
+    )
+    np.testing.assert_allclose(examples.probabilities, probs, rtol=1e-6, atol=1e-7)
+    dwell = world.expected_dwell(
+        examples.user_ids[:, None], examples.candidate_post_ids, examples.request_times[:, None]
+    )
+    np.testing.assert_allclose(examples.expected_dwell, dwell, rtol=1e-6)
+
+
+def test_oracle_and_popularity_rankings_exclude_the_history(world):
+    examples = world.retrieval_eval
+    assert len(examples) > 10
+    k = 50
+    oracle = world.oracle_ranking(examples, k)
+    popularity = world.popularity_ranking(examples, k)
+    for ranking in (oracle, popularity):
+        assert ranking.shape == (len(examples), k) and ranking.min() >= 1
+        assert not (ranking[:, :, None] == examples.history.post_ids[:, None, :]).any()
+        assert all(len(set(row)) == k for row in ranking)
+    # The oracle is the brute-force best k of the corpus among posts not in history: the posts
+    # servable at the query time first, each group by the true favorite probability then.
+    every_post = np.arange(1, world.num_posts + 1)
+    window = world.config.serving_window_hours * 3600
+    for n in range(len(examples)):
+        time = examples.query_times[n]
+        p = world.true_probabilities(examples.user_ids[n], every_post, time)[:, FAVORITE]
+        age = time - world.post_created
+        p[(age > 0) & (age <= window)] += 10.0
+        p[examples.history.post_ids[n][examples.history.post_ids[n] > 0] - 1] = -np.inf
+        np.testing.assert_array_equal(oracle[n], np.argsort(-p, kind="stable")[:k] + 1)
+    # Popularity counts favorites in the training requests only.
+    train = world.ranking_train
+    favorited = train.candidate_post_ids[train.labels[..., FAVORITE] == 1]
+    np.testing.assert_array_equal(
+        world.favorite_counts, np.bincount(favorited - 1, minlength=world.num_posts)
+    )
+    assert np.all(np.diff(world.favorite_counts[popularity[0] - 1]) <= 0)
+
+
+def test_ids_are_positive_and_zero_only_as_padding(world):
+    examples = _all_ranking(world)
+    for ids, size in (
+        (examples.user_ids, world.num_users),
+        (examples.candidate_post_ids, world.num_posts),
+        (examples.candidate_author_ids, world.num_authors),
+        (world.retrieval_train.target_post_ids, world.num_posts),
+    ):
+        assert ids.min() >= 1 and ids.max() <= size
+    np.testing.assert_array_equal(
+        examples.candidate_author_ids, world.post_authors[examples.candidate_post_ids - 1] + 1
+    )
+    h = examples.history
+    valid = h.times > 0
+    np.testing.assert_array_equal(h.post_ids > 0, valid)
+    np.testing.assert_array_equal(h.author_ids > 0, valid)
+    np.testing.assert_array_equal(
+        h.author_ids[valid], world.post_authors[h.post_ids[valid] - 1] + 1
+    )
+    assert valid.any() and not valid.all()
+    with pytest.raises(ValueError, match="post_ids"):
+        world.true_probabilities(1, 0, world.config.start_time)
+
+
+def test_user_sequence_round_trips_through_json_and_matches_the_history(world):
+    examples = world.ranking_eval
+    n = int(np.argmax((examples.history.post_ids > 0).sum(axis=1)))
+    sequence = world.user_sequence(int(examples.user_ids[n]), int(examples.request_times[n]))
+    assert json.loads(json.dumps(sequence)) == sequence
+    items = sequence["history"]
+    length = int((examples.history.post_ids[n] > 0).sum())
+    assert len(items) == length > 0
+    assert [item["post_id"] for item in items] == examples.history.post_ids[n, :length].tolist()
+    assert [item["author_id"] for item in items] == examples.history.author_ids[n, :length].tolist()
+    for item, actions in zip(items, examples.history.actions[n, :length], strict=True):
+        assert item["actions"] == {str(a): 1.0 for a in np.flatnonzero(actions)}
+    dwell = [item["dwell_time"] for item in items]
+    np.testing.assert_allclose(dwell, examples.history.dwell[n, :length], atol=5e-4)
+    assert sequence["request_time"] == int(examples.request_times[n])
+
+
+def test_descriptions_name_the_planted_taste(world):
+    u = int(np.argmax(world.user_topic_prefs.max(axis=1)))
+    top = world.topic_names[int(np.argmax(world.user_topic_prefs[u]))]
+    assert top in world.describe_user(u + 1).split(";")[0]
+    text = world.describe_post(1, int(world.post_created[0]) + 2 * 3600)
+    assert world.topic_names[world.post_topics[0]] in text and "2.0 h old" in text
+    corpus = world.corpus()
+    np.testing.assert_array_equal(corpus["topics"], world.post_topics)
+    assert corpus["post_ids"][0] == 1
+
+
+def test_config_round_trips_through_json():
+    config = W.WorldConfig.tiny(seed=3)
+    data = json.loads(json.dumps(config.to_json()))
+    assert W.WorldConfig.from_json(data) == config
+    with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
+        W.WorldConfig.from_json({**data, "colour": 1})
+
+
+def test_taste_history_and_recent_posts_in_words(world):
+    examples = world.ranking_eval
+    user, time = int(examples.user_ids[0]), int(examples.request_times[0])
+    posts = world.recent_posts(time)
+    created = world.post_created[posts - 1]
+    assert len(posts) and (created < time).all()
+    assert (created >= time - world.config.serving_window_hours * 3600).all()
+    taste = world.in_taste(user, posts)
+    u = user - 1
+    expected = (world.user_topic_prefs[u, world.post_topics[posts - 1]] > 0) | (
+        world.user_favourite_authors[u, world.post_authors[posts - 1]]
+    )
+    np.testing.assert_array_equal(taste, expected)
+    history = examples.history.post_ids[0]
+    words = world.describe_history(user, time)
+    assert words.startswith(f"their last {(history > 0).sum()} engagements: ")
+    top = np.bincount(world.post_topics[history[history > 0] - 1]).argmax()
+    assert world.topic_names[top] in words.split(": ")[1].split(",")[0]
