@@ -1,0 +1,289 @@
+"""Training on the tiny world: losses fall, the trained ranker beats the base rate, reports equal
+hand-computed values, data parallelism and resumption change nothing, exports load, and bad
+input stops with one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import metrics
+import train as T
+from checkpoint import load_artifacts, read_npz
+from cli import run_main
+from pipeline import Pipeline
+from recsys_model import ACTIONS
+
+HERE = Path(__file__).parent
+QUICK = T.TrainConfig.quick()
+FAVORITE = ACTIONS.index("favorite_score")
+# Flags of a run that trains only the ranker and skips plots and artifacts.
+RANKER_ONLY = ["--quick", "--model", "ranker", "--no-export"]
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """train.py's command line in this process: (exit status, stdout, stderr)."""
+    try:
+        status = run_main(lambda: T.main(argv), "train.py")
+    except SystemExit as exit:  # argparse's own errors
+        status = exit.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def losses(log: list[dict]) -> np.ndarray:
+    return np.array([entry["loss"] for entry in log])
+
+
+@pytest.fixture(scope="module")
+def trained_ranker(tmp_path_factory):
+    """The ranker after 60 steps on a world a little larger than the tiny one (on which a
+    model this size only memorises)."""
+    small = dataclasses.replace(
+        T.world_lib.WorldConfig.tiny(), num_users=160, num_posts=300, mean_requests_per_user=24.0
+    )
+    world = T.world_lib.build_world(small)
+    job = T.make_job("ranker", world, dataclasses.replace(QUICK, steps=60, decay_steps=60))
+    state, log = T.fit(job, tmp_path_factory.mktemp("ranker"), False, T.data_mesh(), quiet=True)
+    return job, jax.device_get(state.params), log
+
+
+def test_ranker_loss_falls_and_beats_the_base_rate_on_held_out_data(trained_ranker):
+    job, params, log = trained_ranker
+    loss = losses(log)
+    assert loss[-10:].mean() < 0.7 * loss[:5].mean()
+    report, predictions = T.evaluate_ranker(job, params)
+    labels = predictions["ranking_labels"].reshape(-1, len(ACTIONS)).astype(float)
+    model = predictions["ranking_model"].reshape(-1, len(ACTIONS))
+    base = np.broadcast_to(labels.mean(axis=0), labels.shape)
+    # Summed over the actions, held-out cross-entropy below the constant base-rate predictor's.
+    model_ce = sum(metrics.cross_entropy(labels[:, a], model[:, a]) for a in range(len(ACTIONS)))
+    base_ce = sum(metrics.cross_entropy(labels[:, a], base[:, a]) for a in range(len(ACTIONS)))
+    assert model_ce < base_ce
+    assert report["actions"]["favorite_score"]["positives"] == int(labels[:, FAVORITE].sum())
+
+
+def test_retrieval_loss_falls(world, tmp_path):
+    job = T.make_job("retrieval", world, dataclasses.replace(QUICK, steps=40, decay_steps=40))
+    _, log = T.fit(job, tmp_path, False, T.data_mesh(), quiet=True)
+    loss = losses(log)
+    assert loss[-10:].mean() < 0.5 * loss[:5].mean()
+    assert 0.01 <= log[-1]["temperature"] <= 1.0
+
+
+def test_trainable_initialisation_lets_every_array_learn(world):
+    """From the published initialisation (zero norm scales and linear weights) most arrays get
+    no gradient; from the trainable one every array does."""
+    job = T.make_job("ranker", world, QUICK)
+    state = T.initial_state("ranker", job.config, job.hashing, QUICK)
+    published = {
+        "model": T.published_init("ranker", job.config, QUICK.seed),
+        "tables": state.params["tables"],
+    }
+    batch = T.take(job.train_data, np.arange(QUICK.batch_size))
+
+    def learning(params) -> list[bool]:
+        grads = jax.jit(jax.grad(lambda p: job.loss(p, batch)[0]))(params)
+        return [bool(jnp.any(g != 0)) for g in jax.tree.leaves(grads["model"])]
+
+    assert all(learning(state.params))
+    assert sum(learning(published)) < len(learning(published)) / 2
+
+
+def test_retrieval_loss_equals_a_numpy_sampled_softmax(world):
+    """Log-Q corrected softmax over the batch's targets and the global negatives, with
+    accidental hits (another column holding the query's own target) masked."""
+    job = T.make_job("retrieval", world, dataclasses.replace(QUICK, negatives=8))
+    params = T.initial_state("retrieval", job.config, job.hashing, job.train).params
+    targets = world.retrieval_train.target_post_ids
+    frequency = np.bincount(targets, minlength=world.num_posts + 1) / len(targets)
+    log_q = np.log(QUICK.batch_size * frequency + 8 / world.num_posts)  # by post id
+
+    arrays = job.batch(0)
+    ids = np.concatenate([arrays["target_ids"], arrays["negative_ids"]])
+    np.testing.assert_allclose(arrays["log_q"], log_q[ids], rtol=1e-6)
+    arrays["target_ids"][1] = arrays["negative_ids"][0] = arrays["target_ids"][0]  # hits
+    for field in ("post_hashes", "author_hashes"):
+        arrays[f"negative_{field}"][0] = arrays[f"target_{field}"][1] = arrays[f"target_{field}"][0]
+    ids = np.concatenate([arrays["target_ids"], arrays["negative_ids"]])
+    arrays["log_q"] = log_q[ids].astype(np.float32)
+    loss, _ = job.loss(params, arrays)
+
+    towers = T.retrieval_towers(job.config)
+    posts = T.post_batch(
+        np.concatenate([arrays["target_post_hashes"], arrays["negative_post_hashes"]]),
+        np.concatenate([arrays["target_author_hashes"], arrays["negative_author_hashes"]]),
+        job.config,
+    )
+    users, vectors, temperature = towers.apply(
+        params["model"], None, T.query_batch(arrays), posts, params["tables"]
+    )
+    logits = np.asarray(users, np.float64) @ np.asarray(vectors, np.float64).T / float(temperature)
+    expected = []
+    for i, target in enumerate(arrays["target_ids"]):
+        row = logits[i] - log_q[ids]
+        keep = (ids != target) | (np.arange(len(ids)) == i)
+        expected.append(np.log(np.exp(row[keep]).sum()) - row[i])
+    np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
+
+
+def test_reports_equal_hand_computed_values():
+    """Four impressions, favorite labels 1 0 1 0, oracle probabilities .9 .2 .6 .6: AUROC 3.5/4
+    (the tie counts half); cross-entropy against the base rate .5 by hand."""
+    labels = np.zeros((1, 4, len(ACTIONS)), np.uint8)
+    labels[0, [0, 2], FAVORITE] = 1
+    oracle = np.full((1, 4, len(ACTIONS)), 0.5, np.float32)
+    oracle[0, :, FAVORITE] = [0.9, 0.2, 0.6, 0.6]
+    report = T.ranking_report(labels, oracle, oracle)["favorite_score"]
+    ce = -(math.log(0.9) + math.log(0.8) + math.log(0.6) + math.log(0.4)) / 4
+    assert report["auc_oracle"] == report["auc"] == 0.875
+    assert report["rce_oracle"] == pytest.approx(100 * (math.log(2) - ce) / math.log(2), abs=1e-5)
+    assert report["positives"] == 2
+    empty = T.ranking_report(labels, oracle, oracle)["report_score"]  # no positives at all
+    assert empty["auc"] is None and empty["positives"] == 0
+
+    targets = np.array([3, 7])
+    rest = np.arange(100, 198)  # ids that are no target
+    rankings = {"oracle": np.array([[3, 1, *rest], [2, 7, *rest]])}
+    retrieval = T.retrieval_report(targets, rankings)
+    assert retrieval["recall@10"]["oracle"] == 1.0
+    assert retrieval["ndcg@10"]["oracle"] == pytest.approx((1 + 1 / math.log2(3)) / 2, abs=1e-6)
+
+
+DATA_PARALLEL = """
+import dataclasses, sys
+from pathlib import Path
+import jax, numpy as np
+import train as T, world as W
+from checkpoint import write_npz
+world = W.build_world(W.WorldConfig.tiny())
+train = dataclasses.replace(T.TrainConfig.quick(), steps=3, batch_size=16, eval_every=100)
+out = {}
+for kind in T.MODELS:
+    for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
+        mesh = jax.sharding.Mesh(np.array(devices), ("data",))
+        job = T.make_job(kind, world, train)
+        state, _ = T.fit(job, Path(sys.argv[1]) / name / kind, False, mesh, quiet=True)
+        leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+        out.update({f"{name}{jax.tree_util.keystr(p)}{kind}": np.asarray(x) for p, x in leaves})
+write_npz(out, Path(sys.argv[1]) / "params.npz")
+"""
+
+
+def test_data_parallel_over_four_devices_equals_one_device(tmp_path):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    subprocess.run(
+        [sys.executable, "-c", DATA_PARALLEL, str(tmp_path)], cwd=HERE, env=env, check=True
+    )
+    params = read_npz(tmp_path / "params.npz")
+    one = {k[3:]: v for k, v in params.items() if k.startswith("one")}
+    four = {k[4:]: v for k, v in params.items() if k.startswith("four")}
+    assert one.keys() == four.keys() and len(one) > 20
+    # Sums over the batch run in another order on four devices; Adam divides each update by
+    # the gradient's own scale, so a component that is zero but for rounding moves by up to the
+    # learning rate either way: the bound is a small fraction of the steps' total movement.
+    for key in one:
+        np.testing.assert_allclose(four[key], one[key], rtol=1e-3, atol=1e-4, err_msg=key)
+
+
+def test_resume_is_bit_exact(tmp_path, capsys):
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    assert run_cli([*RANKER_ONLY, "--out", str(once), "--steps", "8"], capsys)[0] == 0
+    assert run_cli([*RANKER_ONLY, "--out", str(twice), "--steps", "4"], capsys)[0] == 0
+    status, out, _ = run_cli(
+        [*RANKER_ONLY, "--out", str(twice), "--steps", "8", "--resume"], capsys
+    )
+    assert status == 0 and "steps 4 to 8" in out
+    a, b = (read_npz(folder / "state" / "ranker.npz") for folder in (once, twice))
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
+    status, out, err = run_cli(["--quick", "--out", str(tmp_path)], capsys)
+    assert status == 0, err
+    for name in ("eval.json", "eval_predictions.npz", "training_curves.png", "auroc.png"):
+        assert (tmp_path / name).is_file(), name
+    assert "examples/s" in out and "s left" in out and "favorite_score" in out
+
+    report = json.loads((tmp_path / "eval.json").read_text())
+    predictions = read_npz(tmp_path / "eval_predictions.npz")
+    # Every figure can be recomputed from the predictions file.
+    for i, action in enumerate(ACTIONS):
+        figures = report["ranking"]["actions"][action]
+        labels = predictions["ranking_labels"][..., i].ravel()
+        if figures["auc"] is not None:
+            model = predictions["ranking_model"][..., i].ravel()
+            assert figures["auc"] == pytest.approx(metrics.auroc(labels, model), abs=1e-6)
+        assert figures["positives"] == labels.sum()
+    for name in ("model", "oracle", "popularity"):
+        ranked = predictions[f"retrieval_{name}_top100"]
+        recall = metrics.recall_at_k(ranked, predictions["retrieval_targets"], 100)
+        assert report["retrieval"]["recall@100"][name] == pytest.approx(recall, abs=1e-6)
+    assert set(report["examples"]) == {"train", "eval"}
+
+    # The artifacts serve a feed through the pipeline; the demo checkpoint holds the same models.
+    artifacts = load_artifacts(tmp_path / "artifacts", fprop_dtype=jnp.float32)
+    feed = Pipeline(artifacts).feed(artifacts.sequence, top_k_retrieval=20, top_k_display=5)
+    assert len(feed.items) == 5 and feed.items[0].topic in artifacts.corpus.topics
+    world_config, models = T.load_demo_checkpoint(tmp_path / "demo_checkpoint.npz")
+    assert world_config == T.world_lib.WorldConfig.tiny()
+    for kind in T.MODELS:
+        model = getattr(artifacts, kind)
+        saved = hk.data_structures.to_mutable_dict(model.params)
+        for module, leaves in saved.items():
+            for name, value in leaves.items():
+                np.testing.assert_allclose(
+                    models[kind].params[module][name], value, rtol=1e-3, atol=1e-3
+                )
+
+
+def test_bad_input_stops_with_one_line(world, tmp_path, capsys):
+    def refused(argv) -> str:
+        status, _, err = run_cli(argv, capsys)
+        assert status == 2 and err.count("\n") == 1, err
+        return err
+
+    empty = tmp_path / "empty"
+    assert "nothing to resume" in refused([*RANKER_ONLY, "--out", str(empty), "--resume"])
+    run = tmp_path / "run"
+    assert run_cli([*RANKER_ONLY, "--out", str(run), "--steps", "2"], capsys)[0] == 0
+    assert "already holds a trained ranker" in refused([*RANKER_ONLY, "--out", str(run)])
+    foreign = refused([*RANKER_ONLY, "--out", str(run), "--resume", "--seed", "1"])
+    assert "the state of another run (its world.seed is 0, this run's is 1)" in foreign
+    (run / "state" / "ranker.npz").write_bytes(b"not a zip file")
+    assert "ranker.npz" in refused([*RANKER_ONLY, "--out", str(run), "--resume"])
+    assert "--steps: expected an integer >= 1" in refused(
+        [*RANKER_ONLY, "--out", "x", "--steps", "0"]
+    )
+
+    poisoned = dataclasses.replace(world)
+    poisoned.ranking_train = dataclasses.replace(
+        world.ranking_train,
+        history=dataclasses.replace(
+            world.ranking_train.history, dwell=world.ranking_train.history.dwell.copy()
+        ),
+    )
+    poisoned.ranking_train.history.dwell[3, 2] = np.nan
+    with pytest.raises(ValueError, match=r"history_continuous_actions holds nan at \[3, 2, 1\]"):
+        T.make_job("ranker", poisoned, QUICK)
+    _, ranker_config = T.model_configs(world.config, QUICK)
+    short = dataclasses.replace(ranker_config, history_seq_len=4)
+    with pytest.raises(ValueError, match=r"history_seq_len \(4\) does not fit the world's"):
+        T.make_job("ranker", world, QUICK, config=short)
+    with pytest.raises(ValueError, match=r"batch_size \(100000\) exceeds the"):
+        T.make_job("ranker", world, dataclasses.replace(QUICK, batch_size=100_000))
+    with pytest.raises(ValueError, match="table_optimizer must be one of"):
+        T.make_job("ranker", world, dataclasses.replace(QUICK, table_optimizer="sgd"))

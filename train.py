@@ -1,0 +1,1439 @@
+"""Train the ranking and the retrieval model on the synthetic world, evaluate both against the
+world's oracle, and export them in the published artifacts layout.
+
+    uv run train.py --out runs/default            # both models, the default world (~10 min)
+    uv run train.py --out runs/smoke --quick       # a smoke run of seconds (a tiny world)
+    uv run train.py --out runs/default --steps 1200 --resume   # continue a run to step 1200
+
+The ranker learns multi-label sigmoid cross-entropy over the 19 actions plus a regression of
+the dwell time (the second release's continuous head, loss as `ContinuousActionConfig` says);
+the retrieval model learns a softmax over in-batch and sampled global negatives with log-Q
+correction and a learned temperature, the positive being the post the user favorited next.
+Embedding tables are parameters, looked up with the published hash functions. Optax AdamW with
+warmup, cosine decay and clipping; updates with non-finite gradients are skipped and counted;
+one jitted step, data-parallel over the devices of a mesh. The state (parameters, optimiser,
+step) is saved as npz beside the run, so that `--resume` continues exactly where it stopped.
+
+In DIR: `artifacts/` (published layout: `uv run run_pipeline.py --artifacts_dir DIR/artifacts`
+serves it), `eval.json` and `eval_predictions.npz` (what the metrics were computed from),
+`training_curves.png`, `auroc.png`, `calibration.png`, `demo_checkpoint.npz` (what the demos
+load) and `state/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import metrics
+import world as world_lib
+from checkpoint import (
+    LOG_TEMPERATURE,
+    Corpus,
+    ModelArtifacts,
+    check_params,
+    config_to_json,
+    configs_from_json,
+    flatten_params,
+    param_shapes,
+    read_npz,
+    unflatten_params,
+    write_artifacts,
+    write_npz,
+)
+from cli import ArgumentParser, non_negative_int, positive_int, run_main
+from grok import TransformerConfig
+from recsys_model import (
+    ACTIONS,
+    ContinuousActionConfig,
+    HashConfig,
+    NormConfig,
+    PhoenixModelConfig,
+    RecsysBatch,
+    RecsysEmbeddings,
+    dummy_inputs,
+    normalize_continuous_value,
+)
+from recsys_retrieval_model import PhoenixRetrievalModelConfig
+from tables import TABLE_NAMES, Hashing, init_tables
+
+MODELS = ("ranker", "retrieval")
+FAVORITE = ACTIONS.index("favorite_score")
+DWELL_COLUMN = 1  # of the continuous actions: the dwell time
+# A temperature of 0.05 for unit vectors, as HSTU and the forks use; learned from there, kept
+# within [0.01, 1].
+INITIAL_LOG_TEMPERATURE = math.log(0.05)
+LOG_TEMPERATURE_RANGE = (math.log(0.01), 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How one model is trained (`for_model` gives each model's defaults)."""
+
+    steps: int = 2200  # where this run stops (a resumed run may go further)
+    decay_steps: int = 2200  # the learning rate's schedule, independent of where a run stops
+    batch_size: int = 64  # requests (ranker) or queries (retrieval) per step
+    learning_rate: float = 5e-3  # of the model's parameters (AdamW)
+    table_learning_rate: float = 3e-2  # of the embedding tables
+    table_optimizer: str = "adam"  # or "adagrad"
+    warmup_steps: int = 50
+    final_learning_rate_fraction: float = 0.05
+    weight_decay: float = 1e-4
+    clip_norm: float = 1.0
+    # Embedding tables start normal with this standard deviation.
+    table_scale: float = 0.05
+    # Retrieval: global negatives per batch, drawn uniformly from the corpus.
+    negatives: int = 512
+    # Ranker: the dwell regression's weight and loss (see ContinuousActionConfig).
+    dwell_loss_weight: float = 1.0
+    dwell_loss: str = "mse"
+    dwell_norm_seconds: float = 60.0
+    eval_every: int = 250
+    seed: int = 0
+
+    @classmethod
+    def for_model(cls, kind: str, quick: bool = False) -> TrainConfig:
+        """The defaults of `kind` on the default world, or (quick) on the tiny one."""
+        if quick:
+            return cls(
+                steps=30, decay_steps=30, batch_size=32, warmup_steps=5, negatives=64,
+                eval_every=15,
+            )  # fmt: skip
+        if kind == "retrieval":
+            return cls(steps=950, decay_steps=950, batch_size=256, eval_every=190)
+        return cls()
+
+    @classmethod
+    def quick(cls) -> TrainConfig:
+        return cls.for_model("ranker", quick=True)
+
+
+def transformer_config() -> TransformerConfig:
+    """The demo configuration: D 128, 2 layers, 2 heads of 64, widening 2."""
+    return TransformerConfig(128, 64, 2, 2, 2, widening_factor=2.0, attn_output_multiplier=0.125)
+
+
+def model_configs(
+    world_config: world_lib.WorldConfig, train: TrainConfig
+) -> tuple[PhoenixRetrievalModelConfig, PhoenixModelConfig]:
+    """Both models for a world: its history length and candidates per request, float32, the
+    second release's ranker (dwell time, post age) with right-anchored positions."""
+    common = dict(
+        model=transformer_config(),
+        history_seq_len=world_config.history_len,
+        candidate_seq_len=world_config.num_candidates,
+        fprop_dtype=jnp.float32,
+        hash_config=HashConfig(),
+    )
+    continuous = ContinuousActionConfig(
+        loss_weight=train.dwell_loss_weight,
+        loss_type=train.dwell_loss,
+        norm_config=NormConfig(train.dwell_norm_seconds),
+    )
+    ranker = PhoenixModelConfig(
+        release=2, right_anchored_rope=True, continuous_action_config=continuous, **common
+    )
+    return PhoenixRetrievalModelConfig(**common), ranker
+
+
+# Rows per entity of each table: with two hashes per entity, a table of as many rows as
+# entities shares every row between about two of them; more rows, fewer collisions.
+TABLE_ROWS_PER_ENTITY = {"user": 4, "item": 2, "author": 4}
+
+
+def hashing_for(world: world_lib.World, hash_config: HashConfig, seed: int) -> Hashing:
+    """Hash functions into tables sized by `TABLE_ROWS_PER_ENTITY` (row 0 is padding)."""
+    sizes = {"user": world.num_users, "item": world.num_posts, "author": world.num_authors}
+    return Hashing.random(
+        hash_config, {k: v * TABLE_ROWS_PER_ENTITY[k] + 1 for k, v in sizes.items()}, seed
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: the world's examples as hashed arrays, batches drawn by step.
+# ---------------------------------------------------------------------------------------------
+
+
+def history_fields(history: world_lib.History, hashing: Hashing, num_continuous: int) -> dict:
+    continuous = np.zeros((*history.dwell.shape, num_continuous), np.float32)
+    continuous[..., DWELL_COLUMN] = history.dwell
+    return dict(
+        history_post_hashes=hashing.item(history.post_ids),
+        history_author_hashes=hashing.author(history.author_ids),
+        history_actions=history.actions,  # uint8, made float32 per batch
+        history_product_surface=np.zeros(history.post_ids.shape, np.int32),
+        history_continuous_actions=continuous,
+    )
+
+
+def ranking_arrays(examples: world_lib.RankingExamples, hashing: Hashing, config) -> dict:
+    """Every field a ranking batch needs, [N, ...] numpy, plus labels [N, C, A] and dwell
+    [N, C] seconds."""
+    c = examples.candidate_post_ids.shape[1]
+    return dict(
+        user_hashes=hashing.user(examples.user_ids),
+        **history_fields(examples.history, hashing, config.num_continuous_actions),
+        candidate_post_hashes=hashing.item(examples.candidate_post_ids),
+        candidate_author_hashes=hashing.author(examples.candidate_author_ids),
+        candidate_product_surface=np.zeros(examples.candidate_post_ids.shape, np.int32),
+        candidate_impr_ts=np.repeat(examples.request_times[:, None], c, axis=1),
+        candidate_post_creation_ts=examples.candidate_creation_times,
+        labels=examples.labels,
+        dwell=examples.dwell,
+    )
+
+
+def request_arrays(
+    world: world_lib.World, hashing: Hashing, config, user_id: int, time: int, post_ids
+) -> dict:
+    """The ranking fields [1, ...] of one request: the user's history before `time` and the
+    posts `post_ids` [C] as candidates shown at `time`."""
+    post_ids = np.asarray(post_ids, np.int64)
+    history = world.history([user_id], [time])
+    # The retrieval model reads no dwell; its fields are filled at the ranker's default width.
+    width = config.num_continuous_actions if isinstance(config, PhoenixModelConfig) else 2
+    fields = history_fields(history, hashing, width)
+    fields["history_actions"] = fields["history_actions"].astype(np.float32)
+    return dict(
+        user_hashes=hashing.user([user_id]),
+        **fields,
+        candidate_post_hashes=hashing.item(post_ids[None]),
+        candidate_author_hashes=hashing.author(world.post_authors[post_ids - 1][None] + 1),
+        candidate_product_surface=np.zeros((1, len(post_ids)), np.int32),
+        candidate_impr_ts=np.full((1, len(post_ids)), time, np.int64),
+        candidate_post_creation_ts=world.post_created[post_ids - 1][None],
+    )
+
+
+def retrieval_arrays(examples: world_lib.RetrievalExamples, hashing: Hashing) -> dict:
+    """Queries (user and history hashes [N, ...]) and their targets (post ids, and hashes)."""
+    return dict(
+        user_hashes=hashing.user(examples.user_ids),
+        **history_fields(examples.history, hashing, 2),
+        target_ids=examples.target_post_ids,
+        target_post_hashes=hashing.item(examples.target_post_ids),
+        target_author_hashes=hashing.author(examples.target_author_ids),
+    )
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """The examples of step `step`: epochs of a fresh permutation each, from the seed alone,
+    so that a resumed run draws exactly the batches an uninterrupted one would."""
+    per_epoch = max(1, n // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[position * batch_size : (position + 1) * batch_size]
+
+
+def take(arrays: dict, index: np.ndarray) -> dict:
+    out = {k: v[index] for k, v in arrays.items()}
+    if "history_actions" in out:
+        out["history_actions"] = out["history_actions"].astype(np.float32)
+    if "labels" in out:
+        out["labels"] = out["labels"].astype(np.float32)
+    return out
+
+
+def check_data(arrays: dict, what: str) -> None:
+    """Refuses data holding NaN or infinity, in one line naming the field and the first place."""
+    for name, value in arrays.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            where = np.argwhere(~np.isfinite(value))[0].tolist()
+            raise ValueError(
+                f"{what} data: {name} holds {value[tuple(where)]} at {where}; "
+                "expected finite values"
+            )
+
+
+def _per_config(build: Callable) -> Callable:
+    """Memoises `build(config, *args)` by the config's value (configs are not hashable): the
+    functions it returns are jitted, and building them once per config lets every run in a
+    process reuse what was compiled."""
+    cache: dict = {}
+
+    @functools.wraps(build)
+    def cached(config, *args):
+        key = (repr(config), *map(repr, args))
+        if key not in cache:
+            cache[key] = build(config, *args)
+        return cache[key]
+
+    return cached
+
+
+# ---------------------------------------------------------------------------------------------
+# Models and losses.
+# ---------------------------------------------------------------------------------------------
+
+
+def embeddings_of(tables: dict, batch: RecsysBatch) -> RecsysEmbeddings:
+    """Table rows of a batch's hashes (differentiable: the tables are parameters)."""
+    users, items, authors = (tables[TABLE_NAMES[e]] for e in ("user", "item", "author"))
+    return RecsysEmbeddings(
+        user_embeddings=jnp.take(users, batch.user_hashes, axis=0),
+        history_post_embeddings=jnp.take(items, batch.history_post_hashes, axis=0),
+        candidate_post_embeddings=jnp.take(items, batch.candidate_post_hashes, axis=0),
+        history_author_embeddings=jnp.take(authors, batch.history_author_hashes, axis=0),
+        candidate_author_embeddings=jnp.take(authors, batch.candidate_author_hashes, axis=0),
+    )
+
+
+def ranking_batch(arrays: dict) -> RecsysBatch:
+    return RecsysBatch(**{f: arrays[f] for f in RecsysBatch._fields if f in arrays})
+
+
+def continuous_loss(prediction: jax.Array, target: jax.Array, config: ContinuousActionConfig):
+    """Per-element loss of the continuous head (predictions and targets in [0, 1])."""
+    error = prediction - target
+    if config.loss_type == "mae":
+        return jnp.abs(error)
+    if config.loss_type == "mse":
+        return jnp.square(error)
+    if config.loss_type == "huber":
+        return optax.huber_loss(prediction, target, delta=0.1)
+    if config.loss_type == "tweedie":
+        p, mu = config.tweedie_power, jnp.maximum(prediction, 1e-6)
+        return -target * mu ** (1 - p) / (1 - p) + mu ** (2 - p) / (2 - p)
+    raise ValueError(f"loss_type must be mae, mse, huber or tweedie, got {config.loss_type!r}")
+
+
+@_per_config
+def make_ranker_loss(config: PhoenixModelConfig) -> Callable:
+    forward = hk.transform(lambda batch, emb: config.make()(batch, emb))
+    action_config = config.continuous_action_config
+
+    def loss(params, arrays):
+        batch = ranking_batch(arrays)
+        out = forward.apply(params["model"], None, batch, embeddings_of(params["tables"], batch))
+        valid = (batch.candidate_post_hashes[:, :, 0] != 0).astype(jnp.float32)
+        ce = optax.sigmoid_binary_cross_entropy(out.logits.astype(jnp.float32), arrays["labels"])
+        ce = jnp.sum(ce.mean(axis=-1) * valid) / jnp.maximum(valid.sum(), 1.0)
+        target = normalize_continuous_value(arrays["dwell"], action_config.norm_config)
+        dwell = continuous_loss(out.continuous_preds[..., DWELL_COLUMN], target, action_config)
+        dwell = jnp.sum(dwell * valid) / jnp.maximum(valid.sum(), 1.0)
+        total = ce + action_config.loss_weight * dwell
+        return total, {"loss": total, "cross_entropy": ce, "dwell": dwell}
+
+    return loss
+
+
+def query_batch(arrays: dict, candidates: int = 1) -> RecsysBatch:
+    """A batch of queries (user and history), with `candidates` padded candidate slots."""
+    b = arrays["user_hashes"].shape[0]
+    zeros = jnp.zeros((b, candidates), jnp.int32)
+    hashes = jnp.zeros((b, candidates, arrays["history_post_hashes"].shape[-1]), jnp.int32)
+    return RecsysBatch(
+        user_hashes=arrays["user_hashes"],
+        history_post_hashes=arrays["history_post_hashes"],
+        history_author_hashes=arrays["history_author_hashes"],
+        history_actions=arrays["history_actions"],
+        history_product_surface=arrays["history_product_surface"],
+        candidate_post_hashes=hashes,
+        candidate_author_hashes=jnp.zeros_like(hashes),
+        candidate_product_surface=zeros,
+    )
+
+
+def post_batch(post_hashes: jax.Array, author_hashes: jax.Array, config) -> RecsysBatch:
+    """Posts [M, H] as the candidates of one empty query, for the candidate tower."""
+    s, h = config.history_seq_len, config.hash_config
+    return RecsysBatch(
+        user_hashes=jnp.zeros((1, h.num_user_hashes), jnp.int32),
+        history_post_hashes=jnp.zeros((1, s, h.num_item_hashes), jnp.int32),
+        history_author_hashes=jnp.zeros((1, s, h.num_author_hashes), jnp.int32),
+        history_actions=jnp.zeros((1, s, len(ACTIONS)), jnp.float32),
+        history_product_surface=jnp.zeros((1, s), jnp.int32),
+        candidate_post_hashes=post_hashes[None],
+        candidate_author_hashes=author_hashes[None],
+        candidate_product_surface=jnp.zeros((1, post_hashes.shape[0]), jnp.int32),
+    )
+
+
+def retrieval_towers(config: PhoenixRetrievalModelConfig) -> hk.Transformed:
+    """(queries, posts) -> (unit user vectors [B, D], unit post vectors [M, D], temperature),
+    creating the retrieval model's parameters and the top-level `log_temperature`."""
+
+    def towers(query: RecsysBatch, posts: RecsysBatch, tables: dict):
+        model = config.make()
+        users, _ = model.build_user_representation(query, embeddings_of(tables, query))
+        vectors, _ = model.build_candidate_representation(posts, embeddings_of(tables, posts))
+        log_temperature = hk.get_parameter(
+            LOG_TEMPERATURE[1],
+            [],
+            jnp.float32,
+            init=hk.initializers.Constant(INITIAL_LOG_TEMPERATURE),
+        )
+        temperature = jnp.exp(jnp.clip(log_temperature, *LOG_TEMPERATURE_RANGE))
+        return users, vectors[0], temperature
+
+    return hk.transform(towers)
+
+
+@_per_config
+def make_retrieval_loss(config: PhoenixRetrievalModelConfig) -> Callable:
+    """Sampled softmax: each query's target against the batch's other targets and the global
+    negatives, logits corrected by log Q (`log_q` [B + M] of the batch: the log of how often
+    each column's post is drawn as a candidate), accidental hits of the target's own post
+    masked."""
+    towers = retrieval_towers(config)
+
+    def loss(params, arrays):
+        query = query_batch(arrays)
+        post_hashes = jnp.concatenate(
+            [arrays["target_post_hashes"], arrays["negative_post_hashes"]]
+        )
+        author_hashes = jnp.concatenate(
+            [arrays["target_author_hashes"], arrays["negative_author_hashes"]]
+        )
+        ids = jnp.concatenate([arrays["target_ids"], arrays["negative_ids"]])
+        users, posts, temperature = towers.apply(
+            params["model"],
+            None,
+            query,
+            post_batch(post_hashes, author_hashes, config),
+            params["tables"],
+        )
+        logits = users.astype(jnp.float32) @ posts.astype(jnp.float32).T / temperature  # [B, B + M]
+        logits = logits - arrays["log_q"][None, :]
+        b = users.shape[0]
+        positive = jnp.arange(b)
+        hit = (ids[None, :] == arrays["target_ids"][:, None]) & (
+            jnp.arange(ids.shape[0]) != positive[:, None]
+        )
+        logits = jnp.where(hit, -1e9, logits)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, positive).mean()
+        return ce, {"loss": ce, "temperature": temperature}
+
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters, optimiser, the step.
+# ---------------------------------------------------------------------------------------------
+
+
+class TrainState(NamedTuple):
+    params: dict  # {"model": Haiku tree, "tables": {user,item,author}_embeddings}
+    opt_state: Any
+    step: jax.Array  # int32 scalar
+
+
+def trainable_init(params: hk.Params, seed: int) -> hk.Params:
+    """The published initialisation with what blocks gradients replaced: norm scales 1 instead
+    of 0, and `Linear` weights (zero as published) truncated normal with variance 1 / fan-in.
+    Everything else (projections, tables, heads) keeps its published initial values."""
+    keys = iter(jax.random.split(jax.random.PRNGKey(seed), len(jax.tree.leaves(params))))
+
+    def init(path, x):
+        key, name = next(keys), path[-1].key
+        if name == "scale":
+            return jnp.ones_like(x)
+        if name == "w":
+            std = 1.0 / math.sqrt(x.shape[0]) / 0.87962566103423978  # truncated at two std
+            return std * jax.random.truncated_normal(key, -2.0, 2.0, x.shape, x.dtype)
+        return x
+
+    return jax.tree_util.tree_map_with_path(init, params)
+
+
+def optimiser(train: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay for the model's parameters; the embedding
+    tables, whose rows see a gradient only when their ids are in the batch, by `table_optimizer`
+    at their own rate on the same schedule's shape; global-norm clipping over everything; an
+    update whose gradients are not finite is skipped (and counted in the state)."""
+
+    def schedule(peak):
+        return optax.warmup_cosine_decay_schedule(
+            0.0,
+            peak,
+            train.warmup_steps,
+            max(train.decay_steps, train.warmup_steps + 1),
+            peak * train.final_learning_rate_fraction,
+        )
+
+    decay = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
+    dense = optax.adamw(schedule(train.learning_rate), weight_decay=train.weight_decay, mask=decay)
+    tables = {  # as TABLE_OPTIMIZERS lists
+        "adam": lambda lr: optax.adam(lr),
+        "adagrad": lambda lr: optax.adagrad(lr, initial_accumulator_value=1e-6),
+    }[train.table_optimizer](schedule(train.table_learning_rate))
+
+    def labels(params):
+        return {part: jax.tree.map(lambda _, part=part: part, v) for part, v in params.items()}
+
+    return optax.apply_if_finite(
+        optax.chain(
+            optax.clip_by_global_norm(train.clip_norm),
+            optax.multi_transform({"model": dense, "tables": tables}, labels),
+        ),
+        max_consecutive_errors=10,
+    )
+
+
+def initial_state(kind: str, config, hashing: Hashing, train: TrainConfig) -> TrainState:
+    """Parameters (the trainable initialisation), tables and optimiser state at step 0."""
+    params = {
+        "model": trainable_init(published_init(kind, config, train.seed), train.seed + 1),
+        "tables": jax.tree.map(
+            jnp.asarray, init_tables(hashing, config.emb_size, train.seed + 2, train.table_scale)
+        ),
+    }
+    return TrainState(params, optimiser(train).init(params), jnp.zeros((), jnp.int32))
+
+
+def published_init(kind: str, config, seed: int) -> hk.Params:
+    """The published initial values of a model's parameters (and, for retrieval, the
+    temperature) from a seed."""
+    batch, emb = jax.tree.map(jnp.asarray, dummy_inputs(config, len(ACTIONS)))
+    if kind == "ranker":
+        init = hk.transform(lambda b, e: config.make()(b, e)).init
+        return jax.jit(init)(jax.random.PRNGKey(seed), batch, emb)
+    tables = {TABLE_NAMES[e]: jnp.zeros((2, config.emb_size)) for e in ("user", "item", "author")}
+    posts = post_batch(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), config)
+    query = query_batch(batch._asdict())
+    return jax.jit(retrieval_towers(config).init)(jax.random.PRNGKey(seed), query, posts, tables)
+
+
+def make_step(loss_fn: Callable, train: TrainConfig) -> Callable:
+    """One jitted update: (state, batch arrays) -> (state, metrics)."""
+    return _step(dataclasses.replace(train, steps=1, eval_every=1), loss_fn)
+
+
+@_per_config
+def _step(train: TrainConfig, loss_fn: Callable) -> Callable:
+    tx = optimiser(train)
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def step(state: TrainState, arrays: dict) -> tuple[TrainState, dict]:
+        (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, arrays)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        stats = dict(stats, grad_norm=optax.tree.norm(grads), skipped=opt_state.total_notfinite)
+        return TrainState(params, opt_state, state.step + 1), stats
+
+    return step
+
+
+def data_mesh() -> Mesh:
+    """Every device along one axis: batches are split over it, parameters replicated."""
+    return Mesh(np.array(jax.devices()), ("data",))
+
+
+def place(tree, mesh: Mesh, split: bool):
+    """On the mesh: split along the first axis (a batch), or replicated (the state)."""
+    sharding = NamedSharding(mesh, P("data") if split else P())
+    return jax.device_put(tree, sharding)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resumable state: npz of every leaf by its path, and what it was trained for.
+# ---------------------------------------------------------------------------------------------
+
+
+def _leaves_by_path(tree) -> dict[str, Any]:
+    return {
+        jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }
+
+
+def save_state(path: Path, state: TrainState, meta: dict) -> None:
+    """Writes the state atomically, with `meta` (what it belongs to) as a JSON string."""
+    arrays = {k: np.asarray(v) for k, v in _leaves_by_path(state).items()}
+    write_npz({**arrays, "meta": np.array(json.dumps(meta, sort_keys=True))}, path)
+
+
+def _first_difference(saved: Any, wanted: Any, where: str = "") -> str | None:
+    """Where two JSON values first differ, in words, or None."""
+    if isinstance(saved, dict) and isinstance(wanted, dict):
+        for key in wanted:
+            inner = f"{where}.{key}" if where else key
+            if key not in saved:
+                return f"it has no {inner}"
+            difference = _first_difference(saved[key], wanted[key], inner)
+            if difference:
+                return difference
+        return None
+    if saved != wanted:
+        return f"its {where} is {saved!r}, this run's is {wanted!r}"
+    return None
+
+
+def load_state(path: Path, template: TrainState, meta: dict) -> TrainState:
+    """The state saved at `path`, checked against what this run trains (`meta`) and against
+    the template's tree; refused in one line otherwise."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file: nothing to resume (run without --resume)")
+    arrays = read_npz(path)
+    if "meta" not in arrays:
+        raise ValueError(f"{path}: not a training state of this project (no meta entry)")
+    difference = _first_difference(json.loads(str(arrays.pop("meta"))), meta)
+    if difference:
+        raise ValueError(
+            f"{path}: the state of another run ({difference}); choose another --out or run "
+            "without --resume"
+        )
+    leaves = []
+    for key, leaf in _leaves_by_path(template).items():
+        if key not in arrays or arrays[key].shape != np.shape(leaf):
+            raise ValueError(
+                f"{path}: {key} is missing or of another shape; not this model's state"
+            )
+        leaves.append(jnp.asarray(arrays[key], dtype=jnp.result_type(leaf)))
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation against the oracle.
+# ---------------------------------------------------------------------------------------------
+
+
+def in_batches(fn: Callable, arrays: dict, batch_size: int) -> list:
+    """fn over consecutive batches of `arrays` (the last one padded by repeating row 0, so that
+    every call has the same shape and compiles once); outputs trimmed and concatenated."""
+    n = len(next(iter(arrays.values())))
+    outputs = []
+    for start in range(0, n, batch_size):
+        index = np.arange(start, start + batch_size)
+        index[index >= n] = 0
+        out = fn(take(arrays, index))
+        size = min(batch_size, n - start)
+        outputs.append(jax.tree.map(lambda x, size=size: np.asarray(x)[:size], out))
+    return jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+
+
+def ranking_predictions(params, config: PhoenixModelConfig, arrays: dict) -> tuple:
+    """Probabilities [N, C, A] and predicted dwell seconds [N, C] of every candidate."""
+    predict = _predictor(config)
+    return in_batches(lambda a: predict(params, a), arrays, 256)
+
+
+@_per_config
+def _predictor(config: PhoenixModelConfig) -> Callable:
+    forward = hk.transform(lambda batch, emb: config.make()(batch, emb))
+    scale = config.continuous_action_config.norm_config.norm_scale
+
+    @jax.jit
+    def predict(params, arrays):
+        batch = ranking_batch(arrays)
+        out = forward.apply(params["model"], None, batch, embeddings_of(params["tables"], batch))
+        return jax.nn.sigmoid(out.logits), out.continuous_preds[..., DWELL_COLUMN] * scale
+
+    return predict
+
+
+def _number(x: float) -> float | None:
+    return None if not np.isfinite(x) else round(float(x), 6)
+
+
+def ranking_report(labels: np.ndarray, model: np.ndarray, oracle: np.ndarray) -> dict:
+    """Per action: AUROC and RCE of the model and of the oracle (the world's true
+    probabilities) on the same held-out impressions, and the number of positives."""
+    report = {}
+    for i, action in enumerate(ACTIONS):
+        y = labels[..., i].ravel()
+        report[action] = {
+            "auc": _number(metrics.auroc(y, model[..., i].ravel())),
+            "auc_oracle": _number(metrics.auroc(y, oracle[..., i].ravel())),
+            "rce": _number(metrics.rce(y, model[..., i].ravel())),
+            "rce_oracle": _number(metrics.rce(y, oracle[..., i].ravel())),
+            "positives": int(y.sum()),
+        }
+    return report
+
+
+def retrieval_vectors(
+    params, config: PhoenixRetrievalModelConfig, queries: dict | None, posts: dict
+):
+    """Unit user vectors [Q, D] of the queries (None without queries) and unit post vectors
+    [P, D] of the posts ({"post_hashes", "author_hashes"} [P, H])."""
+    encode = _encoder(config)
+    s, h = config.history_seq_len, config.hash_config
+    no_query = {
+        "user_hashes": np.zeros((1, h.num_user_hashes), np.int32),
+        "history_post_hashes": np.zeros((1, s, h.num_item_hashes), np.int32),
+        "history_author_hashes": np.zeros((1, s, h.num_author_hashes), np.int32),
+        "history_actions": np.zeros((1, s, len(ACTIONS)), np.float32),
+        "history_product_surface": np.zeros((1, s), np.int32),
+    }
+    no_post = {k: v[:1] for k, v in posts.items()}
+    post_vectors = in_batches(lambda a: encode(params, no_query, a)[1], posts, 1024)
+    if queries is None:
+        return None, post_vectors
+    fields = {k: v for k, v in queries.items() if k in no_query}
+    user_vectors = in_batches(lambda a: encode(params, a, no_post)[0], fields, 256)
+    return user_vectors, post_vectors
+
+
+@_per_config
+def _encoder(config: PhoenixRetrievalModelConfig) -> Callable:
+    towers = retrieval_towers(config)
+
+    @jax.jit
+    def encode(params, queries, posts):
+        query = query_batch(queries)
+        candidates = post_batch(posts["post_hashes"], posts["author_hashes"], config)
+        return towers.apply(params["model"], None, query, candidates, params["tables"])[:2]
+
+    return encode
+
+
+def rank_corpus(
+    users: np.ndarray, posts: np.ndarray, history_ids: np.ndarray, k: int
+) -> np.ndarray:
+    """Post ids [Q, k] (ids are row + 1) by score, each query's history excluded."""
+    scores = users.astype(np.float32) @ posts.astype(np.float32).T  # [Q, P]
+    rows = np.broadcast_to(np.arange(len(users))[:, None], history_ids.shape)
+    seen = history_ids > 0
+    scores[rows[seen], history_ids[seen] - 1] = -np.inf
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1) + 1
+
+
+def retrieval_report(targets: np.ndarray, rankings: dict[str, np.ndarray]) -> dict:
+    """recall@10, recall@100 and NDCG@10 of the target post, for each ranking."""
+    report = {}
+    for metric, fn, k in (
+        ("recall@10", metrics.recall_at_k, 10),
+        ("recall@100", metrics.recall_at_k, 100),
+        ("ndcg@10", metrics.ndcg_at_k, 10),
+    ):
+        report[metric] = {
+            name: _number(fn(ranked, targets, k)) for name, ranked in rankings.items()
+        }
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# Training one model.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Job:
+    """One model to train on a world: its config, hash functions, data and loss."""
+
+    kind: str  # "ranker" or "retrieval"
+    config: Any
+    hashing: Hashing
+    train_data: dict
+    eval_data: dict
+    loss: Callable
+    world: world_lib.World
+    train: TrainConfig
+    # Retrieval: log Q [P + 1] by post id, how often each post is a column of the softmax.
+    log_q: np.ndarray | None = None
+
+    @property
+    def meta(self) -> dict:
+        """What a saved state belongs to: a resumed run must match it."""
+        train = dataclasses.asdict(self.train)
+        train.pop("steps")
+        train.pop("eval_every")
+        meta = {"kind": self.kind, "world": self.world.config.to_json(), "train": train}
+        return json.loads(json.dumps(meta))  # as a saved state holds it (tuples as lists)
+
+    def batch(self, step: int) -> dict:
+        """The batch of `step`, drawn from the seed and the step alone."""
+        n = len(self.train_data["user_hashes"])
+        arrays = take(
+            self.train_data, batch_indices(n, self.train.batch_size, self.train.seed, step)
+        )
+        if self.kind == "retrieval":
+            rng = np.random.default_rng([self.train.seed, step, 1])
+            ids = rng.integers(1, self.world.num_posts + 1, self.train.negatives)
+            arrays.update(
+                negative_ids=ids,
+                negative_post_hashes=self.hashing.item(ids),
+                negative_author_hashes=self.hashing.author(ids),
+                log_q=self.log_q[np.concatenate([arrays["target_ids"], ids])].astype(np.float32),
+            )
+        return arrays
+
+
+TABLE_OPTIMIZERS = ("adam", "adagrad")
+
+
+def make_job(kind: str, world: world_lib.World, train: TrainConfig, config=None) -> Job:
+    """The `kind` model of `model_configs` (or `config`) on the world's examples, checked."""
+    if kind not in MODELS:
+        raise ValueError(f"kind must be one of {MODELS}, got {kind!r}")
+    config = config or model_configs(world.config, train)[MODELS.index(kind) ^ 1]
+    if config.history_seq_len != world.config.history_len:
+        raise ValueError(
+            f"the model's history_seq_len ({config.history_seq_len}) does not fit the world's "
+            f"histories of {world.config.history_len}"
+        )
+    check_train_config(train, world, kind)
+    if kind == "ranker":
+        log_q = None
+        hashing = hashing_for(world, config.hash_config, train.seed + 10)
+        train_data = ranking_arrays(world.ranking_train, hashing, config)
+        eval_data = ranking_arrays(world.ranking_eval, hashing, config)
+        loss = make_ranker_loss(config)
+    else:
+        hashing = hashing_for(world, config.hash_config, train.seed + 20)
+        train_data = retrieval_arrays(world.retrieval_train, hashing)
+        eval_data = retrieval_arrays(world.retrieval_eval, hashing)
+        # How often a post is a candidate column: in the batch as a target (as often as it is
+        # a target in the training set), and as a uniformly drawn global negative.
+        targets = world.retrieval_train.target_post_ids
+        frequency = np.bincount(targets, minlength=world.num_posts + 1) / max(1, len(targets))
+        log_q = np.log(train.batch_size * frequency + train.negatives / world.num_posts)
+        loss = make_retrieval_loss(config)
+    check_data(train_data, f"{kind} training")
+    check_data(eval_data, f"{kind} held-out")
+    if train.batch_size > len(train_data["user_hashes"]):
+        raise ValueError(
+            f"batch_size ({train.batch_size}) exceeds the {len(train_data['user_hashes'])} "
+            f"{kind} training examples of the world"
+        )
+    return Job(kind, config, hashing, train_data, eval_data, loss, world, train, log_q)
+
+
+def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) -> None:
+    """Refuses, naming the field, a training config that cannot run on this world."""
+    for name in ("learning_rate", "table_learning_rate", "clip_norm", "table_scale"):
+        value = getattr(train, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive number, got {value}")
+    for name in ("steps", "decay_steps", "batch_size", "eval_every"):
+        value = getattr(train, name)
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if train.table_optimizer not in TABLE_OPTIMIZERS:
+        raise ValueError(
+            f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {train.table_optimizer!r}"
+        )
+    if kind == "retrieval" and not 0 <= train.negatives <= world.num_posts:
+        raise ValueError(
+            f"negatives ({train.negatives}) must be in [0, {world.num_posts}] (the posts)"
+        )
+
+
+def fit(job: Job, state_dir: Path, resume: bool, mesh: Mesh, quiet: bool = False) -> tuple:
+    """Trains `job` to `job.train.steps`, from step 0 or from the saved state; prints
+    progress; saves the state at every evaluation and at the end. Returns (state, log)."""
+    train = job.train
+    if train.batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size ({train.batch_size}) does not split over the {mesh.size} devices; "
+            f"use a multiple of {mesh.size}"
+        )
+    state, log = initial_state(job.kind, job.config, job.hashing, train), []
+    if resume:
+        state, log = load_progress(state_dir, job, state)
+    state = place(state, mesh, split=False)
+    step_fn = make_step(job.loss, train)
+    first, times = int(state.step), []
+    say = (lambda *a: None) if quiet else print
+    say(
+        f"{job.kind}: steps {first} to {train.steps}, batches of {train.batch_size}, "
+        f"{len(job.train_data['user_hashes']):,} training examples"
+    )
+    for step in range(first, train.steps):
+        arrays = job.batch(step)
+        start = time.perf_counter()
+        state, stats = step_fn(state, place(arrays, mesh, split=True))
+        stats = {k: float(v) for k, v in stats.items()}  # waits for the step
+        times.append(time.perf_counter() - start)
+        log.append({"step": step + 1, **stats})
+        done = step + 1
+        if done % max(1, train.eval_every // 4) == 0 or done == train.steps:
+            per_step = float(np.median(times[1:] or times))  # the first step compiles
+            skipped = int(stats["skipped"])
+            say(
+                f"  {job.kind} step {done}/{train.steps}  loss {stats['loss']:.4f}  "
+                f"{train.batch_size / per_step:,.0f} examples/s  "
+                f"{(train.steps - done) * per_step:.0f} s left"
+                + (f"  ({skipped} updates skipped)" if skipped else "")
+            )
+        if done % train.eval_every == 0:
+            log[-1].update(quick_eval(job, state))
+            say(
+                "  " + "  ".join(f"{k} {v:.4f}" for k, v in log[-1].items() if k.startswith("eval"))
+            )
+            save_progress(state_dir, job, state, log)
+    save_progress(state_dir, job, state, log)
+    return state, log
+
+
+def load_progress(state_dir: Path, job: Job, template: TrainState) -> tuple:
+    """(state, log) that `save_progress` wrote, checked against the job."""
+    state = load_state(state_dir / f"{job.kind}.npz", template, job.meta)
+    log_path = state_dir / f"{job.kind}_log.json"
+    log = json.loads(log_path.read_text()) if log_path.is_file() else []
+    return state, log[: int(state.step)]
+
+
+def save_progress(state_dir: Path, job: Job, state: TrainState, log: list[dict]) -> None:
+    """The resumable state and the log so far, each written whole or not at all."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    save_state(state_dir / f"{job.kind}.npz", state, job.meta)
+    write_json(state_dir / f"{job.kind}_log.json", log)
+
+
+def quick_eval(job: Job, state: TrainState, size: int = 1000) -> dict:
+    """A few held-out figures to watch while training (the full evaluation comes at the end)."""
+    params = jax.device_get(state.params)
+    if job.kind == "ranker":
+        data = {k: v[:size] for k, v in job.eval_data.items()}
+        probabilities, _ = ranking_predictions(params, job.config, data)
+        labels = data["labels"][..., FAVORITE].ravel()
+        oracle = job.world.ranking_eval.probabilities[:size, :, FAVORITE].ravel()
+        model = probabilities[..., FAVORITE].ravel()
+        return {
+            "eval favorite auc": metrics.auroc(labels, model),
+            "eval favorite auc oracle": metrics.auroc(labels, oracle),
+            "eval favorite rce": metrics.rce(labels, model),
+        }
+    data = {k: v[:size] for k, v in job.eval_data.items()}
+    users, posts = retrieval_vectors(params, job.config, data, corpus_hashes(job))
+    ranked = rank_corpus(users, posts, job.world.retrieval_eval.history.post_ids[:size], 100)
+    return {"eval recall@100": metrics.recall_at_k(ranked, data["target_ids"], 100)}
+
+
+def corpus_hashes(job: Job) -> dict:
+    ids = np.arange(1, job.world.num_posts + 1)
+    authors = job.world.post_authors + 1
+    return {"post_hashes": job.hashing.item(ids), "author_hashes": job.hashing.author(authors)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The full evaluation, on every held-out example.
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate_ranker(job: Job, params) -> tuple[dict, dict]:
+    """(report, predictions): per-action metrics of the model and the oracle on every held-out
+    impression, and the arrays they were computed from."""
+    examples = job.world.ranking_eval
+    probabilities, dwell = ranking_predictions(params, job.config, job.eval_data)
+    report = {"actions": ranking_report(examples.labels, probabilities, examples.probabilities)}
+    report["dwell_seconds_mae"] = {
+        "model": _number(np.abs(dwell - examples.dwell).mean()),
+        "oracle": _number(np.abs(examples.expected_dwell - examples.dwell).mean()),
+    }
+    predictions = {
+        "ranking_labels": examples.labels,
+        "ranking_model": probabilities.astype(np.float32),
+        "ranking_oracle": examples.probabilities,
+        "ranking_dwell": examples.dwell,
+        "ranking_dwell_model": dwell.astype(np.float32),
+        "ranking_dwell_oracle": examples.expected_dwell,
+    }
+    return report, predictions
+
+
+def evaluate_retrieval(job: Job, params, k: int = 100) -> tuple[dict, dict]:
+    """(report, predictions): recall and NDCG of each held-out query's target against the whole
+    corpus (history excluded) for the model, the oracle and popularity, and the top k of each."""
+    world, examples = job.world, job.world.retrieval_eval
+    users, posts = retrieval_vectors(params, job.config, job.eval_data, corpus_hashes(job))
+    rankings = {
+        "model": rank_corpus(users, posts, examples.history.post_ids, k),
+        "oracle": world.oracle_ranking(examples, k),
+        "popularity": world.popularity_ranking(examples, k),
+        "recent_popularity": world.popularity_ranking(examples, k, recent=True),
+    }
+    predictions = {"retrieval_targets": examples.target_post_ids}
+    predictions.update({f"retrieval_{name}_top{k}": ids for name, ids in rankings.items()})
+    return retrieval_report(examples.target_post_ids, rankings), predictions
+
+
+def goal_checks(report: dict) -> list[tuple[str, bool]]:
+    """The project's quality goals on the default world, each with whether this run met it."""
+    checks = []
+    actions = report.get("ranking", {}).get("actions")
+    if actions:
+        fav = actions["favorite_score"]
+        checks += [
+            (
+                f"favorite AUROC {fav['auc']:.3f} within 0.02 of the oracle's "
+                f"{fav['auc_oracle']:.3f}",
+                fav["auc"] >= fav["auc_oracle"] - 0.02,
+            ),
+            (
+                f"favorite RCE {fav['rce']:.1f} at least 80% of the oracle's "
+                f"{fav['rce_oracle']:.1f}",
+                fav["rce"] >= 0.8 * fav["rce_oracle"],
+            ),
+            (
+                f"favorite oracle AUROC {fav['auc_oracle']:.3f} in [0.75, 0.92]",
+                0.75 <= fav["auc_oracle"] <= 0.92,
+            ),
+        ]
+        short = [
+            name
+            for name, a in actions.items()
+            if a["positives"] >= 200 and a["rce"] < 0.6 * a["rce_oracle"]
+        ]
+        counted = sum(a["positives"] >= 200 for a in actions.values())
+        checks.append(
+            (
+                f"{counted - len(short)} of {counted} actions with >= 200 positives reach 60% of "
+                f"the oracle's RCE" + (f" (short: {', '.join(short)})" if short else ""),
+                not short,
+            )
+        )
+    recall = report.get("retrieval", {}).get("recall@100")
+    if recall:
+        m, o, p = recall["model"], recall["oracle"], recall["popularity"]
+        checks += [
+            (f"recall@100 {m:.3f} at least 70% of the oracle's {o:.3f}", m >= 0.7 * o),
+            (f"recall@100 {m:.3f} at least twice popularity's {p:.3f}", m >= 2 * p),
+            ("the oracle's recall@100 at least three times popularity's", o >= 3 * p),
+        ]
+    return checks
+
+
+def report_lines(report: dict) -> list[str]:
+    """eval.json as a table."""
+    lines = []
+    actions = report.get("ranking", {}).get("actions")
+    if actions:
+        header = (
+            f"{'action':<26} {'positives':>9}  {'AUROC':>6} {'oracle':>6}  {'RCE':>6} "
+            f"{'oracle':>6} {'ratio':>6}"
+        )
+        lines += [header, "-" * len(header)]
+        for name, a in actions.items():
+            auc, auc_o, rce, rce_o = (a[k] for k in ("auc", "auc_oracle", "rce", "rce_oracle"))
+            ratio = rce / rce_o if rce is not None and rce_o else None
+            cells = [
+                "-" if v is None else f"{v:{w}}"
+                for v, w in (
+                    (auc, ".3f"),
+                    (auc_o, ".3f"),
+                    (rce, ".1f"),
+                    (rce_o, ".1f"),
+                    (ratio, ".2f"),
+                )
+            ]
+            lines.append(
+                f"{name:<26} {a['positives']:>9}  {cells[0]:>6} {cells[1]:>6}  {cells[2]:>6} "
+                f"{cells[3]:>6} {cells[4]:>6}"
+            )
+        mae = report["ranking"]["dwell_seconds_mae"]
+        lines.append(
+            f"dwell time: mean absolute error {mae['model']:.2f} s (oracle {mae['oracle']:.2f} s)"
+        )
+    retrieval = report.get("retrieval")
+    if retrieval:
+        lines += [
+            "",
+            f"{'retrieval':<12} {'model':>7} {'oracle':>7} {'popularity':>10} {'recent':>7}",
+        ]
+        for metric, v in retrieval.items():
+            lines.append(
+                f"{metric:<12} {v['model']:7.3f} {v['oracle']:7.3f} {v['popularity']:10.3f} "
+                f"{v['recent_popularity']:7.3f}"
+            )
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots.
+# ---------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(logs: dict[str, list[dict]], path: Path) -> None:
+    """Training loss (a running median, raw behind it) and the held-out figures watched while
+    training, per model."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, len(logs), figsize=(5.5 * len(logs), 6.5), squeeze=False)
+    for column, (kind, log) in enumerate(logs.items()):
+        steps = np.array([entry["step"] for entry in log])
+        loss = np.array([entry["loss"] for entry in log])
+        window = max(1, len(loss) // 30)
+        smooth = np.array([np.median(loss[max(0, i - window) : i + 1]) for i in range(len(loss))])
+        ax = axes[0, column]
+        ax.plot(steps, loss, color="0.8", linewidth=0.6, label="per step")
+        ax.plot(steps, smooth, color="C0", label="running median")
+        ax.set(title=f"{kind}: training loss", xlabel="step", ylabel="loss")
+        ax.set_ylim(top=1.05 * smooth[len(smooth) // 50 :].max())  # past the first drop
+        ax.legend()
+        ax = axes[1, column]
+        keys = {k for entry in log for k in entry if k.startswith("eval")}
+        for key in sorted(k for k in keys if "auc" in k or "recall" in k):
+            points = [(entry["step"], entry[key]) for entry in log if key in entry]
+            style = "--" if "oracle" in key else "-"
+            ax.plot(*zip(*points, strict=True), style, marker="o", label=key[len("eval ") :])
+        ax.set(title=f"{kind}: held out (first 1000 examples)", xlabel="step")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_auroc(actions: dict, path: Path) -> None:
+    """Per-action AUROC of the model beside the oracle's."""
+    plt = _pyplot()
+    names = [name.removesuffix("_score") for name in actions]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    ax.bar(x - 0.2, [a["auc"] or 0 for a in actions.values()], 0.4, label="model")
+    ax.bar(x + 0.2, [a["auc_oracle"] or 0 for a in actions.values()], 0.4, label="oracle")
+    ax.set_xticks(x, names, rotation=60, ha="right")
+    ax.set(ylim=(0.5, 1.0), ylabel="AUROC", title="Held-out AUROC per action: model and oracle")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+CALIBRATION_ACTIONS = ("favorite_score", "reply_score", "vqv_score", "not_interested_score")
+
+
+def plot_calibration(predictions: dict, path: Path, bins: int = 10) -> None:
+    """Observed rate against mean predicted probability in quantile bins, model and oracle."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(CALIBRATION_ACTIONS), figsize=(4 * len(CALIBRATION_ACTIONS), 4))
+    for ax, action in zip(axes, CALIBRATION_ACTIONS, strict=True):
+        i = ACTIONS.index(action)
+        labels = predictions["ranking_labels"][..., i].ravel()
+        top = 0.0
+        for name in ("model", "oracle"):
+            calibration = metrics.calibration(
+                labels, predictions[f"ranking_{name}"][..., i].ravel(), bins
+            )
+            ax.plot(calibration.mean_predicted, calibration.observed_rate, marker="o", label=name)
+            top = max(top, calibration.mean_predicted.max(), calibration.observed_rate.max())
+        ax.plot([0, top], [0, top], color="0.6", linestyle=":", label="perfect")
+        ax.set(title=action, xlabel="predicted", ylabel="observed")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: the published artifacts layout, and the compact checkpoint the demos load.
+# ---------------------------------------------------------------------------------------------
+
+DEMO_CHECKPOINT = Path(__file__).with_name("demo_checkpoint.npz")
+DEMO_COMMAND = "uv run train.py --out runs/default"
+
+
+def model_artifacts(job: Job, params) -> ModelArtifacts:
+    params = jax.device_get(params)
+    tables = {k: np.asarray(v, np.float32) for k, v in params["tables"].items()}
+    return ModelArtifacts(job.config, params["model"], tables, job.hashing)
+
+
+def demo_request(world: world_lib.World, user_id: int | None = None) -> tuple[int, int]:
+    """(user id, time) of the request the demos and the exported sequence show: the first
+    held-out request of `user_id`, or of the first user with at least two topics of weight
+    0.25 or more and a full history."""
+    examples = world.ranking_eval
+    if user_id is not None:
+        if not 1 <= user_id <= world.num_users:
+            raise ValueError(f"user {user_id} is not in the world (users 1..{world.num_users})")
+        rows = np.flatnonzero(examples.user_ids == user_id)
+        return int(user_id), int(examples.request_times[rows[0]])
+    liked = (world.user_topic_prefs[examples.user_ids - 1] >= 0.25).sum(axis=1)
+    good = (liked >= 2) & (examples.history.post_ids > 0).all(axis=1)
+    n = int(np.flatnonzero(good)[0]) if good.any() else 0
+    return int(examples.user_ids[n]), int(examples.request_times[n])
+
+
+def export_artifacts(
+    directory: Path, world: world_lib.World, retrieval: ModelArtifacts, ranker: ModelArtifacts
+) -> Path:
+    """The published artifacts layout: both models, the world's corpus encoded by the trained
+    candidate tower (with topic names and creation times), and the demo user's sequence at
+    their held-out request. Replaces `directory` whole, never leaving half of one."""
+    corpus = world.corpus()
+    ids = {"post_hashes": retrieval.hashing.item(corpus["post_ids"])}
+    ids["author_hashes"] = retrieval.hashing.author(corpus["author_ids"])
+    params = {"model": retrieval.params, "tables": retrieval.tables}
+    _, vectors = retrieval_vectors(params, retrieval.config, None, ids)
+    sequence = world.user_sequence(*demo_request(world))
+    fresh = directory.with_name(f".{directory.name}.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    write_artifacts(
+        fresh,
+        retrieval,
+        ranker,
+        Corpus(
+            post_ids=corpus["post_ids"],
+            candidate_representations=vectors.astype(np.float32),
+            author_ids=corpus["author_ids"],
+            topics=np.array(world.topic_names)[corpus["topics"]],
+            creation_times=corpus["creation_times"],
+        ),
+        sequence,
+    )
+    _replace_folder(fresh, directory)
+    return directory
+
+
+def _replace_folder(fresh: Path, directory: Path) -> None:
+    old = directory.with_name(f".{directory.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(fresh, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_demo_checkpoint(
+    path: Path, world_config: world_lib.WorldConfig, models: dict[str, ModelArtifacts]
+) -> None:
+    """Both models in float16 (a few MB) with their configs, hash functions and the world they
+    were trained on: what `run_ranker.py` and `run_retrieval.py` load."""
+    arrays, configs = {}, {}
+    for kind, model in models.items():
+        for key, value in flatten_params(model.params).items():
+            arrays[f"{kind}/params/{key}"] = np.asarray(value, np.float16)
+        for key, value in model.tables.items():
+            arrays[f"{kind}/tables/{key}"] = np.asarray(value, np.float16)
+        configs[kind] = config_to_json(model.config, model.hashing)
+    meta = {"world": world_config.to_json(), "configs": configs, "command": DEMO_COMMAND}
+    write_npz({**arrays, "meta": np.array(json.dumps(meta))}, path)
+
+
+def load_demo_checkpoint(
+    path: str | os.PathLike = DEMO_CHECKPOINT,
+) -> tuple[world_lib.WorldConfig, dict[str, ModelArtifacts]]:
+    """The world config and both models (float32, checked against their configs) of a demo
+    checkpoint."""
+    path = Path(path)
+    arrays = read_npz(path)
+    if "meta" not in arrays:
+        raise ValueError(f"{path}: not a demo checkpoint (no meta entry)")
+    meta = json.loads(str(arrays.pop("meta")))
+    models = {}
+    parts: dict[str, dict] = {kind: {"params": {}, "tables": {}} for kind in MODELS}
+    for key, value in arrays.items():
+        kind, part, name = key.split("/", 2)
+        parts[kind][part][name] = np.asarray(value, np.float32)
+    ranker_params = unflatten_params(parts["ranker"]["params"])
+    configs = dict(
+        zip(
+            MODELS[::-1],
+            configs_from_json(
+                meta["configs"]["retrieval"], meta["configs"]["ranker"], ranker_params, jnp.float32
+            ),
+            strict=True,
+        )
+    )
+    for kind in MODELS:
+        params = unflatten_params(parts[kind]["params"])
+        optional = {"/".join(LOG_TEMPERATURE): ()} if kind == "retrieval" else {}
+        try:
+            check_params(params, param_shapes(configs[kind]), optional)
+        except ValueError as error:
+            raise ValueError(f"{path}: {kind}: {error}") from None
+        hashing = Hashing.from_json(meta["configs"][kind])
+        models[kind] = ModelArtifacts(configs[kind], params, parts[kind]["tables"], hashing)
+    return world_lib.WorldConfig.from_json(meta["world"]), models
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line.
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="the run's folder")
+    parser.add_argument("--model", choices=(*MODELS, "both"), default="both", help="(both)")
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        help="train each model to this step (ranker 2200, retrieval 950)",
+    )
+    parser.add_argument(
+        "--decay-steps",
+        type=positive_int,
+        help="length of the learning-rate schedule, whatever --steps is (as --steps' defaults)",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="world and training (0)")
+    parser.add_argument("--quick", action="store_true", help="a tiny world and few steps")
+    parser.add_argument("--users", type=positive_int, help="users of the world")
+    parser.add_argument("--posts", type=positive_int, help="posts of the world")
+    parser.add_argument("--batch-size", type=positive_int, help="(ranker 64, retrieval 256)")
+    parser.add_argument("--eval-every", type=positive_int, help="(ranker 250, retrieval 190)")
+    parser.add_argument("--no-export", action="store_true", help="skip artifacts and plots")
+    return parser.parse_args(argv)
+
+
+def run_configs(args) -> tuple[world_lib.WorldConfig, dict[str, TrainConfig]]:
+    world_config = (world_lib.WorldConfig.tiny if args.quick else world_lib.WorldConfig)(
+        seed=args.seed
+    )
+    sizes = {"num_users": args.users, "num_posts": args.posts}
+    world_config = dataclasses.replace(
+        world_config, **{k: v for k, v in sizes.items() if v is not None}
+    )
+    flags = {
+        "steps": args.steps,
+        "decay_steps": args.decay_steps,
+        "batch_size": args.batch_size,
+        "eval_every": args.eval_every,
+    }
+    flags = {k: v for k, v in flags.items() if v is not None}
+    trains = {
+        kind: dataclasses.replace(TrainConfig.for_model(kind, args.quick), seed=args.seed, **flags)
+        for kind in MODELS
+    }
+    return world_config, trains
+
+
+def check_run_folder(out: Path, kinds: tuple[str, ...], resume: bool) -> None:
+    """Before any work: a new run must not overwrite a trained model, a resumed one needs it."""
+    for kind in kinds:
+        path = out / "state" / f"{kind}.npz"
+        if resume and not path.is_file():
+            raise FileNotFoundError(
+                f"{path}: no such file: nothing to resume (run without --resume)"
+            )
+        if not resume and path.exists():
+            raise ValueError(
+                f"{out} already holds a trained {kind}; pass --resume to continue it or choose "
+                "another --out"
+            )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    kinds = MODELS if args.model == "both" else (args.model,)
+    check_run_folder(out, kinds, args.resume)
+    world_config, trains = run_configs(args)
+    started = time.perf_counter()
+
+    world = world_lib.build_world(world_config)
+    print(
+        f"world (seed {world_config.seed}): {world.num_users:,} users, {world.num_posts:,} posts, "
+        f"{world.num_authors:,} authors, {len(world.topic_names)} topics; ranking "
+        f"{len(world.ranking_train):,} train / {len(world.ranking_eval):,} held-out requests, "
+        f"retrieval {len(world.retrieval_train):,} / {len(world.retrieval_eval):,} queries "
+        f"({time.perf_counter() - started:.1f} s)"
+    )
+    mesh = data_mesh()
+    print(f"devices: {len(mesh.devices.ravel())} x {jax.devices()[0].platform}")
+    jobs, params, logs = {}, {}, {}
+    state_dir = out / "state"
+    for kind in MODELS:
+        job = make_job(kind, world, trains[kind])
+        if kind in kinds:
+            state, logs[kind] = fit(job, state_dir, args.resume, mesh)
+        elif (state_dir / f"{kind}.npz").is_file():  # trained earlier into the same folder
+            template = initial_state(kind, job.config, job.hashing, job.train)
+            state, logs[kind] = load_progress(state_dir, job, template)
+        else:
+            continue
+        jobs[kind], params[kind] = job, jax.device_get(state.params)
+
+    print("evaluating on the held-out split ...")
+    report, predictions = {}, {}
+    if "ranker" in jobs:
+        report["ranking"], arrays = evaluate_ranker(jobs["ranker"], params["ranker"])
+        predictions.update(arrays)
+    if "retrieval" in jobs:
+        report["retrieval"], arrays = evaluate_retrieval(jobs["retrieval"], params["retrieval"])
+        predictions.update(arrays)
+    report["examples"] = {
+        "train": {"ranking": len(world.ranking_train), "retrieval": len(world.retrieval_train)},
+        "eval": {"ranking": len(world.ranking_eval), "retrieval": len(world.retrieval_eval)},
+    }
+    report["steps"] = {kind: logs[kind][-1]["step"] if logs[kind] else 0 for kind in jobs}
+    report["skipped_updates"] = {
+        kind: int(logs[kind][-1]["skipped"]) if logs[kind] else 0 for kind in jobs
+    }
+    for line in report_lines(report):
+        print(line)
+    checks = goal_checks(report)
+    if checks:
+        print("\ngoals (on the default world):")
+        for text, met in checks:
+            print(f"  [{'x' if met else ' '}] {text}")
+    report["goals_met"] = all(met for _, met in checks)
+    out.mkdir(parents=True, exist_ok=True)
+    write_npz({**predictions, "actions": np.array(ACTIONS)}, out / "eval_predictions.npz")
+    written = ["eval.json", "eval_predictions.npz"]
+    if not args.no_export:
+        plot_curves(logs, out / "training_curves.png")
+        written.append("training_curves.png")
+        if "ranking" in report:
+            plot_auroc(report["ranking"]["actions"], out / "auroc.png")
+            plot_calibration(predictions, out / "calibration.png")
+            written += ["auroc.png", "calibration.png"]
+        if len(jobs) == 2:
+            models = {kind: model_artifacts(jobs[kind], params[kind]) for kind in MODELS}
+            export_artifacts(out / "artifacts", world, models["retrieval"], models["ranker"])
+            save_demo_checkpoint(out / "demo_checkpoint.npz", world_config, models)
+            written += ["artifacts/", "demo_checkpoint.npz"]
+        else:
+            missing = next(kind for kind in MODELS if kind not in jobs)
+            print(f"(artifacts/ needs both models: train the {missing} with --model {missing})")
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_json(out / "eval.json", report)
+    print(f"\nwrote {', '.join(written)} in {out} ({report['seconds']:.0f} s in all)")
+    return 0
+
+
+def write_json(path: Path, data: Any) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, "train.py"))
+
+
+def load_demo(
+    path: str | os.PathLike = DEMO_CHECKPOINT,
+) -> tuple[world_lib.World, dict[str, ModelArtifacts], str]:
+    """(world, models, a line saying what was loaded) for the demo scripts: the checkpoint's
+    models and the world they were trained on, rebuilt from its config."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no such file; make one with `{DEMO_COMMAND}` (it writes "
+            "runs/default/demo_checkpoint.npz) or pass --random-weights"
+        )
+    world_config, models = load_demo_checkpoint(path)
+    world = world_lib.build_world(world_config)
+    note = (
+        f"Trained model: {path.name} (made by `{DEMO_COMMAND}`), on the synthetic world of seed "
+        f"{world_config.seed}: {world.num_users:,} users, {world.num_posts:,} posts, "
+        f"{len(world.topic_names)} topics, rebuilt from the checkpoint's world config"
+    )
+    return world, models, note
