@@ -2,7 +2,7 @@
 
     uv run benchmark.py                  # full run, about 2 minutes on two cores
     uv run benchmark.py --quick          # smoke run, about 20 seconds
-    uv run benchmark.py --only ranking   # one section: ranking or retrieval
+    uv run benchmark.py --only ranking   # one section: ranking, retrieval or training
 
 Every time is a median over repeated calls (compilation and a warm-up call excluded); the
 implementations compared in one row are timed in alternation, so that a change in machine load
@@ -17,7 +17,8 @@ with right-anchored positions, dwell times and post ages; *bound*: the cached pa
 at the measured float32 matmul rate. Retrieval: the top 100 of a unit-norm corpus [N, 128] for
 B users; *ours*: `sharded_top_k_search` (by the method `top_k_search` picks), *xla*:
 `method="xla"`, *naive*: compiled `lax.top_k(queries @ corpus.T)`, *read*: one pass over the
-corpus (a compiled sum).
+corpus (a compiled sum). Training: one ranker step of `train.py` on the default world against
+the dense forward's matrix FLOPs, three times over for forward and backward.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import numpy as np
 
 import checkpoint
 import runners
+import train
+import world
 from cli import ArgumentParser, non_negative_int
 from grok import TransformerConfig, ffn_size
 from recsys_model import ACTIONS, PhoenixModelConfig
@@ -55,8 +58,9 @@ GOALS = [
     ("rank 1,024: compiled dense / cached", "rank", "jit_ratio", 8.0, True),
     ("rank 1,024: cached / FLOP bound", "rank", "bound_ratio", 3.0, False),
     ("top-100, 16 users, 1,000,000 posts: search / one read", "search", "read_ratio", 2.5, False),
+    ("ranker training step / FLOP bound", "train", "bound_ratio", 3.0, False),
 ]
-SECTIONS = ("ranking", "retrieval")
+SECTIONS = ("ranking", "retrieval", "training")
 
 
 def timed_call(fn: Callable[[], object]) -> float:
@@ -135,14 +139,22 @@ class RankingRow:
         return self.cached / self.bound
 
 
-def cached_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> float:
-    """Matrix FLOPs (2 per multiply-add) of the cached path for one user: input projections,
-    attention projections, logits and weighted values, feed-forward, unembedding. Element-wise
-    work (norms, rotary, soft-cap, softmax, GELU) is not counted: the bound is optimistic."""
-    t, d, h = config.model, config.emb_size, config.hash_config
-    hidden, context, s = ffn_size(d, t.widening_factor), 1 + config.history_seq_len, HISTORY_LEN
+def _token_flops(config: PhoenixModelConfig) -> tuple[float, float]:
+    """Matrix FLOPs (2 per multiply-add) of one token in one layer: (attention and feed-forward
+    projections, one logit and one weighted value against one key in all heads)."""
+    t, d = config.model, config.emb_size
+    hidden = ffn_size(d, t.widening_factor)
     per_token = 2 * (2 * d * t.num_q_heads + 2 * d * t.num_kv_heads) * t.key_size + 6 * d * hidden
-    pair = 4 * t.num_q_heads * t.key_size  # one logit and one weighted value, all heads
+    return per_token, 4 * t.num_q_heads * t.key_size
+
+
+def cached_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> float:
+    """Matrix FLOPs of the cached path for one user: input projections, attention projections,
+    logits and weighted values, feed-forward, unembedding. Element-wise work (norms, rotary,
+    soft-cap, softmax, GELU) is not counted: the bound is optimistic."""
+    t, d, h = config.model, config.emb_size, config.hash_config
+    context, s = 1 + config.history_seq_len, config.history_seq_len
+    per_token, pair = _token_flops(config)
     items = h.num_item_hashes + h.num_author_hashes
     context_flops = (
         2 * h.num_user_hashes * d * d
@@ -155,6 +167,21 @@ def cached_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> flo
         + 2 * d * config.num_actions
     )
     return context_flops + num_candidates * per_candidate
+
+
+def dense_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> float:
+    """Matrix FLOPs of the dense forward for one user, the whole masked attention square
+    included (as it is computed); the same omissions as `cached_ranking_flops`."""
+    t, d, h = config.model, config.emb_size, config.hash_config
+    s, length = config.history_seq_len, 1 + config.history_seq_len + num_candidates
+    per_token, pair = _token_flops(config)
+    items = h.num_item_hashes + h.num_author_hashes
+    return (
+        2 * h.num_user_hashes * d * d
+        + 2 * s * ((items + 2) * d * d + config.num_actions * d)
+        + 2 * num_candidates * ((items + 1) * d * d + d * config.num_actions)
+        + t.num_layers * (length * per_token + pair * length**2)
+    )
 
 
 def bench_ranking(counts, budget: float, eager_limit: int, rate: float) -> list[RankingRow]:
@@ -206,6 +233,57 @@ RANKING_COLUMNS = {
     "eager/cached": lambda r: ratio(r.eager_ratio),
     "jit/cached": lambda r: ratio(r.jit_ratio),
     "cached/bound": lambda r: ratio(r.bound_ratio),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainingRow:
+    batch: int  # requests per step
+    candidates: int  # per request
+    step: float  # seconds per training step
+    flops: float  # forward and backward matrix FLOPs of a step
+    bound: float  # seconds those FLOPs take at the measured matmul rate
+
+    @property
+    def bound_ratio(self) -> float:
+        return self.step / self.bound
+
+
+def bench_training(budget: float, rate: float) -> TrainingRow:
+    """One ranker training step of `train.py` (the demo configuration, a batch of the default
+    world, AdamW and the table optimiser included) against its FLOP bound: the dense forward's
+    matrix FLOPs, three times over for forward and backward."""
+    job = train.make_job("ranker", world.build_world(), train.TrainConfig())
+    mesh = train.data_mesh()
+    state = [
+        train.place(train.initial_state("ranker", job.config, job.hashing, job.train), mesh, False)
+    ]
+    arrays = train.place(job.batch(0), mesh, True)
+    step = train.make_step(job.loss, job.train)
+
+    def one_step():
+        state[0], stats = step(state[0], arrays)
+        return stats["loss"]
+
+    seconds = measure({"step": one_step}, budget)["step"]
+    b, c = arrays["candidate_post_hashes"].shape[:2]
+    flops = 3 * b * dense_ranking_flops(job.config, c)
+    return TrainingRow(b, c, seconds, flops, flops / rate)
+
+
+TRAINING_COLUMNS = {
+    "requests": lambda r: str(r.batch),
+    "candidates": lambda r: str(r.candidates),
+    "step ms": lambda r: ms(r.step),
+    "requests/s": lambda r: f"{r.batch / r.step:,.0f}",
+    "GFLOP": lambda r: f"{r.flops / 1e9:.3f}",
+    "bound ms": lambda r: ms(r.bound),
+    "step/bound": lambda r: ratio(r.bound_ratio),
 }
 
 
@@ -280,8 +358,9 @@ RETRIEVAL_COLUMNS = {
 }
 
 
-def print_goals(ranking: list[RankingRow], retrieval: list[RetrievalRow]) -> None:
+def print_goals(ranking: list[RankingRow], retrieval: list[RetrievalRow], training) -> None:
     rows = {
+        "train": training,
         "rank": next((r for r in ranking if r.count == 1024), None),
         "search": next(
             (r for r in retrieval if (r.n, r.b, r.dtype) == (1_000_000, 16, "float32")), None
@@ -316,10 +395,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{machine}, {usable} usable cores, Python {platform.python_version()}")
     print(f"jax {jax.__version__}, devices {jax.devices()}")
     print(f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    ranking, retrieval = [], []
-    if "ranking" in sections:
+    ranking, retrieval, training = [], [], None
+    if "ranking" in sections or "training" in sections:
         rate = matmul_rate(budget)
         print(f"float32 matmul {MATMUL_SIZE}^3, jit: {rate / 1e9:.1f} GFLOP/s\n")
+    if "ranking" in sections:
         print("Ranking, published mini configuration, float32, 1 user, history 128:")
         counts = RANK_COUNTS[:3] if args.quick else RANK_COUNTS
         ranking = bench_ranking(counts, budget, args.eager_limit, rate)
@@ -334,7 +414,11 @@ def main(argv: list[str] | None = None) -> None:
         print_table(retrieval, RETRIEVAL_COLUMNS)
         if recall is not None:
             print(f"bfloat16 corpus, 1,000,000 rows, 16 users: recall@{TOP_K} = {recall:.4f}\n")
-    print_goals(ranking, retrieval)
+    if "training" in sections:
+        print("Training: one ranker step of train.py, demo configuration, default world, float32:")
+        training = bench_training(budget, rate)
+        print_table([training], TRAINING_COLUMNS)
+    print_goals(ranking, retrieval, training)
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"\nload average at end: {load}; total {time.perf_counter() - start:.0f} s")
 
