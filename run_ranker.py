@@ -1,20 +1,25 @@
-"""Rank synthetic candidates with the Phoenix ranking model (published demo configuration).
+"""Rank a synthetic user's feed with a Phoenix ranking model trained on the synthetic world.
 
-No trained checkpoint ships with this project, so the weights are drawn at random with a
-stated seed: the probabilities show what the model computes, not real user preferences.
+By default this loads the small trained checkpoint that ships with the project
+(`demo_checkpoint.npz`, made by `uv run train.py --out runs/default`), rebuilds the world it was
+trained on, prints a user's planted tastes and ranks the posts of the last three days for them.
+`--random-weights` ranks random inputs with random weights instead (the published demo).
 
-    uv run run_ranker.py [--seed 0] [--batch-size 2] [--history-len 32] [--candidates 8]
+    uv run run_ranker.py [--user ID] [--candidates N] [--checkpoint FILE]
+    uv run run_ranker.py --random-weights [--seed 0] [--batch-size 2] [--history-len 32]
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cli import ArgumentParser, add_demo_flags, run_main, timed
+import train
+from cli import ArgumentParser, add_demo_flags, positive_int, run_main, timed
 from recsys_model import ACTIONS, PhoenixModelConfig
 from runners import (
     DEMO_EMB_SIZE,
@@ -25,6 +30,7 @@ from runners import (
     demo_inputs,
     demo_transformer_config,
 )
+from tables import lookup
 
 TOP_ACTIONS_SHOWN = 3
 USERS_SHOWN = 2
@@ -32,13 +38,75 @@ RANKS_SHOWN = 10
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="run_ranker.py", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--random-weights", action="store_true", help="random weights and inputs (no training)"
+    )
+    parser.add_argument("--checkpoint", default=str(train.DEMO_CHECKPOINT), help="trained model")
+    parser.add_argument("--user", type=positive_int, help="the user to rank for (a chosen one)")
     add_demo_flags(parser, DEMO_HISTORY_LEN, DEMO_NUM_CANDIDATES)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.candidates == DEMO_NUM_CANDIDATES and not args.random_weights:
+        args.candidates = None  # every post of the serving window
+    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation of two score vectors (no ties expected among float scores)."""
+    ranks = [np.argsort(np.argsort(x)) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def trained_demo(args) -> int:
+    """A trained ranker on the synthetic world: what it ranks first for a user, beside the truth."""
+    start = time.perf_counter()
+    world, models, note = train.load_demo(args.checkpoint)
+    model = models["ranker"]
+    user, when = train.demo_request(world, args.user)
+    print(note + f" ({time.perf_counter() - start:.1f} s)")
+    print(f"\n{world.describe_user(user)}")
+    print(f"  {world.describe_history(user, when)}")
+
+    seen = set(world.history([user], [when]).post_ids[0].tolist())
+    pool = np.array([p for p in world.recent_posts(when) if p not in seen])
+    posts = pool
+    if args.candidates is not None and args.candidates < len(pool):
+        posts = np.sort(np.random.default_rng(args.seed).choice(pool, args.candidates, False))
+    arrays = train.request_arrays(world, model.hashing, model.config, user, when, posts)
+    batch = train.ranking_batch(arrays)
+    ranker = RecsysInferenceRunner(ModelRunner(model.config), name="ranker")
+    ranker.initialize(model.params)
+    output = ranker.rank(batch, lookup(model.tables, batch))
+    p_model = np.asarray(output.scores)[0, :, train.FAVORITE]
+    p_true = world.true_probabilities(user, posts, when)[:, train.FAVORITE]
+    order = np.argsort(-p_model, kind="stable")
+    taste = world.in_taste(user, posts)
+
+    print(
+        f"\nRanking {len(posts)} posts of the last {world.config.serving_window_hours:.0f} hours "
+        "they have not seen, by the model's p(favorite) (* = a liked topic or favourite author):"
+    )
+    print(f"  {'rank':>4}  {'p(fav)':>6}  {'true':>6}  post")
+    for rank, i in enumerate(order[:RANKS_SHOWN], start=1):
+        mark = "*" if taste[i] else " "
+        print(
+            f"  {rank:>4}  {p_model[i]:6.3f}  {p_true[i]:6.3f}  {mark} "
+            f"{world.describe_post(int(posts[i]), when)}"
+        )
+    k = min(RANKS_SHOWN, len(posts))
+    print(
+        f"\nIn the user's tastes: {taste[order[:k]].sum()} of the model's top {k}, "
+        f"{taste.mean() * k:.1f} of {k} on average for random picks from the same posts."
+    )
+    print(
+        f"Model against the true p(favorite) over all {len(posts)} posts: rank correlation "
+        f"{spearman(p_model, p_true):.2f}."
+    )
+    return 0
+
+
+def random_weights_demo(args) -> int:
+    """The published demo: random weights, random inputs, what the model computes."""
     config = PhoenixModelConfig(
         model=demo_transformer_config(),
         emb_size=DEMO_EMB_SIZE,
@@ -85,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size > USERS_SHOWN:
         print(f"\n({args.batch_size - USERS_SHOWN} more users ranked, not shown)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return random_weights_demo(args) if args.random_weights else trained_demo(args)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,27 @@
-"""Retrieve top-K posts from a synthetic corpus with the Phoenix two-tower model.
+"""Retrieve a synthetic user's posts from the whole corpus with a trained Phoenix two-tower model.
 
-No trained checkpoint ships with this project, so the weights are drawn at random with a
-stated seed and the corpus is random unit vectors: the result shows what the model computes,
-not real relevance.
+By default this loads the small trained checkpoint that ships with the project
+(`demo_checkpoint.npz`, made by `uv run train.py --out runs/default`), rebuilds the world it was
+trained on, encodes every post with the candidate tower, prints a user's planted tastes and the
+posts the user tower retrieves for them. `--random-weights` retrieves from a random corpus with
+random weights instead (the published demo).
 
-    uv run run_retrieval.py [--seed 0] [--batch-size 2] [--corpus-size 1000] [--top-k 10]
+    uv run run_retrieval.py [--user ID] [--top-k 10] [--checkpoint FILE]
+    uv run run_retrieval.py --random-weights [--seed 0] [--batch-size 2] [--corpus-size 1000]
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import train
 from cli import ArgumentParser, add_demo_flags, positive_int, run_main, timed
+from pipeline import encode_corpus
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from runners import (
     DEMO_EMB_SIZE,
@@ -27,24 +33,84 @@ from runners import (
     demo_inputs,
     demo_transformer_config,
 )
+from tables import lookup
 
 USERS_SHOWN = 2
 RESULTS_SHOWN = 10
+ORACLE_DEPTH = 100
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="run_retrieval.py", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--random-weights", action="store_true", help="random weights and corpus (no training)"
+    )
+    parser.add_argument("--checkpoint", default=str(train.DEMO_CHECKPOINT), help="trained model")
+    parser.add_argument("--user", type=positive_int, help="the user to retrieve for")
     add_demo_flags(parser, DEMO_HISTORY_LEN, DEMO_NUM_CANDIDATES)
     parser.add_argument("--corpus-size", type=positive_int, default=1000, help="posts (1000)")
     parser.add_argument("--top-k", type=positive_int, default=10, help="posts per user (10)")
     args = parser.parse_args(argv)
-    if args.top_k > args.corpus_size:
+    if args.random_weights and args.top_k > args.corpus_size:
         parser.error(f"--top-k ({args.top_k}) must not exceed --corpus-size ({args.corpus_size})")
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def trained_demo(args) -> int:
+    """A trained two-tower model on the synthetic world: what it retrieves for a user."""
+    start = time.perf_counter()
+    world, models, note = train.load_demo(args.checkpoint)
+    model = models["retrieval"]
+    user, when = train.demo_request(world, args.user)
+    retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(model.config), "retrieval")
+    retriever.initialize(model.params)
+    corpus = world.corpus()
+    corpus = {k: v[corpus["creation_times"] < when] for k, v in corpus.items()}  # posts by then
+    vectors = encode_corpus(retriever, model, corpus["post_ids"], corpus["author_ids"])
+    retriever.set_corpus(vectors, corpus["post_ids"])
+    print(note + f" ({time.perf_counter() - start:.1f} s)")
+    print(f"\n{world.describe_user(user)}")
+    print(f"  {world.describe_history(user, when)}")
+
+    arrays = train.request_arrays(world, model.hashing, model.config, user, when, [])
+    query = train.query_batch(arrays)
+    history = arrays["history_post_hashes"].shape[1]
+    k = min(args.top_k, len(vectors) - history)
+    output = retriever.retrieve(query, lookup(model.tables, query), top_k=k + history)
+    seen = set(world.history([user], [when]).post_ids[0].tolist())
+    ids = np.asarray(output.top_k_indices)[0]
+    scores = np.asarray(output.top_k_scores)[0]
+    keep = [i for i in range(len(ids)) if int(corpus["post_ids"][ids[i]]) not in seen][:k]
+    posts = corpus["post_ids"][ids[keep]]
+    taste = world.in_taste(user, posts)
+
+    print(
+        f"\nThe {k} posts closest to the user vector among all {len(vectors):,} posted before "
+        "the request (encoded by the candidate tower), those the user engaged with left out "
+        "(* = a liked topic or favourite author):"
+    )
+    print(f"  {'rank':>4}  {'score':>6}  post")
+    for rank, (post, score) in enumerate(zip(posts, scores[keep], strict=True), start=1):
+        if rank > RESULTS_SHOWN:
+            print(f"  ... {k - RESULTS_SHOWN} more")
+            break
+        mark = "*" if taste[rank - 1] else " "
+        print(f"  {rank:>4}  {score:+.3f}  {mark} {world.describe_post(int(post), when)}")
+    everywhere = world.in_taste(user, corpus["post_ids"]).mean()
+    truth = world.oracle_scores(user, corpus["post_ids"], when)
+    truth[np.isin(corpus["post_ids"], list(seen))] = -np.inf
+    oracle = corpus["post_ids"][np.argsort(-truth, kind="stable")[:ORACLE_DEPTH]]
+    print(
+        f"\nIn the user's tastes: {taste.sum()} of the top {k}; {everywhere:.0%} of all those "
+        "posts are."
+        f"\nOf the model's top {k}, {np.isin(posts, oracle).sum()} are in the oracle's top "
+        f"{ORACLE_DEPTH} (the world's own ranking of what the user favorites next)."
+    )
+    return 0
+
+
+def random_weights_demo(args) -> int:
+    """The published demo: random weights, a random corpus, what the model computes."""
     config = PhoenixRetrievalModelConfig(
         model=demo_transformer_config(),
         emb_size=DEMO_EMB_SIZE,
@@ -96,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         own_scores = " ".join(f"{x:+.3f}" for x in own[:RESULTS_SHOWN])
         print(f"  the user's own candidates, through the candidate tower, score: {own_scores}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    return random_weights_demo(args) if args.random_weights else trained_demo(args)
 
 
 if __name__ == "__main__":

@@ -50,15 +50,25 @@ def test_errors_are_one_line_with_status_2(capsys):
     assert cli.run_main(lambda: 0, "demo.py") == 0
 
 
+RANDOM = "--random-weights"
+
+
 @pytest.mark.parametrize(
     "main, argv, message",
     [
-        (run_ranker.main, ["--history-len", "100000"], "would need about 29"),
-        (run_retrieval.main, ["--history-len", "100000"], "encoding 2 users with history 100000"),
-        (run_ranker.main, ["--candidates", "10000000000"], "example inputs for 2 users"),
-        (run_retrieval.main, ["--top-k", "2000"], r"--top-k \(2000\) must not exceed"),
+        (run_ranker.main, [RANDOM, "--history-len", "100000"], "would need about 29"),
+        (
+            run_retrieval.main,
+            [RANDOM, "--history-len", "100000"],
+            "encoding 2 users with history 100000",
+        ),
+        (run_ranker.main, [RANDOM, "--candidates", "10000000000"], "example inputs for 2 users"),
+        (run_retrieval.main, [RANDOM, "--top-k", "2000"], r"--top-k \(2000\) must not exceed"),
         (run_ranker.main, ["--dtype", "float16"], "argument --dtype: invalid choice"),
         (run_ranker.main, ["--batch-size", "0"], "expected an integer >= 1, got 0"),
+        (run_ranker.main, ["--checkpoint", "missing.npz"], "missing.npz: no such file; make one"),
+        (run_retrieval.main, ["--user", "0"], "argument --user: expected an integer >= 1"),
+        (run_ranker.main, ["--user", "10000000"], r"user 10000000 is not in the world"),
     ],
 )
 def test_scripts_refuse_bad_flags_in_one_line(main, argv, message, capsys):
@@ -68,7 +78,7 @@ def test_scripts_refuse_bad_flags_in_one_line(main, argv, message, capsys):
 
 
 def test_run_ranker_lists_each_users_candidates_by_descending_favorite(capsys):
-    status, out, err = run(run_ranker.main, ["--repeats", "1", "--batch-size", "3"], capsys)
+    status, out, err = run(run_ranker.main, [RANDOM, "--repeats", "1", "--batch-size", "3"], capsys)
     assert status == 0, err
     users = out.split("\nUser ")[1:]
     assert len(users) == 2 and "(1 more users ranked, not shown)" in out
@@ -78,3 +88,27 @@ def test_run_ranker_lists_each_users_candidates_by_descending_favorite(capsys):
         assert sorted(int(r[1]) for r in rows) == list(range(8))
         favorites = [float(r[2]) for r in rows]
         assert favorites == sorted(favorites, reverse=True)
+
+
+def test_run_ranker_shows_the_shipped_trained_model_favouring_the_users_tastes(capsys):
+    status, out, err = run(run_ranker.main, [], capsys)
+    assert status == 0, err
+    assert out.startswith("Trained model: demo_checkpoint.npz")
+    assert re.search(r"^user \d+ likes \w+ \(0\.\d\d\)", out, re.M)
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+0\.\d+\s+0\.", line)]
+    assert [int(r[0]) for r in rows] == list(range(1, 11))
+    favorites = [float(r[1]) for r in rows]
+    assert favorites == sorted(favorites, reverse=True)
+    found = re.search(r"tastes: (\d+) of the model's top 10, ([\d.]+) of 10 on average", out)
+    assert int(found[1]) > float(found[2]) + 2, "the trained ranker should favour the tastes"
+
+
+def test_run_retrieval_shows_the_shipped_trained_model_retrieving_the_users_tastes(capsys):
+    status, out, err = run(run_retrieval.main, [], capsys)
+    assert status == 0, err
+    assert out.startswith("Trained model: demo_checkpoint.npz") and "likes " in out
+    rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+[+-]\d\.\d+\s", line)]
+    scores = [float(r[1]) for r in rows]
+    assert len(rows) == 10 and scores == sorted(scores, reverse=True)
+    found = re.search(r"tastes: (\d+) of the top 10; (\d+)% of all those posts are", out)
+    assert int(found[1]) / 10 > int(found[2]) / 100 + 0.2, "retrieval should favour the tastes"
