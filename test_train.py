@@ -79,7 +79,7 @@ def test_retrieval_loss_falls(world, tmp_path):
     _, log = T.fit(job, tmp_path, False, T.data_mesh(), quiet=True)
     loss = losses(log)
     assert loss[-10:].mean() < 0.5 * loss[:5].mean()
-    assert 0.01 <= log[-1]["temperature"] <= 1.0
+    assert abs(log[-1]["temperature"] - 0.05) > 1e-3  # learned, from its initial 0.05
 
 
 def test_trainable_initialisation_lets_every_array_learn(world):

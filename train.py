@@ -177,16 +177,20 @@ def hashing_for(world: world_lib.World, hash_config: HashConfig, seed: int) -> H
 # ---------------------------------------------------------------------------------------------
 
 
-def history_fields(history: world_lib.History, hashing: Hashing, num_continuous: int) -> dict:
-    continuous = np.zeros((*history.dwell.shape, num_continuous), np.float32)
-    continuous[..., DWELL_COLUMN] = history.dwell
-    return dict(
+def history_fields(history: world_lib.History, hashing: Hashing, config) -> dict:
+    """A history's batch fields for `config`; the dwell column only for the ranker, which
+    reads it."""
+    fields = dict(
         history_post_hashes=hashing.item(history.post_ids),
         history_author_hashes=hashing.author(history.author_ids),
         history_actions=history.actions,  # uint8, made float32 per batch
         history_product_surface=np.zeros(history.post_ids.shape, np.int32),
-        history_continuous_actions=continuous,
     )
+    if isinstance(config, PhoenixModelConfig):
+        continuous = np.zeros((*history.dwell.shape, config.num_continuous_actions), np.float32)
+        continuous[..., DWELL_COLUMN] = history.dwell
+        fields["history_continuous_actions"] = continuous
+    return fields
 
 
 def ranking_arrays(examples: world_lib.RankingExamples, hashing: Hashing, config) -> dict:
@@ -195,7 +199,7 @@ def ranking_arrays(examples: world_lib.RankingExamples, hashing: Hashing, config
     c = examples.candidate_post_ids.shape[1]
     return dict(
         user_hashes=hashing.user(examples.user_ids),
-        **history_fields(examples.history, hashing, config.num_continuous_actions),
+        **history_fields(examples.history, hashing, config),
         candidate_post_hashes=hashing.item(examples.candidate_post_ids),
         candidate_author_hashes=hashing.author(examples.candidate_author_ids),
         candidate_product_surface=np.zeros(examples.candidate_post_ids.shape, np.int32),
@@ -213,9 +217,7 @@ def request_arrays(
     posts `post_ids` [C] as candidates shown at `time`."""
     post_ids = np.asarray(post_ids, np.int64)
     history = world.history([user_id], [time])
-    # The retrieval model reads no dwell; its fields are filled at the ranker's default width.
-    width = config.num_continuous_actions if isinstance(config, PhoenixModelConfig) else 2
-    fields = history_fields(history, hashing, width)
+    fields = history_fields(history, hashing, config)
     fields["history_actions"] = fields["history_actions"].astype(np.float32)
     return dict(
         user_hashes=hashing.user([user_id]),
@@ -232,7 +234,7 @@ def retrieval_arrays(examples: world_lib.RetrievalExamples, hashing: Hashing) ->
     """Queries (user and history hashes [N, ...]) and their targets (post ids, and hashes)."""
     return dict(
         user_hashes=hashing.user(examples.user_ids),
-        **history_fields(examples.history, hashing, 2),
+        **history_fields(examples.history, hashing, None),
         target_ids=examples.target_post_ids,
         target_post_hashes=hashing.item(examples.target_post_ids),
         target_author_hashes=hashing.author(examples.target_author_ids),
