@@ -59,6 +59,30 @@ def add_demo_flags(parser: ArgumentParser, history_len: int, candidates: int) ->
     parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs (10)")
 
 
+# Flags that only the random-weights demos read.
+RANDOM_ONLY_FLAGS = ("batch_size", "history_len", "dtype", "repeats")
+
+
+def add_trained_demo_flags(parser: ArgumentParser, checkpoint: str, what: str) -> None:
+    """The flags of the demos that show a trained model, `--random-weights` to show the
+    published demo instead."""
+    parser.add_argument(
+        "--random-weights", action="store_true", help=f"random weights and {what} (no training)"
+    )
+    parser.add_argument("--checkpoint", default=checkpoint, help="the trained model")
+    parser.add_argument("--user", type=positive_int, help="the user to show (a chosen one)")
+
+
+def refuse_random_only_flags(parser: ArgumentParser, args, names=RANDOM_ONLY_FLAGS) -> None:
+    """A flag the trained demo would ignore is refused rather than silently dropped."""
+    if args.random_weights:
+        return
+    given = [n for n in names if getattr(args, n) != parser.get_default(n)]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        parser.error(f"{flags}: only with --random-weights (the trained model has fixed sizes)")
+
+
 def run_main(main: Callable[[], int], prog: str) -> int:
     """Runs a script's `main`; input it refuses (ValueError, TypeError, a missing file) and
     sizes that do not fit in memory end in one line on stderr and exit status 2, as argparse's

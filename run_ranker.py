@@ -5,7 +5,7 @@ By default this loads the small trained checkpoint that ships with the project
 trained on, prints a user's planted tastes and ranks the posts of the last three days for them.
 `--random-weights` ranks random inputs with random weights instead (the published demo).
 
-    uv run run_ranker.py [--user ID] [--candidates N] [--checkpoint FILE]
+    uv run run_ranker.py [--user ID] [--candidates N] [--seed 0] [--checkpoint FILE]
     uv run run_ranker.py --random-weights [--seed 0] [--batch-size 2] [--history-len 32]
 """
 
@@ -19,7 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import train
-from cli import ArgumentParser, add_demo_flags, positive_int, run_main, timed
+from cli import (
+    ArgumentParser,
+    add_demo_flags,
+    add_trained_demo_flags,
+    refuse_random_only_flags,
+    run_main,
+    timed,
+)
 from recsys_model import ACTIONS, PhoenixModelConfig
 from runners import (
     DEMO_EMB_SIZE,
@@ -39,15 +46,14 @@ RANKS_SHOWN = 10
 
 def parse_args(argv: list[str] | None = None):
     parser = ArgumentParser(prog="run_ranker.py", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--random-weights", action="store_true", help="random weights and inputs (no training)"
-    )
-    parser.add_argument("--checkpoint", default=str(train.DEMO_CHECKPOINT), help="trained model")
-    parser.add_argument("--user", type=positive_int, help="the user to rank for (a chosen one)")
+    add_trained_demo_flags(parser, str(train.DEMO_CHECKPOINT), "inputs")
     add_demo_flags(parser, DEMO_HISTORY_LEN, DEMO_NUM_CANDIDATES)
+    # Unset, the trained demo ranks every post of the serving window.
+    parser.set_defaults(candidates=None)
     args = parser.parse_args(argv)
-    if args.candidates == DEMO_NUM_CANDIDATES and not args.random_weights:
-        args.candidates = None  # every post of the serving window
+    refuse_random_only_flags(parser, args)
+    if args.random_weights and args.candidates is None:
+        args.candidates = DEMO_NUM_CANDIDATES
     return args
 
 

@@ -20,7 +20,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import train
-from cli import ArgumentParser, add_demo_flags, positive_int, run_main, timed
+from cli import (
+    RANDOM_ONLY_FLAGS,
+    ArgumentParser,
+    add_demo_flags,
+    add_trained_demo_flags,
+    positive_int,
+    refuse_random_only_flags,
+    run_main,
+    timed,
+)
 from pipeline import encode_corpus
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from runners import (
@@ -42,15 +51,15 @@ ORACLE_DEPTH = 100
 
 def parse_args(argv: list[str] | None = None):
     parser = ArgumentParser(prog="run_retrieval.py", description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--random-weights", action="store_true", help="random weights and corpus (no training)"
-    )
-    parser.add_argument("--checkpoint", default=str(train.DEMO_CHECKPOINT), help="trained model")
-    parser.add_argument("--user", type=positive_int, help="the user to retrieve for")
+    add_trained_demo_flags(parser, str(train.DEMO_CHECKPOINT), "corpus")
     add_demo_flags(parser, DEMO_HISTORY_LEN, DEMO_NUM_CANDIDATES)
     parser.add_argument("--corpus-size", type=positive_int, default=1000, help="posts (1000)")
     parser.add_argument("--top-k", type=positive_int, default=10, help="posts per user (10)")
     args = parser.parse_args(argv)
+    # The trained demo retrieves from the world's corpus, for one user, with no candidates.
+    refuse_random_only_flags(
+        parser, args, (*RANDOM_ONLY_FLAGS, "seed", "candidates", "corpus_size")
+    )
     if args.random_weights and args.top_k > args.corpus_size:
         parser.error(f"--top-k ({args.top_k}) must not exceed --corpus-size ({args.corpus_size})")
     return args

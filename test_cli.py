@@ -69,6 +69,12 @@ RANDOM = "--random-weights"
         (run_ranker.main, ["--checkpoint", "missing.npz"], "missing.npz: no such file; make one"),
         (run_retrieval.main, ["--user", "0"], "argument --user: expected an integer >= 1"),
         (run_ranker.main, ["--user", "10000000"], r"user 10000000 is not in the world"),
+        (run_ranker.main, ["--history-len", "5"], "--history-len: only with --random-weights"),
+        (
+            run_retrieval.main,
+            ["--seed", "1", "--candidates", "3"],
+            "--seed, --candidates: only with --random-weights",
+        ),
     ],
 )
 def test_scripts_refuse_bad_flags_in_one_line(main, argv, message, capsys):

@@ -287,3 +287,13 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys):
         T.make_job("ranker", world, dataclasses.replace(QUICK, batch_size=100_000))
     with pytest.raises(ValueError, match="table_optimizer must be one of"):
         T.make_job("ranker", world, dataclasses.replace(QUICK, table_optimizer="sgd"))
+
+
+def test_demo_request_picks_a_held_out_request_or_names_the_user(world):
+    user, when = T.demo_request(world)
+    rows = world.ranking_eval.user_ids == user
+    assert when == world.ranking_eval.request_times[rows].min()
+    assert T.demo_request(world, user) == (user, when)
+    users = rf"\(users 1..{world.num_users}\)"
+    with pytest.raises(ValueError, match=rf"user 0 is not in the world {users}"):
+        T.demo_request(world, 0)

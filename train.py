@@ -1164,6 +1164,8 @@ def demo_request(world: world_lib.World, user_id: int | None = None) -> tuple[in
         if not 1 <= user_id <= world.num_users:
             raise ValueError(f"user {user_id} is not in the world (users 1..{world.num_users})")
         rows = np.flatnonzero(examples.user_ids == user_id)
+        if not rows.size:
+            raise ValueError(f"user {user_id} has no held-out request to show")
         return int(user_id), int(examples.request_times[rows[0]])
     liked = (world.user_topic_prefs[examples.user_ids - 1] >= 0.25).sum(axis=1)
     good = (liked >= 2) & (examples.history.post_ids > 0).all(axis=1)
