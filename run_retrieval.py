@@ -1,10 +1,11 @@
-"""Retrieve a synthetic user's posts from the whole corpus with a trained Phoenix two-tower model.
+"""Retrieve a synthetic user's posts from the recent corpus with a trained Phoenix two-tower model.
 
 By default this loads the small trained checkpoint that ships with the project
 (`demo_checkpoint.npz`, made by `uv run train.py --out runs/default`), rebuilds the world it was
-trained on, encodes every post with the candidate tower, prints a user's planted tastes and the
-posts the user tower retrieves for them. `--random-weights` retrieves from a random corpus with
-random weights instead (the published demo).
+trained on, encodes the posts of the three days before a request (the serving window) with the
+candidate tower, prints a user's planted tastes and the posts the user tower retrieves for
+them. `--random-weights` retrieves from a random corpus with random weights instead (the
+published demo).
 
     uv run run_retrieval.py [--user ID] [--top-k 10] [--checkpoint FILE]
     uv run run_retrieval.py --random-weights [--seed 0] [--batch-size 2] [--corpus-size 1000]
@@ -74,7 +75,8 @@ def trained_demo(args) -> int:
     retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(model.config), "retrieval")
     retriever.initialize(model.params)
     corpus = world.corpus()
-    corpus = {k: v[corpus["creation_times"] < when] for k, v in corpus.items()}  # posts by then
+    servable = world.servable(corpus["post_ids"], when)  # the serving window before the request
+    corpus = {k: v[servable] for k, v in corpus.items()}
     vectors = encode_corpus(retriever, model, corpus["post_ids"], corpus["author_ids"])
     retriever.set_corpus(vectors, corpus["post_ids"])
     print(note + f" ({time.perf_counter() - start:.1f} s)")
@@ -94,8 +96,9 @@ def trained_demo(args) -> int:
     taste = world.in_taste(user, posts)
 
     print(
-        f"\nThe {k} posts closest to the user vector among all {len(vectors):,} posted before "
-        "the request (encoded by the candidate tower), those the user engaged with left out "
+        f"\nThe {k} posts closest to the user vector among the {len(vectors):,} of the "
+        f"{world.config.serving_window_hours:g} hours before the request (encoded by the "
+        "candidate tower), those the user engaged with left out "
         "(* = a liked topic or favourite author):"
     )
     print(f"  {'rank':>4}  {'score':>6}  post")

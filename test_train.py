@@ -161,6 +161,16 @@ def test_reports_equal_hand_computed_values():
     assert retrieval["ndcg@10"]["oracle"] == pytest.approx((1 + 1 / math.log2(3)) / 2, abs=1e-6)
 
 
+def test_rank_corpus_orders_by_score_skips_the_history_and_serves_the_window_first():
+    """One query along x; posts 1..4 at cosines 0, 1, -1, 0.5 (in that id order)."""
+    users = np.array([[1.0, 0.0]])
+    posts = np.array([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [0.6, 0.8]])
+    assert T.rank_corpus(users, posts, np.array([[0]]), 4).tolist() == [[2, 4, 1, 3]]
+    assert T.rank_corpus(users, posts, np.array([[2]]), 3).tolist() == [[4, 1, 3]]
+    servable = np.array([[True, False, True, False]])
+    assert T.rank_corpus(users, posts, np.array([[0]]), 4, servable).tolist() == [[1, 3, 2, 4]]
+
+
 DATA_PARALLEL = """
 import dataclasses, sys
 from pathlib import Path

@@ -703,10 +703,18 @@ def _encoder(config: PhoenixRetrievalModelConfig) -> Callable:
 
 
 def rank_corpus(
-    users: np.ndarray, posts: np.ndarray, history_ids: np.ndarray, k: int
+    users: np.ndarray,
+    posts: np.ndarray,
+    history_ids: np.ndarray,
+    k: int,
+    servable: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Post ids [Q, k] (ids are row + 1) by score, each query's history excluded."""
+    """Post ids [Q, k] (ids are row + 1) by score, each query's history excluded; with
+    `servable` [Q, P] (bool), the posts it marks first, each group by score."""
     scores = users.astype(np.float32) @ posts.astype(np.float32).T  # [Q, P]
+    if servable is not None:
+        # Unit vectors: scores lie in [-1, 1], so +3 puts every servable post first.
+        scores += 3.0 * servable
     rows = np.broadcast_to(np.arange(len(users))[:, None], history_ids.shape)
     seen = history_ids > 0
     scores[rows[seen], history_ids[seen] - 1] = -np.inf
@@ -913,9 +921,18 @@ def quick_eval(job: Job, state: TrainState, size: int = 1000) -> dict:
             "eval favorite rce": metrics.rce(labels, model),
         }
     data = {k: v[:size] for k, v in job.eval_data.items()}
+    examples = job.world.retrieval_eval
     users, posts = retrieval_vectors(params, job.config, data, corpus_hashes(job))
-    ranked = rank_corpus(users, posts, job.world.retrieval_eval.history.post_ids[:size], 100)
+    ranked = rank_corpus(
+        users, posts, examples.history.post_ids[:size], 100, servable_now(job, examples, size)
+    )
     return {"eval recall@100": metrics.recall_at_k(ranked, data["target_ids"], 100)}
+
+
+def servable_now(job: Job, examples: world_lib.RetrievalExamples, size: int | None = None):
+    """[Q, P] which posts the world could serve at each query's time."""
+    every_post = np.arange(1, job.world.num_posts + 1)
+    return job.world.servable(every_post[None, :], examples.query_times[:size, None])
 
 
 def corpus_hashes(job: Job) -> dict:
@@ -952,11 +969,14 @@ def evaluate_ranker(job: Job, params) -> tuple[dict, dict]:
 
 def evaluate_retrieval(job: Job, params, k: int = 100) -> tuple[dict, dict]:
     """(report, predictions): recall and NDCG of each held-out query's target against the whole
-    corpus (history excluded) for the model, the oracle and popularity, and the top k of each."""
+    corpus (history excluded) for the model, the oracle and popularity, and the top k of each.
+    The model, like the oracle and recent popularity, puts the posts servable at the query
+    time first: what a deployed retrieval searches."""
     world, examples = job.world, job.world.retrieval_eval
     users, posts = retrieval_vectors(params, job.config, job.eval_data, corpus_hashes(job))
+    servable = servable_now(job, examples)
     rankings = {
-        "model": rank_corpus(users, posts, examples.history.post_ids, k),
+        "model": rank_corpus(users, posts, examples.history.post_ids, k, servable),
         "oracle": world.oracle_ranking(examples, k),
         "popularity": world.popularity_ranking(examples, k),
         "recent_popularity": world.popularity_ranking(examples, k, recent=True),

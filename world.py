@@ -534,9 +534,11 @@ class World:
 
     # ---- retrieval oracle and baseline ---------------------------------------------------------
 
-    def _servable(self, post_index: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """Whether posts could be served at the times: created in the serving window before."""
-        age = times - self.post_created[post_index]
+    def servable(self, post_ids, times) -> np.ndarray:
+        """Whether posts could be served at the times (broadcast): created in the serving
+        window before them, as `recent_posts` lists them."""
+        p = self._index(post_ids, self.num_posts, "post_ids")
+        age = np.asarray(times, dtype=np.int64) - self.post_created[p]
         return (age > 0) & (age <= self.config.serving_window_hours * SECONDS_PER_HOUR)
 
     def oracle_scores(self, user_ids, post_ids, query_times) -> np.ndarray:
@@ -548,7 +550,7 @@ class World:
         p = self._index(post_ids, self.num_posts, "post_ids")
         times = np.asarray(query_times, dtype=np.int64)
         probability = self._model(u, p, times)[0][..., FAVORITE]
-        return probability + self._servable(p, times)  # probabilities < 1: servable first
+        return probability + self.servable(post_ids, times)  # probabilities < 1: servable first
 
     def _rank(self, examples: RetrievalExamples, k: int, scores) -> np.ndarray:
         """Post ids [N, k] by `scores(user_ids [n, 1], post_ids [1, P], times [n, 1])`, best
@@ -584,7 +586,7 @@ class World:
         counts = self.favorite_counts / (self.favorite_counts.max() + 1.0)  # < 1
 
         def scores(users, posts, times):
-            servable = self._servable(posts - 1, times) if recent else 0.0
+            servable = self.servable(posts, times) if recent else 0.0
             # Ties by lower id: a tiny decreasing offset keeps a stable order.
             return counts[posts - 1] + servable - posts * 1e-12
 
