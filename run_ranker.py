@@ -66,7 +66,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 def trained_demo(args) -> int:
     """A trained ranker on the synthetic world: what it ranks first for a user, beside the truth."""
     start = time.perf_counter()
-    world, models, note = train.load_demo(args.checkpoint)
+    world, models, note = train.load_demo(args.checkpoint, args.user)
     model = models["ranker"]
     user, when = train.demo_request(world, args.user)
     print(note + f" ({time.perf_counter() - start:.1f} s)")

@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None):
 def trained_demo(args) -> int:
     """A trained two-tower model on the synthetic world: what it retrieves for a user."""
     start = time.perf_counter()
-    world, models, note = train.load_demo(args.checkpoint)
+    world, models, note = train.load_demo(args.checkpoint, args.user)
     model = models["retrieval"]
     user, when = train.demo_request(world, args.user)
     retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(model.config), "retrieval")

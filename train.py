@@ -1175,14 +1175,18 @@ def model_artifacts(job: Job, params) -> ModelArtifacts:
     return ModelArtifacts(job.config, params["model"], tables, job.hashing)
 
 
+def check_user(user_id: int, num_users: int) -> None:
+    if not 1 <= user_id <= num_users:
+        raise ValueError(f"user {user_id} is not in the world (users 1..{num_users})")
+
+
 def demo_request(world: world_lib.World, user_id: int | None = None) -> tuple[int, int]:
     """(user id, time) of the request the demos and the exported sequence show: the first
     held-out request of `user_id`, or of the first user with at least two topics of weight
     0.25 or more and a full history."""
     examples = world.ranking_eval
     if user_id is not None:
-        if not 1 <= user_id <= world.num_users:
-            raise ValueError(f"user {user_id} is not in the world (users 1..{world.num_users})")
+        check_user(user_id, world.num_users)
         rows = np.flatnonzero(examples.user_ids == user_id)
         if not rows.size:
             raise ValueError(f"user {user_id} has no held-out request to show")
@@ -1444,10 +1448,11 @@ if __name__ == "__main__":
 
 
 def load_demo(
-    path: str | os.PathLike = DEMO_CHECKPOINT,
+    path: str | os.PathLike = DEMO_CHECKPOINT, user_id: int | None = None
 ) -> tuple[world_lib.World, dict[str, ModelArtifacts], str]:
     """(world, models, a line saying what was loaded) for the demo scripts: the checkpoint's
-    models and the world they were trained on, rebuilt from its config."""
+    models and the world they were trained on, rebuilt from its config (a `user_id` the world
+    does not have is refused before it is built)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
@@ -1455,6 +1460,8 @@ def load_demo(
             "runs/default/demo_checkpoint.npz) or pass --random-weights"
         )
     world_config, models = load_demo_checkpoint(path)
+    if user_id is not None:
+        check_user(user_id, world_config.num_users)
     world = world_lib.build_world(world_config)
     note = (
         f"Trained model: {path.name} (made by `{DEMO_COMMAND}`), on the synthetic world of seed "
