@@ -174,6 +174,12 @@ def write_npz(arrays: Mapping[str, Any], path: str | os.PathLike) -> None:
         np.savez(f, **{name: np.asarray(value) for name, value in arrays.items()})
 
 
+def write_json(data: Any, path: str | os.PathLike) -> None:
+    """Writes `data` as indented JSON to `path` atomically."""
+    with _atomic_path(Path(path)) as scratch:
+        scratch.write_text(json.dumps(data, indent=2) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # Parameter trees.
 # ---------------------------------------------------------------------------------------------

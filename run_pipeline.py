@@ -11,14 +11,13 @@ pipeline reads it; the flags before --output-json are the published pipeline's.
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
 
 import jax.numpy as jnp
 
-from checkpoint import load_artifacts
+from checkpoint import load_artifacts, write_json
 from cli import ArgumentParser, non_negative_int, positive_int, run_main
 from pipeline import Pipeline, describe_feed, feed_to_json, write_example
 
@@ -47,6 +46,8 @@ def parse_args(argv: list[str] | None = None):
         "--vocab-size", type=positive_int, default=10_000, help="rows per embedding table (10,000)"
     )
     args = parser.parse_args(argv)
+    if args.output_json is not None and args.output_json.is_dir():
+        parser.error(f"--output-json: {args.output_json} is a folder, not a file name")
     if args.write_example is not None and args.vocab_size < 2:
         parser.error("--vocab-size must be at least 2 (row 0 is padding)")
     return args
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Score = {weights}\n")
     print("\n".join(describe_feed(feed)))
     if args.output_json is not None:
-        args.output_json.write_text(json.dumps(feed_to_json(feed), indent=1) + "\n")
+        write_json(feed_to_json(feed), args.output_json)
         print(f"\nWrote every score of the {len(feed.items)} posts to {args.output_json}")
     return 0
 

@@ -137,7 +137,7 @@ def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
     )
     assert status == 0, err
     assert "RANDOM weights (seed 0)" in out and (example / "ranker" / "model_params.npz").exists()
-    feed_json = tmp_path / "feed.json"
+    feed_json = tmp_path / "feeds" / "feed.json"  # its folder is made
     argv = [
         "--artifacts_dir",
         str(example),
@@ -162,6 +162,7 @@ def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
         (["--artifacts_dir", "/nonexistent/folder"], "/nonexistent/folder: no such folder"),
         (["--top_k_display", "0"], "expected an integer >= 1, got 0"),
         (["--write-example", "EXISTING"], "already exists; choose a new folder"),
+        (["--output-json", "EXISTING"], "is a folder, not a file name"),
     ],
 )
 def test_the_command_line_refuses_bad_flags_in_one_line(argv, message, capsys, tmp_path):

@@ -57,6 +57,7 @@ from checkpoint import (
     read_npz,
     unflatten_params,
     write_artifacts,
+    write_json,
     write_npz,
 )
 from cli import ArgumentParser, non_negative_int, positive_int, run_main
@@ -903,7 +904,7 @@ def save_progress(state_dir: Path, job: Job, state: TrainState, log: list[dict])
     """The resumable state and the log so far, each written whole or not at all."""
     state_dir.mkdir(parents=True, exist_ok=True)
     save_state(state_dir / f"{job.kind}.npz", state, job.meta)
-    write_json(state_dir / f"{job.kind}_log.json", log)
+    write_json(log, state_dir / f"{job.kind}_log.json")
 
 
 def quick_eval(job: Job, state: TrainState, size: int = 1000) -> dict:
@@ -1432,19 +1433,9 @@ def main(argv: list[str] | None = None) -> int:
             missing = next(kind for kind in MODELS if kind not in jobs)
             print(f"(artifacts/ needs both models: train the {missing} with --model {missing})")
     report["seconds"] = round(time.perf_counter() - started, 1)
-    write_json(out / "eval.json", report)
+    write_json(report, out / "eval.json")
     print(f"\nwrote {', '.join(written)} in {out} ({report['seconds']:.0f} s in all)")
     return 0
-
-
-def write_json(path: Path, data: Any) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
-if __name__ == "__main__":
-    sys.exit(run_main(main, "train.py"))
 
 
 def load_demo(
@@ -1469,3 +1460,7 @@ def load_demo(
         f"{len(world.topic_names)} topics, rebuilt from the checkpoint's world config"
     )
     return world, models, note
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, "train.py"))
