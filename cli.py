@@ -40,7 +40,9 @@ positive_int = _int_at_least(1)  # argparse type: an integer >= 1
 non_negative_int = _int_at_least(0)  # argparse type: an integer >= 0
 
 
-def add_demo_flags(parser: ArgumentParser, history_len: int, candidates: int) -> None:
+def add_demo_flags(
+    parser: ArgumentParser, history_len: int, candidates: int, candidates_help: str | None = None
+) -> None:
     """The flags both demo scripts take, with their defaults."""
     parser.add_argument(
         "--seed", type=non_negative_int, default=0, help="seed of weights and data (0)"
@@ -53,7 +55,10 @@ def add_demo_flags(parser: ArgumentParser, history_len: int, candidates: int) ->
         help=f"history length ({history_len})",
     )
     parser.add_argument(
-        "--candidates", type=positive_int, default=candidates, help=f"per user ({candidates})"
+        "--candidates",
+        type=positive_int,
+        default=candidates,
+        help=candidates_help or f"per user ({candidates})",
     )
     parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="(float32)")
     parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs (10)")
@@ -73,27 +78,36 @@ def add_trained_demo_flags(parser: ArgumentParser, checkpoint: str, what: str) -
     parser.add_argument("--user", type=positive_int, help="the user to show (a chosen one)")
 
 
-def refuse_random_only_flags(parser: ArgumentParser, args, names=RANDOM_ONLY_FLAGS) -> None:
-    """A flag the trained demo would ignore is refused rather than silently dropped."""
-    if args.random_weights:
-        return
-    given = [n for n in names if getattr(args, n) != parser.get_default(n)]
-    if given:
-        flags = ", ".join("--" + n.replace("_", "-") for n in given)
-        parser.error(f"{flags}: only with --random-weights (the trained model has fixed sizes)")
+def parse_demo_args(parser: ArgumentParser, argv: list[str] | None, random_only=RANDOM_ONLY_FLAGS):
+    """Parses a demo's flags. Those in `random_only` are read by the random-weights demo
+    alone: typed without `--random-weights` they are refused by name rather than silently
+    dropped; not typed, they take their defaults."""
+    defaults = {name: parser.get_default(name) for name in random_only}
+    parser.set_defaults(**dict.fromkeys(random_only))
+    args = parser.parse_args(argv)
+    given = [name for name in random_only if getattr(args, name) is not None]
+    if given and not args.random_weights:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        them = "them" if len(given) > 1 else "it"
+        parser.error(f"{flags}: only with --random-weights (the trained demo does not read {them})")
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
 
 
 def run_main(main: Callable[[], int], prog: str) -> int:
-    """Runs a script's `main`; input it refuses (ValueError, TypeError, a missing file) and
-    sizes that do not fit in memory end in one line on stderr and exit status 2, as argparse's
-    errors do. Output piped into a reader that stops early (`| head`) ends quietly."""
+    """Runs a script's `main`; input it refuses (ValueError, TypeError), a file it cannot read
+    or write (OSError) and sizes that do not fit in memory end in one line on stderr and exit
+    status 2, as argparse's errors do. Output piped into a reader that stops early (`| head`)
+    ends quietly."""
     try:
         return main()
     except BrokenPipeError:
         # Python's advice: point stdout at devnull so that the exit flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:
         message = str(error)
     except MemoryError as error:
         message = f"not enough memory for the sizes asked for ({error})"

@@ -5,7 +5,7 @@ By default this loads the small trained checkpoint that ships with the project
 trained on, prints a user's planted tastes and ranks the posts of the last three days for them.
 `--random-weights` ranks random inputs with random weights instead (the published demo).
 
-    uv run run_ranker.py [--user ID] [--candidates N] [--seed 0] [--checkpoint FILE]
+    uv run run_ranker.py [--user ID] [--candidates N [--seed 0]] [--checkpoint FILE]
     uv run run_ranker.py --random-weights [--seed 0] [--batch-size 2] [--history-len 32]
 """
 
@@ -23,7 +23,7 @@ from cli import (
     ArgumentParser,
     add_demo_flags,
     add_trained_demo_flags,
-    refuse_random_only_flags,
+    parse_demo_args,
     run_main,
     timed,
 )
@@ -47,11 +47,20 @@ RANKS_SHOWN = 10
 def parse_args(argv: list[str] | None = None):
     parser = ArgumentParser(prog="run_ranker.py", description=__doc__.splitlines()[0])
     add_trained_demo_flags(parser, str(train.DEMO_CHECKPOINT), "inputs")
-    add_demo_flags(parser, DEMO_HISTORY_LEN, DEMO_NUM_CANDIDATES)
-    # Unset, the trained demo ranks every post of the serving window.
-    parser.set_defaults(candidates=None)
-    args = parser.parse_args(argv)
-    refuse_random_only_flags(parser, args)
+    add_demo_flags(
+        parser,
+        DEMO_HISTORY_LEN,
+        DEMO_NUM_CANDIDATES,
+        f"posts to rank (every post of the window; {DEMO_NUM_CANDIDATES} per user with "
+        "--random-weights)",
+    )
+    # Unset, the trained demo ranks every post of the serving window; --seed draws --candidates
+    # of them.
+    parser.set_defaults(candidates=None, seed=None)
+    args = parse_demo_args(parser, argv)
+    if not args.random_weights and args.seed is not None and args.candidates is None:
+        parser.error("--seed: only with --candidates or --random-weights (it draws the candidates)")
+    args.seed = args.seed or 0
     if args.random_weights and args.candidates is None:
         args.candidates = DEMO_NUM_CANDIDATES
     return args

@@ -26,8 +26,8 @@ from cli import (
     ArgumentParser,
     add_demo_flags,
     add_trained_demo_flags,
+    parse_demo_args,
     positive_int,
-    refuse_random_only_flags,
     run_main,
     timed,
 )
@@ -56,11 +56,8 @@ def parse_args(argv: list[str] | None = None):
     add_demo_flags(parser, DEMO_HISTORY_LEN, DEMO_NUM_CANDIDATES)
     parser.add_argument("--corpus-size", type=positive_int, default=1000, help="posts (1000)")
     parser.add_argument("--top-k", type=positive_int, default=10, help="posts per user (10)")
-    args = parser.parse_args(argv)
     # The trained demo retrieves from the world's corpus, for one user, with no candidates.
-    refuse_random_only_flags(
-        parser, args, (*RANDOM_ONLY_FLAGS, "seed", "candidates", "corpus_size")
-    )
+    args = parse_demo_args(parser, argv, (*RANDOM_ONLY_FLAGS, "seed", "candidates", "corpus_size"))
     if args.random_weights and args.top_k > args.corpus_size:
         parser.error(f"--top-k ({args.top_k}) must not exceed --corpus-size ({args.corpus_size})")
     return args
@@ -85,10 +82,12 @@ def trained_demo(args) -> int:
 
     arrays = train.request_arrays(world, model.hashing, model.config, user, when, [])
     query = train.query_batch(arrays)
-    history = arrays["history_post_hashes"].shape[1]
-    k = min(args.top_k, len(vectors) - history)
-    output = retriever.retrieve(query, lookup(model.tables, query), top_k=k + history)
     seen = set(world.history([user], [when]).post_ids[0].tolist())
+    seen_here = int(np.isin(corpus["post_ids"], list(seen)).sum())  # engaged with, in the window
+    k = min(args.top_k, len(vectors) - seen_here)
+    if k < 1:
+        raise ValueError(f"user {user} has engaged with every post of the window: none to show")
+    output = retriever.retrieve(query, lookup(model.tables, query), top_k=k + seen_here)
     ids = np.asarray(output.top_k_indices)[0]
     scores = np.asarray(output.top_k_scores)[0]
     keep = [i for i in range(len(ids)) if int(corpus["post_ids"][ids[i]]) not in seen][:k]

@@ -70,6 +70,8 @@ RANDOM = "--random-weights"
         (run_retrieval.main, ["--user", "0"], "argument --user: expected an integer >= 1"),
         (run_ranker.main, ["--user", "10000000"], r"user 10000000 is not in the world"),
         (run_ranker.main, ["--history-len", "5"], "--history-len: only with --random-weights"),
+        (run_ranker.main, ["--dtype", "float32"], "--dtype: only with --random-weights"),
+        (run_ranker.main, ["--seed", "3"], "--seed: only with --candidates or --random-weights"),
         (
             run_retrieval.main,
             ["--seed", "1", "--candidates", "3"],

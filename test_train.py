@@ -163,13 +163,13 @@ def test_reports_equal_hand_computed_values():
 
 
 def test_rank_corpus_orders_by_score_skips_the_history_and_serves_the_window_first():
-    """One query along x; posts 1..4 at cosines 0, 1, -1, 0.5 (in that id order)."""
+    """One query along x; posts 1..4 at cosines 0, 1, -1, 0.6 (in that id order)."""
     users = np.array([[1.0, 0.0]])
     posts = np.array([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0], [0.6, 0.8]])
     assert T.rank_corpus(users, posts, np.array([[0]]), 4).tolist() == [[2, 4, 1, 3]]
     assert T.rank_corpus(users, posts, np.array([[2]]), 3).tolist() == [[4, 1, 3]]
-    servable = np.array([[True, False, True, False]])
-    assert T.rank_corpus(users, posts, np.array([[0]]), 4, servable).tolist() == [[1, 3, 2, 4]]
+    servable = np.array([[False, False, True, True]])  # each group by score, not by id
+    assert T.rank_corpus(users, posts, np.array([[0]]), 4, servable).tolist() == [[4, 3, 2, 1]]
 
 
 DATA_PARALLEL = """
@@ -298,6 +298,15 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys):
         T.make_job("ranker", world, dataclasses.replace(QUICK, batch_size=100_000))
     with pytest.raises(ValueError, match="table_optimizer must be one of"):
         T.make_job("ranker", world, dataclasses.replace(QUICK, table_optimizer="sgd"))
+
+
+def test_load_demo_refuses_an_unknown_user_before_building_the_world(monkeypatch):
+    def build_world(config):
+        raise AssertionError("the world was built")
+
+    monkeypatch.setattr(T.world_lib, "build_world", build_world)
+    with pytest.raises(ValueError, match=r"user 1501 is not in the world \(users 1..1500\)"):
+        T.load_demo(T.DEMO_CHECKPOINT, 1501)
 
 
 def test_demo_request_picks_a_held_out_request_or_names_the_user(world):

@@ -306,3 +306,17 @@ def test_taste_history_and_recent_posts_in_words(world):
     assert words.startswith(f"their last {(history > 0).sum()} engagements: ")
     top = np.bincount(world.post_topics[history[history > 0] - 1]).argmax()
     assert world.topic_names[top] in words.split(": ")[1].split(",")[0]
+
+
+def test_servable_means_created_within_the_window_before(world):
+    """Age in (0, window]: a post created at the query time is not servable yet, one created
+    exactly a window earlier still is."""
+    post = 5
+    created = int(world.post_created[post - 1])
+    window = int(world.config.serving_window_hours * 3600)
+    times = np.array([created, created + 1, created + window, created + window + 1])
+    assert world.servable(post, times).tolist() == [False, True, True, False]
+    recent = [post in world.recent_posts(t) for t in times]
+    assert recent == [False, True, True, False]
+    with pytest.raises(ValueError, match=r"post_ids: ids must be in \[1, "):
+        world.servable(0, created)
