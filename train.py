@@ -510,14 +510,21 @@ def initial_state(kind: str, config, hashing: Hashing, train: TrainConfig) -> Tr
 def published_init(kind: str, config, seed: int) -> hk.Params:
     """The published initial values of a model's parameters (and, for retrieval, the
     temperature) from a seed."""
+    return _initializer(config, kind)(jax.random.PRNGKey(seed))
+
+
+@_per_config
+def _initializer(config, kind: str) -> Callable:
+    """key -> the published initial parameters, compiled once per config."""
     batch, emb = jax.tree.map(jnp.asarray, dummy_inputs(config, len(ACTIONS)))
     if kind == "ranker":
-        init = hk.transform(lambda b, e: config.make()(b, e)).init
-        return jax.jit(init)(jax.random.PRNGKey(seed), batch, emb)
+        init = jax.jit(hk.transform(lambda b, e: config.make()(b, e)).init)
+        return lambda key: init(key, batch, emb)
     tables = {TABLE_NAMES[e]: jnp.zeros((2, config.emb_size)) for e in ("user", "item", "author")}
     posts = post_batch(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), config)
     query = query_batch(batch._asdict())
-    return jax.jit(retrieval_towers(config).init)(jax.random.PRNGKey(seed), query, posts, tables)
+    init = jax.jit(retrieval_towers(config).init)
+    return lambda key: init(key, query, posts, tables)
 
 
 def make_step(loss_fn: Callable, train: TrainConfig) -> Callable:
