@@ -102,6 +102,25 @@ def test_trainable_initialisation_lets_every_array_learn(world):
     assert sum(from_published) < len(from_published) / 2
 
 
+def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run(world, tmp_path):
+    job = T.make_job("ranker", world, dataclasses.replace(QUICK, steps=5, decay_steps=5))
+
+    def poisoned(params, arrays):
+        loss, stats = job.loss(params, arrays)
+        return loss * jnp.nan, stats
+
+    bad = dataclasses.replace(job, loss=poisoned)
+    state, log = T.fit(bad, tmp_path / "five", False, T.data_mesh(), quiet=True)
+    assert [entry["skipped"] for entry in log] == [1, 2, 3, 4, 5]
+    start = T.initial_state("ranker", job.config, job.hashing, job.train).params
+    for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(start), strict=True):
+        np.testing.assert_array_equal(got, want)
+    bad = dataclasses.replace(bad, train=dataclasses.replace(job.train, steps=20))
+    message = r"ranker: 10 updates in a row had non-finite gradients \(the last at step 10\)"
+    with pytest.raises(ValueError, match=message):
+        T.fit(bad, tmp_path / "twenty", False, T.data_mesh(), quiet=True)
+
+
 def test_retrieval_loss_equals_a_numpy_sampled_softmax(world):
     """Log-Q corrected softmax over the batch's targets and the global negatives, with
     accidental hits (another column holding the query's own target) masked."""

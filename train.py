@@ -10,7 +10,8 @@ the dwell time (the second release's continuous head, loss as `ContinuousActionC
 the retrieval model learns a softmax over in-batch and sampled global negatives with log-Q
 correction and a learned temperature, the positive being the post the user favorited next.
 Embedding tables are parameters, looked up with the published hash functions. Optax AdamW with
-warmup, cosine decay and clipping; updates with non-finite gradients are skipped and counted;
+warmup, cosine decay and clipping; updates with non-finite gradients are skipped and counted
+(ten in a row stop the run);
 one jitted step, data-parallel over the devices of a mesh. The state (parameters, optimiser,
 step) is saved as npz beside the run, so that `--resume` continues exactly where it stopped.
 
@@ -69,12 +70,11 @@ from recsys_model import (
     NormConfig,
     PhoenixModelConfig,
     RecsysBatch,
-    RecsysEmbeddings,
     dummy_inputs,
     normalize_continuous_value,
 )
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
-from tables import TABLE_NAMES, Hashing, init_tables
+from tables import TABLE_NAMES, Hashing, init_tables, lookup
 
 MODELS = ("ranker", "retrieval")
 FAVORITE = ACTIONS.index("favorite_score")
@@ -247,8 +247,15 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     so that a resumed run draws exactly the batches an uninterrupted one would."""
     per_epoch = max(1, n // batch_size)
     epoch, position = divmod(step, per_epoch)
+    return _epoch_order(n, seed, epoch)[position * batch_size : (position + 1) * batch_size]
+
+
+@functools.lru_cache(maxsize=1)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The examples of an epoch in the order its steps take them (drawn once per epoch)."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[position * batch_size : (position + 1) * batch_size]
+    order.flags.writeable = False
+    return order
 
 
 def take(arrays: dict, index: np.ndarray) -> dict:
@@ -292,18 +299,6 @@ def _per_config(build: Callable) -> Callable:
 # ---------------------------------------------------------------------------------------------
 
 
-def embeddings_of(tables: dict, batch: RecsysBatch) -> RecsysEmbeddings:
-    """Table rows of a batch's hashes (differentiable: the tables are parameters)."""
-    users, items, authors = (tables[TABLE_NAMES[e]] for e in ("user", "item", "author"))
-    return RecsysEmbeddings(
-        user_embeddings=jnp.take(users, batch.user_hashes, axis=0),
-        history_post_embeddings=jnp.take(items, batch.history_post_hashes, axis=0),
-        candidate_post_embeddings=jnp.take(items, batch.candidate_post_hashes, axis=0),
-        history_author_embeddings=jnp.take(authors, batch.history_author_hashes, axis=0),
-        candidate_author_embeddings=jnp.take(authors, batch.candidate_author_hashes, axis=0),
-    )
-
-
 def ranking_batch(arrays: dict) -> RecsysBatch:
     return RecsysBatch(**{f: arrays[f] for f in RecsysBatch._fields if f in arrays})
 
@@ -330,7 +325,7 @@ def make_ranker_loss(config: PhoenixModelConfig) -> Callable:
 
     def loss(params, arrays):
         batch = ranking_batch(arrays)
-        out = forward.apply(params["model"], None, batch, embeddings_of(params["tables"], batch))
+        out = forward.apply(params["model"], None, batch, lookup(params["tables"], batch))
         valid = (batch.candidate_post_hashes[:, :, 0] != 0).astype(jnp.float32)
         ce = optax.sigmoid_binary_cross_entropy(out.logits.astype(jnp.float32), arrays["labels"])
         ce = jnp.sum(ce.mean(axis=-1) * valid) / jnp.maximum(valid.sum(), 1.0)
@@ -343,11 +338,11 @@ def make_ranker_loss(config: PhoenixModelConfig) -> Callable:
     return loss
 
 
-def query_batch(arrays: dict, candidates: int = 1) -> RecsysBatch:
-    """A batch of queries (user and history), with `candidates` padded candidate slots."""
+def query_batch(arrays: dict) -> RecsysBatch:
+    """A batch of queries (user and history), with one padded candidate slot."""
     b = arrays["user_hashes"].shape[0]
-    zeros = jnp.zeros((b, candidates), jnp.int32)
-    hashes = jnp.zeros((b, candidates, arrays["history_post_hashes"].shape[-1]), jnp.int32)
+    zeros = jnp.zeros((b, 1), jnp.int32)
+    hashes = jnp.zeros((b, 1, arrays["history_post_hashes"].shape[-1]), jnp.int32)
     return RecsysBatch(
         user_hashes=arrays["user_hashes"],
         history_post_hashes=arrays["history_post_hashes"],
@@ -381,8 +376,8 @@ def retrieval_towers(config: PhoenixRetrievalModelConfig) -> hk.Transformed:
 
     def towers(query: RecsysBatch, posts: RecsysBatch, tables: dict):
         model = config.make()
-        users, _ = model.build_user_representation(query, embeddings_of(tables, query))
-        vectors, _ = model.build_candidate_representation(posts, embeddings_of(tables, posts))
+        users, _ = model.build_user_representation(query, lookup(tables, query))
+        vectors, _ = model.build_candidate_representation(posts, lookup(tables, posts))
         log_temperature = hk.get_parameter(
             LOG_TEMPERATURE[1],
             [],
@@ -462,11 +457,22 @@ def trainable_init(params: hk.Params, seed: int) -> hk.Params:
     return jax.tree_util.tree_map_with_path(init, params)
 
 
+# The embedding tables' optimisers, by `TrainConfig.table_optimizer`.
+TABLE_OPTIMIZERS = {
+    "adam": lambda lr: optax.adam(lr),
+    "adagrad": lambda lr: optax.adagrad(lr, initial_accumulator_value=1e-6),
+}
+# Updates with non-finite gradients skipped in a row before a run stops (optax would apply the
+# next one).
+MAX_SKIPPED_IN_A_ROW = 10
+
+
 def optimiser(train: TrainConfig) -> optax.GradientTransformation:
     """AdamW with linear warmup and cosine decay for the model's parameters; the embedding
     tables, whose rows see a gradient only when their ids are in the batch, by `table_optimizer`
     at their own rate on the same schedule's shape; global-norm clipping over everything; an
-    update whose gradients are not finite is skipped (and counted in the state)."""
+    update whose gradients are not finite is skipped (and counted in the state); `fit` stops a
+    run before optax would give up skipping."""
 
     def schedule(peak):
         return optax.warmup_cosine_decay_schedule(
@@ -479,10 +485,7 @@ def optimiser(train: TrainConfig) -> optax.GradientTransformation:
 
     decay = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)  # noqa: E731
     dense = optax.adamw(schedule(train.learning_rate), weight_decay=train.weight_decay, mask=decay)
-    tables = {  # as TABLE_OPTIMIZERS lists
-        "adam": lambda lr: optax.adam(lr),
-        "adagrad": lambda lr: optax.adagrad(lr, initial_accumulator_value=1e-6),
-    }[train.table_optimizer](schedule(train.table_learning_rate))
+    tables = TABLE_OPTIMIZERS[train.table_optimizer](schedule(train.table_learning_rate))
 
     def labels(params):
         return {part: jax.tree.map(lambda _, part=part: part, v) for part, v in params.items()}
@@ -492,7 +495,7 @@ def optimiser(train: TrainConfig) -> optax.GradientTransformation:
             optax.clip_by_global_norm(train.clip_norm),
             optax.multi_transform({"model": dense, "tables": tables}, labels),
         ),
-        max_consecutive_errors=10,
+        max_consecutive_errors=MAX_SKIPPED_IN_A_ROW,
     )
 
 
@@ -648,7 +651,7 @@ def _predictor(config: PhoenixModelConfig) -> Callable:
     @jax.jit
     def predict(params, arrays):
         batch = ranking_batch(arrays)
-        out = forward.apply(params["model"], None, batch, embeddings_of(params["tables"], batch))
+        out = forward.apply(params["model"], None, batch, lookup(params["tables"], batch))
         return jax.nn.sigmoid(out.logits), out.continuous_preds[..., DWELL_COLUMN] * scale
 
     return predict
@@ -792,9 +795,6 @@ class Job:
         return arrays
 
 
-TABLE_OPTIMIZERS = ("adam", "adagrad")
-
-
 def make_job(kind: str, world: world_lib.World, train: TrainConfig, config=None) -> Job:
     """The `kind` model of `model_configs` (or `config`) on the world's examples, checked."""
     if kind not in MODELS:
@@ -844,7 +844,8 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if train.table_optimizer not in TABLE_OPTIMIZERS:
         raise ValueError(
-            f"table_optimizer must be one of {TABLE_OPTIMIZERS}, got {train.table_optimizer!r}"
+            f"table_optimizer must be one of {tuple(TABLE_OPTIMIZERS)}, got "
+            f"{train.table_optimizer!r}"
         )
     if kind == "retrieval" and not 0 <= train.negatives <= world.num_posts:
         raise ValueError(
@@ -866,7 +867,8 @@ def fit(job: Job, state_dir: Path, resume: bool, mesh: Mesh, quiet: bool = False
         state, log = load_progress(state_dir, job, state)
     state = place(state, mesh, split=False)
     step_fn = make_step(job.loss, train)
-    first, times = int(state.step), []
+    first, times, in_a_row = int(state.step), [], 0
+    skipped_before = log[-1]["skipped"] if log else 0.0
     say = (lambda *a: None) if quiet else print
     say(
         f"{job.kind}: steps {first} to {train.steps}, batches of {train.batch_size}, "
@@ -878,6 +880,13 @@ def fit(job: Job, state_dir: Path, resume: bool, mesh: Mesh, quiet: bool = False
         state, stats = step_fn(state, place(arrays, mesh, split=True))
         stats = {k: float(v) for k, v in stats.items()}  # waits for the step
         times.append(time.perf_counter() - start)
+        in_a_row = in_a_row + 1 if stats["skipped"] > skipped_before else 0
+        skipped_before = stats["skipped"]
+        if in_a_row == MAX_SKIPPED_IN_A_ROW:
+            raise ValueError(
+                f"{job.kind}: {in_a_row} updates in a row had non-finite gradients (the last at "
+                f"step {step + 1}); stopping, the last saved state is kept"
+            )
         log.append({"step": step + 1, **stats})
         done = step + 1
         if done % max(1, train.eval_every // 4) == 0 or done == train.steps:
@@ -895,7 +904,8 @@ def fit(job: Job, state_dir: Path, resume: bool, mesh: Mesh, quiet: bool = False
                 "  " + "  ".join(f"{k} {v:.4f}" for k, v in log[-1].items() if k.startswith("eval"))
             )
             save_progress(state_dir, job, state, log)
-    save_progress(state_dir, job, state, log)
+    if not log or log[-1]["step"] % train.eval_every:  # not saved at the last step already
+        save_progress(state_dir, job, state, log)
     return state, log
 
 
@@ -1386,14 +1396,15 @@ def main(argv: list[str] | None = None) -> int:
     jobs, params, logs = {}, {}, {}
     state_dir = out / "state"
     for kind in MODELS:
+        saved = (state_dir / f"{kind}.npz").is_file()  # trained earlier into the same folder
+        if kind not in kinds and not saved:
+            continue
         job = make_job(kind, world, trains[kind])
         if kind in kinds:
             state, logs[kind] = fit(job, state_dir, args.resume, mesh)
-        elif (state_dir / f"{kind}.npz").is_file():  # trained earlier into the same folder
+        else:
             template = initial_state(kind, job.config, job.hashing, job.train)
             state, logs[kind] = load_progress(state_dir, job, template)
-        else:
-            continue
         jobs[kind], params[kind] = job, jax.device_get(state.params)
 
     print("evaluating on the held-out split ...")
