@@ -726,12 +726,7 @@ def rank_corpus(
     if servable is not None:
         # Unit vectors: scores lie in [-1, 1], so +3 puts every servable post first.
         scores += 3.0 * servable
-    rows = np.broadcast_to(np.arange(len(users))[:, None], history_ids.shape)
-    seen = history_ids > 0
-    scores[rows[seen], history_ids[seen] - 1] = -np.inf
-    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-    return np.take_along_axis(top, order, axis=1) + 1
+    return world_lib.top_k_unseen(scores, history_ids, k)
 
 
 def retrieval_report(targets: np.ndarray, rankings: dict[str, np.ndarray]) -> dict:

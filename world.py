@@ -563,12 +563,7 @@ class World:
             users, times = examples.user_ids[lo:hi, None], examples.query_times[lo:hi, None]
             chunk = scores(users, every_post[None, :], times)
             chunk = np.broadcast_to(chunk, (len(users), self.num_posts)).astype(np.float64)
-            hist = examples.history.post_ids[lo:hi]
-            rows = np.broadcast_to(np.arange(len(users))[:, None], hist.shape)
-            chunk[rows[hist > 0], hist[hist > 0] - 1] = -np.inf
-            top = np.argpartition(-chunk, k - 1, axis=1)[:, :k]
-            order = np.argsort(-np.take_along_axis(chunk, top, axis=1), axis=1, kind="stable")
-            out[lo:hi] = np.take_along_axis(top, order, axis=1) + 1
+            out[lo:hi] = top_k_unseen(chunk, examples.history.post_ids[lo:hi], k)
         return out
 
     def oracle_ranking(self, examples: RetrievalExamples, k: int = 100) -> np.ndarray:
@@ -733,6 +728,18 @@ def _plant(config: WorldConfig, rng: np.random.Generator) -> World:
         user_favourite_authors=favourite_mask,
         user_activity=activity,
     )
+
+
+def top_k_unseen(scores: np.ndarray, history_ids: np.ndarray, k: int) -> np.ndarray:
+    """Post ids [Q, k] (post id = column + 1) of the k best `scores` [Q, P] of each query, best
+    first (ties: the stable order of `argpartition`'s picks), the query's history ids [Q, S]
+    (0 = padding) excluded. Writes -inf into `scores` at the history."""
+    rows = np.broadcast_to(np.arange(len(scores))[:, None], history_ids.shape)
+    seen = history_ids > 0
+    scores[rows[seen], history_ids[seen] - 1] = -np.inf
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1) + 1
 
 
 def _schedule(world: World, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
