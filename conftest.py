@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 import runners
 import world as world_lib
+from cli import run_main
 from grok import TransformerConfig
 from recsys_model import ACTIONS, HashConfig, PhoenixModelConfig, RecsysBatch, RecsysEmbeddings
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
@@ -246,6 +247,16 @@ def assert_same_top_k(result, expected, atol: float = 1e-5) -> None:
     )
     np.testing.assert_array_equal(indices, want_indices)
     np.testing.assert_allclose(scores, want_scores, rtol=0, atol=atol)
+
+
+def run_script(main, argv: list[str], capsys, prog: str = "script.py") -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a script's `main(argv)`, as `python prog argv` ends."""
+    try:
+        status = run_main(lambda: main(argv), prog)
+    except SystemExit as exit_info:  # argparse's own errors
+        status = exit_info.code
+    out = capsys.readouterr()
+    return status, out.out, out.err
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,7 @@ import pytest
 import cli
 import run_ranker
 import run_retrieval
-
-
-def run(main, argv, capsys) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of a script's main, as `python script.py argv` ends."""
-    try:
-        status = cli.run_main(lambda: main(argv), "script.py")
-    except SystemExit as exit_info:  # argparse
-        status = exit_info.code
-    out = capsys.readouterr()
-    return status, out.out, out.err
+from conftest import run_script
 
 
 def test_errors_are_one_line_with_status_2(capsys):
@@ -80,13 +71,15 @@ RANDOM = "--random-weights"
     ],
 )
 def test_scripts_refuse_bad_flags_in_one_line(main, argv, message, capsys):
-    status, out, err = run(main, argv, capsys)
+    status, out, err = run_script(main, argv, capsys)
     assert status == 2 and out == ""
     assert err.count("\n") == 1 and re.search(message, err), err
 
 
 def test_run_ranker_lists_each_users_candidates_by_descending_favorite(capsys):
-    status, out, err = run(run_ranker.main, [RANDOM, "--repeats", "1", "--batch-size", "3"], capsys)
+    status, out, err = run_script(
+        run_ranker.main, [RANDOM, "--repeats", "1", "--batch-size", "3"], capsys
+    )
     assert status == 0, err
     users = out.split("\nUser ")[1:]
     assert len(users) == 2 and "(1 more users ranked, not shown)" in out
@@ -99,7 +92,7 @@ def test_run_ranker_lists_each_users_candidates_by_descending_favorite(capsys):
 
 
 def test_run_ranker_shows_the_shipped_trained_model_favouring_the_users_tastes(capsys):
-    status, out, err = run(run_ranker.main, [], capsys)
+    status, out, err = run_script(run_ranker.main, [], capsys)
     assert status == 0, err
     assert out.startswith("Trained model: demo_checkpoint.npz")
     assert re.search(r"^user \d+ likes \w+ \(0\.\d\d\)", out, re.M)
@@ -112,7 +105,7 @@ def test_run_ranker_shows_the_shipped_trained_model_favouring_the_users_tastes(c
 
 
 def test_run_retrieval_shows_the_shipped_trained_model_retrieving_the_users_tastes(capsys):
-    status, out, err = run(run_retrieval.main, [], capsys)
+    status, out, err = run_script(run_retrieval.main, [], capsys)
     assert status == 0, err
     assert out.startswith("Trained model: demo_checkpoint.npz") and "likes " in out
     rows = [line.split() for line in out.splitlines() if re.match(r"\s+\d+\s+[+-]\d\.\d+\s", line)]

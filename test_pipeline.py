@@ -12,7 +12,7 @@ import pytest
 
 import run_pipeline
 from checkpoint import load_artifacts
-from conftest import Setup
+from conftest import Setup, run_script
 from pipeline import Pipeline, read_history, write_example
 from published_pipeline import PublishedPipeline
 from recsys_model import ACTIONS
@@ -123,11 +123,7 @@ def test_bad_sequences_are_refused_in_one_line(sequence, message):
 
 
 def run(argv, capsys):
-    from cli import run_main
-
-    status = run_main(lambda: run_pipeline.main(argv), "run_pipeline.py")
-    out = capsys.readouterr()
-    return status, out.out, out.err
+    return run_script(run_pipeline.main, argv, capsys, "run_pipeline.py")
 
 
 def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
