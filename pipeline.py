@@ -290,7 +290,9 @@ def encode_corpus(
     author_ids: np.ndarray,
     chunk: int = 8192,
 ) -> np.ndarray:
-    """Candidate-tower vectors [N, D] float32 of posts, `chunk` posts per compiled call."""
+    """Candidate-tower vectors [N, D] float32 of posts, `chunk` posts (or all, if fewer) per
+    compiled call."""
+    chunk = max(1, min(chunk, len(post_ids)))
     out = np.empty((len(post_ids), model.config.emb_size), np.float32)
     no_history = np.zeros((1, 1), np.int64)  # the candidate tower reads only the candidates
     for start in range(0, len(post_ids), chunk):

@@ -82,8 +82,7 @@ def trained_demo(args) -> int:
     print(f"\n{world.describe_user(user)}")
     print(f"  {world.describe_history(user, when)}")
 
-    seen = set(world.history([user], [when]).post_ids[0].tolist())
-    pool = np.array([p for p in world.recent_posts(when) if p not in seen])
+    pool = world.unseen_recent_posts(user, when)
     posts = pool
     if args.candidates is not None and args.candidates < len(pool):
         posts = np.sort(np.random.default_rng(args.seed).choice(pool, args.candidates, False))

@@ -71,50 +71,42 @@ def trained_demo(args) -> int:
     user, when = train.demo_request(world, args.user)
     retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(model.config), "retrieval")
     retriever.initialize(model.params)
-    corpus = world.corpus()
-    servable = world.servable(corpus["post_ids"], when)  # the serving window before the request
-    corpus = {k: v[servable] for k, v in corpus.items()}
-    vectors = encode_corpus(retriever, model, corpus["post_ids"], corpus["author_ids"])
-    retriever.set_corpus(vectors, corpus["post_ids"])
+    posts = world.unseen_recent_posts(user, when)  # the serving window, less the history
+    authors = world.post_authors[posts - 1] + 1
+    retriever.set_corpus(encode_corpus(retriever, model, posts, authors), posts)
     print(note + f" ({time.perf_counter() - start:.1f} s)")
     print(f"\n{world.describe_user(user)}")
     print(f"  {world.describe_history(user, when)}")
 
-    arrays = train.request_arrays(world, model.hashing, model.config, user, when, [])
-    query = train.query_batch(arrays)
-    seen = set(world.history([user], [when]).post_ids[0].tolist())
-    seen_here = int(np.isin(corpus["post_ids"], list(seen)).sum())  # engaged with, in the window
-    k = min(args.top_k, len(vectors) - seen_here)
+    k = min(args.top_k, len(posts))
     if k < 1:
         raise ValueError(f"user {user} has engaged with every post of the window: none to show")
-    output = retriever.retrieve(query, lookup(model.tables, query), top_k=k + seen_here)
-    ids = np.asarray(output.top_k_indices)[0]
+    arrays = train.request_arrays(world, model.hashing, model.config, user, when, [])
+    query = train.query_batch(arrays)
+    output = retriever.retrieve(query, lookup(model.tables, query), top_k=k)
+    found = posts[np.asarray(output.top_k_indices)[0]]
     scores = np.asarray(output.top_k_scores)[0]
-    keep = [i for i in range(len(ids)) if int(corpus["post_ids"][ids[i]]) not in seen][:k]
-    posts = corpus["post_ids"][ids[keep]]
-    taste = world.in_taste(user, posts)
+    taste = world.in_taste(user, found)
 
     print(
-        f"\nThe {k} posts closest to the user vector among the {len(vectors):,} of the "
-        f"{world.config.serving_window_hours:g} hours before the request (encoded by the "
-        "candidate tower), those the user engaged with left out "
-        "(* = a liked topic or favourite author):"
+        f"\nThe {k} posts closest to the user vector among the {len(posts):,} of the "
+        f"{world.config.serving_window_hours:g} hours before the request that the user has not "
+        "engaged with (encoded by the candidate tower; * = a liked topic or favourite author):"
     )
     print(f"  {'rank':>4}  {'score':>6}  post")
-    for rank, (post, score) in enumerate(zip(posts, scores[keep], strict=True), start=1):
+    for rank, (post, score) in enumerate(zip(found, scores, strict=True), start=1):
         if rank > RESULTS_SHOWN:
             print(f"  ... {k - RESULTS_SHOWN} more")
             break
         mark = "*" if taste[rank - 1] else " "
         print(f"  {rank:>4}  {score:+.3f}  {mark} {world.describe_post(int(post), when)}")
-    everywhere = world.in_taste(user, corpus["post_ids"]).mean()
-    truth = world.oracle_scores(user, corpus["post_ids"], when)
-    truth[np.isin(corpus["post_ids"], list(seen))] = -np.inf
-    oracle = corpus["post_ids"][np.argsort(-truth, kind="stable")[:ORACLE_DEPTH]]
+    everywhere = world.in_taste(user, posts).mean()
+    truth = world.oracle_scores(user, posts, when)
+    oracle = posts[np.argsort(-truth, kind="stable")[:ORACLE_DEPTH]]
     print(
         f"\nIn the user's tastes: {taste.sum()} of the top {k}; {everywhere:.0%} of all those "
         "posts are."
-        f"\nOf the model's top {k}, {np.isin(posts, oracle).sum()} are in the oracle's top "
+        f"\nOf the model's top {k}, {np.isin(found, oracle).sum()} are in the oracle's top "
         f"{ORACLE_DEPTH} (the world's own ranking of what the user favorites next)."
     )
     return 0

@@ -646,6 +646,11 @@ class World:
         start = np.searchsorted(self.post_created, time - hours * SECONDS_PER_HOUR)
         return np.arange(start, end, dtype=np.int64) + 1
 
+    def unseen_recent_posts(self, user_id: int, time: int) -> np.ndarray:
+        """`recent_posts(time)` without the posts in the user's history at `time`."""
+        posts = self.recent_posts(time)
+        return posts[~np.isin(posts, self.history([user_id], [time]).post_ids[0])]
+
     def corpus(self) -> dict[str, np.ndarray]:
         """Every post, by id: post_ids, author_ids, topics (index into topic_names),
         creation_times, media (index into MEDIA_KINDS); each [P] int64."""
