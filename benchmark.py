@@ -39,13 +39,11 @@ import runners
 import train
 import world
 from cli import ArgumentParser, non_negative_int
-from grok import TransformerConfig, ffn_size
+from grok import ffn_size
+from pipeline import MINI_TRANSFORMER
 from recsys_model import ACTIONS, PhoenixModelConfig
 from search import auto_search_method, sharded_top_k_search, top_k_search
 
-# The published mini model: D 128, key size 32, 4 query and 4 key/value heads, 4 layers,
-# widening 2, attention multiplier 0.125 (what the published pipeline builds).
-MINI = TransformerConfig(128, 32, 4, 4, 4, widening_factor=2.0, attn_output_multiplier=0.125)
 HISTORY_LEN = 128
 RANK_COUNTS = (32, 256, 1024, 4096)
 CORPUS_SIZES = (100_000, 1_000_000)
@@ -186,7 +184,7 @@ def dense_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> floa
 
 def bench_ranking(counts, budget: float, eager_limit: int, rate: float) -> list[RankingRow]:
     config = PhoenixModelConfig(
-        MINI, history_seq_len=HISTORY_LEN, candidate_seq_len=64, fprop_dtype=jnp.float32
+        MINI_TRANSFORMER, history_seq_len=HISTORY_LEN, candidate_seq_len=64, fprop_dtype=jnp.float32
     )
     runner = runners.ModelRunner(config)
     runner.initialize()

@@ -420,17 +420,6 @@ def configs_from_json(
     return retrieval, ranker
 
 
-def published_pipeline_can_read(config: ModelConfig) -> str | None:
-    """Why the published pipeline could not rebuild this model from its config.json (it reads
-    one head count and fixes widening and multiplier), or None if it can."""
-    t = config.model
-    if t.num_kv_heads != t.num_q_heads:
-        return f"{t.num_q_heads} query heads over {t.num_kv_heads} key/value heads"
-    if (t.widening_factor, t.attn_output_multiplier) != (PUBLISHED_WIDENING, PUBLISHED_MULTIPLIER):
-        return f"widening {t.widening_factor} and multiplier {t.attn_output_multiplier}"
-    return None
-
-
 # ---------------------------------------------------------------------------------------------
 # Artifacts folders.
 # ---------------------------------------------------------------------------------------------
@@ -605,7 +594,7 @@ def write_artifacts(
             save_model_params(params, folder / PARAMS_FILE)
             save_embedding_tables(model.tables, folder / TABLES_FILE)
             data = model.json or config_to_json(model.config, model.hashing)
-            (folder / CONFIG_FILE).write_text(json.dumps(data, indent=2) + "\n")
+            write_json(data, folder / CONFIG_FILE)
         write_npz(corpus.arrays(), scratch / corpus_file)
         (scratch / sequence_file).write_text(json.dumps(sequence, indent=1) + "\n")
         if directory.exists():

@@ -266,7 +266,6 @@ EXAMPLE_TOPICS = (
     "boxing",
     "rugby",
 )
-EXAMPLE_NOW = 1_700_000_000  # unix seconds
 SNOWFLAKE_BASE = 1_700_000_000_000_000_000  # post ids of the size X's ids have
 
 
@@ -351,7 +350,8 @@ def write_example(
         ),
         author_ids=author_ids,
         topics=np.array(EXAMPLE_TOPICS)[rng.integers(0, len(EXAMPLE_TOPICS), corpus_size)],
-        creation_times=EXAMPLE_NOW - rng.integers(0, 4 * 24 * 3600, corpus_size),
+        creation_times=runners.EXAMPLE_IMPRESSION_TIME
+        - rng.integers(0, 4 * 24 * 3600, corpus_size),
     )
     sequence = example_sequence(corpus, history_length, rng)
     return write_artifacts(directory, models["retrieval"], models["ranker"], corpus, sequence)

@@ -677,9 +677,9 @@ class PhoenixModelConfig(ModelConfigDefaults):
     actions (the published ranking guide leaves both out). The fields after
     `product_surface_vocab_size` are the second release's; `release` (1 by default, the model
     the published guides describe) chooses which published ranker to build: 2 adds the dwell-time
-    and post-age inputs and the continuous head, with their parameters. `use_ip_address`,
-    `mask_neg_feedback_on_negatives` and the loss fields of `continuous_action_config` are read
-    by training, not by the model.
+    and post-age inputs and the continuous head, with their parameters. `use_ip_address` and
+    `mask_neg_feedback_on_negatives` are accepted as published and read by nothing here; the
+    loss fields of `continuous_action_config` are read by training, not by the model.
     """
 
     model: TransformerConfig
