@@ -10,7 +10,7 @@ and an engagement model that gives, for any (user, post, impression time), the t
 of each of the 19 `ACTIONS` and a continuous dwell time. From it the world serves requests of C
 candidates to every user over a month, samples what each user did, and builds ranking and
 retrieval examples with a per-user time split. Because the truth is known, every metric has an
-oracle: the same metric computed from `true_probabilities` (ranking) or `affinity` (retrieval).
+oracle: the same metric computed from `true_probabilities` (ranking) or `oracle_scores` (retrieval).
 
 The engagement model, for user u, post p shown at time t:
     taste      = topic_weight · pref[u, topic(p)] + favourite_author_weight · [author(p) ∈ fav(u)]
