@@ -106,7 +106,11 @@ def cross_entropy(labels, probabilities) -> float:
 
     `probabilities` in [0, 1], same shape as `labels`; clipped to [EPS, 1 - EPS] first.
     """
-    y, p = _probabilities(labels, probabilities)
+    return _cross_entropy(*_probabilities(labels, probabilities))
+
+
+def _cross_entropy(y: np.ndarray, p: np.ndarray) -> float:
+    """`cross_entropy` of checked arrays."""
     p = np.clip(p, EPS, 1 - EPS)
     return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
 
@@ -122,8 +126,8 @@ def rce(labels, probabilities) -> float:
     base_rate = y.mean()
     if base_rate in (0.0, 1.0):
         return float("nan")
-    base = cross_entropy(y, np.full_like(y, base_rate))
-    return float(100 * (base - cross_entropy(y, p)) / base)
+    base = _cross_entropy(y, np.full_like(y, base_rate))
+    return float(100 * (base - _cross_entropy(y, p)) / base)
 
 
 def calibration(labels, probabilities, num_bins: int = 10) -> Calibration:
