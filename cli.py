@@ -23,7 +23,7 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -31,6 +31,8 @@ def _int_at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"expected an integer <= {high}, got {value}")
         return value
 
     return parse
@@ -38,15 +40,15 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 positive_int = _int_at_least(1)  # argparse type: an integer >= 1
 non_negative_int = _int_at_least(0)  # argparse type: an integer >= 0
+# argparse type of seeds: small enough for NumPy and JAX's 32-bit keys, offsets included.
+seed_int = _int_at_least(0, 2**30)
 
 
 def add_demo_flags(
     parser: ArgumentParser, history_len: int, candidates: int, candidates_help: str | None = None
 ) -> None:
     """The flags both demo scripts take, with their defaults."""
-    parser.add_argument(
-        "--seed", type=non_negative_int, default=0, help="seed of weights and data (0)"
-    )
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of weights and data (0)")
     parser.add_argument("--batch-size", type=positive_int, default=2, help="users (2)")
     parser.add_argument(
         "--history-len",
@@ -78,18 +80,27 @@ def add_trained_demo_flags(parser: ArgumentParser, checkpoint: str, what: str) -
     parser.add_argument("--user", type=positive_int, help="the user to show (a chosen one)")
 
 
+# Flags that only the trained demos read.
+TRAINED_ONLY_FLAGS = ("checkpoint", "user")
+
+
 def parse_demo_args(parser: ArgumentParser, argv: list[str] | None, random_only=RANDOM_ONLY_FLAGS):
     """Parses a demo's flags. Those in `random_only` are read by the random-weights demo
-    alone: typed without `--random-weights` they are refused by name rather than silently
-    dropped; not typed, they take their defaults."""
-    defaults = {name: parser.get_default(name) for name in random_only}
-    parser.set_defaults(**dict.fromkeys(random_only))
+    alone, `TRAINED_ONLY_FLAGS` by the trained demo alone: typed for the other demo they are
+    refused by name rather than silently dropped; not typed, they take their defaults."""
+    names = (*random_only, *TRAINED_ONLY_FLAGS)
+    defaults = {name: parser.get_default(name) for name in names}
+    parser.set_defaults(**dict.fromkeys(names))
     args = parser.parse_args(argv)
-    given = [name for name in random_only if getattr(args, name) is not None]
-    if given and not args.random_weights:
+    wrong = TRAINED_ONLY_FLAGS if args.random_weights else random_only
+    given = [name for name in wrong if getattr(args, name) is not None]
+    if given:
         flags = ", ".join("--" + name.replace("_", "-") for name in given)
         them = "them" if len(given) > 1 else "it"
-        parser.error(f"{flags}: only with --random-weights (the trained demo does not read {them})")
+        demo = ("random-weights", "without") if args.random_weights else ("trained", "with")
+        parser.error(
+            f"{flags}: only {demo[1]} --random-weights (the {demo[0]} demo does not read {them})"
+        )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -103,6 +114,9 @@ def run_main(main: Callable[[], int], prog: str) -> int:
     ends quietly."""
     try:
         return main()
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # Python's advice: point stdout at devnull so that the exit flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

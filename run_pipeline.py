@@ -18,7 +18,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from checkpoint import load_artifacts, write_json
-from cli import ArgumentParser, non_negative_int, positive_int, run_main
+from cli import ArgumentParser, positive_int, run_main, seed_int
 from pipeline import Pipeline, describe_feed, feed_to_json, write_example
 
 
@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None = None):
     )
     example = parser.add_argument_group("an example folder (written, then the script exits)")
     example.add_argument("--write-example", type=Path, metavar="DIR", help="write it to DIR")
-    example.add_argument("--seed", type=non_negative_int, default=0, help="of weights and data (0)")
+    example.add_argument("--seed", type=seed_int, default=0, help="of weights and data (0)")
     example.add_argument("--corpus-size", type=positive_int, default=10_000, help="posts (10,000)")
     example.add_argument(
         "--vocab-size", type=positive_int, default=10_000, help="rows per embedding table (10,000)"

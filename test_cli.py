@@ -65,6 +65,11 @@ RANDOM = "--random-weights"
         (run_ranker.main, ["--seed", "3"], "--seed: only with --candidates or --random-weights"),
         (
             run_retrieval.main,
+            [RANDOM, "--user", "2", "--checkpoint", "x.npz"],
+            "--checkpoint, --user: only without --random-weights",
+        ),
+        (
+            run_retrieval.main,
             ["--seed", "1", "--candidates", "3"],
             "--seed, --candidates: only with --random-weights",
         ),

@@ -285,11 +285,28 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys):
     assert "already holds a trained ranker" in refused([*RANKER_ONLY, "--out", str(run)])
     foreign = refused([*RANKER_ONLY, "--out", str(run), "--resume", "--seed", "1"])
     assert "the state of another run (its world.seed is 0, this run's is 1)" in foreign
+    past = refused([*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "1"])
+    assert "ranker: the saved run is at step 2, past --steps 1" in past
+    (run / "state" / "ranker_log.json").write_text("{")
+    assert "ranker_log.json: not a readable training log" in refused(
+        [*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"]
+    )
+    with pytest.raises(ValueError, match=r"ranker\.npz: not a demo checkpoint \(its meta has no"):
+        T.load_demo_checkpoint(run / "state" / "ranker.npz")
     (run / "state" / "ranker.npz").write_bytes(b"not a zip file")
     assert "ranker.npz" in refused([*RANKER_ONLY, "--out", str(run), "--resume"])
     assert "--steps: expected an integer >= 1" in refused(
         [*RANKER_ONLY, "--out", "x", "--steps", "0"]
     )
+    assert "--seed: expected an integer <= 1073741824" in refused(
+        [*RANKER_ONLY, "--out", "x", "--seed", str(2**63)]
+    )
+    (tmp_path / "notes.txt").write_text("mine")
+    assert "holds files that are not a training run's (notes.txt, run)" in refused(
+        [*RANKER_ONLY, "--out", str(tmp_path)]
+    )
+    notes = str(tmp_path / "notes.txt")
+    assert "is a file, not a folder" in refused([*RANKER_ONLY, "--out", notes])
 
     poisoned = dataclasses.replace(world)
     poisoned.ranking_train = dataclasses.replace(

@@ -61,7 +61,7 @@ from checkpoint import (
     write_json,
     write_npz,
 )
-from cli import ArgumentParser, non_negative_int, positive_int, run_main
+from cli import ArgumentParser, positive_int, run_main, seed_int
 from grok import TransformerConfig
 from recsys_model import (
     ACTIONS,
@@ -860,6 +860,10 @@ def fit(job: Job, state_dir: Path, resume: bool, mesh: Mesh, quiet: bool = False
     state, log = initial_state(job.kind, job.config, job.hashing, train), []
     if resume:
         state, log = load_progress(state_dir, job, state)
+    if int(state.step) > train.steps:
+        raise ValueError(
+            f"{job.kind}: the saved run is at step {int(state.step)}, past --steps {train.steps}"
+        )
     state = place(state, mesh, split=False)
     step_fn = make_step(job.loss, train)
     first, times, in_a_row = int(state.step), [], 0
@@ -908,7 +912,10 @@ def load_progress(state_dir: Path, job: Job, template: TrainState) -> tuple:
     """(state, log) that `save_progress` wrote, checked against the job."""
     state = load_state(state_dir / f"{job.kind}.npz", template, job.meta)
     log_path = state_dir / f"{job.kind}_log.json"
-    log = json.loads(log_path.read_text()) if log_path.is_file() else []
+    try:
+        log = json.loads(log_path.read_text()) if log_path.is_file() else []
+    except ValueError as error:
+        raise ValueError(f"{log_path}: not a readable training log ({error})") from None
     return state, log[: int(state.step)]
 
 
@@ -1275,11 +1282,19 @@ def load_demo_checkpoint(
     arrays = read_npz(path)
     if "meta" not in arrays:
         raise ValueError(f"{path}: not a demo checkpoint (no meta entry)")
-    meta = json.loads(str(arrays.pop("meta")))
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+        meta["world"], meta["configs"]["retrieval"], meta["configs"]["ranker"]  # noqa: B018
+        keys = [key.split("/", 2) for key in arrays]
+        if any(len(k) != 3 or k[0] not in MODELS or k[1] not in ("params", "tables") for k in keys):
+            raise ValueError("an entry that is not a model's parameter or table")
+    except KeyError as error:
+        raise ValueError(f"{path}: not a demo checkpoint (its meta has no {error})") from None
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: not a demo checkpoint ({error})") from None
     models = {}
     parts: dict[str, dict] = {kind: {"params": {}, "tables": {}} for kind in MODELS}
-    for key, value in arrays.items():
-        kind, part, name = key.split("/", 2)
+    for (kind, part, name), value in zip(keys, arrays.values(), strict=True):
         parts[kind][part][name] = np.asarray(value, np.float32)
     ranker_params = unflatten_params(parts["ranker"]["params"])
     configs = dict(
@@ -1309,7 +1324,7 @@ def load_demo_checkpoint(
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="train.py", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="train.py", description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--out", required=True, help="the run's folder")
     parser.add_argument("--model", choices=(*MODELS, "both"), default="both", help="(both)")
     parser.add_argument(
@@ -1323,7 +1338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="length of the learning-rate schedule, whatever --steps is (as --steps' defaults)",
     )
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --out")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="world and training (0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="world and training (0)")
     parser.add_argument("--quick", action="store_true", help="a tiny world and few steps")
     parser.add_argument("--users", type=positive_int, help="users of the world")
     parser.add_argument("--posts", type=positive_int, help="posts of the world")
@@ -1355,8 +1370,29 @@ def run_configs(args) -> tuple[world_lib.WorldConfig, dict[str, TrainConfig]]:
     return world_config, trains
 
 
+# What a run writes in its folder: the only entries a folder given to --out may already hold.
+RUN_OUTPUTS = frozenset(
+    {
+        "artifacts", "state", "eval.json", "eval_predictions.npz", "training_curves.png",
+        "auroc.png", "calibration.png", "demo_checkpoint.npz",
+    }
+)  # fmt: skip
+
+
 def check_run_folder(out: Path, kinds: tuple[str, ...], resume: bool) -> None:
-    """Before any work: a new run must not overwrite a trained model, a resumed one needs it."""
+    """Before any work: the folder is new or a run's own; a new run must not overwrite a
+    trained model, a resumed one needs it."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: is a file, not a folder")
+    foreign = (
+        sorted(p.name for p in out.iterdir() if p.name not in RUN_OUTPUTS) if out.is_dir() else []
+    )
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise ValueError(
+            f"--out {out}: holds files that are not a training run's ({shown}); choose a new "
+            "or empty folder"
+        )
     for kind in kinds:
         path = out / "state" / f"{kind}.npz"
         if resume and not path.is_file():
