@@ -83,6 +83,8 @@ DWELL_COLUMN = 1  # of the continuous actions: the dwell time
 # within [0.01, 1].
 INITIAL_LOG_TEMPERATURE = math.log(0.05)
 LOG_TEMPERATURE_RANGE = (math.log(0.01), 0.0)
+# Retrieval is measured on the best 100 posts of each query (and keeps that many).
+RETRIEVAL_K = 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,7 +736,7 @@ def retrieval_report(targets: np.ndarray, rankings: dict[str, np.ndarray]) -> di
     report = {}
     for metric, fn, k in (
         ("recall@10", metrics.recall_at_k, 10),
-        ("recall@100", metrics.recall_at_k, 100),
+        ("recall@100", metrics.recall_at_k, RETRIEVAL_K),
         ("ndcg@10", metrics.ndcg_at_k, 10),
     ):
         report[metric] = {
@@ -842,6 +844,11 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
             f"table_optimizer must be one of {tuple(TABLE_OPTIMIZERS)}, got "
             f"{train.table_optimizer!r}"
         )
+    if kind == "retrieval" and world.num_posts < RETRIEVAL_K:
+        raise ValueError(
+            f"the world has {world.num_posts} posts; retrieval is measured by recall@100 and "
+            f"needs at least {RETRIEVAL_K}"
+        )
     if kind == "retrieval" and not 0 <= train.negatives <= world.num_posts:
         raise ValueError(
             f"negatives ({train.negatives}) must be in [0, {world.num_posts}] (the posts)"
@@ -944,9 +951,13 @@ def quick_eval(job: Job, state: TrainState, size: int = 1000) -> dict:
     examples = job.world.retrieval_eval
     users, posts = retrieval_vectors(params, job.config, data, corpus_hashes(job))
     ranked = rank_corpus(
-        users, posts, examples.history.post_ids[:size], 100, servable_now(job, examples, size)
+        users,
+        posts,
+        examples.history.post_ids[:size],
+        RETRIEVAL_K,
+        servable_now(job, examples, size),
     )
-    return {"eval recall@100": metrics.recall_at_k(ranked, data["target_ids"], 100)}
+    return {"eval recall@100": metrics.recall_at_k(ranked, data["target_ids"], RETRIEVAL_K)}
 
 
 def servable_now(job: Job, examples: world_lib.RetrievalExamples, size: int | None = None):
@@ -987,7 +998,7 @@ def evaluate_ranker(job: Job, params) -> tuple[dict, dict]:
     return report, predictions
 
 
-def evaluate_retrieval(job: Job, params, k: int = 100) -> tuple[dict, dict]:
+def evaluate_retrieval(job: Job, params, k: int = RETRIEVAL_K) -> tuple[dict, dict]:
     """(report, predictions): recall and NDCG of each held-out query's target against the whole
     corpus (history excluded) for the model, the oracle and popularity, and the top k of each.
     The model, like the oracle and recent popularity, puts the posts servable at the query
@@ -1424,19 +1435,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     mesh = data_mesh()
     print(f"devices: {len(mesh.devices.ravel())} x {jax.devices()[0].platform}")
-    jobs, params, logs = {}, {}, {}
+    params, logs = {}, {}
     state_dir = out / "state"
-    for kind in MODELS:
-        saved = (state_dir / f"{kind}.npz").is_file()  # trained earlier into the same folder
-        if kind not in kinds and not saved:
-            continue
-        job = make_job(kind, world, trains[kind])
+    # Every model this run trains or reads back (one trained earlier into the same folder),
+    # checked against the world before any of them trains.
+    jobs = {
+        kind: make_job(kind, world, trains[kind])
+        for kind in MODELS
+        if kind in kinds or (state_dir / f"{kind}.npz").is_file()
+    }
+    for kind, job in jobs.items():
         if kind in kinds:
             state, logs[kind] = fit(job, state_dir, args.resume, mesh)
         else:
             template = initial_state(kind, job.config, job.hashing, job.train)
             state, logs[kind] = load_progress(state_dir, job, template)
-        jobs[kind], params[kind] = job, jax.device_get(state.params)
+        params[kind] = jax.device_get(state.params)
 
     print("evaluating on the held-out split ...")
     report, predictions = {}, {}
