@@ -24,6 +24,9 @@
 #ifdef __linux__
 #include <sched.h>
 #endif
+#include <cerrno>
+#include <cmath>
+#include <unistd.h>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -225,54 +228,57 @@ inline float SumLanes(V v) {
   }
 }
 
-// kLanes consecutive elements of a row as floats (bfloat16 widened in registers).
-inline Floats LoadLanes(const void* corpus, bool bf16, int64_t offset) {
-  Floats out;
-  if (bf16) {
-    typedef uint16_t Halves __attribute__((vector_size(2 * kLanes)));
-    typedef uint32_t Words __attribute__((vector_size(4 * kLanes)));
-    Halves half;
-    std::memcpy(&half, static_cast<const uint16_t*>(corpus) + offset, sizeof(half));
-    Words bits = __builtin_convertvector(half, Words) << 16;
-    std::memcpy(&out, &bits, sizeof(out));
-  } else {
-    std::memcpy(&out, static_cast<const float*>(corpus) + offset, sizeof(out));
-  }
-  return out;
+// One element of a row as a float.
+inline float Element(const Problem& p, int64_t offset) {
+  if (!p.bf16) return static_cast<const float*>(p.corpus)[offset];
+  uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p.corpus)[offset]) << 16;
+  float x;
+  std::memcpy(&x, &bits, sizeof(x));
+  return x;
 }
 
 // One query: each row's score is its dot product with the query, summed along the row in
 // vector lanes and then across them, so that every multiply-add is useful (the lane-per-query
-// layout above would use one lane in kLanes) and the scan is bound by the read.
+// layout above would use one lane in kLanes) and the scan is bound by the read. A bfloat16 row
+// is read as 32-bit words of two elements, 2i in the low half and 2i + 1 in the high one: the
+// high half is a float once the low bits are cleared and the low half once shifted up, so the
+// words are multiplied by the query's even and odd elements without unpacking the row.
+template <bool kBf16>
 void ScanRowsOneQuery(const Problem& p, int64_t begin, int64_t end, Lists& lists) {
-  const int64_t d = p.d, vectors = d / kLanes;
-  std::vector<Floats> query(vectors);
-  std::vector<float> tail(d - vectors * kLanes);
-  for (int64_t j = 0; j < d; ++j) {
+  typedef uint32_t Words __attribute__((vector_size(4 * kLanes)));
+  constexpr int64_t kStep = kBf16 ? 2 * kLanes : kLanes;  // elements per vector of the row
+  const int64_t d = p.d, vectors = d / kStep, body = vectors * kStep;
+  std::vector<Floats> even(vectors), odd(vectors);  // float32 rows: `even` holds the query
+  for (int64_t j = 0; j < body; ++j) {
     float q = p.queries_t[j * p.padded];
-    if (j < vectors * kLanes) {
-      query[j / kLanes][j % kLanes] = q;
+    if (kBf16) {
+      (j % 2 ? odd : even)[j / kStep][j % kStep / 2] = q;
     } else {
-      tail[j - vectors * kLanes] = q;
+      even[j / kStep][j % kStep] = q;
     }
   }
+  const Words high_half = Words{} + 0xffff0000u;
   RunningTopK& best = lists.best[0];
   for (int64_t row = begin; row < end; ++row) {
-    Floats acc = Floats{};
+    Floats acc = Floats{}, acc_odd = Floats{};
     for (int64_t v = 0; v < vectors; ++v) {
-      acc += LoadLanes(p.corpus, p.bf16, row * d + v * kLanes) * query[v];
-    }
-    float score = SumLanes<Floats, kLanes>(acc);
-    for (int64_t j = vectors * kLanes; j < d; ++j) {
-      float x;
-      if (p.bf16) {
-        uint32_t bits = static_cast<uint32_t>(static_cast<const uint16_t*>(p.corpus)[row * d + j]) << 16;
-        std::memcpy(&x, &bits, sizeof(x));
+      Floats x;
+      if (kBf16) {
+        Words words;
+        std::memcpy(&words, static_cast<const uint16_t*>(p.corpus) + row * d + v * kStep,
+                    sizeof(words));
+        Words low = words << 16, high = words & high_half;
+        Floats x_odd;
+        std::memcpy(&x, &low, sizeof(x));
+        std::memcpy(&x_odd, &high, sizeof(x_odd));
+        acc_odd += x_odd * odd[v];
       } else {
-        x = static_cast<const float*>(p.corpus)[row * d + j];
+        std::memcpy(&x, static_cast<const float*>(p.corpus) + row * d + v * kStep, sizeof(x));
       }
-      score += x * tail[j - vectors * kLanes];
+      acc += x * even[v];
     }
+    float score = SumLanes<Floats, kLanes>(acc + acc_odd);
+    for (int64_t j = body; j < d; ++j) score += Element(p, row * d + j) * p.queries_t[j * p.padded];
     score += 0.0f;  // a zero sum is +0.0, as on the many-query path
     if (p.mask && !p.mask[row]) score = p.masked_score;
     // At or above the bar (Push decides ties), NaN, or the list is still open.
@@ -281,7 +287,10 @@ void ScanRowsOneQuery(const Problem& p, int64_t begin, int64_t end, Lists& lists
 }
 
 void ScanRows(const Problem& p, int64_t begin, int64_t end, Lists& lists) {
-  if (p.num_queries == 1) return ScanRowsOneQuery(p, begin, end, lists);
+  if (p.num_queries == 1) {
+    return p.bf16 ? ScanRowsOneQuery<true>(p, begin, end, lists)
+                  : ScanRowsOneQuery<false>(p, begin, end, lists);
+  }
   std::vector<float> buffer(p.bf16 ? kTileRows * p.d : 0);
   auto rows_at = [&](int64_t start, int64_t count) -> const float* {
     // float32 rows are read in place (the hardware prefetcher follows the stream); bfloat16
@@ -308,6 +317,58 @@ int NumThreads(int64_t n, int64_t requested) {
 #endif
   int64_t useful = std::max<int64_t>(1, n / kRowsPerThread);
   return static_cast<int>(std::min(cores, useful));
+}
+
+// Scans rows [0, n) in contiguous ranges, one per thread, each thread into its own running
+// lists (`scan(begin, end, lists)`), then merges the lists into the outputs [B, k]. A range whose
+// thread cannot be started is scanned by this one.
+template <typename Scan>
+ffi::Error SearchRows(int64_t n, int64_t b, int64_t padded, int k, int64_t requested_threads,
+                      Scan scan, float* scores, int32_t* indices) {
+  const int threads = NumThreads(n, requested_threads);
+  std::vector<Lists> lists(threads, Lists(b, padded, k));
+  auto range = [&](int t) {
+    int64_t per = (n + threads - 1) / threads;
+    per = (per + kTileRows - 1) / kTileRows * kTileRows;
+    return std::make_pair(std::min(n, t * per), std::min(n, (t + 1) * per));
+  };
+  std::atomic<bool> failed{false};
+  auto run = [&](int t) {
+    try {
+      auto [begin, end] = range(t);
+      scan(begin, end, lists[t]);
+    } catch (const std::exception&) {
+      failed = true;
+    }
+  };
+  std::vector<std::thread> workers;
+  std::vector<int> unstarted;
+  for (int t = 1; t < threads; ++t) {
+    try {
+      workers.emplace_back(run, t);
+    } catch (const std::system_error&) {
+      unstarted.push_back(t);
+    }
+  }
+  run(0);
+  for (int t : unstarted) run(t);
+  for (auto& w : workers) w.join();
+  if (failed) return ffi::Error::Internal("phoenix_top_k: out of memory");
+
+  std::vector<Entry> merged;
+  for (int64_t q = 0; q < b; ++q) {
+    merged.clear();
+    for (int t = 0; t < threads; ++t) {
+      auto& e = lists[t].best[q].entries();
+      merged.insert(merged.end(), e.begin(), e.end());
+    }
+    std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), Better);
+    for (int64_t i = 0; i < k; ++i) {
+      scores[q * k + i] = merged[i].score;
+      indices[q * k + i] = merged[i].index;
+    }
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error TopK(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus, ffi::Buffer<ffi::PRED> mask,
@@ -342,53 +403,10 @@ ffi::Error TopK(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus, ffi::Buffe
   }
   Problem p{queries_t.data(), b, padded, d, corpus.untyped_data(), bf16,
             mask.typed_data(), masked_score, static_cast<int>(k)};
-
-  // Each thread scans a contiguous range of rows with its own running lists. A range whose
-  // thread cannot be started is scanned by this one.
-  const int threads = NumThreads(n, requested_threads);
-  std::vector<Lists> lists(threads, Lists(b, padded, p.k));
-  auto range = [&](int t) {
-    int64_t per = (n + threads - 1) / threads;
-    per = (per + kTileRows - 1) / kTileRows * kTileRows;
-    return std::make_pair(std::min(n, t * per), std::min(n, (t + 1) * per));
-  };
-  std::atomic<bool> failed{false};
-  auto scan = [&](int t) {
-    try {
-      auto [begin, end] = range(t);
-      ScanRows(p, begin, end, lists[t]);
-    } catch (const std::exception&) {
-      failed = true;
-    }
-  };
-  std::vector<std::thread> workers;
-  std::vector<int> unstarted;
-  for (int t = 1; t < threads; ++t) {
-    try {
-      workers.emplace_back(scan, t);
-    } catch (const std::system_error&) {
-      unstarted.push_back(t);
-    }
-  }
-  scan(0);
-  for (int t : unstarted) scan(t);
-  for (auto& w : workers) w.join();
-  if (failed) return ffi::Error::Internal("phoenix_top_k: out of memory");
-
-  std::vector<Entry> merged;
-  for (int64_t q = 0; q < b; ++q) {
-    merged.clear();
-    for (int t = 0; t < threads; ++t) {
-      auto& e = lists[t].best[q].entries();
-      merged.insert(merged.end(), e.begin(), e.end());
-    }
-    std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), Better);
-    for (int64_t i = 0; i < k; ++i) {
-      scores->typed_data()[q * k + i] = merged[i].score;
-      indices->typed_data()[q * k + i] = merged[i].index;
-    }
-  }
-  return ffi::Error::Success();
+  return SearchRows(
+      n, b, padded, p.k, requested_threads,
+      [&](int64_t begin, int64_t end, Lists& lists) { ScanRows(p, begin, end, lists); },
+      scores->typed_data(), indices->typed_data());
 }
 
 ffi::Error TopKImpl(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus,
@@ -399,6 +417,90 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus,
     return TopK(queries, corpus, mask, masked_score, threads, scores, indices);
   } catch (const std::exception&) {
     return ffi::Error::Internal("phoenix_top_k: out of memory");
+  }
+}
+
+// int8 rows, for the first pass of a two-pass search (search.TwoPassIndex): row r stands for
+// codes[r] * scales[r], codes in [-127, 127]. Each query is rounded to steps of max|q| / levels,
+// levels as large as int16 holds while a row's sum of d products stays within int32, so that a
+// row's score is one exact integer dot product, scaled. The scores are approximate: the caller
+// bounds their error. Rows are read once for all queries.
+int32_t QueryLevels(int64_t d) {
+  return static_cast<int32_t>(
+      std::min<int64_t>(32767, std::numeric_limits<int32_t>::max() / (128 * std::max<int64_t>(1, d))));
+}
+
+struct Int8Problem {
+  const int16_t* queries;    // [B, D], the rounded queries
+  const float* query_steps;  // [B]
+  int64_t num_queries, d;
+  const int8_t* codes;  // [N, D]
+  const float* scales;  // [N]
+};
+
+void ScanInt8Rows(const Int8Problem& p, int64_t begin, int64_t end, Lists& lists) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int8_t* x = p.codes + row * p.d;
+    for (int64_t q = 0; q < p.num_queries; ++q) {
+      const int16_t* y = p.queries + q * p.d;
+      int32_t sum = 0;
+      for (int64_t j = 0; j < p.d; ++j) sum += static_cast<int32_t>(x[j]) * y[j];
+      float score = static_cast<float>(sum) * (p.query_steps[q] * p.scales[row]);
+      RunningTopK& best = lists.best[q];
+      if (!best.full() || !(score < best.threshold())) best.Push(score, static_cast<int32_t>(row));
+    }
+  }
+}
+
+ffi::Error TopKInt8(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::S8> codes,
+                    ffi::Buffer<ffi::F32> scales, int64_t requested_threads,
+                    ffi::Result<ffi::Buffer<ffi::F32>> scores,
+                    ffi::Result<ffi::Buffer<ffi::S32>> indices) {
+  auto qdims = queries.dimensions();
+  auto cdims = codes.dimensions();
+  auto odims = scores->dimensions();
+  if (qdims.size() != 2 || cdims.size() != 2 || odims.size() != 2 ||
+      scales.dimensions().size() != 1) {
+    return ffi::Error::InvalidArgument(
+        "phoenix_top_k_int8: queries, codes and outputs must be 2-D, the scales 1-D");
+  }
+  const int64_t b = qdims[0], d = qdims[1], n = cdims[0], k = odims[1];
+  if (cdims[1] != d || odims[0] != b || scales.dimensions()[0] != n) {
+    return ffi::Error::InvalidArgument("phoenix_top_k_int8: mismatched shapes");
+  }
+  if (k < 1 || k > n || n > std::numeric_limits<int32_t>::max()) {
+    return ffi::Error::InvalidArgument("phoenix_top_k_int8: need 1 <= k <= N < 2**31");
+  }
+  const float levels = static_cast<float>(QueryLevels(d));
+  std::vector<int16_t> rounded(b * d);
+  std::vector<float> steps(b);
+  for (int64_t q = 0; q < b; ++q) {
+    const float* query = queries.typed_data() + q * d;
+    float top = 0.0f;
+    for (int64_t j = 0; j < d; ++j) top = std::max(top, std::fabs(query[j]));
+    if (!std::isfinite(top)) {
+      return ffi::Error::InvalidArgument("phoenix_top_k_int8: queries must be finite");
+    }
+    steps[q] = top / levels;
+    for (int64_t j = 0; j < d; ++j) {
+      rounded[q * d + j] = top > 0.0f ? static_cast<int16_t>(std::lrint(query[j] * (levels / top))) : 0;
+    }
+  }
+  Int8Problem p{rounded.data(), steps.data(), b, d, codes.typed_data(), scales.typed_data()};
+  return SearchRows(
+      n, b, b, static_cast<int>(k), requested_threads,
+      [&](int64_t begin, int64_t end, Lists& lists) { ScanInt8Rows(p, begin, end, lists); },
+      scores->typed_data(), indices->typed_data());
+}
+
+ffi::Error TopKInt8Impl(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::S8> codes,
+                        ffi::Buffer<ffi::F32> scales, int64_t threads,
+                        ffi::Result<ffi::Buffer<ffi::F32>> scores,
+                        ffi::Result<ffi::Buffer<ffi::S32>> indices) {
+  try {  // no exception may cross into XLA
+    return TopKInt8(queries, codes, scales, threads, scores, indices);
+  } catch (const std::exception&) {
+    return ffi::Error::Internal("phoenix_top_k_int8: out of memory");
   }
 }
 
@@ -413,3 +515,31 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PhoenixTopK, TopKImpl,
                                   .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::S32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PhoenixTopKInt8, TopKInt8Impl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::S32>>());
+
+// Rows `rows` [n] of `row_bytes` bytes each, at `offset` + row * row_bytes in the file `fd`,
+// into `out` [n, row_bytes], by positioned reads (the file is not mapped). Returns 0, an errno,
+// or -1 if the file ends before a row does.
+extern "C" __attribute__((visibility("default"))) int phoenix_read_rows(
+    int fd, int64_t offset, int64_t row_bytes, const int64_t* rows, int64_t n, char* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    int64_t done = 0;
+    while (done < row_bytes) {
+      ssize_t got = pread(fd, out + i * row_bytes + done, row_bytes - done,
+                          offset + rows[i] * row_bytes + done);
+      if (got < 0 && errno == EINTR) continue;
+      if (got < 0) return errno;
+      if (got == 0) return -1;
+      done += got;
+    }
+  }
+  return 0;
+}

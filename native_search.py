@@ -33,6 +33,7 @@ import jaxlib.version
 import numpy as np
 
 TARGET = "phoenix_top_k"
+INT8_TARGET = "phoenix_top_k_int8"
 SOURCE = Path(__file__).with_name("native_search.cc")
 DISABLE_VARIABLE = "PHOENIX_NATIVE_SEARCH"
 
@@ -107,9 +108,13 @@ def available() -> bool:
                 return False
             try:
                 library = ctypes.cdll.LoadLibrary(str(_build()))
-                jax.ffi.register_ffi_target(
-                    TARGET, jax.ffi.pycapsule(library.PhoenixTopK), platform="cpu"
-                )
+                for target, handler in (
+                    (TARGET, library.PhoenixTopK),
+                    (INT8_TARGET, library.PhoenixTopKInt8),
+                ):
+                    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
+                library.phoenix_read_rows.restype = ctypes.c_int
+                _state["library"] = library
                 _state["ok"] = True
             except (OSError, RuntimeError, subprocess.SubprocessError) as error:
                 warnings.warn(
@@ -166,3 +171,66 @@ def _top_k_jvp(k, masked_score, threads, primals, tangents):
     d_scores = d_scores + jnp.einsum("bd,bkd->bk", queries, d_rows)
     d_scores = jnp.where(jnp.take(corpus_mask, indices), d_scores, 0.0)  # masked: a constant
     return (scores, indices), (d_scores, np.zeros(indices.shape, jax.dtypes.float0))
+
+
+def query_levels(width: int) -> int:
+    """Steps of the rounded queries of `top_k_int8` between 0 and max|q| (QueryLevels in the
+    kernel): as many as int16 holds while an int32 sum of `width` products cannot overflow."""
+    return min(32767, (2**31 - 1) // (128 * max(1, width)))
+
+
+def top_k_int8(
+    queries: jax.Array,  # [B, D] float32, finite
+    codes: jax.Array,  # [N, D] int8 in [-127, 127]
+    scales: jax.Array,  # [N] float32
+    k: int,
+    threads: int = 0,
+) -> tuple[jax.Array, jax.Array]:  # [B, k] float32, [B, k] int32
+    """Approximate top-k of queries · (codes * scales[:, None])ᵀ, for a first pass (CPU only;
+    call `available()` first). Each query is rounded to steps of max|q| / `query_levels(D)`
+    and each row's score is an exact integer dot product, scaled; ties go to the lower row.
+    A corpus row x encoded as codes c and scale s scores q · x within
+    |q| |x - s c| + |q - q'| |s c| (q' the rounded query, |q - q'| <= sqrt(D) step / 2) and
+    float32 rounding."""
+    call = jax.ffi.ffi_call(
+        INT8_TARGET,
+        (
+            jax.ShapeDtypeStruct((queries.shape[0], k), jnp.float32),
+            jax.ShapeDtypeStruct((queries.shape[0], k), jnp.int32),
+        ),
+        vmap_method="sequential",
+    )
+    return call(
+        queries.astype(jnp.float32),
+        codes.astype(jnp.int8),
+        scales.astype(jnp.float32),
+        threads=np.int64(threads),
+    )
+
+
+def read_rows(
+    filename: str, offset: int, row_bytes: int, rows: np.ndarray, out: np.ndarray
+) -> bool:
+    """Reads rows `rows` [n] of a file (row r at `offset` + r * `row_bytes`) into `out`
+    ([n, ...], C-contiguous, n * row_bytes bytes) by positioned reads in one native loop.
+    False, with `out` untouched, when the kernel library is not available here."""
+    if not available():
+        return False
+    rows = np.ascontiguousarray(rows, np.int64)
+    fd = os.open(filename, os.O_RDONLY)
+    try:
+        status = _state["library"].phoenix_read_rows(
+            fd,
+            ctypes.c_int64(offset),
+            ctypes.c_int64(row_bytes),
+            rows.ctypes.data_as(ctypes.c_void_p),
+            ctypes.c_int64(len(rows)),
+            out.ctypes.data_as(ctypes.c_void_p),
+        )
+    finally:
+        os.close(fd)
+    if status == -1:
+        raise ValueError(f"{filename}: ends before row {int(rows.max())} (the file is truncated)")
+    if status:
+        raise OSError(status, os.strerror(status), filename)
+    return True

@@ -286,13 +286,14 @@ def read_rows(array, rows: np.ndarray) -> np.ndarray:
     filename, offset, row_bytes = mapped
     unique, inverse = np.unique(rows, return_inverse=True)
     out = np.empty((len(unique), array.shape[1]), array.dtype)
-    buffer = out.view(np.uint8).reshape(len(unique), row_bytes)
-    fd = os.open(filename, os.O_RDONLY)
-    try:
-        for i, row in enumerate(unique.tolist()):
-            os.preadv(fd, [buffer[i]], offset + row * row_bytes)
-    finally:
-        os.close(fd)
+    if not native_search.read_rows(filename, offset, row_bytes, unique, out):
+        buffer = out.view(np.uint8).reshape(len(unique), row_bytes)
+        fd = os.open(filename, os.O_RDONLY)
+        try:
+            for i, row in enumerate(unique.tolist()):
+                os.preadv(fd, [buffer[i]], offset + row * row_bytes)
+        finally:
+            os.close(fd)
     return out[inverse.reshape(np.shape(rows))]
 
 
@@ -311,64 +312,127 @@ def read_block(array, start: int, stop: int) -> np.ndarray:
 
 class TwoPassIndex:
     """Exact top-k over a float32 corpus kept on the host (a memory-mapped file, say), searched
-    in two passes: `top_k_search` of a bfloat16 copy on the device (half the bytes to read) for
-    the best k + margin rows, then those rows rescored in float32.
+    in two passes: a compact copy of the corpus is searched for the best k + margin rows, then
+    those rows are rescored in float32.
 
-    Exact, not approximate: rounding a row to bfloat16 moves its score by at most
-    2**-8 * |query| * |row| (Cauchy-Schwarz on the per-element errors), so a row left out of the
-    first pass scores at most its first-pass score plus that bound; when the k-th rescored
-    score beats the best left-out first-pass score by more than the bound, the rescored rows
-    hold the exact top k. When it does not (many rows tied within the bound), the query is
-    searched in full, in float32, on the host. Scores are equal to float32 rounding, ties go to
-    the lower row, as in `top_k_search`.
+    The compact copy: on the CPU with the native kernel, int8 codes with a scale per row (a
+    quarter of the bytes; `native_search.top_k_int8`); elsewhere bfloat16 (half the bytes;
+    `top_k_search` on the device).
+
+    Exact, not approximate: a row's first-pass score lies within a bound e of its float32 score
+    (`error_bounds`: from the copy's largest rounding error, by Cauchy-Schwarz), so a row left
+    out of the first pass scores at most the last kept first-pass score plus e; when the k-th
+    rescored score beats that by more than e, the rescored rows hold the exact top k. When it
+    does not (many rows within e of the k-th), the query's first pass is widened `WIDEN` times,
+    and if that is still not enough, the query is searched in full, in float32, on the host.
+    Scores are equal to float32 rounding, ties go to the lower row, as in `top_k_search`.
     """
 
     # Relative error of rounding to bfloat16 (8 significant bits), with room for the float32
     # sums of the first pass.
     BFLOAT16_ERROR = 2.0**-8 * (1 + 1e-3)
+    WIDEN = 8
 
-    def __init__(self, corpus: np.ndarray, chunk_rows: int = 1 << 16):
+    def __init__(self, corpus: np.ndarray, chunk_rows: int = 1 << 16, int8: bool | None = None):
+        """`int8`: the int8 copy (default: where the native kernel runs) or bfloat16."""
         if np.ndim(corpus) != 2 or not np.issubdtype(np.asarray(corpus[:0]).dtype, np.floating):
             raise ValueError(f"corpus must be a floating [N, D] array, got {np.shape(corpus)}")
+        if int8 is None:
+            int8 = jax.default_backend() == "cpu" and native_search.available()
         self.corpus = corpus
-        coarse = np.empty(corpus.shape, jnp.bfloat16)
-        max_norm = 0.0
-        for start in range(0, len(corpus), chunk_rows):  # in chunks: no float32 copy
+        n, d = corpus.shape
+        coarse = np.empty((n, d), np.int8 if int8 else jnp.bfloat16)
+        scales = np.empty(n, np.float32)
+        self.max_norm = self.max_error = self.max_coded_norm = 0.0
+        for start in range(0, n, chunk_rows):  # in chunks: no float32 copy
             rows = read_block(corpus, start, start + chunk_rows).astype(np.float32)
-            coarse[start : start + chunk_rows] = rows.astype(jnp.bfloat16)
-            max_norm = max(max_norm, float(np.sqrt((rows * rows).sum(axis=1).max(initial=0))))
+            bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+            if len(bad):
+                raise ValueError(f"corpus row {start + bad[0]} is not finite")
+            self.max_norm = max(self.max_norm, _largest_norm(rows))
+            if not int8:
+                coarse[start : start + chunk_rows] = rows.astype(jnp.bfloat16)
+                continue
+            scale = np.abs(rows).max(axis=1, initial=0.0) / 127
+            codes = np.rint(rows / np.where(scale > 0, scale, 1)[:, None])
+            coarse[start : start + chunk_rows] = np.clip(codes, -127, 127)
+            scales[start : start + chunk_rows] = scale
+            coded = codes * scale.astype(np.float64)[:, None]
+            self.max_error = max(self.max_error, _largest_norm(rows - coded))
+            self.max_coded_norm = max(self.max_coded_norm, _largest_norm(coded))
         self.coarse = jnp.asarray(coarse)
-        self.max_norm = max_norm
+        self.scales = jnp.asarray(scales) if int8 else None
+        self.widened = 0  # queries whose first pass was widened so far
         self.fallbacks = 0  # queries searched in full so far
+
+    def error_bounds(self, queries: np.ndarray) -> np.ndarray:
+        """[B]: how far a row's first-pass score may lie from its float32 score, for each query.
+        int8: |q| |x - x'| + |q - q'| |x'| (x' the coded row, q' the query as the kernel rounds
+        it); bfloat16: 2**-8 |q| |x|; both with the float32 sums' rounding (2 D 2**-24 |q| |x|)."""
+        norms = np.linalg.norm(queries.astype(np.float64), axis=1)
+        width = queries.shape[1]
+        sums = 2 * width * 2.0**-24 * norms * max(self.max_norm, self.max_coded_norm)
+        if self.scales is None:
+            return self.BFLOAT16_ERROR * norms * self.max_norm + sums + 1e-6
+        step = np.abs(queries).max(axis=1) / native_search.query_levels(width)
+        rounding = np.sqrt(width) * step / 2 * (1 + 1e-3)
+        return norms * self.max_error + rounding * self.max_coded_norm + sums + 1e-6
+
+    def _first_pass(self, queries: np.ndarray, taken: int) -> tuple[np.ndarray, np.ndarray]:
+        queries = jnp.asarray(queries)
+        if self.scales is None:
+            found = _search_one_device(queries, self.coarse, None, k=taken)
+        else:
+            found = _int8_first_pass(queries, self.coarse, self.scales, k=taken)
+        return tuple(np.asarray(x) for x in found)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores, indices) [B, k] float32 and int32, best first."""
         queries = np.asarray(queries, np.float32)
         n = len(self.corpus)
         check_top_k(n, k, None, "k")
+        if queries.ndim != 2 or queries.shape[1] != self.corpus.shape[1]:
+            raise ValueError(
+                f"queries must be [B, {self.corpus.shape[1]}], got shape {queries.shape}"
+            )
+        if not np.isfinite(queries).all():
+            raise ValueError("queries must be finite")
         taken = min(n, 2 * k + 64)
-        first_scores, first_rows = (np.asarray(x) for x in _search_one_device(
-            jnp.asarray(queries), self.coarse, None, k=taken
-        ))  # fmt: skip
-        bounds = self.BFLOAT16_ERROR * np.linalg.norm(queries, axis=1) * self.max_norm + 1e-6
+        first_scores, first_rows = self._first_pass(queries, taken)
+        bounds = self.error_bounds(queries)
         scores = np.empty((len(queries), k), np.float32)
         indices = np.empty((len(queries), k), np.int32)
         for b, query in enumerate(queries):
-            rows = first_rows[b]
-            exact = read_rows(self.corpus, rows).astype(np.float32) @ query
-            order = np.lexsort((rows, -exact))[:k]  # by score, then by row
-            if taken < n and not exact[order[-1]] > first_scores[b, -1] + bounds[b]:
+            found = self._rescore(query, first_scores[b], first_rows[b], k, bounds[b])
+            if found is None:
+                self.widened += 1
+                wider = min(n, self.WIDEN * taken)
+                wide_scores, wide_rows = self._first_pass(query[None], wider)
+                found = self._rescore(query, wide_scores[0], wide_rows[0], k, bounds[b])
+            if found is None:
                 self.fallbacks += 1
-                rows = np.arange(n)
                 exact = np.concatenate(
-                    [
-                        np.asarray(self.corpus[s : s + 65536], np.float32) @ query
-                        for s in range(0, n, 65536)
-                    ]
+                    [read_block(self.corpus, s, s + 65536) @ query for s in range(0, n, 65536)]
                 )
-                order = np.lexsort((rows, -exact))[:k]
-            scores[b], indices[b] = exact[order], rows[order]
+                found = self._rescore(query, exact, np.arange(n), k, 0.0)
+            scores[b], indices[b] = found
         return scores, indices
+
+    def _rescore(self, query, first_scores, rows, k: int, bound: float):
+        """(scores, rows) of the best k of `rows` in float32, or None when the first pass
+        (its scores `first_scores`, best first) may have left out a better row."""
+        exact = read_rows(self.corpus, rows).astype(np.float32) @ query
+        order = np.lexsort((rows, -exact))[:k]  # by score, then by row
+        if len(rows) < len(self.corpus) and not exact[order[-1]] > first_scores[-1] + bound:
+            return None
+        return exact[order], rows[order]
+
+
+def _largest_norm(rows: np.ndarray) -> float:
+    return float(np.sqrt(np.square(rows, dtype=np.float64).sum(axis=1).max(initial=0.0)))
+
+
+_int8_first_pass = jax.jit(native_search.top_k_int8, static_argnames=("k", "threads"))
 
 
 def validate_corpus(

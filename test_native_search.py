@@ -69,6 +69,21 @@ def test_kernel_equals_lax_top_k_exactly(
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("width", [1, 7, 16, 17, 33, 128])
+def test_one_query_scan_equals_lax_top_k_at_widths_around_its_vectors(dtype, width):
+    """One query takes its own scan (a bfloat16 row read as words of two elements, 16 to a
+    vector, then a tail of single elements): every width, whole vectors or not, gives the same
+    top k, ties included."""
+    rng = np.random.default_rng(width)
+    queries = integer_rows(rng, (1, width), high=3)
+    corpus = jnp.asarray(integer_rows(rng, (500, width), high=2), DTYPES[dtype])
+    mask = rng.random(500) < 0.9
+    result = native_search.top_k(jnp.asarray(queries), corpus, jnp.asarray(mask), 40, -INF)
+    assert_exact(result, full_top_k(queries, corpus, 40, mask))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_kernel_over_two_threads_with_ties_across_their_boundary(dtype):
     """Two threads scan the two halves; equal best scores on both sides of the split, and in
     the ragged tail, must come out in row order, as `lax.top_k` orders them."""
@@ -182,3 +197,28 @@ def test_the_environment_variable_turns_the_kernel_off(monkeypatch):
     monkeypatch.setattr(native_search, "_state", {})
     monkeypatch.setenv(native_search.DISABLE_VARIABLE, "0")
     assert not native_search.available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("width", [5, 64])
+def test_int8_kernel_scores_the_rounded_query_against_the_codes_exactly(threads, width):
+    """Each query rounded to steps of max|q| / query_levels(D), one integer dot product per row,
+    scaled: the kernel's top k equals that computed in integers, ties (the duplicated rows)
+    to the lower row."""
+    rng = np.random.default_rng(width)
+    codes = rng.integers(-127, 128, (70_000, width)).astype(np.int8)
+    scales = np.full(70_000, 0.01, np.float32)
+    queries = rng.standard_normal((3, width)).astype(np.float32)
+    # Query 0's best 101 rows, tied, on both sides of the threads' split.
+    codes[[*range(500, 600), 40_000]] = np.sign(queries[0]) * 127
+    step = np.abs(queries).max(axis=1, keepdims=True) / native_search.query_levels(width)
+    rounded = np.rint(queries / step).astype(np.int64)
+    sums = rounded @ codes.T.astype(np.int64)  # exact
+    assert np.abs(sums).max() < 2**31
+    expected = sums.astype(np.float32) * (step.astype(np.float32) * np.float32(0.01))
+    want = jax.lax.top_k(expected, 150)
+    result = native_search.top_k_int8(
+        jnp.asarray(queries), jnp.asarray(codes), jnp.asarray(scales), 150, threads
+    )
+    assert_same_top_k(result, want, atol=1e-6)

@@ -220,33 +220,55 @@ def test_bad_method_k_and_shapes_are_refused():
         top_k_search(queries, corpus, 3, threads=-1)
 
 
-def test_two_pass_index_equals_the_full_float32_search(tmp_path):
-    """The bfloat16 first pass and float32 rescoring give the exact top k, from a
-    memory-mapped corpus too; and where bfloat16 cannot tell the rows apart (more rows within
-    its error of the k-th than the first pass keeps), the query falls back to a full float32
-    search, still exact."""
+@pytest.mark.parametrize("int8", [False, pytest.param(True, marks=needs_kernel)])
+@pytest.mark.parametrize(("near", "widened", "fallbacks"), [(150, 2, 0), (700, 3, 2)])
+def test_two_pass_index_equals_the_full_float32_search(tmp_path, int8, near, widened, fallbacks):
+    """The first pass (int8 or bfloat16) and float32 rescoring give the exact top k, from a
+    memory-mapped corpus too; where the copy cannot tell the rows apart (more rows within its
+    error of the k-th than the first pass keeps), the query's first pass is widened eightfold,
+    and where that is still too few, the query is searched in full in float32; still exact."""
     corpus = unit_rows((3000, EMB_SIZE), seed=20)
     queries = unit_rows((3, EMB_SIZE), seed=21)
-    # Query 2 is axis 0, and 150 rows lie along it at 1 + i * 2**-17: distinct in float32,
-    # scored exactly (one product each), all equal in bfloat16.
+    # Query 2 is axis 0, and `near` rows lie along it at 1 + i * 2**-20: distinct in float32,
+    # scored exactly (one product each), all equal within either copy's error.
+    # Queries 0 and 1 are orthogonal to axis 0: those rows are not near their top k.
+    queries[:2, 0] = 0.0
+    queries[:2] /= np.linalg.norm(queries[:2], axis=1, keepdims=True)
     queries[2] = np.eye(EMB_SIZE, dtype=np.float32)[0]
-    near = np.random.default_rng(0).choice(3000, 150, replace=False)
-    corpus[near] = 0.0
-    corpus[near, 0] = 1.0 + np.arange(150, dtype=np.float32) * 2.0**-17
+    rows = np.random.default_rng(0).choice(3000, near, replace=False)
+    corpus[rows] = 0.0
+    corpus[rows, 0] = 1.0 + np.arange(near, dtype=np.float32) * 2.0**-20
     path = tmp_path / "corpus.npy"
     np.save(path, corpus)
     mapped = np.load(path, mmap_mode="r")
     for source in (corpus, mapped):
-        index = TwoPassIndex(source)
+        index = TwoPassIndex(source, int8=int8)
+        assert (index.scales is not None) == int8
         for k in (1, 10, 60):
             scores, indices = index.search(queries, k)
             assert_same_top_k((scores, indices), full_top_k(queries, corpus, k))
-        # Query 2 at k = 1 and 10 (the first pass keeps 66 and 84 rows of the 150); at k = 60
-        # it keeps all 150, and queries 0 and 1 never need it.
-        assert index.fallbacks == 2
+        # Query 2 keeps 66, 84 and 184 rows at k = 1, 10 and 60 in the first pass, eight times
+        # as many when widened; queries 0 and 1 never need either.
+        assert (index.widened, index.fallbacks) == (widened, fallbacks)
 
 
-def test_read_rows_reads_a_mapped_file_without_mapping_it(tmp_path):
+def test_two_pass_index_refuses_what_it_cannot_search():
+    corpus = unit_rows((50, 8), seed=1)
+    corpus[17, 3] = np.nan
+    with pytest.raises(ValueError, match="corpus row 17 is not finite"):
+        TwoPassIndex(corpus)
+    index = TwoPassIndex(unit_rows((50, 8), seed=1))
+    with pytest.raises(ValueError, match=r"queries must be \[B, 8\], got shape \(1, 7\)"):
+        index.search(np.ones((1, 7), np.float32), 3)
+    with pytest.raises(ValueError, match="queries must be finite"):
+        index.search(np.full((1, 8), np.inf, np.float32), 3)
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_kernel), False])
+def test_read_rows_reads_a_mapped_file_without_mapping_it(tmp_path, monkeypatch, native):
+    """By the kernel library's loop of positioned reads, or without it by Python's."""
+    if not native:
+        monkeypatch.setattr(native_search, "read_rows", lambda *args: False)
     table = np.random.default_rng(1).standard_normal((500, 7)).astype(np.float32)
     np.save(tmp_path / "t.npy", table)
     mapped = np.load(tmp_path / "t.npy", mmap_mode="r")
