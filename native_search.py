@@ -3,7 +3,9 @@
 On the CPU, XLA's matrix product of a few queries with a large corpus runs far below its
 large-matmul rate: scoring 16 users against 1,000,000 posts costs about three reads of the
 corpus or more. The C++ kernel in native_search.cc reads each corpus row once, scores it
-against every query and keeps a running top-k per query, on all cores.
+against every query and keeps a running top-k per query, on all cores. The same library holds
+the int8 first pass of `search.TwoPassIndex` (`top_k_int8`) and a loop of positioned reads
+for rows of memory-mapped tables (`read_rows`).
 
 The kernel is compiled with the machine's C++ compiler (`c++`, or `$CXX`) against the XLA FFI
 headers shipped with jaxlib, the first time it is needed, and cached under

@@ -131,7 +131,7 @@ class Pipeline:
             runners.RetrievalModelRunner(retrieval.config), "retrieval"
         )
         self.retriever.initialize(retrieval.params)
-        # The corpus stays where it is (memory-mapped); the device holds a bfloat16 copy.
+        # The corpus stays where it is (memory-mapped); the index holds a compact copy.
         self.index = TwoPassIndex(artifacts.corpus.candidate_representations)
         self.ranker = runners.RecsysInferenceRunner(runners.ModelRunner(ranker.config), "ranker")
         self.ranker.initialize(ranker.params)
