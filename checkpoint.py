@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -45,7 +46,7 @@ from recsys_model import (
     dummy_inputs,
 )
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
-from tables import TABLE_NAMES, Hashing
+from tables import ENTITIES, TABLE_NAMES, Hashing
 
 PARAMS_FILE = "model_params.npz"
 TABLES_FILE = "embedding_tables.npz"
@@ -360,7 +361,42 @@ def read_config_json(path: Path) -> dict:
     missing = [key for key in _REQUIRED_KEYS if not isinstance(data, dict) or key not in data]
     if missing:
         raise ValueError(f"{path}: lacks {', '.join(missing)}")
+    problem = _config_problem(data)
+    if problem:
+        raise ValueError(f"{path}: {problem}")
     return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _config_problem(data: dict) -> str | None:
+    """The first value of a config.json that no model could be built from, in words."""
+    counts = [k for k in _REQUIRED_KEYS if k != "hash_params"]
+    counts += [k for k in ("num_kv_heads", *(f"{e}_vocab_size" for e in ENTITIES)) if k in data]
+    for key in counts:
+        if not (_is_int(data[key]) and data[key] >= 1):
+            return f"{key} must be a positive integer, got {data[key]!r}"
+    for key in ("widening_factor", "attn_output_multiplier"):
+        value = data.get(key, 1.0)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and 0 < value < math.inf):
+            return f"{key} must be a positive number, got {value!r}"
+    if not isinstance(data.get("right_anchored_rope", False), bool):
+        return f"right_anchored_rope must be true or false, got {data['right_anchored_rope']!r}"
+    hashes = data["hash_params"]
+    if not isinstance(hashes, dict):
+        return f"hash_params must be an object, got {hashes!r}"
+    for entity in ENTITIES:
+        for key in (f"{entity}_hash_scales", f"{entity}_biases"):
+            value = hashes.get(key)
+            if not (isinstance(value, list) and value and all(_is_int(v) for v in value)):
+                return f"hash_params.{key} must be a list of integers, got {value!r}"
+        modulus = hashes.get(f"{entity}_modulus")
+        if not (_is_int(modulus) and modulus >= 1):
+            return f"hash_params.{entity}_modulus must be a positive integer, got {modulus!r}"
+    return None
 
 
 def configs_from_json(

@@ -81,8 +81,9 @@ class Feed:
 
 
 def _positive_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{what} must be a positive integer id, got {value!r}")
+    """An id of a sequence: a positive integer that int64 holds (X's ids are)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+        raise ValueError(f"{what} must be a positive integer id below 2**63, got {value!r}")
     return value
 
 
@@ -107,7 +108,13 @@ def read_history(
             raise ValueError(f"history item {i} must be an object, got {item!r}")
         posts[i] = _positive_int(item.get("post_id"), f"history item {i}: post_id")
         authors[i] = _positive_int(item.get("author_id"), f"history item {i}: author_id")
-        for key, value in dict(item.get("actions", {})).items():
+        item_actions = item.get("actions", {})
+        if not isinstance(item_actions, dict):
+            raise ValueError(
+                f"history item {i}: actions must be an object of action index to 0 or 1, got "
+                f"{item_actions!r}"
+            )
+        for key, value in item_actions.items():
             if not str(key).isdigit() or int(key) >= num_actions:
                 raise ValueError(
                     f"history item {i}: action index {key!r} is not one of the ranker's "
@@ -116,7 +123,17 @@ def read_history(
             if value not in (0, 1):
                 raise ValueError(f"history item {i}: action {key} is {value!r}, expected 0 or 1")
             actions[i, int(key)] = value
-        dwell[i] = float(item.get("dwell_time", 0.0))
+        seconds = item.get("dwell_time", 0.0)
+        if (
+            isinstance(seconds, bool)
+            or not isinstance(seconds, int | float)
+            or not (0 <= seconds < float("inf"))
+        ):
+            raise ValueError(
+                f"history item {i}: dwell_time must be a finite number of seconds >= 0, got "
+                f"{seconds!r}"
+            )
+        dwell[i] = seconds
     has_dwell = any(isinstance(item, dict) and "dwell_time" in item for item in history)
     return user_id, posts, authors, actions, (dwell if has_dwell else None)
 

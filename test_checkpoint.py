@@ -204,6 +204,22 @@ DAMAGES = {
         lambda f: _edit_json(f / RANKER_JSON, item_vocab_size=51),
         r"item_embeddings is \[50, 8\] float32, config.json asks for \[51, 8\]",
     ),
+    "config.json with a count that is not one": (
+        lambda f: _edit_json(f / RANKER_JSON, num_layers=2.5),
+        "ranker/config.json: num_layers must be a positive integer, got 2.5",
+    ),
+    "config.json with a negative history": (
+        lambda f: _edit_json(f / RANKER_JSON, history_seq_len=-3),
+        "ranker/config.json: history_seq_len must be a positive integer, got -3",
+    ),
+    "config.json with hash parameters that are not": (
+        lambda f: _edit_json(f / RETRIEVAL_JSON, hash_params=5),
+        "retrieval/config.json: hash_params must be an object, got 5",
+    ),
+    "config.json with a text switch": (
+        lambda f: _edit_json(f / RANKER_JSON, right_anchored_rope="yes"),
+        "ranker/config.json: right_anchored_rope must be true or false, got 'yes'",
+    ),
     "config.json not JSON": (
         lambda f: (f / RANKER_JSON).write_text("{"),
         "ranker/config.json: not valid JSON",
