@@ -1,6 +1,6 @@
 """Benchmark of the pipeline: one artifacts folder served by ours and by the published procedure.
 
-    uv run benchmark_pipeline.py            # 1,000,000 posts, 9 users, about 4 minutes
+    uv run benchmark_pipeline.py            # 1,000,000 posts, 25 users, about 2 minutes
     uv run benchmark_pipeline.py --quick    # 100,000 posts, 4 users, about a minute
 
 The folder: the published mini model (D 128, 4 layers, 4 heads of 32, history 127) with random
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="100,000 posts and 4 users")
     args = parser.parse_args(argv)
-    size, users = (100_000, 4) if args.quick else (1_000_000, 9)
+    size, users = (100_000, 4) if args.quick else (1_000_000, 25)
     start = time.perf_counter()
     print(f"The published mini model, {size:,} posts, tables of {size:,} rows, {users} users:")
     rows = bench_pipeline(size, size, users, ("bfloat16", "float32"))
