@@ -17,10 +17,27 @@ DTYPE_NAMES = ("bfloat16", "float32")
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: `prog: error: message`."""
+    """An argument parser whose errors are one line: `prog: error: message`, and whose long
+    flags may be spelled with `_` or `-` alike (the published flags use `_`, ours `-`)."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args([self._spelled(a) for a in args], namespace)
+
+    def _spelled(self, arg: str) -> str:
+        """`arg` with its flag as this parser spells it, if it names one in the other spelling."""
+        if not arg.startswith("--") or arg == "--":
+            return arg
+        flag, sep, value = arg.partition("=")
+        if flag in self._option_string_actions:
+            return arg
+        for other in (flag[:2] + flag[2:].replace("-", "_"), flag[:2] + flag[2:].replace("_", "-")):
+            if other in self._option_string_actions:
+                return other + sep + value
+        return arg
 
 
 def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:

@@ -11,6 +11,21 @@ import run_retrieval
 from conftest import run_script
 
 
+def test_long_flags_take_either_spelling(capsys):
+    """The published flags (`--artifacts_dir`) and ours (`--output-json`) each answer to `_` and
+    `-`, with a value after a space or `=`; values and unknown flags are left alone."""
+    parser = cli.ArgumentParser(prog="demo")
+    parser.add_argument("--artifacts_dir")
+    parser.add_argument("--output-json")
+    args = parser.parse_args(["--artifacts-dir", "a_b-c", "--output_json=--x_y"])
+    assert (args.artifacts_dir, args.output_json) == ("a_b-c", "--x_y")
+    args = parser.parse_args(["--artifacts_dir=d", "--output-json", "e"])
+    assert (args.artifacts_dir, args.output_json) == ("d", "e")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--output_jsons", "f"])
+    assert "unrecognized arguments: --output_jsons f" in capsys.readouterr().err
+
+
 def test_errors_are_one_line_with_status_2(capsys):
     """Bad flags (argparse) and what a main refuses, or cannot fit in memory, end in one line,
     not a traceback; a main that succeeds returns its status."""
