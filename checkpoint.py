@@ -389,13 +389,26 @@ def _config_problem(data: dict) -> str | None:
     if not isinstance(hashes, dict):
         return f"hash_params must be an object, got {hashes!r}"
     for entity in ENTITIES:
+        count = data[f"num_{entity}_hashes"]
         for key in (f"{entity}_hash_scales", f"{entity}_biases"):
             value = hashes.get(key)
-            if not (isinstance(value, list) and value and all(_is_int(v) for v in value)):
-                return f"hash_params.{key} must be a list of integers, got {value!r}"
+            if not (isinstance(value, list) and all(_is_int(v) and abs(v) < 2**63 for v in value)):
+                return f"hash_params.{key} must be a list of int64 integers, got {value!r}"
+            if len(value) != count:
+                return (
+                    f"hash_params.{key} holds {len(value)} values, num_{entity}_hashes is {count}"
+                )
         modulus = hashes.get(f"{entity}_modulus")
-        if not (_is_int(modulus) and modulus >= 1):
-            return f"hash_params.{entity}_modulus must be a positive integer, got {modulus!r}"
+        if not (_is_int(modulus) and 2 <= modulus < 2**63):
+            return f"hash_params.{entity}_modulus must be an int64 integer >= 2, got {modulus!r}"
+    names = data.get("action_names")
+    if names is not None and not (
+        isinstance(names, list)
+        and len(names) == data["num_actions"]
+        and all(isinstance(n, str) for n in names)
+        and len(set(names)) == len(names)
+    ):
+        return f"action_names must be {data['num_actions']} distinct names, got {names!r}"
     return None
 
 

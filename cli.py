@@ -11,6 +11,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 DTYPE_NAMES = ("bfloat16", "float32")
@@ -38,6 +39,15 @@ class ArgumentParser(argparse.ArgumentParser):
             if other in self._option_string_actions:
                 return other + sep + value
         return arg
+
+
+def file_in_a_folder(path: os.PathLike) -> str | None:
+    """Why a file or folder could not be written at `path`: the first of its parents that
+    exists is not a folder; None when it could (as far as that goes)."""
+    for parent in Path(os.path.abspath(path)).parents:
+        if parent.exists():
+            return None if parent.is_dir() else f"{parent} is a file, not a folder"
+    return None
 
 
 def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:

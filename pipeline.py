@@ -21,6 +21,7 @@ names instead.
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -55,6 +56,12 @@ def score_weights(ranker: ModelArtifacts) -> dict[str, tuple[int, float]]:
     """{label: (output index, weight)} of the feed's weighted score."""
     names = (ranker.json or {}).get("action_names")
     if names:
+        missing = [name for name in NAMED_WEIGHTS if name not in names]
+        if missing:
+            raise ValueError(
+                f"the ranker's config.json lists action_names without {', '.join(missing)}, "
+                "which the feed's score weights"
+            )
         return {name: (list(names).index(name), w) for name, w in NAMED_WEIGHTS.items()}
     return {name: (PUBLISHED_ACTION_ENUM[name], w) for name, w in PUBLISHED_WEIGHTS.items()}
 
@@ -80,9 +87,16 @@ class Feed:
     seconds: dict[str, float]  # hash, retrieve, rank
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(value: Any, what: str) -> int:
     """An id of a sequence: a positive integer that int64 holds (X's ids are)."""
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value < 2**63:
+    if not (_is_int(value) and 1 <= value < 2**63):
         raise ValueError(f"{what} must be a positive integer id below 2**63, got {value!r}")
     return value
 
@@ -115,7 +129,7 @@ def read_history(
                 f"{item_actions!r}"
             )
         for key, value in item_actions.items():
-            if not str(key).isdigit() or int(key) >= num_actions:
+            if not re.fullmatch("[0-9]+", str(key)) or int(key) >= num_actions:
                 raise ValueError(
                     f"history item {i}: action index {key!r} is not one of the ranker's "
                     f"{num_actions} actions"
@@ -127,15 +141,23 @@ def read_history(
         if (
             isinstance(seconds, bool)
             or not isinstance(seconds, int | float)
-            or not (0 <= seconds < float("inf"))
+            or not (0 <= seconds <= FLOAT32_MAX)
         ):
             raise ValueError(
                 f"history item {i}: dwell_time must be a finite number of seconds >= 0, got "
                 f"{seconds!r}"
             )
         dwell[i] = seconds
-    has_dwell = any(isinstance(item, dict) and "dwell_time" in item for item in history)
+    has_dwell = any("dwell_time" in item for item in history[:history_len])
     return user_id, posts, authors, actions, (dwell if has_dwell else None)
+
+
+def read_request_time(sequence: Mapping[str, Any]) -> int | None:
+    """The sequence's "request_time" (unix seconds), if it has one."""
+    value = sequence.get("request_time")
+    if value is not None and not (_is_int(value) and 0 <= value < 2**63):
+        raise ValueError(f"request_time must be an integer of unix seconds >= 0, got {value!r}")
+    return value
 
 
 class Pipeline:
@@ -210,6 +232,7 @@ class Pipeline:
         history = read_history(
             sequence, retrieval.config.history_seq_len, ranker.config.num_actions
         )
+        request_time = read_request_time(sequence)
         batch, embeddings = self._history_inputs(retrieval, history)
         seconds["hash"] = time.perf_counter() - start
 
@@ -223,7 +246,6 @@ class Pipeline:
         start = time.perf_counter()
         candidates = (np.asarray(corpus.post_ids)[indices], np.asarray(corpus.author_ids)[indices])
         times = None
-        request_time = sequence.get("request_time")
         if request_time is not None and corpus.creation_times is not None:
             created = np.asarray(corpus.creation_times)[indices]
             times = (np.full(len(indices), request_time, np.int64), created)

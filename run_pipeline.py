@@ -18,8 +18,14 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from checkpoint import load_artifacts, write_json
-from cli import ArgumentParser, positive_int, run_main, seed_int
+from cli import ArgumentParser, file_in_a_folder, positive_int, run_main, seed_int
 from pipeline import Pipeline, describe_feed, feed_to_json, write_example
+
+# Flags that serve a feed, which --write-example does not read.
+SERVING_FLAGS = (
+    "artifacts_dir", "sequence_file", "corpus_file", "top_k_retrieval", "top_k_display",
+    "output_json", "dtype",
+)  # fmt: skip
 
 
 def parse_args(argv: list[str] | None = None):
@@ -48,6 +54,18 @@ def parse_args(argv: list[str] | None = None):
     args = parser.parse_args(argv)
     if args.output_json is not None and args.output_json.is_dir():
         parser.error(f"--output-json: {args.output_json} is a folder, not a file name")
+    for flag, path in (
+        ("--output-json", args.output_json),
+        ("--write-example", args.write_example),
+    ):
+        if path is not None and (problem := file_in_a_folder(path)):
+            parser.error(f"{flag} {path}: {problem}")
+    if args.write_example is not None:
+        serving = [f for f in SERVING_FLAGS if getattr(args, f) != parser.get_default(f)]
+        if serving:
+            parser.error(
+                f"--write-example writes a folder and exits; --{serving[0]} is for serving one"
+            )
     if args.write_example is not None and args.vocab_size < 2:
         parser.error("--vocab-size must be at least 2 (row 0 is padding)")
     return args
@@ -62,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"Wrote an example artifacts folder to {folder} in {seconds:.1f} s: "
             f"the published mini model (D 128, 4 layers, 4 heads of 32) with RANDOM weights "
-            f"(seed {args.seed}), tables of {args.vocab_size:,} rows, {args.corpus_size:,} posts."
+            f"(seed {args.seed}), tables of {args.vocab_size:,} rows, {args.corpus_size:,} "
+            f"post{'s' * (args.corpus_size != 1)}."
         )
         print(f"Serve it: uv run run_pipeline.py --artifacts_dir {folder}")
         return 0

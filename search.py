@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 
 import jax
@@ -335,8 +336,12 @@ class TwoPassIndex:
 
     def __init__(self, corpus: np.ndarray, chunk_rows: int = 1 << 16, int8: bool | None = None):
         """`int8`: the int8 copy (default: where the native kernel runs) or bfloat16."""
+        if not hasattr(corpus, "shape"):
+            corpus = np.asarray(corpus)
         if np.ndim(corpus) != 2 or not np.issubdtype(np.asarray(corpus[:0]).dtype, np.floating):
             raise ValueError(f"corpus must be a floating [N, D] array, got {np.shape(corpus)}")
+        if 0 in corpus.shape:
+            raise ValueError(f"corpus is empty ({list(corpus.shape)}): there is nothing to search")
         if int8 is None:
             int8 = jax.default_backend() == "cpu" and native_search.available()
         self.corpus = corpus
@@ -487,7 +492,7 @@ def check_top_k(
     n: int, k: int, corpus_mask: jax.Array | None = None, k_name: str = "top_k"
 ) -> None:
     """Raises ValueError unless k is an integer in [1, n] and the mask, if any, is [n]."""
-    if isinstance(k, bool) or int(k) != k or not 1 <= k <= n:
-        raise ValueError(f"{k_name} must be in [1, N={n}] (an integer), got {k}")
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
+        raise ValueError(f"{k_name} must be in [1, N={n}] (an integer), got {k!r}")
     if corpus_mask is not None and jnp.shape(corpus_mask) != (n,):
         raise ValueError(f"corpus_mask has shape {jnp.shape(corpus_mask)}, expected [N={n}]")

@@ -216,6 +216,22 @@ DAMAGES = {
         lambda f: _edit_json(f / RETRIEVAL_JSON, hash_params=5),
         "retrieval/config.json: hash_params must be an object, got 5",
     ),
+    "config.json with a hash beyond int64": (
+        lambda f: _edit_hash(f / RANKER_JSON, item_hash_scales=[2**70, 3]),
+        "ranker/config.json: hash_params.item_hash_scales must be a list of int64 integers",
+    ),
+    "config.json with more hash scales than hashes": (
+        lambda f: _edit_hash(f / RETRIEVAL_JSON, item_hash_scales=[3, 5, 7], item_biases=[1, 2, 3]),
+        "retrieval/config.json: hash_params.item_hash_scales holds 3 values, num_item_hashes is 2",
+    ),
+    "config.json with a modulus of 1": (
+        lambda f: _edit_hash(f / RANKER_JSON, author_modulus=1),
+        "ranker/config.json: hash_params.author_modulus must be an int64 integer >= 2, got 1",
+    ),
+    "config.json with action names of another length": (
+        lambda f: _edit_json(f / RANKER_JSON, action_names=["favorite_score"]),
+        "ranker/config.json: action_names must be 19 distinct names",
+    ),
     "config.json with a text switch": (
         lambda f: _edit_json(f / RANKER_JSON, right_anchored_rope="yes"),
         "ranker/config.json: right_anchored_rope must be true or false, got 'yes'",
@@ -243,6 +259,12 @@ def test_a_damaged_folder_is_refused_naming_the_file(example_folder, tmp_path, d
     act(folder)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_artifacts(folder)
+
+
+def _edit_hash(path, **changes):
+    data = json.loads(path.read_text())
+    data["hash_params"].update(changes)
+    path.write_text(json.dumps(data))
 
 
 def _edit_json(path, drop=None, **changes):

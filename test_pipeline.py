@@ -13,7 +13,7 @@ import pytest
 import run_pipeline
 from checkpoint import load_artifacts
 from conftest import Setup, run_script
-from pipeline import Pipeline, read_history, write_example
+from pipeline import Pipeline, read_history, read_request_time, write_example
 from published_pipeline import PublishedPipeline
 from recsys_model import ACTIONS
 
@@ -77,6 +77,10 @@ def test_our_folders_weight_the_actions_by_name(folder):
         weighted = sum(w * item.probabilities[ACTIONS[i]] for i, w in feed.weights.values())
         assert item.score == pytest.approx(weighted, abs=1e-6)
     assert [i.score for i in feed.items] == sorted((i.score for i in feed.items), reverse=True)
+    names = artifacts.ranker.json["action_names"]
+    artifacts.ranker.json = dict(artifacts.ranker.json, action_names=names[1:] + ["renamed"])
+    with pytest.raises(ValueError, match="action_names without favorite_score, which the feed"):
+        Pipeline(artifacts)
 
 
 def test_history_is_the_first_items_left_aligned():
@@ -119,6 +123,10 @@ def test_history_is_the_first_items_left_aligned():
          "dwell_time must be a finite number of seconds >= 0, got -1.0"),
         ({"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "dwell_time": float("nan")}]},
          "dwell_time must be a finite number of seconds >= 0, got nan"),
+        ({"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "dwell_time": 1e300}]},
+         "dwell_time must be a finite number of seconds >= 0, got 1e\\+300"),
+        ({"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "actions": {"\u00b2": 1}}]},
+         "history item 0: action index '\u00b2' is not one of the ranker's 19 actions"),
         ({"user_id": 1, "history": {}}, '"history" must be a list'),
         ({"user_id": 1, "history": [{"post_id": 1.5, "author_id": 2}]}, "history item 0: post_id"),
         ({"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "actions": {"19": 1}}]},
@@ -132,6 +140,16 @@ def test_history_is_the_first_items_left_aligned():
 def test_bad_sequences_are_refused_in_one_line(sequence, message):
     with pytest.raises(ValueError, match=message):
         read_history(sequence, 4, 19)
+
+
+@pytest.mark.parametrize("value", [2**70, -1, "now", 1.7e9, True])
+def test_a_request_time_that_is_not_unix_seconds_is_refused(value):
+    with pytest.raises(
+        ValueError, match=f"request_time must be an integer of unix seconds >= 0, got {value!r}"
+    ):
+        read_request_time({"request_time": value})
+    assert read_request_time({"request_time": 1_700_000_000}) == 1_700_000_000
+    assert read_request_time({}) is None
 
 
 def run(argv, capsys):
@@ -171,10 +189,15 @@ def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
         (["--top_k_display", "0"], "expected an integer >= 1, got 0"),
         (["--write-example", "EXISTING"], "already exists; choose a new folder"),
         (["--output-json", "EXISTING"], "is a folder, not a file name"),
+        (["--output-json", "A_FILE/feed.json"], "something is a file, not a folder"),
+        (["--write-example", "A_FILE/example"], "something is a file, not a folder"),
+        (["--write-example", "NEW", "--top_k_display", "3"],
+         "--write-example writes a folder and exits; --top_k_display is for serving one"),
     ],
-)
+)  # fmt: skip
 def test_the_command_line_refuses_bad_flags_in_one_line(argv, message, capsys, tmp_path):
-    argv = [str(tmp_path) if a == "EXISTING" else a for a in argv]
+    paths = {"EXISTING": tmp_path, "NEW": tmp_path / "new"}
+    argv = [str(paths.get(a, a)).replace("A_FILE", str(tmp_path / "something")) for a in argv]
     (tmp_path / "something").write_text("")
     try:
         status, out, err = run(argv, capsys)

@@ -262,6 +262,13 @@ def test_two_pass_index_refuses_what_it_cannot_search():
         index.search(np.ones((1, 7), np.float32), 3)
     with pytest.raises(ValueError, match="queries must be finite"):
         index.search(np.full((1, 8), np.inf, np.float32), 3)
+    with pytest.raises(ValueError, match=r"k must be in \[1, N=50\] \(an integer\), got 3\.0"):
+        index.search(np.ones((1, 8), np.float32), 3.0)
+    with pytest.raises(ValueError, match=r"corpus is empty \(\[0, 8\]\)"):
+        TwoPassIndex(np.zeros((0, 8), np.float32))
+    rows = unit_rows((50, 8), seed=1)
+    listed = TwoPassIndex(rows.tolist()).search(rows[:2], 4)  # a nested list is an array too
+    assert_same_top_k(listed, full_top_k(rows[:2], rows, 4))
 
 
 @pytest.mark.parametrize("native", [pytest.param(True, marks=needs_kernel), False])

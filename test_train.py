@@ -307,6 +307,7 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys):
     )
     notes = str(tmp_path / "notes.txt")
     assert "is a file, not a folder" in refused([*RANKER_ONLY, "--out", notes])
+    assert "notes.txt is a file, not a folder" in refused([*RANKER_ONLY, "--out", notes + "/run"])
     # Both models are checked against the world before the first one trains.
     small = tmp_path / "small"
     assert "the world has 90 posts; retrieval is measured by recall@100" in refused(

@@ -61,7 +61,7 @@ from checkpoint import (
     write_json,
     write_npz,
 )
-from cli import ArgumentParser, positive_int, run_main, seed_int
+from cli import ArgumentParser, file_in_a_folder, positive_int, run_main, seed_int
 from grok import TransformerConfig
 from recsys_model import (
     ACTIONS,
@@ -1395,6 +1395,8 @@ def check_run_folder(out: Path, kinds: tuple[str, ...], resume: bool) -> None:
     trained model, a resumed one needs it."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file, not a folder")
+    if problem := file_in_a_folder(out):
+        raise ValueError(f"--out {out}: {problem}")
     foreign = (
         sorted(p.name for p in out.iterdir() if p.name not in RUN_OUTPUTS) if out.is_dir() else []
     )
