@@ -402,6 +402,12 @@ class TwoPassIndex:
             )
         if not np.isfinite(queries).all():
             raise ValueError("queries must be finite")
+        largest = float(np.linalg.norm(queries.astype(np.float64), axis=1).max()) * self.max_norm
+        if largest > float(np.finfo(np.float32).max) / 2:
+            raise ValueError(
+                f"queries and corpus rows this large (|q| |x| up to {largest:.3g}) overflow "
+                "float32 scores"
+            )
         taken = min(n, 2 * k + 64)
         first_scores, first_rows = self._first_pass(queries, taken)
         bounds = self.error_bounds(queries)

@@ -264,6 +264,8 @@ def test_two_pass_index_refuses_what_it_cannot_search():
         index.search(np.full((1, 8), np.inf, np.float32), 3)
     with pytest.raises(ValueError, match=r"k must be in \[1, N=50\] \(an integer\), got 3\.0"):
         index.search(np.ones((1, 8), np.float32), 3.0)
+    with pytest.raises(ValueError, match=r"\|q\| \|x\| up to 1e\+50\) overflow float32"):
+        TwoPassIndex(unit_rows((50, 8), seed=1) * 1e25).search(unit_rows((1, 8), 2) * 1e25, 3)
     with pytest.raises(ValueError, match=r"corpus is empty \(\[0, 8\]\)"):
         TwoPassIndex(np.zeros((0, 8), np.float32))
     rows = unit_rows((50, 8), seed=1)
