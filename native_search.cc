@@ -371,29 +371,52 @@ ffi::Error SearchRows(int64_t n, int64_t b, int64_t padded, int k, int64_t reque
   return ffi::Error::Success();
 }
 
+// The sizes of a search: queries [B, D], corpus [N, D], a vector [N] beside the corpus (the
+// mask or the scales) and outputs [B, k], with 1 <= k <= N < 2**31.
+struct Sizes {
+  int64_t b, d, n, k;
+};
+
+template <typename Queries, typename Corpus, typename PerRow, typename Outputs>
+ffi::Error CheckSizes(const std::string& name, const Queries& queries, const Corpus& corpus,
+                      const PerRow& per_row, const Outputs& outputs, Sizes& sizes) {
+  auto q = queries.dimensions(), c = corpus.dimensions(), r = per_row.dimensions();
+  auto o = outputs.dimensions();
+  if (q.size() != 2 || c.size() != 2 || o.size() != 2 || r.size() != 1) {
+    return ffi::Error::InvalidArgument(
+        name + ": queries, corpus and outputs must be 2-D, the per-row vector 1-D");
+  }
+  sizes = Sizes{q[0], q[1], c[0], o[1]};
+  if (c[1] != sizes.d || o[0] != sizes.b || r[0] != sizes.n) {
+    return ffi::Error::InvalidArgument(name + ": mismatched shapes");
+  }
+  if (sizes.k < 1 || sizes.k > sizes.n || sizes.n > std::numeric_limits<int32_t>::max()) {
+    return ffi::Error::InvalidArgument(name + ": need 1 <= k <= N < 2**31");
+  }
+  return ffi::Error::Success();
+}
+
+// `search()`, with no exception crossing into XLA.
+template <typename Search>
+ffi::Error Guarded(const std::string& name, Search search) {
+  try {
+    return search();
+  } catch (const std::exception&) {
+    return ffi::Error::Internal(name + ": out of memory");
+  }
+}
+
 ffi::Error TopK(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus, ffi::Buffer<ffi::PRED> mask,
                 float masked_score, int64_t requested_threads,
                 ffi::Result<ffi::Buffer<ffi::F32>> scores,
                 ffi::Result<ffi::Buffer<ffi::S32>> indices) {
-  auto qdims = queries.dimensions();
-  auto cdims = corpus.dimensions();
-  auto odims = scores->dimensions();
-  if (qdims.size() != 2 || cdims.size() != 2 || odims.size() != 2 ||
-      mask.dimensions().size() != 1) {
-    return ffi::Error::InvalidArgument(
-        "phoenix_top_k: queries, corpus and outputs must be 2-D, the mask 1-D");
-  }
-  const int64_t b = qdims[0], d = qdims[1], n = cdims[0];
-  const int64_t k = odims[1];
+  Sizes sizes;
+  ffi::Error error = CheckSizes("phoenix_top_k", queries, corpus, mask, *scores, sizes);
+  if (error.failure()) return error;
+  const auto [b, d, n, k] = sizes;
   bool bf16 = corpus.element_type() == ffi::BF16;
   if (!bf16 && corpus.element_type() != ffi::F32) {
     return ffi::Error::InvalidArgument("phoenix_top_k: corpus must be float32 or bfloat16");
-  }
-  if (cdims[1] != d || odims[0] != b || mask.dimensions()[0] != n) {
-    return ffi::Error::InvalidArgument("phoenix_top_k: mismatched shapes");
-  }
-  if (k < 1 || k > n || n > std::numeric_limits<int32_t>::max()) {
-    return ffi::Error::InvalidArgument("phoenix_top_k: need 1 <= k <= N < 2**31");
   }
 
   const int64_t padded = (b + kLanes - 1) / kLanes * kLanes;
@@ -413,11 +436,9 @@ ffi::Error TopKImpl(ffi::Buffer<ffi::F32> queries, ffi::AnyBuffer corpus,
                     ffi::Buffer<ffi::PRED> mask, float masked_score, int64_t threads,
                     ffi::Result<ffi::Buffer<ffi::F32>> scores,
                     ffi::Result<ffi::Buffer<ffi::S32>> indices) {
-  try {  // no exception may cross into XLA
+  return Guarded("phoenix_top_k", [&] {
     return TopK(queries, corpus, mask, masked_score, threads, scores, indices);
-  } catch (const std::exception&) {
-    return ffi::Error::Internal("phoenix_top_k: out of memory");
-  }
+  });
 }
 
 // int8 rows, for the first pass of a two-pass search (search.TwoPassIndex): row r stands for
@@ -456,21 +477,10 @@ ffi::Error TopKInt8(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::S8> codes,
                     ffi::Buffer<ffi::F32> scales, int64_t requested_threads,
                     ffi::Result<ffi::Buffer<ffi::F32>> scores,
                     ffi::Result<ffi::Buffer<ffi::S32>> indices) {
-  auto qdims = queries.dimensions();
-  auto cdims = codes.dimensions();
-  auto odims = scores->dimensions();
-  if (qdims.size() != 2 || cdims.size() != 2 || odims.size() != 2 ||
-      scales.dimensions().size() != 1) {
-    return ffi::Error::InvalidArgument(
-        "phoenix_top_k_int8: queries, codes and outputs must be 2-D, the scales 1-D");
-  }
-  const int64_t b = qdims[0], d = qdims[1], n = cdims[0], k = odims[1];
-  if (cdims[1] != d || odims[0] != b || scales.dimensions()[0] != n) {
-    return ffi::Error::InvalidArgument("phoenix_top_k_int8: mismatched shapes");
-  }
-  if (k < 1 || k > n || n > std::numeric_limits<int32_t>::max()) {
-    return ffi::Error::InvalidArgument("phoenix_top_k_int8: need 1 <= k <= N < 2**31");
-  }
+  Sizes sizes;
+  ffi::Error error = CheckSizes("phoenix_top_k_int8", queries, codes, scales, *scores, sizes);
+  if (error.failure()) return error;
+  const auto [b, d, n, k] = sizes;
   const float levels = static_cast<float>(QueryLevels(d));
   std::vector<int16_t> rounded(b * d);
   std::vector<float> steps(b);
@@ -497,11 +507,8 @@ ffi::Error TopKInt8Impl(ffi::Buffer<ffi::F32> queries, ffi::Buffer<ffi::S8> code
                         ffi::Buffer<ffi::F32> scales, int64_t threads,
                         ffi::Result<ffi::Buffer<ffi::F32>> scores,
                         ffi::Result<ffi::Buffer<ffi::S32>> indices) {
-  try {  // no exception may cross into XLA
-    return TopKInt8(queries, codes, scales, threads, scores, indices);
-  } catch (const std::exception&) {
-    return ffi::Error::Internal("phoenix_top_k_int8: out of memory");
-  }
+  return Guarded("phoenix_top_k_int8",
+                 [&] { return TopKInt8(queries, codes, scales, threads, scores, indices); });
 }
 
 }  // namespace
