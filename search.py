@@ -425,18 +425,23 @@ class TwoPassIndex:
                 exact = np.concatenate(
                     [read_block(self.corpus, s, s + 65536) @ query for s in range(0, n, 65536)]
                 )
-                found = self._rescore(query, exact, np.arange(n), k, 0.0)
+                found = _best(exact, np.arange(n), k)
             scores[b], indices[b] = found
         return scores, indices
 
     def _rescore(self, query, first_scores, rows, k: int, bound: float):
         """(scores, rows) of the best k of `rows` in float32, or None when the first pass
         (its scores `first_scores`, best first) may have left out a better row."""
-        exact = read_rows(self.corpus, rows).astype(np.float32) @ query
-        order = np.lexsort((rows, -exact))[:k]  # by score, then by row
-        if len(rows) < len(self.corpus) and not exact[order[-1]] > first_scores[-1] + bound:
+        exact, best = _best(read_rows(self.corpus, rows).astype(np.float32) @ query, rows, k)
+        if len(rows) < len(self.corpus) and not exact[-1] > first_scores[-1] + bound:
             return None
-        return exact[order], rows[order]
+        return exact, best
+
+
+def _best(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best (scores, rows), by score, then by row."""
+    order = np.lexsort((rows, -scores))[:k]
+    return scores[order], rows[order]
 
 
 def _largest_norm(rows: np.ndarray) -> float:
