@@ -367,7 +367,8 @@ def read_config_json(path: Path) -> dict:
     return data
 
 
-def _is_int(value: Any) -> bool:
+def is_integer(value: Any) -> bool:
+    """Whether a value read from JSON is an integer (true and false are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -376,7 +377,7 @@ def _config_problem(data: dict) -> str | None:
     counts = [k for k in _REQUIRED_KEYS if k != "hash_params"]
     counts += [k for k in ("num_kv_heads", *(f"{e}_vocab_size" for e in ENTITIES)) if k in data]
     for key in counts:
-        if not (_is_int(data[key]) and data[key] >= 1):
+        if not (is_integer(data[key]) and data[key] >= 1):
             return f"{key} must be a positive integer, got {data[key]!r}"
     for key in ("widening_factor", "attn_output_multiplier"):
         value = data.get(key, 1.0)
@@ -392,14 +393,16 @@ def _config_problem(data: dict) -> str | None:
         count = data[f"num_{entity}_hashes"]
         for key in (f"{entity}_hash_scales", f"{entity}_biases"):
             value = hashes.get(key)
-            if not (isinstance(value, list) and all(_is_int(v) and abs(v) < 2**63 for v in value)):
+            if not (
+                isinstance(value, list) and all(is_integer(v) and abs(v) < 2**63 for v in value)
+            ):
                 return f"hash_params.{key} must be a list of int64 integers, got {value!r}"
             if len(value) != count:
                 return (
                     f"hash_params.{key} holds {len(value)} values, num_{entity}_hashes is {count}"
                 )
         modulus = hashes.get(f"{entity}_modulus")
-        if not (_is_int(modulus) and 2 <= modulus < 2**63):
+        if not (is_integer(modulus) and 2 <= modulus < 2**63):
             return f"hash_params.{entity}_modulus must be an int64 integer >= 2, got {modulus!r}"
     names = data.get("action_names")
     if names is not None and not (

@@ -36,6 +36,7 @@ from checkpoint import (
     Corpus,
     ModelArtifacts,
     check_new_folder,
+    is_integer,
     param_shapes,
     write_artifacts,
 )
@@ -90,13 +91,9 @@ class Feed:
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _positive_int(value: Any, what: str) -> int:
     """An id of a sequence: a positive integer that int64 holds (X's ids are)."""
-    if not (_is_int(value) and 1 <= value < 2**63):
+    if not (is_integer(value) and 1 <= value < 2**63):
         raise ValueError(f"{what} must be a positive integer id below 2**63, got {value!r}")
     return value
 
@@ -155,7 +152,7 @@ def read_history(
 def read_request_time(sequence: Mapping[str, Any]) -> int | None:
     """The sequence's "request_time" (unix seconds), if it has one."""
     value = sequence.get("request_time")
-    if value is not None and not (_is_int(value) and 0 <= value < 2**63):
+    if value is not None and not (is_integer(value) and 0 <= value < 2**63):
         raise ValueError(f"request_time must be an integer of unix seconds >= 0, got {value!r}")
     return value
 
