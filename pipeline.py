@@ -114,6 +114,7 @@ def read_history(
     posts, authors = np.zeros(history_len, np.int64), np.zeros(history_len, np.int64)
     actions = np.zeros((history_len, num_actions), np.float32)
     dwell = np.zeros(history_len, np.float32)
+    indices = {str(a) for a in range(num_actions)}  # the usual spelling, without a regex
     for i, item in enumerate(history[:history_len]):
         if not isinstance(item, dict):
             raise ValueError(f"history item {i} must be an object, got {item!r}")
@@ -126,7 +127,9 @@ def read_history(
                 f"{item_actions!r}"
             )
         for key, value in item_actions.items():
-            if not re.fullmatch("[0-9]+", str(key)) or int(key) >= num_actions:
+            if key not in indices and (
+                not re.fullmatch("[0-9]+", str(key)) or int(key) >= num_actions
+            ):
                 raise ValueError(
                     f"history item {i}: action index {key!r} is not one of the ranker's "
                     f"{num_actions} actions"

@@ -343,15 +343,11 @@ def _check_values(fields: list[tuple[str, str, Any, int | None]]) -> None:
     one compiled call (jax arrays) or with numpy."""
     fields = [f for f in fields if _at_hand(f[2])]
     on_device = [f for f in fields if isinstance(f[2], jax.Array)]
-    summaries = dict(
-        zip(
-            [f[0] for f in on_device],
-            jax.device_get(
-                _device_summaries(tuple(f[1] for f in on_device), [f[2] for f in on_device])
-            ),
-            strict=True,
-        )
-    )
+    summaries = {}
+    if on_device:  # one compiled call (not even an empty one for numpy inputs)
+        kinds, values = tuple(f[1] for f in on_device), [f[2] for f in on_device]
+        found = jax.device_get(_device_summaries(kinds, values))
+        summaries = dict(zip([f[0] for f in on_device], found, strict=True))
     for name, kind, value, high in fields:
         summary = summaries.get(name) or _summary(kind, np.asarray(value), np)
         if kind == "ids":

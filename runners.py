@@ -236,8 +236,15 @@ def available_memory() -> int | None:
     return None
 
 
+# Requests needing less than this are not checked: they fit on any machine that runs the model,
+# and a serving loop should not read /proc/meminfo for every user.
+ALWAYS_FITS = 256 * 2**20
+
+
 def check_memory(needed: float, what: str) -> None:
     """Raises ValueError, in one line, if `needed` bytes plainly exceed the available memory."""
+    if needed < ALWAYS_FITS:
+        return
     available = available_memory()
     if available is not None and needed > available:
         raise ValueError(

@@ -275,13 +275,15 @@ def test_two_pass_index_refuses_what_it_cannot_search():
 
 @pytest.mark.parametrize("native", [pytest.param(True, marks=needs_kernel), False])
 def test_read_rows_reads_a_mapped_file_without_mapping_it(tmp_path, monkeypatch, native):
-    """By the kernel library's loop of positioned reads, or without it by Python's."""
+    """By the kernel library's loop of positioned reads, or without it by Python's, for a few
+    rows and for thousands."""
     if not native:
         monkeypatch.setattr(native_search, "read_rows", lambda *args: False)
-    table = np.random.default_rng(1).standard_normal((500, 7)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((5000, 7)).astype(np.float32)
     np.save(tmp_path / "t.npy", table)
     mapped = np.load(tmp_path / "t.npy", mmap_mode="r")
-    rows = np.array([[3, 499, 3], [0, 17, 250]])
-    np.testing.assert_array_equal(read_rows(mapped, rows), table[rows])
-    np.testing.assert_array_equal(read_rows(table, rows), table[rows])
-    np.testing.assert_array_equal(read_block(mapped, 490, 600), table[490:])
+    for rows in (np.array([[3, 4999, 3], [0, 17, 250]]), rng.integers(0, 5000, (30, 70))):
+        np.testing.assert_array_equal(read_rows(mapped, rows), table[rows])
+        np.testing.assert_array_equal(read_rows(table, rows), table[rows])
+    np.testing.assert_array_equal(read_block(mapped, 4990, 6000), table[4990:])
