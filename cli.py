@@ -6,6 +6,7 @@ Standard library only, so that any script can use it whatever it imports.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -69,6 +70,17 @@ positive_int = _int_at_least(1)  # argparse type: an integer >= 1
 non_negative_int = _int_at_least(0)  # argparse type: an integer >= 0
 # argparse type of seeds: small enough for NumPy and JAX's 32-bit keys, offsets included.
 seed_int = _int_at_least(0, 2**30)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
 
 
 def add_demo_flags(

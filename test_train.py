@@ -91,6 +91,19 @@ def test_trainable_initialisation_lets_every_array_learn(world):
     assert sum(from_published) < len(from_published) / 2
 
 
+def test_rowwise_adagrad_divides_each_row_by_its_accumulated_mean_square():
+    """Row 0 sees [3, 4] (mean square 12.5), then nothing; row 1 nothing, then [1, 1]."""
+    tx = T.scale_by_rowwise_adagrad()
+    table = jnp.zeros((2, 2))
+    state = tx.init(table)
+    first, state = tx.update(jnp.array([[3.0, 4.0], [0.0, 0.0]]), state)
+    np.testing.assert_allclose(first, [[3 / 12.5**0.5, 4 / 12.5**0.5], [0, 0]], rtol=1e-6)
+    second, state = tx.update(jnp.array([[0.0, 0.0], [1.0, 1.0]]), state)
+    np.testing.assert_allclose(second, [[0, 0], [1, 1]], rtol=1e-6)
+    np.testing.assert_allclose(state, [12.5, 1.0])
+    assert np.isfinite(first).all()  # row 1, never seen (accumulator 0), stays where it is
+
+
 def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run(world, tmp_path):
     job = T.make_job("ranker", world, dataclasses.replace(QUICK, steps=5, decay_steps=5))
 
@@ -272,6 +285,16 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
                 )
 
 
+def test_optimiser_flags_reach_both_models_training_configs():
+    flags = ["--out", "x", "--learning-rate", "1e-3", "--table-learning-rate", "0.5"]
+    _, trains = T.run_configs(T.parse_args([*flags, "--table-optimizer", "rowwise_adagrad"]))
+    for train in trains.values():
+        assert (train.learning_rate, train.table_learning_rate) == (1e-3, 0.5)
+        assert train.table_optimizer == "rowwise_adagrad"
+    _, defaults = T.run_configs(T.parse_args(["--out", "x"]))
+    assert defaults["ranker"] == T.TrainConfig.for_model("ranker")
+
+
 def test_bad_input_stops_with_one_line(world, tmp_path, capsys):
     def refused(argv) -> str:
         status, _, err = run_script(T.main, argv, capsys)
@@ -297,6 +320,12 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys):
     assert "ranker.npz" in refused([*RANKER_ONLY, "--out", str(run), "--resume"])
     assert "--steps: expected an integer >= 1" in refused(
         [*RANKER_ONLY, "--out", "x", "--steps", "0"]
+    )
+    assert "--learning-rate: expected a finite number > 0, got nan" in refused(
+        [*RANKER_ONLY, "--out", "x", "--learning-rate", "nan"]
+    )
+    assert "--table-optimizer: invalid choice: 'sgd'" in refused(
+        [*RANKER_ONLY, "--out", "x", "--table-optimizer", "sgd"]
     )
     assert "--seed: expected an integer <= 1073741824" in refused(
         [*RANKER_ONLY, "--out", "x", "--seed", str(2**63)]

@@ -61,7 +61,14 @@ from checkpoint import (
     write_json,
     write_npz,
 )
-from cli import ArgumentParser, file_in_a_folder, positive_int, run_main, seed_int
+from cli import (
+    ArgumentParser,
+    file_in_a_folder,
+    positive_float,
+    positive_int,
+    run_main,
+    seed_int,
+)
 from grok import TransformerConfig
 from recsys_model import (
     ACTIONS,
@@ -101,7 +108,7 @@ class TrainConfig:
     batch_size: int = 64  # requests (ranker) or queries (retrieval) per step
     learning_rate: float = 5e-3  # of the model's parameters (AdamW)
     table_learning_rate: float = 3e-2  # of the embedding tables
-    table_optimizer: str = "adam"  # or "adagrad"
+    table_optimizer: str = "adam"  # or "adagrad", "rowwise_adagrad"
     warmup_steps: int = 50
     final_learning_rate_fraction: float = 0.05
     weight_decay: float = 1e-4
@@ -459,10 +466,35 @@ def trainable_init(params: hk.Params, seed: int) -> hk.Params:
     return jax.tree_util.tree_map_with_path(init, params)
 
 
+def scale_by_rowwise_adagrad(eps: float = 1e-10) -> optax.GradientTransformation:
+    """Row-wise AdaGrad's scaling for tables [V, D]: one accumulator per row, the sum over steps
+    of the row gradient's mean square; a row's gradient is divided by the square root of its
+    accumulator, so that it keeps its direction (element-wise AdaGrad and Adam move a row seen
+    once by the learning rate in every coordinate, whatever its gradient's shape)."""
+
+    def init(params):
+        return jax.tree.map(lambda p: jnp.zeros(p.shape[:1], jnp.float32), params)
+
+    def update(grads, accumulators, params=None):
+        del params
+        accumulators = jax.tree.map(
+            lambda a, g: a + jnp.mean(jnp.square(g), axis=-1), accumulators, grads
+        )
+        updates = jax.tree.map(
+            lambda a, g: g * jax.lax.rsqrt(a + eps)[:, None], accumulators, grads
+        )
+        return updates, accumulators
+
+    return optax.GradientTransformation(init, update)
+
+
 # The embedding tables' optimisers, by `TrainConfig.table_optimizer`.
 TABLE_OPTIMIZERS = {
     "adam": lambda lr: optax.adam(lr),
     "adagrad": lambda lr: optax.adagrad(lr, initial_accumulator_value=1e-6),
+    "rowwise_adagrad": lambda lr: optax.chain(
+        scale_by_rowwise_adagrad(), optax.scale_by_learning_rate(lr)
+    ),
 }
 # Updates with non-finite gradients skipped in a row before a run stops (optax would apply the
 # next one).
@@ -1355,6 +1387,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--posts", type=positive_int, help="posts of the world")
     parser.add_argument("--batch-size", type=positive_int, help="(ranker 64, retrieval 256)")
     parser.add_argument("--eval-every", type=positive_int, help="(ranker 250, retrieval 190)")
+    parser.add_argument("--learning-rate", type=positive_float, help="of the model (5e-3)")
+    parser.add_argument("--table-learning-rate", type=positive_float, help="of the tables (3e-2)")
+    parser.add_argument(
+        "--table-optimizer", choices=tuple(TABLE_OPTIMIZERS), help="of the tables (adam)"
+    )
     parser.add_argument("--no-export", action="store_true", help="skip artifacts and plots")
     return parser.parse_args(argv)
 
@@ -1372,6 +1409,9 @@ def run_configs(args) -> tuple[world_lib.WorldConfig, dict[str, TrainConfig]]:
         "decay_steps": args.decay_steps,
         "batch_size": args.batch_size,
         "eval_every": args.eval_every,
+        "learning_rate": args.learning_rate,
+        "table_learning_rate": args.table_learning_rate,
+        "table_optimizer": args.table_optimizer,
     }
     flags = {k: v for k, v in flags.items() if v is not None}
     trains = {
