@@ -579,9 +579,16 @@ def load_artifacts(
     """Everything an artifacts folder holds, checked before anything is returned. The ranker's
     release comes from its own parameters; the configs as `configs_from_json` builds them."""
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file, not a folder")
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such folder")
     folders = {name: directory / name for name in ("retrieval", "ranker")}
+    if not any(f.is_dir() for f in folders.values()) and (directory / "artifacts").is_dir():
+        raise FileNotFoundError(
+            f"{directory} holds no retrieval/ or ranker/ folder; a training run's artifacts "
+            f"are in {directory / 'artifacts'}"
+        )
     jsons = {name: read_config_json(folder / CONFIG_FILE) for name, folder in folders.items()}
     params = {name: load_model_params(folder / PARAMS_FILE) for name, folder in folders.items()}
     retrieval_config, ranker_config = configs_from_json(

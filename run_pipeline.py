@@ -17,15 +17,23 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from checkpoint import load_artifacts, write_json
+from checkpoint import DEFAULT_SEQUENCE_FILE, load_artifacts, write_json
 from cli import ArgumentParser, file_in_a_folder, positive_int, run_main, seed_int
-from pipeline import Pipeline, describe_feed, feed_to_json, write_example
+from pipeline import (
+    Pipeline,
+    describe_feed,
+    feed_to_json,
+    read_history,
+    read_request_time,
+    write_example,
+)
 
-# Flags that serve a feed, which --write-example does not read.
+# Flags that serve a feed, which --write-example does not read, and the reverse.
 SERVING_FLAGS = (
     "artifacts_dir", "sequence_file", "corpus_file", "top_k_retrieval", "top_k_display",
     "output_json", "dtype",
 )  # fmt: skip
+EXAMPLE_FLAGS = ("seed", "corpus_size", "vocab_size")
 
 
 def parse_args(argv: list[str] | None = None):
@@ -66,6 +74,11 @@ def parse_args(argv: list[str] | None = None):
             parser.error(
                 f"--write-example writes a folder and exits; --{serving[0]} is for serving one"
             )
+    else:
+        example = [f for f in EXAMPLE_FLAGS if getattr(args, f) != parser.get_default(f)]
+        if example:
+            flag = "--" + example[0].replace("_", "-")
+            parser.error(f"{flag} is for --write-example; serving reads the folder's weights")
     if args.write_example is not None and args.vocab_size < 2:
         parser.error("--vocab-size must be at least 2 (row 0 is padding)")
     return args
@@ -90,6 +103,13 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = load_artifacts(
         args.artifacts_dir, args.sequence_file, args.corpus_file, jnp.dtype(args.dtype)
     )
+    sequence_file = args.sequence_file or Path(args.artifacts_dir) / DEFAULT_SEQUENCE_FILE
+    try:  # what the sequence holds, before any work, naming its file
+        history_len = artifacts.retrieval.config.history_seq_len
+        read_history(artifacts.sequence, history_len, artifacts.ranker.config.num_actions)
+        read_request_time(artifacts.sequence)
+    except ValueError as error:
+        raise ValueError(f"{sequence_file}: {error}") from None
     pipeline = Pipeline(artifacts)
     loaded = time.perf_counter() - start
     ranker = artifacts.ranker.config

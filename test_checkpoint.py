@@ -279,6 +279,17 @@ def test_writing_into_an_existing_folder_is_refused(example_folder):
         write_example(example_folder, corpus_size=10, vocab_size=10)
 
 
+def test_a_folder_that_is_not_an_artifacts_folder_is_named_as_such(tmp_path):
+    (tmp_path / "run" / "artifacts").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"run holds no retrieval/ or ranker/ folder; "):
+        load_artifacts(tmp_path / "run")
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder"):
+        load_artifacts(tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match=r"missing: no such folder"):
+        load_artifacts(tmp_path / "missing")
+
+
 def test_a_checkpoint_of_the_other_release_names_the_config_that_takes_it(tmp_path):
     """Into a first-release runner, a second-release checkpoint is refused with the config that
     would take it, and the reverse."""

@@ -193,6 +193,9 @@ def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
         (["--write-example", "A_FILE/example"], "something is a file, not a folder"),
         (["--write-example", "NEW", "--top_k_display", "3"],
          "--write-example writes a folder and exits; --top_k_display is for serving one"),
+        (["--vocab-size", "5"],
+         "--vocab-size is for --write-example; serving reads the folder's weights"),
+        (["--artifacts_dir", "A_FILE"], "something is a file, not a folder"),
     ],
 )  # fmt: skip
 def test_the_command_line_refuses_bad_flags_in_one_line(argv, message, capsys, tmp_path):
@@ -204,6 +207,16 @@ def test_the_command_line_refuses_bad_flags_in_one_line(argv, message, capsys, t
     except SystemExit as exit_info:  # argparse
         status, err = exit_info.code, capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_what_a_sequence_file_holds_is_refused_naming_the_file(folder, tmp_path, capsys):
+    sequence = json.loads((folder / "example_sequence.json").read_text())
+    sequence["history"][1]["actions"] = {"3": 2}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(sequence))
+    status, _, err = run(["--artifacts_dir", str(folder), "--sequence_file", str(bad)], capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"{bad}: history item 1: action 3 is 2, expected 0 or 1" in err
 
 
 def test_retrieving_more_posts_than_the_corpus_holds_is_refused(folder):
