@@ -565,12 +565,19 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         block = min(c, self.candidate_block_size)
         return self._rank(self.params, batch, embeddings, candidate_slots, block=block)
 
-    def check_fits(self, batch_size: int, history_len: int, num_candidates: int) -> None:
-        """Raises ValueError if ranking inputs of these sizes would plainly not fit in memory."""
+    def memory_needed(self, batch_size: int, history_len: int, num_candidates: int) -> float:
+        """A lower bound on the bytes ranking inputs of these sizes take."""
         config, b, s = self.runner.model, batch_size, history_len
         block = min(num_candidates, self.candidate_block_size)
-        needed = attention_bytes(config, b, 1 + s, 1 + s) + attention_bytes(config, b, block, 2 + s)
-        check_memory(needed, f"ranking {b} users with history {s} and {num_candidates} candidates")
+        return attention_bytes(config, b, 1 + s, 1 + s) + attention_bytes(config, b, block, 2 + s)
+
+    def check_fits(self, batch_size: int, history_len: int, num_candidates: int) -> None:
+        """Raises ValueError if ranking inputs of these sizes would plainly not fit in memory."""
+        check_memory(
+            self.memory_needed(batch_size, history_len, num_candidates),
+            f"ranking {batch_size} users with history {history_len} and {num_candidates} "
+            "candidates",
+        )
 
 
 class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
@@ -622,11 +629,15 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         sizes = validate_inputs(batch, embeddings, config, num_actions)
         self.check_fits(sizes["B"], sizes["S"])
 
+    def memory_needed(self, batch_size: int, history_len: int, num_candidates: int = 0) -> float:
+        """A lower bound on the bytes encoding users of these sizes takes."""
+        context = 1 + history_len
+        return attention_bytes(self.runner.model, batch_size, context, context)
+
     def check_fits(self, batch_size: int, history_len: int, num_candidates: int = 0) -> None:
         """Raises ValueError if encoding users of these sizes would plainly not fit in memory."""
-        context = 1 + history_len
         check_memory(
-            attention_bytes(self.runner.model, batch_size, context, context),
+            self.memory_needed(batch_size, history_len),
             f"encoding {batch_size} users with history {history_len}",
         )
 
@@ -709,14 +720,14 @@ def demo_inputs(
 ) -> tuple[RecsysBatch, RecsysEmbeddings]:
     """Initialises a demo runner with random weights (`seed`) and returns an example
     (batch, embeddings) of the sizes asked for, refusing sizes that would not fit in memory."""
-    inference_runner.check_fits(batch_size, history_len, num_candidates)
     config = inference_runner.runner.model
     hashes = config.hash_config
     per_item = (hashes.num_item_hashes + hashes.num_author_hashes) * config.emb_size + len(ACTIONS)
-    check_memory(
-        8 * batch_size * (history_len + num_candidates) * per_item,
-        f"example inputs for {batch_size} users, history {history_len}, "
-        f"{num_candidates} candidates",
+    inputs = 8 * batch_size * (history_len + num_candidates) * per_item
+    check_memory(  # the inputs and the model's work on them, together
+        inputs + inference_runner.memory_needed(batch_size, history_len, num_candidates),
+        f"{batch_size} users, history {history_len} and {num_candidates} candidates (example "
+        "inputs and the model's work on them)",
     )
     inference_runner.initialize()
     inference_runner.params = randomize_params(inference_runner.params, seed=seed)

@@ -66,9 +66,9 @@ RANDOM = "--random-weights"
         (
             run_retrieval.main,
             [RANDOM, "--history-len", "100000"],
-            "encoding 2 users with history 100000",
+            "2 users, history 100000 and 8 candidates",
         ),
-        (run_ranker.main, [RANDOM, "--candidates", "10000000000"], "example inputs for 2 users"),
+        (run_ranker.main, [RANDOM, "--candidates", "10000000000"], "and 10000000000 candidates"),
         (run_retrieval.main, [RANDOM, "--top-k", "2000"], r"--top-k \(2000\) must not exceed"),
         (run_ranker.main, ["--dtype", "float16"], "argument --dtype: invalid choice"),
         (run_ranker.main, ["--batch-size", "0"], "expected an integer >= 1, got 0"),

@@ -493,9 +493,19 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_in_one_line(ranker, retriev
     for runner in (ranker, retriever):
         with pytest.raises(ValueError, match=r"would need about \d+\.\d GiB of memory; "):
             runner.check_fits(2, 100_000, 8)
-    with pytest.raises(ValueError, match="example inputs for 2 users, history 32, 10000000000"):
+    with pytest.raises(ValueError, match="2 users, history 32 and 10000000000 candidates"):
         runners.demo_inputs(ranker, 0, 2, 32, 10**10)
     ranker.check_fits(2, 32, 8)  # the demo's sizes fit
+
+
+def test_demo_inputs_are_refused_when_the_inputs_and_the_work_together_do_not_fit(
+    ranker, monkeypatch
+):
+    work = ranker.memory_needed(20_000, 32, 8)
+    monkeypatch.setattr(runners, "available_memory", lambda: work + 1)
+    ranker.check_fits(20_000, 32, 8)  # the work alone fits
+    with pytest.raises(ValueError, match=r"20000 users, history 32 and 8 candidates \(example"):
+        runners.demo_inputs(ranker, 0, 20_000, 32, 8)
 
 
 # ---------------------------------------------------------------------------------------------
