@@ -24,6 +24,7 @@ from checkpoint import load_artifacts, read_npz
 from conftest import run_script
 from pipeline import Pipeline
 from recsys_model import ACTIONS
+from world import WorldConfig
 
 HERE = Path(__file__).parent
 QUICK = T.TrainConfig.quick()
@@ -283,6 +284,21 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
                 np.testing.assert_allclose(
                     models[kind].params[module][name], value, rtol=1e-3, atol=1e-3
                 )
+
+
+def test_a_resume_that_differs_by_quick_alone_says_so(tmp_path, capsys, monkeypatch):
+    quick, full = WorldConfig.tiny(), WorldConfig()
+    tiny, default = (json.loads(json.dumps(c.to_json())) for c in (quick, full))  # as saved
+    assert T._quick_hint(tiny, full.to_json()) == "it was started with --quick; "
+    assert T._quick_hint(default, quick.to_json()) == "it was started without --quick; "
+    assert T._quick_hint(tiny, WorldConfig.tiny(seed=1).to_json()) == ""
+
+    def cannot(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(T.Path, "mkdir", cannot)
+    status, _, err = run_script(T.main, ["--quick", "--out", str(tmp_path / "run")], capsys)
+    assert status == 2 and "cannot make the folder (Permission denied)" in err, err
 
 
 def test_optimiser_flags_reach_both_models_training_configs():

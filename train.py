@@ -628,6 +628,19 @@ def _first_difference(saved: Any, wanted: Any, where: str = "") -> str | None:
     return None
 
 
+def _quick_hint(saved_world: Any, world: Any) -> str:
+    """Advice when a saved run and this one differ by --quick alone (as far as the world goes)."""
+
+    def quick(config):  # compared as JSON: tuples and lists alike
+        seed = config.get("seed", 0) if isinstance(config, dict) else 0
+        tiny = world_lib.WorldConfig.tiny(seed).to_json()
+        return json.dumps(config, sort_keys=True) == json.dumps(tiny, sort_keys=True)
+
+    if quick(saved_world) != quick(world):
+        return f"it was started {'with' if quick(saved_world) else 'without'} --quick; "
+    return ""
+
+
 def load_state(path: Path, template: TrainState, meta: dict) -> TrainState:
     """The state saved at `path`, checked against what this run trains (`meta`) and against
     the template's tree; refused in one line otherwise."""
@@ -636,11 +649,13 @@ def load_state(path: Path, template: TrainState, meta: dict) -> TrainState:
     arrays = read_npz(path)
     if "meta" not in arrays:
         raise ValueError(f"{path}: not a training state of this project (no meta entry)")
-    difference = _first_difference(json.loads(str(arrays.pop("meta"))), meta)
+    saved = json.loads(str(arrays.pop("meta")))
+    difference = _first_difference(saved, meta)
     if difference:
         raise ValueError(
-            f"{path}: the state of another run ({difference}); choose another --out or run "
-            "without --resume"
+            f"{path}: the state of another run ({difference}); "
+            + _quick_hint(saved.get("world"), meta.get("world"))
+            + "choose another --out or run without --resume"
         )
     leaves = []
     for key, leaf in _leaves_by_path(template).items():
@@ -1077,13 +1092,14 @@ def goal_checks(report: dict) -> list[tuple[str, bool]]:
             if a["positives"] >= 200 and a["rce"] < 0.6 * a["rce_oracle"]
         ]
         counted = sum(a["positives"] >= 200 for a in actions.values())
-        checks.append(
-            (
-                f"{counted - len(short)} of {counted} actions with >= 200 positives reach 60% of "
-                f"the oracle's RCE" + (f" (short: {', '.join(short)})" if short else ""),
-                not short,
+        if counted:  # (a tiny world may have none)
+            checks.append(
+                (
+                    f"{counted - len(short)} of {counted} actions with >= 200 positives reach 60% "
+                    f"of the oracle's RCE" + (f" (short: {', '.join(short)})" if short else ""),
+                    not short,
+                )
             )
-        )
     recall = report.get("retrieval", {}).get("recall@100")
     if recall:
         m, o, p = recall["model"], recall["oracle"], recall["popularity"]
@@ -1464,6 +1480,21 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     kinds = MODELS if args.model == "both" else (args.model,)
     check_run_folder(out, kinds, args.resume)
+    made = not out.exists()
+    try:  # now, not when the first state is saved
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {out}: cannot make the folder ({error.strerror})") from None
+    try:
+        return train_and_report(args, out, kinds)
+    except BaseException:
+        if made and not any(out.iterdir()):  # a run that failed before writing leaves nothing
+            out.rmdir()
+        raise
+
+
+def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]) -> int:
+    """What `main` does once the run's folder is there."""
     world_config, trains = run_configs(args)
     started = time.perf_counter()
 
@@ -1519,7 +1550,6 @@ def main(argv: list[str] | None = None) -> int:
         for text, met in checks:
             print(f"  [{'x' if met else ' '}] {text}")
     report["goals_met"] = all(met for _, met in checks)
-    out.mkdir(parents=True, exist_ok=True)
     write_npz({**predictions, "actions": np.array(ACTIONS)}, out / "eval_predictions.npz")
     written = ["eval.json", "eval_predictions.npz"]
     if not args.no_export:
