@@ -112,10 +112,11 @@ def trained_demo(args) -> int:
         f"\nIn the user's tastes: {taste[order[:k]].sum()} of the model's top {k}, "
         f"{taste.mean() * k:.1f} of {k} on average for random picks from the same posts."
     )
-    print(
-        f"Model against the true p(favorite) over all {len(posts)} posts: rank correlation "
-        f"{spearman(p_model, p_true):.2f}."
-    )
+    if len(posts) > 1:  # (a correlation needs two)
+        print(
+            f"Model against the true p(favorite) over all {len(posts)} posts: rank correlation "
+            f"{spearman(p_model, p_true):.2f}."
+        )
     return 0
 
 

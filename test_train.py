@@ -359,6 +359,10 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys):
         ["--quick", "--posts", "90", "--out", str(small)]
     )
     assert not small.exists()
+    assert "cannot build the world --posts 20: a request would have fewer than 12 posts" in (
+        refused(["--quick", "--posts", "20", "--out", str(small)])
+    )
+    assert not small.exists()
 
     poisoned = dataclasses.replace(world)
     poisoned.ranking_train = dataclasses.replace(

@@ -778,8 +778,8 @@ def _serve(world: World, rng: np.random.Generator, users: np.ndarray, times: np.
     start = np.minimum(start, end - K)  # a thin stretch of time widens the window to K posts
     if R and start.min() < 0:
         raise ValueError(
-            f"serving_pool_size: a request has fewer than {K} posts created before it; "
-            "raise warmup_days or num_posts"
+            f"a request would have fewer than {K} posts (serving_pool_size) created before "
+            "it; the world needs more posts (num_posts) or a longer warmup (warmup_days)"
         )
     # One post from each of K equal strata of the window: distinct posts, spread over its ages.
     n = (end - start)[:, None]
