@@ -106,9 +106,15 @@ def trained_demo(args) -> int:
     print(
         f"\nIn the user's tastes: {taste.sum()} of the top {k}; {everywhere:.0%} of all those "
         "posts are."
-        f"\nOf the model's top {k}, {np.isin(found, oracle).sum()} are in the oracle's top "
-        f"{ORACLE_DEPTH} (the world's own ranking of what the user favorites next)."
     )
+    if k < len(posts):  # (of every post, any order would find as many)
+        hits = np.isin(found, oracle).sum()
+        print(
+            f"Of the model's top {k}, {hits} {'is' if hits == 1 else 'are'} in the oracle's top "
+            f"{ORACLE_DEPTH} (the world's own ranking of what the user favorites next)."
+        )
+    else:
+        print(f"(--top-k {args.top_k}: the window holds only {len(posts)} posts; all are ranked.)")
     return 0
 
 
