@@ -269,6 +269,7 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
         recall = metrics.recall_at_k(ranked, predictions["retrieval_targets"], 100)
         assert report["retrieval"]["recall@100"][name] == pytest.approx(recall, abs=1e-6)
     assert set(report["examples"]) == {"train", "eval"}
+    assert report["training"]["ranker"] == dataclasses.asdict(T.TrainConfig.quick())
 
     # The artifacts serve a feed through the pipeline; the demo checkpoint holds the same models.
     artifacts = load_artifacts(tmp_path / "artifacts", fprop_dtype=jnp.float32)

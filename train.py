@@ -1541,6 +1541,7 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
         "train": {"ranking": len(world.ranking_train), "retrieval": len(world.retrieval_train)},
         "eval": {"ranking": len(world.ranking_eval), "retrieval": len(world.retrieval_eval)},
     }
+    report["training"] = {kind: dataclasses.asdict(job.train) for kind, job in jobs.items()}
     report["steps"] = {kind: logs[kind][-1]["step"] if logs[kind] else 0 for kind in jobs}
     report["skipped_updates"] = {
         kind: int(logs[kind][-1]["skipped"]) if logs[kind] else 0 for kind in jobs
