@@ -372,6 +372,11 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def is_number(value: Any) -> bool:
+    """Whether a value read from JSON is a number (true and false are not)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _config_problem(data: dict) -> str | None:
     """The first value of a config.json that no model could be built from, in words."""
     counts = [k for k in _REQUIRED_KEYS if k != "hash_params"]
@@ -381,8 +386,7 @@ def _config_problem(data: dict) -> str | None:
             return f"{key} must be a positive integer, got {data[key]!r}"
     for key in ("widening_factor", "attn_output_multiplier"):
         value = data.get(key, 1.0)
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (number and 0 < value < math.inf):
+        if not (is_number(value) and 0 < value < math.inf):
             return f"{key} must be a positive number, got {value!r}"
     if not isinstance(data.get("right_anchored_rope", False), bool):
         return f"right_anchored_rope must be true or false, got {data['right_anchored_rope']!r}"

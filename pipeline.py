@@ -21,7 +21,6 @@ names instead.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +36,7 @@ from checkpoint import (
     ModelArtifacts,
     check_new_folder,
     is_integer,
+    is_number,
     param_shapes,
     write_artifacts,
 )
@@ -114,7 +114,6 @@ def read_history(
     posts, authors = np.zeros(history_len, np.int64), np.zeros(history_len, np.int64)
     actions = np.zeros((history_len, num_actions), np.float32)
     dwell = np.zeros(history_len, np.float32)
-    indices = {str(a) for a in range(num_actions)}  # the usual spelling, without a regex
     for i, item in enumerate(history[:history_len]):
         if not isinstance(item, dict):
             raise ValueError(f"history item {i} must be an object, got {item!r}")
@@ -127,9 +126,8 @@ def read_history(
                 f"{item_actions!r}"
             )
         for key, value in item_actions.items():
-            if key not in indices and (
-                not re.fullmatch("[0-9]+", str(key)) or int(key) >= num_actions
-            ):
+            text = str(key)
+            if not (text.isascii() and text.isdigit()) or int(text) >= num_actions:
                 raise ValueError(
                     f"history item {i}: action index {key!r} is not one of the ranker's "
                     f"{num_actions} actions"
@@ -138,11 +136,7 @@ def read_history(
                 raise ValueError(f"history item {i}: action {key} is {value!r}, expected 0 or 1")
             actions[i, int(key)] = value
         seconds = item.get("dwell_time", 0.0)
-        if (
-            isinstance(seconds, bool)
-            or not isinstance(seconds, int | float)
-            or not (0 <= seconds <= FLOAT32_MAX)
-        ):
+        if not (is_number(seconds) and 0 <= seconds <= FLOAT32_MAX):
             raise ValueError(
                 f"history item {i}: dwell_time must be a finite number of seconds >= 0, got "
                 f"{seconds!r}"

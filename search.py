@@ -423,7 +423,10 @@ class TwoPassIndex:
             if found is None:
                 self.fallbacks += 1
                 exact = np.concatenate(
-                    [read_block(self.corpus, s, s + 65536) @ query for s in range(0, n, 65536)]
+                    [
+                        read_block(self.corpus, s, s + 65536).astype(np.float32) @ query
+                        for s in range(0, n, 65536)
+                    ]
                 )
                 found = _best(exact, np.arange(n), k)
             scores[b], indices[b] = found

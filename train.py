@@ -1501,8 +1501,8 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
     try:
         world = world_lib.build_world(world_config)
     except ValueError as error:
-        sizes = [f"--{k} {v}" for k, v in (("users", args.users), ("posts", args.posts)) if v]
-        raise ValueError(f"cannot build the world {' '.join(sizes)}: {error}") from None
+        sizes = [f" --{k} {v}" for k, v in (("users", args.users), ("posts", args.posts)) if v]
+        raise ValueError(f"cannot build the world{''.join(sizes)}: {error}") from None
     print(
         f"world (seed {world_config.seed}): {world.num_users:,} users, {world.num_posts:,} posts, "
         f"{world.num_authors:,} authors, {len(world.topic_names)} topics; ranking "
@@ -1594,7 +1594,7 @@ def load_demo(
     if user_id is not None:
         check_user(user_id, world_config.num_users)
     world = world_lib.build_world(world_config)
-    shipped = path.resolve() == Path(DEMO_CHECKPOINT).resolve()
+    shipped = path.resolve() == DEMO_CHECKPOINT.resolve()
     made = f"{path.name} (made by `{DEMO_COMMAND}`)" if shipped else str(path)
     note = (
         f"Trained model: {made}, on the synthetic world of seed "
