@@ -288,9 +288,9 @@ def check_data(arrays: dict, what: str) -> None:
 
 
 def _per_config(build: Callable) -> Callable:
-    """Memoises `build(config, *args)` by the config's value (configs are not hashable): the
-    functions it returns are jitted, and building them once per config lets every run in a
-    process reuse what was compiled."""
+    """Memoises `build(config, *args)` by the config's value (configs are not hashable): what
+    it builds (a jitted function, a world) is built once per config in a process, so that every
+    later run reuses what was compiled or sampled."""
     cache: dict = {}
 
     @functools.wraps(build)
@@ -1578,6 +1578,12 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
     return 0
 
 
+@_per_config
+def _demo_world(world_config: world_lib.WorldConfig) -> world_lib.World:
+    """The demo's world, built once per process for each config (both demos may ask)."""
+    return world_lib.build_world(world_config)
+
+
 def load_demo(
     path: str | os.PathLike = DEMO_CHECKPOINT, user_id: int | None = None
 ) -> tuple[world_lib.World, dict[str, ModelArtifacts], str]:
@@ -1593,7 +1599,7 @@ def load_demo(
     world_config, models = load_demo_checkpoint(path)
     if user_id is not None:
         check_user(user_id, world_config.num_users)
-    world = world_lib.build_world(world_config)
+    world = _demo_world(world_config)
     shipped = path.resolve() == DEMO_CHECKPOINT.resolve()
     made = f"{path.name} (made by `{DEMO_COMMAND}`)" if shipped else str(path)
     note = (

@@ -37,6 +37,7 @@ import datetime
 import math
 
 import numpy as np
+from scipy.special import expit
 
 from recsys_model import ACTIONS
 
@@ -302,7 +303,7 @@ def take_rows(examples, index):
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 0.5 * (1.0 + np.tanh(0.5 * x))  # the tanh form never overflows
+    return expit(x)  # never overflows, and several times faster than numpy's tanh
 
 
 def _logit(p: float) -> float:
