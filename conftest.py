@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import haiku as hk
 import jax
@@ -21,12 +25,19 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 import runners
+import train
 import world as world_lib
 from cli import run_main
 from grok import TransformerConfig
 from recsys_model import ACTIONS, HashConfig, PhoenixModelConfig, RecsysBatch, RecsysEmbeddings
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from search import INF
+
+# Compiling dominates the suite's time: at LLVM's optimisation level 0 (XLA's own graph passes
+# still run) a compilation takes about a third less time, and no asserted result changes. JAX
+# reads the flags when it starts its backend, at the first computation, after these imports;
+# child processes (the notebook's kernel, the multi-device runs) inherit them.
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
 
 # Hashes are drawn from [1, TABLE_SIZE); 0 is padding.
 TABLE_SIZE = 50
@@ -257,6 +268,47 @@ def run_script(main, argv: list[str], capsys, prog: str = "script.py") -> tuple[
         status = exit_info.code
     out = capsys.readouterr()
     return status, out.out, out.err
+
+
+def start_with_devices(code: str, num_devices: int, *args: str) -> subprocess.Popen:
+    """Starts `python -c code *args` in the repository with `num_devices` CPU devices, its
+    output captured: it runs on the other core while this process goes on with other tests.
+    `finish` collects it."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count={num_devices}"
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        cwd=Path(__file__).resolve().parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    """(exit status, a report of its output) of a process from `start_with_devices`; killed
+    after `timeout` seconds."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        stderr += f"\n(killed after {timeout} s)"
+    return (
+        process.returncode,
+        f"exit status {process.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+    )
+
+
+def train_briefly(kind: str, mesh, folder, steps: int = 3) -> dict[str, np.ndarray]:
+    """The parameters, by path, of `kind` after a few steps at the quick run's settings on the
+    tiny world, on the devices of `mesh` (in the test process, the step other tests compiled)."""
+    world = world_lib.build_world(world_lib.WorldConfig.tiny())
+    job = train.make_job(kind, world, dataclasses.replace(train.TrainConfig.quick(), steps=steps))
+    state, _ = train.fit(job, folder, False, mesh, quiet=True)
+    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
 
 
 @pytest.fixture(scope="session")

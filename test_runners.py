@@ -14,11 +14,8 @@ Properties tested, each against the plain computation it replaces:
 
 import dataclasses
 import functools
-import os
-import subprocess
 import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import haiku as hk
 import jax
@@ -42,6 +39,7 @@ from conftest import (
     copy_inputs,
     dense_logits,
     example,
+    finish,
     fixed_example,
     full_top_k,
     grow,
@@ -51,6 +49,7 @@ from conftest import (
     ranking_params,
     retrieval_params,
     sigmoid,
+    start_with_devices,
     unit_rows,
 )
 from recsys_model import ACTIONS, RecsysBatch
@@ -592,21 +591,10 @@ def multi_device_checks() -> int:
 
 @pytest.fixture(scope="module", autouse=True)
 def multi_device_process():
-    """Starts the four-device subprocess with the module, so that it runs (on another core)
-    while the one-device tests do; `multi_device_run` collects it."""
-    env = dict(os.environ)
-    flags = env.get("XLA_FLAGS", "")
-    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={NUM_DEVICES}".strip()
-    env["JAX_PLATFORMS"] = "cpu"
+    """Starts the four-device checks with the module, so that they run (on the other core)
+    while the one-device tests do; `multi_device_run` collects them."""
     code = "import sys, test_runners; sys.exit(test_runners.multi_device_checks())"
-    process = subprocess.Popen(
-        [sys.executable, "-c", code],
-        cwd=Path(__file__).resolve().parent,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start_with_devices(code, NUM_DEVICES)
     yield process
     if process.poll() is None:
         process.kill()
@@ -615,19 +603,12 @@ def multi_device_process():
 
 @pytest.fixture(scope="module")
 def multi_device_run(multi_device_process):
-    """(exit status, stdout, stderr) of the four-device subprocess."""
-    try:
-        stdout, stderr = multi_device_process.communicate(timeout=MULTI_DEVICE_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        multi_device_process.kill()
-        stdout, stderr = multi_device_process.communicate()
-        stderr += f"\n(killed after {MULTI_DEVICE_TIMEOUT} s)"
-    return multi_device_process.returncode, stdout, stderr
+    """(exit status, report) of the four-device checks."""
+    return finish(multi_device_process, MULTI_DEVICE_TIMEOUT)
 
 
 @pytest.mark.parametrize("part", MULTI_DEVICE_PARTS)
 def test_multi_device_equals_one_device(multi_device_run, part):
-    status, stdout, stderr = multi_device_run
-    report = f"exit status {status}\nstdout:\n{stdout}\nstderr:\n{stderr}"
-    assert f"PASS {part}" in stdout.splitlines(), report
+    status, report = multi_device_run
+    assert f"PASS {part}" in report.splitlines(), report
     assert status == 0, report

@@ -7,10 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import haiku as hk
 import jax
@@ -21,12 +17,11 @@ import pytest
 import metrics
 import train as T
 from checkpoint import load_artifacts, read_npz
-from conftest import run_script
+from conftest import finish, run_script, start_with_devices, train_briefly
 from pipeline import Pipeline
 from recsys_model import ACTIONS
 from world import WorldConfig
 
-HERE = Path(__file__).parent
 QUICK = T.TrainConfig.quick()
 FAVORITE = ACTIONS.index("favorite_score")
 # Flags of a run that trains only the ranker and skips plots and artifacts.
@@ -196,35 +191,44 @@ def test_rank_corpus_orders_by_score_skips_the_history_and_serves_the_window_fir
     assert T.rank_corpus(users, posts, np.array([[0]]), 4, servable).tolist() == [[4, 3, 2, 1]]
 
 
-DATA_PARALLEL = """
-import dataclasses, sys
+FOUR_DEVICES = """
+import sys
 from pathlib import Path
 import jax, numpy as np
-import train as T, world as W
 from checkpoint import write_npz
+from conftest import train_briefly
+import train as T
 assert len(jax.devices()) == 4, jax.devices()
-world = W.build_world(W.WorldConfig.tiny())
-train = dataclasses.replace(T.TrainConfig.quick(), steps=3, batch_size=16, eval_every=100)
+mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 out = {}
 for kind in T.MODELS:
-    for name, devices in (("one", jax.devices()[:1]), ("four", jax.devices())):
-        mesh = jax.sharding.Mesh(np.array(devices), ("data",))
-        job = T.make_job(kind, world, train)
-        state, _ = T.fit(job, Path(sys.argv[1]) / name / kind, False, mesh, quiet=True)
-        leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
-        out.update({f"{name}{jax.tree_util.keystr(p)}{kind}": np.asarray(x) for p, x in leaves})
+    params = train_briefly(kind, mesh, Path(sys.argv[1]) / kind)
+    out.update({kind + path: x for path, x in params.items()})
 write_npz(out, Path(sys.argv[1]) / "params.npz")
 """
 
 
-def test_data_parallel_over_four_devices_equals_one_device(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    subprocess.run(
-        [sys.executable, "-c", DATA_PARALLEL, str(tmp_path)], cwd=HERE, env=env, check=True
-    )
-    params = read_npz(tmp_path / "params.npz")
-    one = {k[3:]: v for k, v in params.items() if k.startswith("one")}
-    four = {k[4:]: v for k, v in params.items() if k.startswith("four")}
+@pytest.fixture(scope="module", autouse=True)
+def four_device_run(tmp_path_factory):
+    """Starts the four-device training with the module, so that it runs (on the other core)
+    while the other tests do; the data-parallel test collects it."""
+    folder = tmp_path_factory.mktemp("four_devices")
+    process = start_with_devices(FOUR_DEVICES, 4, str(folder))
+    yield process, folder
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
+def test_data_parallel_over_four_devices_equals_one_device(four_device_run, tmp_path):
+    process, folder = four_device_run
+    status, report = finish(process)
+    assert status == 0, report
+    four = read_npz(folder / "params.npz")
+    one = {}
+    for kind in T.MODELS:
+        params = train_briefly(kind, T.data_mesh(), tmp_path / "one" / kind)
+        one.update({kind + path: x for path, x in params.items()})
     assert one.keys() == four.keys() and len(one) > 20
     # Sums over the batch run in another order on four devices; Adam divides each update by
     # the gradient's own scale, so a component that is zero but for rounding moves by up to the
