@@ -9,11 +9,14 @@ cached per configuration.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import haiku as hk
@@ -38,6 +41,13 @@ from search import INF
 # reads the flags when it starts its backend, at the first computation, after these imports;
 # child processes (the notebook's kernel, the multi-device runs) inherit them.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
+# Programs that took a while to compile are kept on disk for the session, so that the notebook's
+# kernel and the multi-device processes reuse what this process compiled, and the other way round.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="phoenix-suite-compiled-")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 # Hashes are drawn from [1, TABLE_SIZE); 0 is padding.
 TABLE_SIZE = 50
