@@ -42,12 +42,14 @@ from search import INF
 # child processes (the notebook's kernel, the multi-device runs) inherit them.
 os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
 # Programs that took a while to compile are kept on disk for the session, so that the notebook's
-# kernel and the multi-device processes reuse what this process compiled, and the other way round.
-os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="phoenix-suite-compiled-")
+# kernel and the multi-device processes reuse what this process compiled, and the other way round
+# (a child process that imports this file finds the folder already set and uses it).
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="phoenix-suite-compiled-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 # Hashes are drawn from [1, TABLE_SIZE); 0 is padding.
 TABLE_SIZE = 50
