@@ -47,9 +47,13 @@ os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_opti
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="phoenix-suite-compiled-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
-os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"  # seconds
+# This process imported JAX above, before the variables were set: the same settings directly.
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 
 # Hashes are drawn from [1, TABLE_SIZE); 0 is padding.
 TABLE_SIZE = 50
@@ -298,29 +302,33 @@ def start_with_devices(code: str, num_devices: int, *args: str) -> subprocess.Po
     )
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
-    """(exit status, a report of its output) of a process from `start_with_devices`; killed
-    after `timeout` seconds."""
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
+    """(exit status, stdout, a report of all its output) of a process from
+    `start_with_devices`; killed after `timeout` seconds."""
     try:
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         process.kill()
         stdout, stderr = process.communicate()
         stderr += f"\n(killed after {timeout} s)"
-    return (
-        process.returncode,
-        f"exit status {process.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}",
-    )
+    status = process.returncode
+    return status, stdout, f"exit status {status}\nstdout:\n{stdout}\nstderr:\n{stderr}"
 
 
-def train_briefly(kind: str, mesh, folder, steps: int = 3) -> dict[str, np.ndarray]:
-    """The parameters, by path, of `kind` after a few steps at the quick run's settings on the
-    tiny world, on the devices of `mesh` (in the test process, the step other tests compiled)."""
+def train_briefly(folder, steps: int = 3) -> dict[str, np.ndarray]:
+    """The parameters of both models, by model and path, after a few steps at the quick run's
+    settings on the tiny world, over every device of this process (`train.data_mesh`); in the
+    test process, with the steps other tests compiled."""
     world = world_lib.build_world(world_lib.WorldConfig.tiny())
-    job = train.make_job(kind, world, dataclasses.replace(train.TrainConfig.quick(), steps=steps))
-    state, _ = train.fit(job, folder, False, mesh, quiet=True)
-    leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
-    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves}
+    params = {}
+    for kind in train.MODELS:
+        job = train.make_job(
+            kind, world, dataclasses.replace(train.TrainConfig.quick(), steps=steps)
+        )
+        state, _ = train.fit(job, Path(folder) / kind, False, train.data_mesh(), quiet=True)
+        leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
+        params.update({kind + jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves})
+    return params
 
 
 @pytest.fixture(scope="session")

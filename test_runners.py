@@ -603,12 +603,12 @@ def multi_device_process():
 
 @pytest.fixture(scope="module")
 def multi_device_run(multi_device_process):
-    """(exit status, report) of the four-device checks."""
+    """(exit status, stdout, report) of the four-device checks."""
     return finish(multi_device_process, MULTI_DEVICE_TIMEOUT)
 
 
 @pytest.mark.parametrize("part", MULTI_DEVICE_PARTS)
 def test_multi_device_equals_one_device(multi_device_run, part):
-    status, report = multi_device_run
-    assert f"PASS {part}" in report.splitlines(), report
+    status, stdout, report = multi_device_run
+    assert f"PASS {part}" in stdout.splitlines(), report
     assert status == 0, report

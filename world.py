@@ -37,7 +37,7 @@ import datetime
 import math
 
 import numpy as np
-from scipy.special import expit
+from scipy.special import expit  # the logistic sigmoid; never overflows
 
 from recsys_model import ACTIONS
 
@@ -302,10 +302,6 @@ def take_rows(examples, index):
     return type(examples)(**values)
 
 
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return expit(x)  # never overflows, and several times faster than numpy's tanh
-
-
 def _logit(p: float) -> float:
     return math.log(p / (1.0 - p))
 
@@ -401,7 +397,7 @@ class World:
         freshness = np.exp(-age / (c.freshness_timescale_hours * SECONDS_PER_HOUR))
         drivers = np.stack([np.ones_like(taste), taste, quality, freshness], axis=-1)
         logits = drivers @ self._coefficients  # [..., A]
-        probs = _sigmoid(logits) * self._media_gate[self.post_media[p]]
+        probs = expit(logits) * self._media_gate[self.post_media[p]]
         dwell_mu = (
             math.log(c.dwell_median_seconds)
             + c.dwell_taste_slope * taste
@@ -415,7 +411,7 @@ class World:
             (DWELL_SCORE_ACTION, c.dwell_score_threshold_seconds),
             (DWELL_TIME_ACTION, c.dwell_time_threshold_seconds),
         ):
-            probs[..., ACTION_INDEX[name]] = _sigmoid(
+            probs[..., ACTION_INDEX[name]] = expit(
                 (dwell_mu - math.log(threshold)) / c.dwell_spread
             )
         return probs, dwell_mu
