@@ -39,11 +39,15 @@ from search import INF
 # Compiling dominates the suite's time: at LLVM's optimisation level 0 (XLA's own graph passes
 # still run) a compilation takes about a third less time, and no asserted result changes. JAX
 # reads the flags when it starts its backend, at the first computation, after these imports;
-# child processes (the notebook's kernel, the multi-device runs) inherit them.
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0"
-# Programs that took a while to compile are kept on disk for the session, so that the notebook's
-# kernel and the multi-device processes reuse what this process compiled, and the other way round
-# (a child process that imports this file finds the folder already set and uses it).
+# child processes (pytest's two workers, the notebook's kernel, the multi-device runs) inherit
+# them.
+LLVM_LEVEL = "--xla_backend_optimization_level"
+if LLVM_LEVEL not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {LLVM_LEVEL}=0"
+# Programs that took a while to compile are kept on disk for the session, so that the two workers,
+# the notebook's kernel and the multi-device processes reuse what another compiled (a child
+# process that imports this file finds the folder already set and uses it; the process that made
+# it removes it at exit).
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="phoenix-suite-compiled-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
