@@ -308,7 +308,7 @@ def run_script(main, argv: list[str], capsys, prog: str = "script.py") -> tuple[
 
 def start_with_devices(code: str, num_devices: int, *args: str) -> subprocess.Popen:
     """Starts `python -c code *args` in the repository with `num_devices` CPU devices, its
-    output captured: it runs on the other core while this process goes on with other tests.
+    output captured: it runs in a process of its own while this one goes on with other tests.
     `finish` collects it."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count={num_devices}"

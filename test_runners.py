@@ -591,8 +591,8 @@ def multi_device_checks() -> int:
 
 @pytest.fixture(scope="module", autouse=True)
 def multi_device_process():
-    """Starts the four-device checks with the module, so that they run (on the other core)
-    while the one-device tests do; `multi_device_run` collects them."""
+    """Starts the four-device checks with the module, so that they run in a process of their
+    own while the one-device tests do; `multi_device_run` collects them."""
     code = "import sys, test_runners; sys.exit(test_runners.multi_device_checks())"
     process = start_with_devices(code, NUM_DEVICES)
     yield process

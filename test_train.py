@@ -205,8 +205,8 @@ write_npz(train_briefly(sys.argv[1]), Path(sys.argv[1]) / "params.npz")
 
 @pytest.fixture(scope="module", autouse=True)
 def four_device_run(tmp_path_factory):
-    """Starts the four-device training with the module, so that it runs (on the other core)
-    while the other tests do; the data-parallel test collects it."""
+    """Starts the four-device training with the module, so that it runs in a process of its
+    own while the other tests do; the data-parallel test collects it."""
     folder = tmp_path_factory.mktemp("four_devices")
     process = start_with_devices(FOUR_DEVICES, 4, str(folder))
     yield process, folder
