@@ -513,7 +513,6 @@ def test_demo_inputs_are_refused_when_the_inputs_and_the_work_together_do_not_fi
 # ---------------------------------------------------------------------------------------------
 
 MULTI_DEVICE_PARTS = ("sharded_corpus", "sharded_batch")
-MULTI_DEVICE_TIMEOUT = 300  # seconds
 NUM_DEVICES = 4
 
 
@@ -604,7 +603,7 @@ def multi_device_process():
 @pytest.fixture(scope="module")
 def multi_device_run(multi_device_process):
     """(exit status, stdout, report) of the four-device checks."""
-    return finish(multi_device_process, MULTI_DEVICE_TIMEOUT)
+    return finish(multi_device_process)
 
 
 @pytest.mark.parametrize("part", MULTI_DEVICE_PARTS)

@@ -60,7 +60,7 @@ def test_ranker_loss_falls_and_beats_the_base_rate_on_held_out_data(trained_rank
 
 
 def test_retrieval_loss_falls(world, tmp_path):
-    # The quick run's schedule (the learning rate at its floor after step 30): the step it compiles.
+    # The quick run's schedule (decay over 30 steps, then the floor): its compiled step is reused.
     job = T.make_job("retrieval", world, dataclasses.replace(QUICK, steps=40))
     _, log = T.fit(job, tmp_path, False, T.data_mesh(), quiet=True)
     loss = losses(log)
