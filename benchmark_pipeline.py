@@ -35,6 +35,7 @@ from pipeline import Pipeline, example_sequence, write_example
 from published_pipeline import PublishedPipeline
 
 GOAL_SPEEDUP = 10.0  # per user once loaded, published (bfloat16) / ours
+GOAL_CORPUS = 1_000_000  # posts: the goal holds for a corpus of this size
 
 
 @dataclasses.dataclass
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="100,000 posts and 4 users")
     args = parser.parse_args(argv)
-    size, users = (100_000, 4) if args.quick else (1_000_000, 25)
+    size, users = (100_000, 4) if args.quick else (GOAL_CORPUS, 25)
     start = time.perf_counter()
     print(f"The published mini model, {size:,} posts, tables of {size:,} rows, {users} users:")
     rows = bench_pipeline(size, size, users, ("bfloat16", "float32"))
@@ -196,8 +197,10 @@ def main(argv: list[str] | None = None) -> None:
     print_pipeline(rows, users)
     bf16 = next(r for r in rows if r.dtype == "bfloat16")
     met = "met " if bf16.speedup >= GOAL_SPEEDUP else "MISS"
+    if size != GOAL_CORPUS:  # the ratio depends on the corpus (100,000 posts gave 15x)
+        met = "n/a "
     print(f"[{met}] per user once loaded, published / ours in bfloat16: {bf16.speedup:.1f}x "
-          f"(goal {GOAL_SPEEDUP}x)")  # fmt: skip
+          f"(goal {GOAL_SPEEDUP}x, for {GOAL_CORPUS:,} posts)")  # fmt: skip
     print(f"total {time.perf_counter() - start:.0f} s")
 
 
