@@ -38,7 +38,7 @@ import checkpoint
 import runners
 import train
 import world
-from cli import ArgumentParser, non_negative_int
+from cli import ArgumentParser, non_negative_int, reuse_freed_memory
 from grok import ffn_size
 from pipeline import MINI_TRANSFORMER
 from recsys_model import ACTIONS, PhoenixModelConfig
@@ -375,6 +375,7 @@ def print_goals(ranking: list[RankingRow], retrieval: list[RetrievalRow], traini
 
 
 def main(argv: list[str] | None = None) -> None:
+    reuse_freed_memory()
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer sizes, repeats")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="sections to run (all)")
