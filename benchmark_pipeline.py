@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmark import ms, print_table
 from checkpoint import load_artifacts, load_corpus
-from cli import ArgumentParser, reuse_freed_memory
+from cli import ArgumentParser
 from pipeline import Pipeline, example_sequence, write_example
 from published_pipeline import PublishedPipeline
 
@@ -60,9 +60,7 @@ def memory() -> tuple[float, float]:
 
 def server(name: str, folder: str, dtype: str, requests, replies) -> None:
     """A process that loads the folder, then answers each sequence with (feed, seconds) until
-    it receives None, and then with its memory. Both procedures keep freed memory for reuse,
-    as our scripts do, so that the comparison is of the code alone."""
-    reuse_freed_memory()
+    it receives None, and then with its memory."""
     start = time.perf_counter()
     if name == "ours":
         pipeline = Pipeline(load_artifacts(folder, fprop_dtype=jnp.dtype(dtype)))

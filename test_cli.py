@@ -159,7 +159,7 @@ print(*faults)
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator")
 def test_compiled_calls_reuse_freed_host_memory():
-    """Without `reuse_freed_memory` (which the scripts and this suite apply) every compiled call
+    """Without `reuse_freed_memory` (which train.py, benchmark.py and this suite apply) every call
     touches fresh pages, about 37,000 per call here; with it, only the first calls do, while the
     heap grows to hold the block and results (their number varies, 3 to 7 calls here)."""
     processes = {how: start_with_devices(PAGE_FAULTS, 1, how) for how in ("reuse", "default")}
