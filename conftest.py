@@ -58,7 +58,8 @@ jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
-# Before the first computation, as the scripts do: each compiled call reuses freed host memory.
+# Before the first computation, as train.py and benchmark.py do: each compiled call reuses the
+# host memory the last one freed.
 reuse_freed_memory()
 
 # The two workers take whole test files in collection order: the longest go first (about 110,
