@@ -240,9 +240,30 @@ class RotaryEmbedding(hk.Module):
             offset = jnp.reshape(jnp.asarray(offset, jnp.float32), (-1, 1))
             t = jnp.arange(seq_len, dtype=jnp.float32)[None, :] + offset
         phase = jnp.asarray(t, jnp.float32)[..., None] * inv_freq  # [B, T, d/2]
-        phase = jnp.tile(phase, (1, 1, 2))[:, :, None, :]  # broadcast over heads
-        x = x * jnp.cos(phase) + rotate_half(x) * jnp.sin(phase)
+        cos, sin = (jnp.tile(f, (1, 1, 2))[:, :, None, :] for f in _cos_sin(phase))
+        x = x * cos + rotate_half(x) * sin  # cos, sin broadcast over heads
         return x.astype(fprop_dtype)
+
+
+def _cos_sin(phase: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of `phase`, computed once where XLA would otherwise recompute them.
+
+    XLA on the CPU fuses an elementwise cos into each of its consumers: the rotations of the
+    queries and keys of every layer and, in training, their gradients, each a transposing copy
+    in which the cos runs once per element of every head, unvectorised. A conditional is a
+    fusion boundary, so on the CPU the two are computed once, inside one. Both of its branches
+    compute the same (it is there for its boundary), so the values are those of `jnp.cos` and
+    `jnp.sin` bit for bit. A ranker training step of the demo configuration took 6 to 14 % less
+    time with it (medians of 50 to 80 steps each, in alternation, three side-by-side runs).
+    """
+
+    def plain(p):
+        return jnp.cos(p), jnp.sin(p)
+
+    def once(p):
+        return jax.lax.cond(jnp.isfinite(p).all(), plain, plain, p)
+
+    return jax.lax.platform_dependent(phase, cpu=once, default=plain)
 
 
 def _attention_mask(

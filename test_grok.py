@@ -251,3 +251,31 @@ def test_right_anchored_positions_anchor_the_history_to_the_candidates(s, c, p, 
     prefix = np.flatnonzero(valid[:p])
     np.testing.assert_array_equal(positions[prefix], prefix)
     assert np.all(positions[~valid] == 0)
+
+
+def test_rotary_cos_sin_equal_jnp_bit_for_bit_non_finite_included():
+    phase = jnp.array(
+        [[[0.0, 1.0, -2.5, 1e4], [jnp.nan, jnp.inf, -jnp.inf, 3.0e7]]], jnp.float32
+    )  # [1, 2, 4]
+    cos, sin = jax.jit(grok._cos_sin)(phase)
+    np.testing.assert_array_equal(cos, jax.jit(jnp.cos)(phase))
+    np.testing.assert_array_equal(sin, jax.jit(jnp.sin)(phase))
+
+
+def test_attention_gradient_computes_cos_once_per_rotation_on_the_cpu():
+    """XLA would fuse the rotation's cos into every consumer: the queries' and keys' rotations
+    and their gradients, each recomputing it per element of every head."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the fusion boundary is placed on the CPU only")
+    mask = jnp.ones((1, 1, 5, 5))
+    attention = hk.transform(lambda x: grok.MHABlock(2, 2, 8)(x, mask).embeddings)
+    x = normal(0, (3, 5, 16))
+    params = attention.init(jax.random.PRNGKey(0), x)
+
+    def loss(params):
+        return jnp.sum(jnp.square(attention.apply(params, None, x)))
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    # Once for the queries' positions and once for the keys': not again in each consumer.
+    assert hlo.count(" cosine(") <= 2
+    assert hlo.count(" sine(") <= 2
