@@ -256,14 +256,17 @@ def _cos_sin(phase: jax.Array) -> tuple[jax.Array, jax.Array]:
     `jnp.sin` bit for bit. A ranker training step of the demo configuration took 6 to 14 % less
     time with it (medians of 50 to 80 steps each, in alternation, three side-by-side runs).
     """
+    if not isinstance(phase, jax.core.Tracer):  # uncompiled: nothing to fuse, nothing to gain
+        return _cos_sin_plain(phase)
+    return jax.lax.platform_dependent(phase, cpu=_cos_sin_once, default=_cos_sin_plain)
 
-    def plain(p):
-        return jnp.cos(p), jnp.sin(p)
 
-    def once(p):
-        return jax.lax.cond(jnp.isfinite(p).all(), plain, plain, p)
+def _cos_sin_plain(phase: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.cos(phase), jnp.sin(phase)
 
-    return jax.lax.platform_dependent(phase, cpu=once, default=plain)
+
+def _cos_sin_once(phase: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jax.lax.cond(jnp.isfinite(phase).all(), _cos_sin_plain, _cos_sin_plain, phase)
 
 
 def _attention_mask(

@@ -279,3 +279,23 @@ def test_attention_gradient_computes_cos_once_per_rotation_on_the_cpu():
     # Once for the queries' positions and once for the keys': not again in each consumer.
     assert hlo.count(" cosine(") <= 2
     assert hlo.count(" sine(") <= 2
+
+
+def test_uncompiled_attention_compiles_nothing_once_warm():
+    """The rotary's cos and sin: an uncompiled call must not trace and compile them anew."""
+    compiles = []
+
+    def listen(name, seconds, **_):
+        compiles.append(name)
+
+    mask = jnp.ones((1, 1, 5, 5))
+    attention = hk.transform(lambda x: grok.MHABlock(2, 2, 8)(x, mask).embeddings)
+    x = jnp.ones((1, 5, 16))
+    params = attention.init(jax.random.PRNGKey(0), x)
+    attention.apply(params, None, x)  # warm: each operation compiled once
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        attention.apply(params, None, x)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert not [name for name in compiles if "compile" in name]
