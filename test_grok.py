@@ -262,15 +262,20 @@ def test_rotary_cos_sin_equal_jnp_bit_for_bit_non_finite_included():
     np.testing.assert_array_equal(sin, jax.jit(jnp.sin)(phase))
 
 
+def _small_attention(batch: int) -> tuple[hk.Transformed, np.ndarray, hk.Params]:
+    """Self-attention of 2 heads of 8 over 5 positions, an input [batch, 5, 16], parameters."""
+    mask = jnp.ones((1, 1, 5, 5))
+    attention = hk.transform(lambda x: grok.MHABlock(2, 2, 8)(x, mask).embeddings)
+    x = normal(0, (batch, 5, 16))
+    return attention, x, attention.init(jax.random.PRNGKey(0), x)
+
+
 def test_attention_gradient_computes_cos_once_per_rotation_on_the_cpu():
     """XLA would fuse the rotation's cos into every consumer: the queries' and keys' rotations
     and their gradients, each recomputing it per element of every head."""
     if jax.default_backend() != "cpu":
         pytest.skip("the fusion boundary is placed on the CPU only")
-    mask = jnp.ones((1, 1, 5, 5))
-    attention = hk.transform(lambda x: grok.MHABlock(2, 2, 8)(x, mask).embeddings)
-    x = normal(0, (3, 5, 16))
-    params = attention.init(jax.random.PRNGKey(0), x)
+    attention, x, params = _small_attention(batch=3)
 
     def loss(params):
         return jnp.sum(jnp.square(attention.apply(params, None, x)))
@@ -288,10 +293,7 @@ def test_uncompiled_attention_compiles_nothing_once_warm():
     def listen(name, seconds, **_):
         compiles.append(name)
 
-    mask = jnp.ones((1, 1, 5, 5))
-    attention = hk.transform(lambda x: grok.MHABlock(2, 2, 8)(x, mask).embeddings)
-    x = jnp.ones((1, 5, 16))
-    params = attention.init(jax.random.PRNGKey(0), x)
+    attention, x, params = _small_attention(batch=1)
     attention.apply(params, None, x)  # warm: each operation compiled once
     jax.monitoring.register_event_duration_secs_listener(listen)
     try:
