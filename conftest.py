@@ -64,8 +64,8 @@ jax.config.update(
 # host memory the last one freed.
 reuse_freed_memory()
 
-# The two workers take whole test files in collection order: the longest go first (about 110,
-# 55, 50, 30 and 30 seconds), so that one worker is not left with the longest file at the end.
+# The two workers take whole test files in collection order: the longest go first (about 105,
+# 50, 30, 25 and 25 seconds), so that one worker is not left with the longest file at the end.
 LONGEST_FIRST = (
     "test_train.py",
     "test_notebook.py",
