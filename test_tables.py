@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tables
 from recsys_model import HashConfig
 from tables import EntityHash, Hashing, hash_batch, init_tables, lookup
 
@@ -85,3 +86,26 @@ def test_lookup_from_split_tables_equals_the_unified_table():
     )
     assert np.all(batch.history_post_hashes[0, -2:] == 0)
     assert batch.history_product_surface.shape == (2, 5) and not batch.history_product_surface.any()
+
+
+def test_expected_random_rows_by_hand():
+    # Two ids, one hash, two rows: the second id misses the first's row half the time.
+    assert EntityHash((1,), (0,), 11, 3).expected_random_rows(2) == pytest.approx(1.5)
+    # Three draws into 4 rows: 4 * (1 - (3/4)^3).
+    assert EntityHash((1, 2, 3), (0, 0, 0), 11, 5).expected_random_rows(1) == pytest.approx(
+        4 * (1 - 0.75**3)
+    )
+
+
+def test_random_hashes_redrawn_until_they_spread_the_ids(monkeypatch):
+    """Some linear hashes pile consecutive ids onto few rows; given the ids, `random` redraws."""
+    vocab = {"user": 6001, "item": 6001, "author": 1601}
+    plain = Hashing.random(HashConfig(), vocab, seed=10)
+    assert plain.item.rows_used(3000) < 0.6 * plain.item.expected_random_rows(3000)  # a bad draw
+    spread = Hashing.random(HashConfig(), vocab, seed=10, num_ids={"item": 3000, "author": 400})
+    assert spread.item.rows_used(3000) >= spread.item.expected_random_rows(3000)
+    assert spread.author.rows_used(400) >= spread.author.expected_random_rows(400)
+    assert spread.user == plain.user  # drawn before the item's redraws, and never redrawn
+    monkeypatch.setattr(tables, "MAX_HASH_DRAWS", 1)
+    with pytest.raises(ValueError, match=r"item: none of 1 draws of hashes spreads ids 1..3000"):
+        Hashing.random(HashConfig(), vocab, seed=10, num_ids={"item": 3000})

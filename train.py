@@ -176,11 +176,11 @@ TABLE_ROWS_PER_ENTITY = {"user": 4, "item": 2, "author": 4}
 
 
 def hashing_for(world: world_lib.World, hash_config: HashConfig, seed: int) -> Hashing:
-    """Hash functions into tables sized by `TABLE_ROWS_PER_ENTITY` (row 0 is padding)."""
+    """Hash functions into tables sized by `TABLE_ROWS_PER_ENTITY` (row 0 is padding), each
+    spreading the world's ids at least as well as random hashes would."""
     sizes = {"user": world.num_users, "item": world.num_posts, "author": world.num_authors}
-    return Hashing.random(
-        hash_config, {k: v * TABLE_ROWS_PER_ENTITY[k] + 1 for k, v in sizes.items()}, seed
-    )
+    vocab = {k: v * TABLE_ROWS_PER_ENTITY[k] + 1 for k, v in sizes.items()}
+    return Hashing.random(hash_config, vocab, seed, num_ids=sizes)
 
 
 # ---------------------------------------------------------------------------------------------
