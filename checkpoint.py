@@ -169,10 +169,11 @@ def _atomic_path(path: Path) -> Iterator[Path]:
             os.remove(scratch)
 
 
-def write_npz(arrays: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Writes arrays, uncompressed (memory-mappable), to `path` atomically."""
+def write_npz(arrays: Mapping[str, Any], path: str | os.PathLike, compressed: bool = False) -> None:
+    """Writes arrays to `path` atomically, uncompressed (memory-mappable) unless `compressed`."""
+    save = np.savez_compressed if compressed else np.savez
     with _atomic_path(Path(path)) as scratch, open(scratch, "wb") as f:
-        np.savez(f, **{name: np.asarray(value) for name, value in arrays.items()})
+        save(f, **{name: np.asarray(value) for name, value in arrays.items()})
 
 
 def write_json(data: Any, path: str | os.PathLike) -> None:

@@ -20,6 +20,7 @@ from checkpoint import load_artifacts, read_npz
 from conftest import finish, run_script, start_with_devices, train_briefly
 from pipeline import Pipeline
 from recsys_model import ACTIONS
+from tables import TABLE_NAMES
 from world import WorldConfig
 
 QUICK = T.TrainConfig.quick()
@@ -281,6 +282,16 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
                 np.testing.assert_allclose(
                     models[kind].params[module][name], value, rtol=1e-3, atol=1e-3
                 )
+        # Table rows that the world's ids reach are kept; the rest, never read, are zeros.
+        counts = {"user": world_config.num_users, "item": world_config.num_posts}
+        for entity, n in {**counts, "author": world_config.num_authors}.items():
+            table, saved = (
+                models[kind].tables[TABLE_NAMES[entity]],
+                model.tables[TABLE_NAMES[entity]],
+            )
+            used = np.unique(getattr(model.hashing, entity)(np.arange(1, n + 1)))
+            np.testing.assert_allclose(table[used], np.asarray(saved)[used], rtol=1e-3, atol=1e-3)
+            assert len(used) < len(table) and not np.delete(table, used, axis=0).any()
 
 
 def test_a_resume_that_differs_by_quick_alone_says_so(tmp_path, capsys, monkeypatch):

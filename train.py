@@ -171,8 +171,10 @@ def model_configs(
 
 
 # Rows per entity of each table: with two hashes per entity, a table of as many rows as
-# entities shares every row between about two of them; more rows, fewer collisions.
-TABLE_ROWS_PER_ENTITY = {"user": 4, "item": 2, "author": 4}
+# entities shares every row between about two of them; more rows, fewer collisions. Posts get
+# the most: the newest, seen least in training, are what held-out requests show, and a row
+# they share with an older post carries what was learned of that one.
+TABLE_ROWS_PER_ENTITY = {"user": 4, "item": 8, "author": 4}
 
 
 def hashing_for(world: world_lib.World, hash_config: HashConfig, seed: int) -> Hashing:
@@ -1321,16 +1323,26 @@ def save_demo_checkpoint(
     path: Path, world_config: world_lib.WorldConfig, models: dict[str, ModelArtifacts]
 ) -> None:
     """Both models in float16 (a few MB) with their configs, hash functions and the world they
-    were trained on: what `run_ranker.py` and `run_retrieval.py` load."""
+    were trained on: what `run_ranker.py` and `run_retrieval.py` load. Table rows that no id of
+    the world hashes to, which nothing in that world reads, are stored as zeros, and the file
+    compressed."""
+    counts = {
+        "user": world_config.num_users,
+        "item": world_config.num_posts,
+        "author": world_config.num_authors,
+    }
     arrays, configs = {}, {}
     for kind, model in models.items():
         for key, value in flatten_params(model.params).items():
             arrays[f"{kind}/params/{key}"] = np.asarray(value, np.float16)
-        for key, value in model.tables.items():
-            arrays[f"{kind}/tables/{key}"] = np.asarray(value, np.float16)
+        for entity, name in TABLE_NAMES.items():
+            table = np.asarray(model.tables[name], np.float16)
+            used = np.zeros(len(table), bool)
+            used[getattr(model.hashing, entity)(np.arange(1, counts[entity] + 1))] = True
+            arrays[f"{kind}/tables/{name}"] = np.where(used[:, None], table, np.float16(0))
         configs[kind] = config_to_json(model.config, model.hashing)
     meta = {"world": world_config.to_json(), "configs": configs, "command": DEMO_COMMAND}
-    write_npz({**arrays, "meta": np.array(json.dumps(meta))}, path)
+    write_npz({**arrays, "meta": np.array(json.dumps(meta))}, path, compressed=True)
 
 
 def load_demo_checkpoint(
