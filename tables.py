@@ -28,7 +28,7 @@ ENTITIES = ("user", "item", "author")
 TABLE_NAMES = {entity: f"{entity}_embeddings" for entity in ENTITIES}
 # A prime below 2**31: hashes then fit int32 whatever the vocabulary.
 DEFAULT_MODULUS = 2_147_483_647
-# `Hashing.random` redraws an entity's hashes at most this many times.
+# `Hashing.random` draws an entity's hashes at most this many times, the first draw included.
 MAX_HASH_DRAWS = 100
 
 
@@ -70,7 +70,9 @@ class EntityHash:
         """Distinct rows that n ids would land on, on average, under uniformly random hashes
         (H * n draws from the vocab - 1 rows that are not padding)."""
         rows = self.vocab_size - 1
-        return rows * -np.expm1(len(self.scales) * n * np.log1p(-1 / rows)) if rows > 1 else 1.0
+        if rows == 1:
+            return float(n > 0)
+        return rows * -np.expm1(len(self.scales) * n * np.log1p(-1 / rows))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +108,15 @@ class Hashing:
             "item": hash_config.num_item_hashes,
             "author": hash_config.num_author_hashes,
         }
+        num_ids = dict(num_ids or {})
+        unknown = sorted(set(num_ids) - set(ENTITIES))
+        if unknown or any(n < 0 for n in num_ids.values()):
+            raise ValueError(
+                f"num_ids: expected counts >= 0 keyed by {list(ENTITIES)}, got {num_ids}"
+            )
         kinds = {}
         for entity in ENTITIES:
-            n = (num_ids or {}).get(entity)
+            n = num_ids.get(entity)
             for _ in range(MAX_HASH_DRAWS):
                 kind = EntityHash(
                     tuple(int(v) for v in rng.integers(1, DEFAULT_MODULUS, counts[entity])),

@@ -95,6 +95,9 @@ def test_expected_random_rows_by_hand():
     assert EntityHash((1, 2, 3), (0, 0, 0), 11, 5).expected_random_rows(1) == pytest.approx(
         4 * (1 - 0.75**3)
     )
+    one_row = EntityHash((1, 2), (0, 0), 11, 2)  # a single row besides padding
+    assert one_row.expected_random_rows(0) == 0.0 and one_row.expected_random_rows(5) == 1.0
+    assert one_row.rows_used(0) == 0 and one_row.rows_used(5) == 1
 
 
 def test_random_hashes_redrawn_until_they_spread_the_ids(monkeypatch):
@@ -106,6 +109,10 @@ def test_random_hashes_redrawn_until_they_spread_the_ids(monkeypatch):
     assert spread.item.rows_used(3000) >= spread.item.expected_random_rows(3000)
     assert spread.author.rows_used(400) >= spread.author.expected_random_rows(400)
     assert spread.user == plain.user  # drawn before the item's redraws, and never redrawn
+    assert Hashing.random(HashConfig(), {**vocab, "user": 2}, 10, num_ids={"user": 0})
+    for bad in ({"post": 3000}, {"item": -1}):
+        with pytest.raises(ValueError, match="num_ids: expected counts >= 0 keyed by"):
+            Hashing.random(HashConfig(), vocab, seed=10, num_ids=bad)
     monkeypatch.setattr(tables, "MAX_HASH_DRAWS", 1)
     with pytest.raises(ValueError, match=r"item: none of 1 draws of hashes spreads ids 1..3000"):
         Hashing.random(HashConfig(), vocab, seed=10, num_ids={"item": 3000})

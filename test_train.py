@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import zipfile
 
 import haiku as hk
 import jax
@@ -283,15 +284,14 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
                     models[kind].params[module][name], value, rtol=1e-3, atol=1e-3
                 )
         # Table rows that the world's ids reach are kept; the rest, never read, are zeros.
-        counts = {"user": world_config.num_users, "item": world_config.num_posts}
-        for entity, n in {**counts, "author": world_config.num_authors}.items():
-            table, saved = (
-                models[kind].tables[TABLE_NAMES[entity]],
-                model.tables[TABLE_NAMES[entity]],
-            )
+        for entity, n in T.id_counts(world_config).items():
+            table = models[kind].tables[TABLE_NAMES[entity]]
+            trained = np.asarray(model.tables[TABLE_NAMES[entity]])
             used = np.unique(getattr(model.hashing, entity)(np.arange(1, n + 1)))
-            np.testing.assert_allclose(table[used], np.asarray(saved)[used], rtol=1e-3, atol=1e-3)
-            assert len(used) < len(table) and not np.delete(table, used, axis=0).any()
+            np.testing.assert_allclose(table[used], trained[used], rtol=1e-3, atol=1e-3)
+            assert not np.delete(table, used, axis=0).any()
+    with zipfile.ZipFile(tmp_path / "demo_checkpoint.npz") as archive:
+        assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_DEFLATED}
 
 
 def test_a_resume_that_differs_by_quick_alone_says_so(tmp_path, capsys, monkeypatch):
@@ -319,7 +319,7 @@ def test_optimiser_flags_reach_both_models_training_configs():
     assert defaults["ranker"] == T.TrainConfig.for_model("ranker")
 
 
-def test_bad_input_stops_with_one_line(world, tmp_path, capsys):
+def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     def refused(argv) -> str:
         status, _, err = run_script(T.main, argv, capsys)
         assert status == 2 and err.count("\n") == 1, err
@@ -334,6 +334,10 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys):
     assert "the state of another run (its world.seed is 0, this run's is 1)" in foreign
     past = refused([*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "1"])
     assert "ranker: the saved run is at step 2, past --steps 1" in past
+    with monkeypatch.context() as patch:  # tables of another size: other hashes
+        patch.setitem(T.TABLE_ROWS_PER_ENTITY, "item", 3)
+        rehashed = refused([*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"])
+        assert "the state of another run (its hashing." in rehashed
     (run / "state" / "ranker_log.json").write_text("{")
     assert "ranker_log.json: not a readable training log" in refused(
         [*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"]

@@ -180,9 +180,15 @@ TABLE_ROWS_PER_ENTITY = {"user": 4, "item": 8, "author": 4}
 def hashing_for(world: world_lib.World, hash_config: HashConfig, seed: int) -> Hashing:
     """Hash functions into tables sized by `TABLE_ROWS_PER_ENTITY` (row 0 is padding), each
     spreading the world's ids at least as well as random hashes would."""
-    sizes = {"user": world.num_users, "item": world.num_posts, "author": world.num_authors}
+    sizes = id_counts(world.config)
     vocab = {k: v * TABLE_ROWS_PER_ENTITY[k] + 1 for k, v in sizes.items()}
     return Hashing.random(hash_config, vocab, seed, num_ids=sizes)
+
+
+def id_counts(world_config: world_lib.WorldConfig) -> dict[str, int]:
+    """Ids per entity of a world (each entity's ids are 1..n), keyed as the tables are."""
+    c = world_config
+    return {"user": c.num_users, "item": c.num_posts, "author": c.num_authors}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -821,7 +827,12 @@ class Job:
         train = dataclasses.asdict(self.train)
         train.pop("steps")
         train.pop("eval_every")
-        meta = {"kind": self.kind, "world": self.world.config.to_json(), "train": train}
+        meta = {
+            "kind": self.kind,
+            "world": self.world.config.to_json(),
+            "train": train,
+            "hashing": self.hashing.to_json(),  # hash parameters and table sizes
+        }
         return json.loads(json.dumps(meta))  # as a saved state holds it (tuples as lists)
 
     def batch(self, step: int) -> dict:
@@ -1324,13 +1335,9 @@ def save_demo_checkpoint(
 ) -> None:
     """Both models in float16 (a few MB) with their configs, hash functions and the world they
     were trained on: what `run_ranker.py` and `run_retrieval.py` load. Table rows that no id of
-    the world hashes to, which nothing in that world reads, are stored as zeros, and the file
-    compressed."""
-    counts = {
-        "user": world_config.num_users,
-        "item": world_config.num_posts,
-        "author": world_config.num_authors,
-    }
+    the world hashes to, which no lookup in that world reaches (row 0, padding, is read and
+    masked), are stored as zeros, and the file compressed."""
+    counts = id_counts(world_config)
     arrays, configs = {}, {}
     for kind, model in models.items():
         for key, value in flatten_params(model.params).items():
