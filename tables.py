@@ -62,9 +62,9 @@ class EntityHash:
             h = (x * scales + biases) % self.modulus % (self.vocab_size - 1) + 1
         return np.where(x == 0, 0, h).astype(np.int32)
 
-    def rows_used(self, n: int) -> int:
-        """Distinct rows that the hashes of ids 1..n land on."""
-        return len(np.unique(self(np.arange(1, n + 1))))
+    def rows_of_ids(self, n: int) -> np.ndarray:
+        """The distinct rows, sorted, that the hashes of ids 1..n land on."""
+        return np.unique(self(np.arange(1, n + 1)))
 
     def expected_random_rows(self, n: int) -> float:
         """Distinct rows that n ids would land on, on average, under uniformly random hashes
@@ -124,7 +124,7 @@ class Hashing:
                     DEFAULT_MODULUS,
                     int(vocab_sizes[entity]),
                 )
-                if n is None or kind.rows_used(n) >= kind.expected_random_rows(n):
+                if n is None or len(kind.rows_of_ids(n)) >= kind.expected_random_rows(n):
                     break
             else:
                 raise ValueError(

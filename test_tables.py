@@ -97,19 +97,21 @@ def test_expected_random_rows_by_hand():
     )
     one_row = EntityHash((1, 2), (0, 0), 11, 2)  # a single row besides padding
     assert one_row.expected_random_rows(0) == 0.0 and one_row.expected_random_rows(5) == 1.0
-    assert one_row.rows_used(0) == 0 and one_row.rows_used(5) == 1
+    assert len(one_row.rows_of_ids(0)) == 0 and len(one_row.rows_of_ids(5)) == 1
 
 
 def test_random_hashes_redrawn_until_they_spread_the_ids(monkeypatch):
     """Some linear hashes pile consecutive ids onto few rows; given the ids, `random` redraws."""
     vocab = {"user": 6001, "item": 6001, "author": 1601}
-    plain = Hashing.random(HashConfig(), vocab, seed=10)
-    assert plain.item.rows_used(3000) < 0.6 * plain.item.expected_random_rows(3000)  # a bad draw
+    plain = Hashing.random(HashConfig(), vocab, seed=10).item  # a bad draw:
+    assert len(plain.rows_of_ids(3000)) < 0.6 * plain.expected_random_rows(3000)
     spread = Hashing.random(HashConfig(), vocab, seed=10, num_ids={"item": 3000, "author": 400})
-    assert spread.item.rows_used(3000) >= spread.item.expected_random_rows(3000)
-    assert spread.author.rows_used(400) >= spread.author.expected_random_rows(400)
-    assert spread.user == plain.user  # drawn before the item's redraws, and never redrawn
-    assert Hashing.random(HashConfig(), {**vocab, "user": 2}, 10, num_ids={"user": 0})
+    assert len(spread.item.rows_of_ids(3000)) >= spread.item.expected_random_rows(3000)
+    assert len(spread.author.rows_of_ids(400)) >= spread.author.expected_random_rows(400)
+    # The user's hashes are drawn before the item's redraws, and never redrawn themselves.
+    assert spread.user == Hashing.random(HashConfig(), vocab, seed=10).user
+    # No ids and a single row: accepted at the first draw (0 rows used, 0 expected).
+    Hashing.random(HashConfig(), {**vocab, "user": 2}, 10, num_ids={"user": 0})
     for bad in ({"post": 3000}, {"item": -1}):
         with pytest.raises(ValueError, match="num_ids: expected counts >= 0 keyed by"):
             Hashing.random(HashConfig(), vocab, seed=10, num_ids=bad)

@@ -1345,7 +1345,7 @@ def save_demo_checkpoint(
         for entity, name in TABLE_NAMES.items():
             table = np.asarray(model.tables[name], np.float16)
             used = np.zeros(len(table), bool)
-            used[getattr(model.hashing, entity)(np.arange(1, counts[entity] + 1))] = True
+            used[getattr(model.hashing, entity).rows_of_ids(counts[entity])] = True
             arrays[f"{kind}/tables/{name}"] = np.where(used[:, None], table, np.float16(0))
         configs[kind] = config_to_json(model.config, model.hashing)
     meta = {"world": world_config.to_json(), "configs": configs, "command": DEMO_COMMAND}
