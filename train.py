@@ -2,7 +2,7 @@
 world's oracle, and export them in the published artifacts layout.
 
     uv run train.py --out runs/default            # both models, the default world (9-17 min)
-    uv run train.py --out runs/smoke --quick       # a smoke run of seconds (a tiny world)
+    uv run train.py --out runs/smoke --quick       # a smoke run of about a minute (a tiny world)
     uv run train.py --out runs/default --steps 1200 --resume   # continue a run to step 1200
 
 The ranker learns multi-label sigmoid cross-entropy over the 19 actions plus a regression of
