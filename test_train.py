@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 import zipfile
 
 import haiku as hk
@@ -243,6 +244,14 @@ def test_resume_is_bit_exact(tmp_path, capsys):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_curves_of_a_run_shorter_than_its_evaluation_interval(tmp_path):
+    log = [{"step": s, "loss": 1.0 / s, "skipped": 0.0} for s in range(1, 9)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a legend with nothing in it
+        T.plot_curves({"ranker": log}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):

@@ -1207,7 +1207,10 @@ def plot_curves(logs: dict[str, list[dict]], path: Path) -> None:
             style = "--" if "oracle" in key else "-"
             ax.plot(*zip(*points, strict=True), style, marker="o", label=key[len("eval ") :])
         ax.set(title=f"{kind}: held out (first 1000 examples)", xlabel="step")
-        ax.legend()
+        if keys:
+            ax.legend()
+        else:  # a run shorter than the evaluation interval
+            ax.text(0.5, 0.5, "no evaluation while training", ha="center", transform=ax.transAxes)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
