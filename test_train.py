@@ -271,6 +271,13 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
             model = predictions["ranking_model"][..., i].ravel()
             assert figures["auc"] == pytest.approx(metrics.auroc(labels, model), abs=1e-6)
         assert figures["positives"] == labels.sum()
+    dwell, model = predictions["ranking_dwell"], predictions["ranking_dwell_model"]
+    mae, rmse = report["ranking"]["dwell_seconds_mae"], report["ranking"]["dwell_seconds_rmse"]
+    assert mae["model"] == pytest.approx(np.abs(model - dwell).mean(), rel=1e-5)
+    median = predictions["ranking_dwell_oracle_median"]
+    assert mae["oracle"] == pytest.approx(np.abs(median - dwell).mean(), rel=1e-5)
+    mean = predictions["ranking_dwell_oracle"]
+    assert rmse["oracle"] == pytest.approx(np.sqrt(np.square(mean - dwell).mean()), rel=1e-5)
     for name in ("model", "oracle", "popularity"):
         ranked = predictions[f"retrieval_{name}_top100"]
         recall = metrics.recall_at_k(ranked, predictions["retrieval_targets"], 100)

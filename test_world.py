@@ -188,6 +188,18 @@ def test_sampled_action_rates_match_the_true_probabilities(world):
         )
 
 
+def test_sampled_dwell_has_the_stated_median_and_mean(world):
+    # One impression many times: half the draws fall below the median; their mean is the mean.
+    n = 200_000
+    user, post = np.full(n, 3), np.full(n, 5)
+    time = np.full(n, world.post_created[4] + 2 * 3600)
+    _, dwell = world.sample_engagement(user, post, time, np.random.default_rng(1))
+    median, mean = world.median_dwell(3, 5, time[0]), world.expected_dwell(3, 5, time[0])
+    assert median < mean  # a log-logistic dwell is skewed to the right
+    assert abs(np.mean(dwell < median) - 0.5) < 5 * 0.5 / np.sqrt(n)
+    assert abs(dwell.mean() - mean) < 5 * dwell.std() / np.sqrt(n)
+
+
 def test_stored_probabilities_are_the_true_probabilities_of_what_was_served(world):
     examples = world.ranking_eval
     probs = world.true_probabilities(
@@ -198,6 +210,10 @@ def test_stored_probabilities_are_the_true_probabilities_of_what_was_served(worl
         examples.user_ids[:, None], examples.candidate_post_ids, examples.request_times[:, None]
     )
     np.testing.assert_allclose(examples.expected_dwell, dwell, rtol=1e-6)
+    median = world.median_dwell(
+        examples.user_ids[:, None], examples.candidate_post_ids, examples.request_times[:, None]
+    )
+    np.testing.assert_allclose(examples.median_dwell, median, rtol=1e-6)
 
 
 def test_oracle_and_popularity_rankings_exclude_the_history(world):

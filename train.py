@@ -1044,9 +1044,15 @@ def evaluate_ranker(job: Job, params) -> tuple[dict, dict]:
     examples = job.world.ranking_eval
     probabilities, dwell = ranking_predictions(params, job.config, job.eval_data)
     report = {"actions": ranking_report(examples.labels, probabilities, examples.probabilities)}
+    # Each error beside the best prediction the world allows for it: the true median under
+    # absolute error, the true mean under squared error (which the default MSE loss learns).
     report["dwell_seconds_mae"] = {
         "model": _number(np.abs(dwell - examples.dwell).mean()),
-        "oracle": _number(np.abs(examples.expected_dwell - examples.dwell).mean()),
+        "oracle": _number(np.abs(examples.median_dwell - examples.dwell).mean()),
+    }
+    report["dwell_seconds_rmse"] = {
+        "model": _number(np.sqrt(np.square(dwell - examples.dwell).mean())),
+        "oracle": _number(np.sqrt(np.square(examples.expected_dwell - examples.dwell).mean())),
     }
     predictions = {
         "ranking_labels": examples.labels,
@@ -1055,6 +1061,7 @@ def evaluate_ranker(job: Job, params) -> tuple[dict, dict]:
         "ranking_dwell": examples.dwell,
         "ranking_dwell_model": dwell.astype(np.float32),
         "ranking_dwell_oracle": examples.expected_dwell,
+        "ranking_dwell_oracle_median": examples.median_dwell,
     }
     return report, predictions
 
@@ -1152,9 +1159,11 @@ def report_lines(report: dict) -> list[str]:
                 f"{name:<26} {a['positives']:>9}  {cells[0]:>6} {cells[1]:>6}  {cells[2]:>6} "
                 f"{cells[3]:>6} {cells[4]:>6}"
             )
-        mae = report["ranking"]["dwell_seconds_mae"]
+        mae, rmse = (report["ranking"][f"dwell_seconds_{e}"] for e in ("mae", "rmse"))
         lines.append(
-            f"dwell time: mean absolute error {mae['model']:.2f} s (oracle {mae['oracle']:.2f} s)"
+            f"dwell time: mean absolute error {mae['model']:.2f} s (oracle: the true median, "
+            f"{mae['oracle']:.2f} s); root mean square error {rmse['model']:.2f} s (oracle: the "
+            f"true mean, {rmse['oracle']:.2f} s)"
         )
     retrieval = report.get("retrieval")
     if retrieval:

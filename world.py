@@ -253,7 +253,8 @@ class RankingExamples:
     candidate_post_ids, candidate_author_ids [N, C] int64; candidate_creation_times [N, C] int64;
     labels [N, C, A] uint8 sampled actions; dwell [N, C] float32 sampled seconds;
     probabilities [N, C, A] float32 true probabilities (the oracle);
-    expected_dwell [N, C] float32 true mean dwell in seconds.
+    expected_dwell [N, C] float32 true mean dwell in seconds (the best prediction under
+    squared error); median_dwell [N, C] float32 its true median (the best under absolute error).
     """
 
     user_ids: np.ndarray
@@ -266,6 +267,7 @@ class RankingExamples:
     dwell: np.ndarray
     probabilities: np.ndarray
     expected_dwell: np.ndarray
+    median_dwell: np.ndarray
 
     def __len__(self) -> int:
         return len(self.user_ids)
@@ -422,14 +424,14 @@ class World:
 
     def _sample(self, rng, u, p, times) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Sampled labels [..., A] uint8 and dwell [...] seconds, with the true probabilities
-        [..., A] and expected dwell [...] they were drawn from."""
+        [..., A] and the log dwell's location mu [...] they were drawn from."""
         c = self.config
         probs, dwell_mu = self._model(u, p, times)
         labels = (rng.random(probs.shape) < probs).astype(np.uint8)
         dwell = np.exp(dwell_mu + c.dwell_spread * rng.logistic(size=dwell_mu.shape))
         labels[..., ACTION_INDEX[DWELL_SCORE_ACTION]] = dwell > c.dwell_score_threshold_seconds
         labels[..., ACTION_INDEX[DWELL_TIME_ACTION]] = dwell > c.dwell_time_threshold_seconds
-        return labels, dwell, probs, self._expected_dwell(dwell_mu)
+        return labels, dwell, probs, dwell_mu
 
     def true_probabilities(self, user_ids, post_ids, times) -> np.ndarray:
         """The true probability of every action, [..., A] float64, for user ids, post ids and
@@ -440,9 +442,17 @@ class World:
 
     def expected_dwell(self, user_ids, post_ids, times) -> np.ndarray:
         """The true mean dwell in seconds, [...] float64 (shapes as in `true_probabilities`)."""
+        return self._expected_dwell(self._dwell_mu(user_ids, post_ids, times))
+
+    def median_dwell(self, user_ids, post_ids, times) -> np.ndarray:
+        """The true median dwell in seconds, exp(mu), [...] float64 (shapes as in
+        `true_probabilities`)."""
+        return np.exp(self._dwell_mu(user_ids, post_ids, times))
+
+    def _dwell_mu(self, user_ids, post_ids, times) -> np.ndarray:
         u = self._index(user_ids, self.num_users, "user_ids")
         p = self._index(post_ids, self.num_posts, "post_ids")
-        return self._expected_dwell(self._model(u, p, times)[1])
+        return self._model(u, p, times)[1]
 
     def sample_engagement(self, user_ids, post_ids, times, rng) -> tuple[np.ndarray, np.ndarray]:
         """Sample actions [..., A] uint8 and dwell [...] seconds, as the world does when it serves,
@@ -810,7 +820,7 @@ def build_world(config: WorldConfig | None = None) -> World:
     world = _plant(c, plant_rng)
     users, times, is_eval = _schedule(world, schedule_rng)
     candidates = _serve(world, serve_rng, users, times)  # [R, C] post indices
-    labels, dwell, probs, mean_dwell = world._sample(
+    labels, dwell, probs, dwell_mu = world._sample(
         action_rng, users[:, None], candidates, times[:, None]
     )
 
@@ -840,7 +850,8 @@ def build_world(config: WorldConfig | None = None) -> World:
         labels=labels,
         dwell=dwell.astype(np.float32),
         probabilities=probs.astype(np.float32),
-        expected_dwell=mean_dwell.astype(np.float32),
+        expected_dwell=world._expected_dwell(dwell_mu).astype(np.float32),
+        median_dwell=np.exp(dwell_mu).astype(np.float32),
     )
     world.ranking_train = take_rows(ranking, ~is_eval)
     world.ranking_eval = take_rows(ranking, is_eval)
