@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -175,11 +177,60 @@ def reuse_freed_memory() -> bool:
     return all(mallopt(option, value) == 1 for option, value in settings)
 
 
+# Programs that compile faster than this are compiled again rather than read from the disk.
+CACHE_MIN_COMPILE_SECONDS = 0.5
+
+
+def keep_compiled_programs() -> Path | None:
+    """Turns on JAX's persistent compilation cache for a script that has imported JAX, so
+    that a second run reads what the first compiled instead of compiling it again (a second
+    `train.py --quick` spends most of its first run's minute compiling). The folder is
+    `$JAX_COMPILATION_CACHE_DIR` if set, else `phoenix-jax/xla-<CPU>` under `$XDG_CACHE_HOME`
+    (default `~/.cache`), one per instruction set since XLA compiles for the host's (JAX's keys
+    hold the program, the JAX version and the flags, not the CPU: a home folder shared between
+    machines would otherwise serve one machine's code to another);
+    `JAX_ENABLE_COMPILATION_CACHE=false` keeps it off. Returns the folder, or None when the
+    cache stays off (JAX not imported, turned off, or no folder can be made). The folder can
+    be removed at any time.
+
+    Called by `run_main`: the scripts keep their programs, a library import changes nothing.
+    """
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.config.jax_enable_compilation_cache:
+        return None
+    folder = jax.config.jax_compilation_cache_dir
+    if not folder:
+        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        folder = Path(base) / "phoenix-jax" / f"xla-{_instruction_set_key()}"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    if not os.access(folder, os.W_OK):
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+    return Path(folder)
+
+
+def _instruction_set_key() -> str:
+    """12 hex digits naming this CPU's instruction set (its flags line in /proc/cpuinfo)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        flags = next(line for line in lines if line.startswith(("flags", "Features")))
+    except (OSError, StopIteration):
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha256(flags.encode()).hexdigest()[:12]
+
+
 def run_main(main: Callable[[], int], prog: str) -> int:
-    """Runs a script's `main`; input it refuses (ValueError, TypeError), a file it cannot read
+    """Runs a script's `main` with its compiled programs kept between runs
+    (`keep_compiled_programs`); input it refuses (ValueError, TypeError), a file it cannot read
     or write (OSError) and sizes that do not fit in memory end in one line on stderr and exit
     status 2, as argparse's errors do. Output piped into a reader that stops early (`| head`)
     ends quietly."""
+    keep_compiled_programs()
     try:
         return main()
     except KeyboardInterrupt:

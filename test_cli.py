@@ -1,8 +1,10 @@
 """The command-line scripts and what they share (`cli.py`): output a person can check, and bad
 input ending in one line `prog: error: ...` with exit status 2, before any work."""
 
+import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -172,3 +174,49 @@ def test_compiled_calls_reuse_freed_host_memory():
         faults[how] = [int(n) for n in out.split()]
     assert min(faults["default"]) > 10_000, faults  # every call needs fresh pages
     assert min(faults["reuse"]) < 1000, faults  # once the heap has grown, none
+
+
+# In a fresh process with neither the suite's cache folder nor its threshold in the
+# environment: what `keep_compiled_programs` does before JAX is imported, when JAX's cache is
+# turned off, when no folder can be made (argv[2] is a file), and by default (under argv[1]).
+KEEP_COMPILED = """
+import json, os, sys
+from pathlib import Path
+for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+    os.environ.pop(name, None)
+import cli
+seen = {"no jax": cli.keep_compiled_programs()}
+import jax
+jax.config.update("jax_enable_compilation_cache", False)
+seen["turned off"] = cli.keep_compiled_programs()
+jax.config.update("jax_enable_compilation_cache", True)
+os.environ["XDG_CACHE_HOME"] = sys.argv[2]
+seen["no folder"] = cli.keep_compiled_programs()
+os.environ["XDG_CACHE_HOME"] = sys.argv[1]
+seen["default"] = str(cli.keep_compiled_programs())
+seen["jax's folder"] = jax.config.jax_compilation_cache_dir
+seen["threshold"] = jax.config.jax_persistent_cache_min_compile_time_secs
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.block_until_ready(jax.jit(lambda x: x * 3 + 1)(2.0))  # now kept however fast it compiled
+print(json.dumps(seen))
+"""
+
+
+def test_scripts_keep_compiled_programs_in_the_user_cache(tmp_path):
+    not_a_folder = tmp_path / "a file"
+    not_a_folder.write_text("")
+    process = start_with_devices(KEEP_COMPILED, 1, str(tmp_path / "cache"), str(not_a_folder))
+    status, out, report = finish(process)
+    assert status == 0, report
+    seen = json.loads(out)
+    folder = Path(seen["default"])
+    assert folder.parent == tmp_path / "cache" / "phoenix-jax" and folder.name.startswith("xla-")
+    assert seen == {
+        "no jax": None,
+        "turned off": None,
+        "no folder": None,
+        "default": str(folder),
+        "jax's folder": str(folder),
+        "threshold": cli.CACHE_MIN_COMPILE_SECONDS,
+    }
+    assert any(folder.iterdir()), "the compiled program was not written to the folder"
