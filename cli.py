@@ -47,10 +47,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def file_in_a_folder(path: os.PathLike) -> str | None:
     """Why a file or folder could not be written at `path`: the first of its parents that
-    exists is not a folder; None when it could (as far as that goes)."""
-    for parent in Path(os.path.abspath(path)).parents:
+    exists is not a folder, or (unless `path` is a folder already) it cannot be written in;
+    None when it could (as far as that goes)."""
+    path = Path(os.path.abspath(path))
+    for parent in path.parents:
         if parent.exists():
-            return None if parent.is_dir() else f"{parent} is a file, not a folder"
+            if not parent.is_dir():
+                return f"{parent} is a file, not a folder"
+            if not path.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+                return f"cannot write in {parent} (no permission, or read-only)"
+            return None
     return None
 
 

@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Serve it: uv run run_pipeline.py --artifacts_dir {folder}")
         return 0
 
+    if not Path(args.artifacts_dir).exists():
+        raise FileNotFoundError(
+            f"--artifacts_dir {args.artifacts_dir}: no such folder (`uv run run_pipeline.py "
+            "--write-example DIR` writes one to try; a training run writes DIR/artifacts)"
+        )
     start = time.perf_counter()
     artifacts = load_artifacts(
         args.artifacts_dir, args.sequence_file, args.corpus_file, jnp.dtype(args.dtype)
@@ -119,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         f"posts; ranker release {ranker.release}, {ranker.model.num_layers} layers, D "
         f"{ranker.emb_size}, {args.dtype}; candidates ranked {positions}."
     )
-    feed = pipeline.feed(artifacts.sequence, args.top_k_retrieval, args.top_k_display)
+    top_k = min(args.top_k_retrieval, len(artifacts.corpus.post_ids))
+    feed = pipeline.feed(artifacts.sequence, top_k, args.top_k_display)
     timings = ", ".join(f"{stage} {1e3 * s:.0f} ms" for stage, s in feed.seconds.items())
+    everything = " (the whole corpus)" if top_k < args.top_k_retrieval else ""
     print(
         f"User {feed.user_id}, {feed.history_length} history items: retrieved "
-        f"{args.top_k_retrieval}, ranked them, showing {len(feed.items)} ({timings}; "
+        f"{top_k}{everything}, ranked them, showing {len(feed.items)} ({timings}; "
         "the first call compiles)."
     )
     weights = " + ".join(f"{w} * {label} (output {i})" for label, (i, w) in feed.weights.items())

@@ -118,9 +118,15 @@ def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run
     for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(start), strict=True):
         np.testing.assert_array_equal(got, want)
     bad = dataclasses.replace(bad, train=dataclasses.replace(job.train, steps=20))
-    message = r"ranker: 10 updates in a row had non-finite gradients \(the last at step 10\)"
+    message = (
+        r"ranker: 10 updates in a row had non-finite gradients \(the last at step 10\); "
+        "stopping, before any state was saved"
+    )
     with pytest.raises(ValueError, match=message):
         T.fit(bad, tmp_path / "twenty", False, T.data_mesh(), quiet=True)
+    bad = dataclasses.replace(bad, train=dataclasses.replace(bad.train, eval_every=4))
+    with pytest.raises(ValueError, match="stopping, the state saved at step 8 is kept"):
+        T.fit(bad, tmp_path / "saved", False, T.data_mesh(), quiet=True)
 
 
 def test_retrieval_loss_equals_a_numpy_sampled_softmax(world):
@@ -316,6 +322,8 @@ def test_a_resume_that_differs_by_quick_alone_says_so(tmp_path, capsys, monkeypa
     assert T._quick_hint(tiny, full.to_json()) == "it was started with --quick; "
     assert T._quick_hint(default, quick.to_json()) == "it was started without --quick; "
     assert T._quick_hint(tiny, WorldConfig.tiny(seed=1).to_json()) == ""
+    fifty = dataclasses.replace(quick, num_users=50).to_json()  # --quick --users 50
+    assert T._quick_hint(fifty, quick.to_json()) == T._quick_hint(fifty, full.to_json()) == ""
 
     def cannot(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
@@ -323,6 +331,38 @@ def test_a_resume_that_differs_by_quick_alone_says_so(tmp_path, capsys, monkeypa
     monkeypatch.setattr(T.Path, "mkdir", cannot)
     status, _, err = run_script(T.main, ["--quick", "--out", str(tmp_path / "run")], capsys)
     assert status == 2 and "cannot make the folder (Permission denied)" in err, err
+
+
+def test_the_other_model_of_a_folder_is_checked_before_training_and_reported_as_trained(
+    tmp_path, capsys
+):
+    run = tmp_path / "run"
+    first = ["--quick", "--model", "retrieval", "--steps", "2", "--no-export", "--out", str(run)]
+    assert run_script(T.main, first, capsys)[0] == 0
+    # Another world: refused before the ranker trains, without the --resume it does not use.
+    other_world = [*RANKER_ONLY, "--users", "50", "--out", str(run)]
+    status, out, err = run_script(T.main, other_world, capsys)
+    assert status == 2 and err.count("\n") == 1, err
+    assert "retrieval.npz: the state of another run (its world.num_users is 40" in err
+    assert err.endswith("train with the world it was trained on, or choose another --out\n")
+    assert "ranker: steps" not in out and not (run / "state" / "ranker.npz").exists()
+    # Other training settings for the ranker: the retrieval model is read as it was trained.
+    ranker = [*RANKER_ONLY, "--steps", "3", "--learning-rate", "0.01", "--out", str(run)]
+    assert run_script(T.main, ranker, capsys)[0] == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["steps"] == {"ranker": 3, "retrieval": 2}
+    assert report["training"]["retrieval"]["steps"] == 2
+    assert report["training"]["retrieval"]["learning_rate"] == QUICK.learning_rate
+    assert report["training"]["ranker"]["learning_rate"] == 0.01
+    # A state without the log saved beside it is refused.
+    (run / "state" / "retrieval_log.json").unlink()
+    status, _, err = run_script(T.main, [*ranker, "--resume", "--steps", "4"], capsys)
+    assert status == 2 and "retrieval_log.json: no such file (the training log saved" in err
+
+
+def test_recall_goals_are_not_met_by_zeros():
+    report = {"retrieval": {"recall@100": {"model": 0.0, "oracle": 0.0, "popularity": 0.0}}}
+    assert [met for _, met in T.goal_checks(report)] == [False, False, False]
 
 
 def test_optimiser_flags_reach_both_models_training_configs():
@@ -379,6 +419,10 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
         [*RANKER_ONLY, "--out", str(tmp_path)]
     )
     notes = str(tmp_path / "notes.txt")
+    with monkeypatch.context() as patch:  # a read-only place (root may write anywhere else)
+        patch.setattr(T.os, "access", lambda path, mode: False)
+        assert "cannot write in" in refused([*RANKER_ONLY, "--out", str(tmp_path / "new")])
+        assert "cannot write there" in refused([*RANKER_ONLY, "--out", str(run), "--resume"])
     assert "is a file, not a folder" in refused([*RANKER_ONLY, "--out", notes])
     assert "notes.txt is a file, not a folder" in refused([*RANKER_ONLY, "--out", notes + "/run"])
     # Both models are checked against the world before the first one trains.
