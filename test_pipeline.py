@@ -4,6 +4,7 @@ command line from writing an example folder to serving it."""
 
 import dataclasses
 import json
+import os
 import shutil
 
 import jax.numpy as jnp
@@ -159,7 +160,7 @@ def run(argv, capsys):
 def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
     example = tmp_path / "example"
     status, out, err = run(
-        ["--write-example", str(example), "--corpus-size", "300", "--vocab-size", "50"], capsys
+        ["--write-example", str(example), "--corpus-size", "150", "--vocab-size", "50"], capsys
     )
     assert status == 0, err
     assert "RANDOM weights (seed 0)" in out and (example / "ranker" / "model_params.npz").exists()
@@ -174,6 +175,7 @@ def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
     ]
     status, out, err = run(argv, capsys)
     assert status == 0, err
+    assert "retrieved 150 (the whole corpus), ranked them" in out  # fewer than --top_k_retrieval
     table = [line for line in out.splitlines() if line[:4].strip().isdigit()]
     assert [int(line.split()[0]) for line in table] == [1, 2, 3, 4, 5]
     feed = json.loads(feed_json.read_text())
@@ -207,6 +209,12 @@ def test_the_command_line_refuses_bad_flags_in_one_line(argv, message, capsys, t
     except SystemExit as exit_info:  # argparse
         status, err = exit_info.code, capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1 and message in err, err
+
+
+def test_a_feed_that_could_not_be_written_is_refused_before_serving(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # read-only (root writes anyway)
+    status, _, err = run(["--output-json", str(tmp_path / "feed.json")], capsys)
+    assert status == 2 and f"cannot write in {tmp_path} (no permission" in err, err
 
 
 def test_what_a_sequence_file_holds_is_refused_naming_the_file(folder, tmp_path, capsys):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import metrics
+import runners
 import train as T
 from checkpoint import load_artifacts, read_npz
 from conftest import finish, run_script, start_with_devices, train_briefly
@@ -358,6 +359,19 @@ def test_the_other_model_of_a_folder_is_checked_before_training_and_reported_as_
     (run / "state" / "retrieval_log.json").unlink()
     status, _, err = run_script(T.main, [*ranker, "--resume", "--steps", "4"], capsys)
     assert status == 2 and "retrieval_log.json: no such file (the training log saved" in err
+
+
+def test_training_that_would_not_fit_in_memory_is_refused_before_it_starts(world, monkeypatch):
+    job = T.make_job("retrieval", world, QUICK)
+    rows = sum(getattr(job.hashing, e).vocab_size for e in ("user", "item", "author"))
+    scores = 5 * len(world.retrieval_eval) * world.num_posts
+    assert (
+        T.training_bytes("retrieval", job.hashing, job.config, world) == 6 * 4 * rows * 128 + scores
+    )
+    monkeypatch.setattr(runners, "ALWAYS_FITS", 0)
+    monkeypatch.setattr(runners, "available_memory", lambda: 2**20)
+    with pytest.raises(ValueError, match=r"training the ranker on this world would need about"):
+        T.make_job("ranker", world, QUICK)
 
 
 def test_recall_goals_are_not_met_by_zeros():
