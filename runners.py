@@ -247,9 +247,10 @@ def check_memory(needed: float, what: str) -> None:
         return
     available = available_memory()
     if available is not None and needed > available:
+        digits = 1 if f"{needed / 2**30:.1f}" != f"{available / 2**30:.1f}" else 2
         raise ValueError(
-            f"{what} would need about {needed / 2**30:.1f} GiB of memory; "
-            f"{available / 2**30:.1f} GiB is available"
+            f"{what} would need about {needed / 2**30:.{digits}f} GiB of memory; "
+            f"{available / 2**30:.{digits}f} GiB is available"
         )
 
 

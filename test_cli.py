@@ -220,3 +220,9 @@ def test_scripts_keep_compiled_programs_in_the_user_cache(tmp_path):
         "threshold": cli.CACHE_MIN_COMPILE_SECONDS,
     }
     assert any(folder.iterdir()), "the compiled program was not written to the folder"
+
+
+def test_an_interrupted_script_ends_at_once_with_status_130():
+    code = "import cli\ndef main():\n    raise KeyboardInterrupt\ncli.run_main(main, 'demo.py')"
+    status, out, report = finish(start_with_devices(code, 1))
+    assert status == 130 and "demo.py: interrupted" in report, report
