@@ -96,9 +96,12 @@ def trained_demo(args) -> int:
     order = np.argsort(-p_model, kind="stable")
     taste = world.in_taste(user, posts)
 
+    fewer = args.candidates is not None and args.candidates > len(pool)
     print(
         f"\nRanking {len(posts)} posts of the last {world.config.serving_window_hours:.0f} hours "
-        "they have not seen, by the model's p(favorite) (* = a liked topic or favourite author):"
+        "they have not seen"
+        + (f" (all there are, fewer than --candidates {args.candidates})" if fewer else "")
+        + ", by the model's p(favorite) (* = a liked topic or favourite author):"
     )
     print(f"  {'rank':>4}  {'p(fav)':>6}  {'true':>6}  post")
     for rank, i in enumerate(order[:RANKS_SHOWN], start=1):
@@ -166,7 +169,8 @@ def random_weights_demo(args) -> int:
         if args.candidates > RANKS_SHOWN:
             print(f"  ... {args.candidates - RANKS_SHOWN} more")
     if args.batch_size > USERS_SHOWN:
-        print(f"\n({args.batch_size - USERS_SHOWN} more users ranked, not shown)")
+        more = args.batch_size - USERS_SHOWN
+        print(f"\n({more} more user{'s' * (more != 1)} ranked, not shown)")
     return 0
 
 

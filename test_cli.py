@@ -105,7 +105,7 @@ def test_run_ranker_lists_each_users_candidates_by_descending_favorite(capsys):
     )
     assert status == 0, err
     users = out.split("\nUser ")[1:]
-    assert len(users) == 2 and "(1 more users ranked, not shown)" in out
+    assert len(users) == 2 and "(1 more user ranked, not shown)" in out
     for user in users:
         rows = [line.split() for line in user.splitlines() if re.match(r"\s+\d+\s+\d+\s+0\.", line)]
         assert [int(r[0]) for r in rows] == list(range(1, 9))
@@ -125,6 +125,8 @@ def test_run_ranker_shows_the_shipped_trained_model_favouring_the_users_tastes(c
     assert favorites == sorted(favorites, reverse=True)
     found = re.search(r"tastes: (\d+) of the model's top 10, ([\d.]+) of 10 on average", out)
     assert int(found[1]) > float(found[2]) + 2, "the trained ranker should favour the tastes"
+    status, out, err = run_script(run_ranker.main, ["--candidates", "100000"], capsys)
+    assert status == 0 and "(all there are, fewer than --candidates 100000)" in out, err
 
 
 def test_run_retrieval_shows_the_shipped_trained_model_retrieving_the_users_tastes(capsys):

@@ -992,10 +992,14 @@ def fit(job: Job, state_dir: Path, resume: bool, mesh: Mesh, quiet: bool = False
         if done % max(1, train.eval_every // 4) == 0 or done == train.steps:
             per_step = float(np.median(times[1:] or times))  # the first step compiles
             skipped = int(stats["skipped"])
-            say(
-                f"  {job.kind} step {done}/{train.steps}  loss {stats['loss']:.4f}  "
+            speed = (
                 f"{train.batch_size / per_step:,.0f} examples/s  "
                 f"{(train.steps - done) * per_step:.0f} s left"
+                if len(times) > 1
+                else f"(this run's first step: {times[0]:.1f} s, compiling included)"
+            )
+            say(
+                f"  {job.kind} step {done}/{train.steps}  loss {stats['loss']:.4f}  {speed}"
                 + (f"  ({skipped} updates skipped)" if skipped else "")
             )
         if done % train.eval_every == 0:
