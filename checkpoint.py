@@ -385,6 +385,11 @@ def _config_problem(data: dict) -> str | None:
     for key in counts:
         if not (is_integer(data[key]) and data[key] >= 1):
             return f"{key} must be a positive integer, got {data[key]!r}"
+    heads, kv_heads = data["num_heads"], data.get("num_kv_heads", data["num_heads"])
+    if heads % kv_heads:
+        return f"num_heads ({heads}) must be a multiple of num_kv_heads ({kv_heads})"
+    if data["key_size"] % 2:
+        return f"key_size must be even (rotary positions rotate pairs), got {data['key_size']}"
     for key in ("widening_factor", "attn_output_multiplier"):
         value = data.get(key, 1.0)
         if not (is_number(value) and 0 < value < math.inf):

@@ -232,6 +232,14 @@ DAMAGES = {
         lambda f: _edit_json(f / RANKER_JSON, action_names=["favorite_score"]),
         "ranker/config.json: action_names must be 19 distinct names",
     ),
+    "config.json with heads that do not share": (
+        lambda f: _edit_json(f / RANKER_JSON, num_kv_heads=3),
+        r"ranker/config.json: num_heads \(2\) must be a multiple of num_kv_heads \(3\)",
+    ),
+    "config.json with an odd key size": (
+        lambda f: _edit_json(f / RETRIEVAL_JSON, key_size=5),
+        "retrieval/config.json: key_size must be even",
+    ),
     "config.json with a text switch": (
         lambda f: _edit_json(f / RANKER_JSON, right_anchored_rope="yes"),
         "ranker/config.json: right_anchored_rope must be true or false, got 'yes'",
