@@ -45,6 +45,11 @@ class ArgumentParser(argparse.ArgumentParser):
         return arg
 
 
+def count(n: int, noun: str) -> str:
+    """`n noun`, the noun plural unless n is 1: count(1, "user") is "1 user"."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
 def file_in_a_folder(path: os.PathLike) -> str | None:
     """Why a file or folder could not be written at `path`: the first of its parents that
     exists is not a folder, or (unless `path` is a folder already) it cannot be written in;

@@ -23,6 +23,7 @@ from cli import (
     ArgumentParser,
     add_demo_flags,
     add_trained_demo_flags,
+    count,
     parse_demo_args,
     run_main,
     timed,
@@ -141,7 +142,8 @@ def random_weights_demo(args) -> int:
     print(
         f"Phoenix ranking: D={config.emb_size}, {config.model.num_layers} layers, "
         f"{config.model.num_q_heads} heads of {config.model.key_size}, history "
-        f"{args.history_len}, {args.candidates} candidates, {args.batch_size} users, {args.dtype}"
+        f"{args.history_len}, {count(args.candidates, 'candidate')}, "
+        f"{count(args.batch_size, 'user')}, {args.dtype}"
     )
     print(
         f"Weights: RANDOM (seed {args.seed}), not a trained model; the probabilities show the "
@@ -152,14 +154,14 @@ def random_weights_demo(args) -> int:
     )
     print(
         f"First call (compile + run): {first:.2f} s; ranking: median {median * 1e3:.2f} ms "
-        f"over {args.repeats} runs"
+        f"over {count(args.repeats, 'run')}"
     )
 
     scores = np.asarray(output.scores)
     ranked = np.asarray(output.ranked_indices)
     history_lengths = (np.asarray(batch.history_post_hashes)[:, :, 0] != 0).sum(axis=1)
     for user in range(min(args.batch_size, USERS_SHOWN)):
-        print(f"\nUser {user} ({history_lengths[user]} history items)")
+        print(f"\nUser {user} ({count(int(history_lengths[user]), 'history item')})")
         print(f"  {'rank':>4}  {'cand':>4}  {'p(fav)':>6}  top actions")
         for position, candidate in enumerate(ranked[user][:RANKS_SHOWN], start=1):
             probabilities = scores[user, candidate]

@@ -26,6 +26,7 @@ from cli import (
     ArgumentParser,
     add_demo_flags,
     add_trained_demo_flags,
+    count,
     parse_demo_args,
     positive_int,
     run_main,
@@ -136,7 +137,8 @@ def random_weights_demo(args) -> int:
 
     print(
         f"Phoenix retrieval: D={config.emb_size}, {config.model.num_layers} layers, history "
-        f"{args.history_len}, {args.batch_size} users, corpus of {args.corpus_size} posts, "
+        f"{args.history_len}, {count(args.batch_size, 'user')}, corpus of "
+        f"{count(args.corpus_size, 'post')}, "
         f"top {args.top_k}, {args.dtype}"
     )
     print(
@@ -150,7 +152,7 @@ def random_weights_demo(args) -> int:
     candidates = np.asarray(retriever.encode_candidates(batch, embeddings))
     print(
         f"First call (compile + run): {first:.2f} s; retrieval: median {median * 1e3:.2f} ms "
-        f"over {args.repeats} runs"
+        f"over {count(args.repeats, 'run')}"
     )
     user = np.asarray(output.user_representation, np.float32)
     indices = np.asarray(output.top_k_indices)
