@@ -6,6 +6,7 @@ Standard library only, so that any script can use it whatever it imports.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import hashlib
 import math
@@ -211,7 +212,10 @@ def keep_compiled_programs() -> Path | None:
         return None
     folder = jax.config.jax_compilation_cache_dir
     if not folder:
-        base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        try:
+            base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        except (RuntimeError, KeyError):  # no home folder to be found
+            return None
         folder = Path(base) / "phoenix-jax" / f"xla-{_instruction_set_key()}"
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
@@ -249,8 +253,9 @@ def run_main(main: Callable[[], int], prog: str) -> int:
         # Ends the process here: Python's own shutdown could crash (3 times in 7 interrupts of
         # train.py while it compiled) with XLA's compiler threads still at work. Every file is
         # written whole or not at all, so nothing is left half-written.
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError):  # a pipe's reader may have gone with the Ctrl-C
+                stream.flush()
         os._exit(130)
     except BrokenPipeError:
         # Python's advice: point stdout at devnull so that the exit flush does not fail again.

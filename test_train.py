@@ -338,7 +338,8 @@ def test_the_other_model_of_a_folder_is_checked_before_training_and_reported_as_
     tmp_path, capsys
 ):
     run = tmp_path / "run"
-    first = ["--quick", "--model", "retrieval", "--steps", "2", "--no-export", "--out", str(run)]
+    first = ["--quick", "--model", "retrieval", "--steps", "2", "--eval-every", "2"]
+    first += ["--no-export", "--out", str(run)]
     assert run_script(T.main, first, capsys)[0] == 0
     # Another world: refused before the ranker trains, without the --resume it does not use.
     other_world = [*RANKER_ONLY, "--users", "50", "--out", str(run)]
@@ -353,6 +354,7 @@ def test_the_other_model_of_a_folder_is_checked_before_training_and_reported_as_
     report = json.loads((run / "eval.json").read_text())
     assert report["steps"] == {"ranker": 3, "retrieval": 2}
     assert report["training"]["retrieval"]["steps"] == 2
+    assert report["training"]["retrieval"]["eval_every"] == 2
     assert report["training"]["retrieval"]["learning_rate"] == QUICK.learning_rate
     assert report["training"]["ranker"]["learning_rate"] == 0.01
     # A state without the log saved beside it is refused.
@@ -362,16 +364,25 @@ def test_the_other_model_of_a_folder_is_checked_before_training_and_reported_as_
 
 
 def test_training_that_would_not_fit_in_memory_is_refused_before_it_starts(world, monkeypatch):
-    job = T.make_job("retrieval", world, QUICK)
-    rows = sum(getattr(job.hashing, e).vocab_size for e in ("user", "item", "author"))
-    scores = 5 * len(world.retrieval_eval) * world.num_posts
-    assert (
-        T.training_bytes("retrieval", job.hashing, job.config, world) == 6 * 4 * rows * 128 + scores
-    )
+    # The tiny world: 40 users, 400 posts, 24 authors, 27 held-out queries; tables of 4, 8 and
+    # 4 rows per entity and a padding row each, D 128, six float32 copies.
+    assert (world.num_users, world.num_posts, world.num_authors) == (40, 400, 24)
+    assert len(world.retrieval_eval) == 27
+    tables = 6 * 4 * 128 * (161 + 3201 + 97)
+    for kind, more in (("ranker", 0), ("retrieval", 5 * 27 * 400)):
+        job = T.make_job(kind, world, QUICK)
+        assert T.training_bytes(kind, job.hashing, job.config, world) == tables + more
     monkeypatch.setattr(runners, "ALWAYS_FITS", 0)
     monkeypatch.setattr(runners, "available_memory", lambda: 2**20)
     with pytest.raises(ValueError, match=r"training the ranker on this world would need about"):
         T.make_job("ranker", world, QUICK)
+
+
+def test_a_model_only_read_back_is_not_held_to_this_runs_training_settings(world):
+    wide = dataclasses.replace(QUICK, batch_size=300)  # more than the retrieval examples
+    with pytest.raises(ValueError, match=r"batch_size \(300\) exceeds the"):
+        T.make_job("retrieval", world, wide)
+    assert T.make_job("retrieval", world, wide, to_train=False).kind == "retrieval"
 
 
 def test_recall_goals_are_not_met_by_zeros():

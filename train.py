@@ -868,8 +868,11 @@ class Job:
         return arrays
 
 
-def make_job(kind: str, world: world_lib.World, train: TrainConfig, config=None) -> Job:
-    """The `kind` model of `model_configs` (or `config`) on the world's examples, checked."""
+def make_job(
+    kind: str, world: world_lib.World, train: TrainConfig, config=None, to_train: bool = True
+) -> Job:
+    """The `kind` model of `model_configs` (or `config`) on the world's examples, checked
+    (`to_train` False: a model only read back, whose training settings are not checked)."""
     if kind not in MODELS:
         raise ValueError(f"kind must be one of {MODELS}, got {kind!r}")
     config = config or model_configs(world.config, train)[MODELS.index(kind) ^ 1]
@@ -878,7 +881,8 @@ def make_job(kind: str, world: world_lib.World, train: TrainConfig, config=None)
             f"the model's history_seq_len ({config.history_seq_len}) does not fit the world's "
             f"histories of {world.config.history_len}"
         )
-    check_train_config(train, world, kind)
+    if to_train:
+        check_train_config(train, world, kind)
     if kind == "ranker":
         log_q = None
         hashing = hashing_for(world, config.hash_config, train.seed + 10)
@@ -897,12 +901,14 @@ def make_job(kind: str, world: world_lib.World, train: TrainConfig, config=None)
         loss = make_retrieval_loss(config)
     check_data(train_data, f"{kind} training")
     check_data(eval_data, f"{kind} held-out")
-    if train.batch_size > len(train_data["user_hashes"]):
+    if to_train and train.batch_size > len(train_data["user_hashes"]):
         raise ValueError(
             f"batch_size ({train.batch_size}) exceeds the {len(train_data['user_hashes'])} "
             f"{kind} training examples of the world"
         )
-    check_memory(training_bytes(kind, hashing, config, world), f"training the {kind} on this world")
+    if to_train:
+        needed = training_bytes(kind, hashing, config, world)
+        check_memory(needed, f"training the {kind} on this world")
     return Job(kind, config, hashing, train_data, eval_data, loss, world, train, log_q)
 
 
@@ -1048,14 +1054,19 @@ def load_beside(state_dir: Path, job: Job) -> tuple[hk.Params, list[dict], dict]
     state, saved = load_state(state_dir / f"{job.kind}.npz", template, meta, BESIDE_ADVICE)
     steps = int(state.step)
     train = {**dataclasses.asdict(job.train), **saved.get("train", {}), "steps": steps}
+    train["eval_every"] = saved.get("eval_every", train["eval_every"])
     return state.params, _read_log(state_dir, job.kind, steps), train
 
 
 def save_progress(state_dir: Path, job: Job, state: TrainState, log: list[dict]) -> None:
-    """The resumable state and the log so far, each written whole or not at all."""
+    """The resumable state and the log so far, each written whole or not at all; the log
+    first, so that an interruption between the two leaves a log at least as long as the
+    state's steps (it is cut back to them when read). The meta saved with the state holds
+    the evaluation interval too, which a resumed run may change."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    save_state(state_dir / f"{job.kind}.npz", state, job.meta)
     write_json(log, state_dir / f"{job.kind}_log.json")
+    meta = {**job.meta, "eval_every": job.train.eval_every}
+    save_state(state_dir / f"{job.kind}.npz", state, meta)
 
 
 def quick_eval(job: Job, state: TrainState, size: int = 1000) -> dict:
@@ -1109,7 +1120,8 @@ def evaluate_ranker(job: Job, params) -> tuple[dict, dict]:
     probabilities, dwell = ranking_predictions(params, job.config, job.eval_data)
     report = {"actions": ranking_report(examples.labels, probabilities, examples.probabilities)}
     # Each error beside the best prediction the world allows for it: the true median under
-    # absolute error, the true mean under squared error (which the default MSE loss learns).
+    # absolute error, the true mean under squared error (the default MSE loss, on dwell capped
+    # at the normalisation's 60 s, aims at the capped mean: close to it, not equal).
     report["dwell_seconds_mae"] = {
         "model": _number(np.abs(dwell - examples.dwell).mean()),
         "oracle": _number(np.abs(examples.median_dwell - examples.dwell).mean()),
@@ -1618,7 +1630,7 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
     # Every model this run trains or reads back (one trained earlier into the same folder),
     # checked against the world before any of them trains.
     jobs = {
-        kind: make_job(kind, world, trains[kind])
+        kind: make_job(kind, world, trains[kind], to_train=kind in kinds)
         for kind in MODELS
         if kind in kinds or (state_dir / f"{kind}.npz").is_file()
     }
