@@ -18,7 +18,7 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from checkpoint import DEFAULT_SEQUENCE_FILE, load_artifacts, write_json
-from cli import ArgumentParser, file_in_a_folder, positive_int, run_main, seed_int
+from cli import ArgumentParser, count, file_in_a_folder, positive_int, run_main, seed_int
 from pipeline import (
     Pipeline,
     describe_feed,
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"Wrote an example artifacts folder to {folder} in {seconds:.1f} s: "
             f"the published mini model (D 128, 4 layers, 4 heads of 32) with RANDOM weights "
-            f"(seed {args.seed}), tables of {args.vocab_size:,} rows, {args.corpus_size:,} "
-            f"post{'s' * (args.corpus_size != 1)}."
+            f"(seed {args.seed}), tables of {args.vocab_size:,} rows, "
+            f"{count(args.corpus_size, 'post')}."
         )
         print(f"Serve it: uv run run_pipeline.py --artifacts_dir {folder}")
         return 0

@@ -171,8 +171,7 @@ def random_weights_demo(args) -> int:
         if args.candidates > RANKS_SHOWN:
             print(f"  ... {args.candidates - RANKS_SHOWN} more")
     if args.batch_size > USERS_SHOWN:
-        more = args.batch_size - USERS_SHOWN
-        print(f"\n({more} more user{'s' * (more != 1)} ranked, not shown)")
+        print(f"\n({count(args.batch_size - USERS_SHOWN, 'more user')} ranked, not shown)")
     return 0
 
 

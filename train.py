@@ -901,12 +901,12 @@ def make_job(
         loss = make_retrieval_loss(config)
     check_data(train_data, f"{kind} training")
     check_data(eval_data, f"{kind} held-out")
-    if to_train and train.batch_size > len(train_data["user_hashes"]):
-        raise ValueError(
-            f"batch_size ({train.batch_size}) exceeds the {len(train_data['user_hashes'])} "
-            f"{kind} training examples of the world"
-        )
     if to_train:
+        if train.batch_size > len(train_data["user_hashes"]):
+            raise ValueError(
+                f"batch_size ({train.batch_size}) exceeds the {len(train_data['user_hashes'])} "
+                f"{kind} training examples of the world"
+            )
         needed = training_bytes(kind, hashing, config, world)
         check_memory(needed, f"training the {kind} on this world")
     return Job(kind, config, hashing, train_data, eval_data, loss, world, train, log_q)
@@ -916,7 +916,7 @@ def training_bytes(kind: str, hashing: Hashing, config, world: world_lib.World) 
     """A lower bound on a training run's memory: the tables six times over (parameters,
     gradients, two optimiser moments, updates, the new parameters) and, for retrieval, the
     held-out queries' scores and servable flags over the whole corpus."""
-    rows = sum(getattr(hashing, entity).vocab_size for entity in ("user", "item", "author"))
+    rows = sum(getattr(hashing, entity).vocab_size for entity in TABLE_NAMES)
     needed = 6 * 4 * rows * config.emb_size
     if kind == "retrieval":
         needed += 5 * len(world.retrieval_eval) * world.num_posts
@@ -1561,6 +1561,8 @@ def check_run_folder(out: Path, kinds: tuple[str, ...], resume: bool) -> None:
         raise ValueError(f"--out {out}: is a file, not a folder")
     if problem := file_in_a_folder(out):
         raise ValueError(f"--out {out}: {problem}")
+    if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write there (no permission, or read-only)")
     foreign = (
         sorted(p.name for p in out.iterdir() if p.name not in RUN_OUTPUTS) if out.is_dir() else []
     )
@@ -1594,10 +1596,6 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"--out {out}: cannot make the folder ({error.strerror})") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        if made:
-            out.rmdir()
-        raise ValueError(f"--out {out}: cannot write there (no permission, or read-only)")
     try:
         return train_and_report(args, out, kinds)
     except BaseException:
@@ -1653,7 +1651,7 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
         "train": {"ranking": len(world.ranking_train), "retrieval": len(world.retrieval_train)},
         "eval": {"ranking": len(world.ranking_eval), "retrieval": len(world.retrieval_eval)},
     }
-    report["training"] = {kind: training[kind] for kind in jobs}  # in MODELS order
+    report["training"] = training
     report["steps"] = {kind: logs[kind][-1]["step"] if logs[kind] else 0 for kind in jobs}
     report["skipped_updates"] = {
         kind: int(logs[kind][-1]["skipped"]) if logs[kind] else 0 for kind in jobs
