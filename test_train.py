@@ -239,10 +239,21 @@ def test_data_parallel_over_four_devices_equals_one_device(four_device_run, tmp_
         np.testing.assert_allclose(four[key], one[key], rtol=1e-3, atol=1e-4, err_msg=key)
 
 
-def test_resume_is_bit_exact(tmp_path, capsys):
+def test_resume_is_bit_exact_even_after_a_save_cut_short(tmp_path, capsys, monkeypatch):
     once, twice = tmp_path / "once", tmp_path / "twice"
     assert run_script(T.main, [*RANKER_ONLY, "--out", str(once), "--steps", "8"], capsys)[0] == 0
     assert run_script(T.main, [*RANKER_ONLY, "--out", str(twice), "--steps", "4"], capsys)[0] == 0
+
+    def cut_short(*args):
+        raise RuntimeError("stopped after the log, before the state")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(T, "save_state", cut_short)
+        with pytest.raises(RuntimeError, match="before the state"):
+            run_script(
+                T.main, [*RANKER_ONLY, "--out", str(twice), "--steps", "6", "--resume"], capsys
+            )
+    assert len(json.loads((twice / "state" / "ranker_log.json").read_text())) == 6
     status, out, _ = run_script(
         T.main, [*RANKER_ONLY, "--out", str(twice), "--steps", "8", "--resume"], capsys
     )
