@@ -180,7 +180,8 @@ def test_compiled_calls_reuse_freed_host_memory():
 
 # In a fresh process with neither the suite's cache folder nor its threshold in the
 # environment: what `keep_compiled_programs` does before JAX is imported, when JAX's cache is
-# turned off, when no folder can be made (argv[2] is a file), and by default (under argv[1]).
+# turned off, when there is no home folder, when no folder can be made (argv[2] is a file), and
+# by default (under argv[1]).
 KEEP_COMPILED = """
 import json, os, sys
 from pathlib import Path
@@ -192,6 +193,11 @@ import jax
 jax.config.update("jax_enable_compilation_cache", False)
 seen["turned off"] = cli.keep_compiled_programs()
 jax.config.update("jax_enable_compilation_cache", True)
+os.environ.pop("XDG_CACHE_HOME", None)
+def no_home():
+    raise RuntimeError("Could not determine home directory.")
+Path.home = staticmethod(no_home)
+seen["no home"] = cli.keep_compiled_programs()
 os.environ["XDG_CACHE_HOME"] = sys.argv[2]
 seen["no folder"] = cli.keep_compiled_programs()
 os.environ["XDG_CACHE_HOME"] = sys.argv[1]
@@ -216,6 +222,7 @@ def test_scripts_keep_compiled_programs_in_the_user_cache(tmp_path):
     assert seen == {
         "no jax": None,
         "turned off": None,
+        "no home": None,
         "no folder": None,
         "default": str(folder),
         "jax's folder": str(folder),
