@@ -231,7 +231,18 @@ def test_scripts_keep_compiled_programs_in_the_user_cache(tmp_path):
     assert any(folder.iterdir()), "the compiled program was not written to the folder"
 
 
-def test_an_interrupted_script_ends_at_once_with_status_130():
+# Output still buffered for a reader that has gone (its pipe closed), as with `| head` and Ctrl-C.
+READER_GONE = """
+import os, sys
+read, write = os.pipe()
+os.close(read)
+sys.stdout = open(write, "w")
+print("never read")
+"""
+
+
+@pytest.mark.parametrize("before", ["", READER_GONE], ids=["plain", "reader gone"])
+def test_an_interrupted_script_ends_at_once_with_status_130(before):
     code = "import cli\ndef main():\n    raise KeyboardInterrupt\ncli.run_main(main, 'demo.py')"
-    status, out, report = finish(start_with_devices(code, 1))
-    assert status == 130 and "demo.py: interrupted" in report, report
+    status, out, report = finish(start_with_devices(before + code, 1))
+    assert status == 130 and report.endswith("\ndemo.py: interrupted\n"), report
