@@ -41,7 +41,10 @@ import numpy as np
 from grok import TransformerConfig
 from recsys_model import (
     ACTIONS,
+    CONTINUOUS_LOSS_TYPES,
+    ContinuousActionConfig,
     HashConfig,
+    NormConfig,
     PhoenixModelConfig,
     dummy_inputs,
 )
@@ -337,6 +340,10 @@ def config_to_json(config: ModelConfig, hashing: Hashing) -> dict:
     }
     if isinstance(config, PhoenixModelConfig):
         data["right_anchored_rope"] = config.right_anchored_rope
+        # The dwell time's scale, read by the model (history dwell times are normalised by it)
+        # as well as by training: a ranker trained on another than the default 30 s must be
+        # served with it.
+        data["continuous_action_config"] = dataclasses.asdict(config.continuous_action_config)
     return data
 
 
@@ -414,6 +421,9 @@ def _config_problem(data: dict) -> str | None:
         modulus = hashes.get(f"{entity}_modulus")
         if not (is_integer(modulus) and 2 <= modulus < 2**63):
             return f"hash_params.{entity}_modulus must be an int64 integer >= 2, got {modulus!r}"
+    problem = _continuous_problem(data.get("continuous_action_config", {}))
+    if problem:
+        return f"continuous_action_config.{problem}"
     names = data.get("action_names")
     if names is not None and not (
         isinstance(names, list)
@@ -425,6 +435,42 @@ def _config_problem(data: dict) -> str | None:
     return None
 
 
+def _continuous_problem(data: Any) -> str | None:
+    """The first value of a `continuous_action_config` object that does not fit the dataclass."""
+    if not isinstance(data, dict):
+        return f"must be an object, got {data!r}"
+    for key, check, expected in (
+        ("loss_weight", lambda v: is_number(v) and 0 <= v < math.inf, "a number >= 0"),
+        ("loss_type", lambda v: v in CONTINUOUS_LOSS_TYPES, f"one of {CONTINUOUS_LOSS_TYPES}"),
+        ("tweedie_power", lambda v: is_number(v) and math.isfinite(v), "a finite number"),
+    ):
+        if key in data and not check(data[key]):
+            return f"{key} must be {expected}, got {data[key]!r}"
+    norm = data.get("norm_config")
+    if norm is None:
+        return None
+    if not isinstance(norm, dict):
+        return f"norm_config must be an object or null, got {norm!r}"
+    scale = norm.get("norm_scale", NormConfig.norm_scale)
+    if not (is_number(scale) and 0 < scale < math.inf):
+        return f"norm_config.norm_scale must be a positive number, got {scale!r}"
+    if not isinstance(norm.get("use_log", False), bool):
+        return f"norm_config.use_log must be true or false, got {norm['use_log']!r}"
+    return None
+
+
+def _continuous_config(data: Mapping[str, Any]) -> ContinuousActionConfig:
+    """The ranker's `ContinuousActionConfig` from its config.json (the defaults without ours)."""
+    fields = dict(data.get("continuous_action_config", {}))
+    known = {f.name for f in dataclasses.fields(ContinuousActionConfig)}
+    fields = {k: v for k, v in fields.items() if k in known}
+    norm = fields.get("norm_config")
+    if norm is not None:
+        known = {f.name for f in dataclasses.fields(NormConfig)}
+        fields["norm_config"] = NormConfig(**{k: v for k, v in norm.items() if k in known})
+    return ContinuousActionConfig(**fields)
+
+
 def configs_from_json(
     retrieval_json: Mapping[str, Any],
     ranker_json: Mapping[str, Any],
@@ -434,7 +480,8 @@ def configs_from_json(
     """The two configs the published pipeline builds from an artifacts folder: `num_heads` for
     query and key/value heads, widening 2 and attention multiplier 0.125 (unless our keys say
     otherwise), batch shapes of both from the retrieval config, the ranker's release and
-    continuous-head sizes from its own parameters."""
+    continuous-head sizes from its own parameters, its dwell time's scale from our
+    `continuous_action_config` (the default without it)."""
 
     def transformer(data):
         return TransformerConfig(
@@ -475,6 +522,7 @@ def configs_from_json(
         num_actions=int(ranker_json["num_actions"]),
         post_age_granularity_mins=int(ranker_json["post_age_granularity_mins"]),
         right_anchored_rope=bool(ranker_json.get("right_anchored_rope", False)),
+        continuous_action_config=_continuous_config(ranker_json),
         release=release,
         **common(ranker_json),
         **extra,

@@ -89,6 +89,10 @@ class NormConfig:
     use_log: bool = False
 
 
+# The continuous head's training losses, by `ContinuousActionConfig.loss_type`.
+CONTINUOUS_LOSS_TYPES = ("mae", "mse", "huber", "tweedie")
+
+
 @dataclasses.dataclass
 class ContinuousActionConfig:
     """The continuous head's normalisation and, for training, its loss: "mae", "mse",

@@ -26,15 +26,21 @@ from checkpoint import (
 )
 from conftest import Setup, fixed_example, ranking_params
 from pipeline import write_example
+from recsys_model import ContinuousActionConfig, NormConfig
 
 SECOND = Setup(release=2, num_layers=2)
+# A dwell time normalised otherwise than by default, as training may choose.
+TRAINED_DWELL = ContinuousActionConfig(1.0, "mse", norm_config=NormConfig(60.0, use_log=True))
 
 
 @pytest.fixture(scope="module")
 def example_folder(tmp_path_factory):
     """A small artifacts folder of tiny models (second-release ranker), written once."""
     setup = Setup(num_layers=1, hashes=(2, 2, 2))
-    ranker = dataclasses.replace(setup, release=2).ranking_config(4, 3)
+    ranker = dataclasses.replace(
+        dataclasses.replace(setup, release=2).ranking_config(4, 3),
+        continuous_action_config=TRAINED_DWELL,
+    )
     folder = tmp_path_factory.mktemp("artifacts") / "example"
     configs = (setup.retrieval_config(4, 3), ranker)
     return write_example(
@@ -180,6 +186,7 @@ def test_loading_the_folder_rebuilds_the_models_exactly(example_folder):
     assert ranker.release == 2 and ranker.num_continuous_actions == 3
     assert (ranker.history_seq_len, ranker.candidate_seq_len) == (4, 3)
     assert ranker.model.num_layers == 1 and not ranker.right_anchored_rope
+    assert ranker.continuous_action_config == TRAINED_DWELL
     check_params(artifacts.ranker.params, param_shapes(ranker))
     vectors = np.asarray(artifacts.corpus.candidate_representations)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
@@ -243,6 +250,13 @@ DAMAGES = {
     "config.json with a text switch": (
         lambda f: _edit_json(f / RANKER_JSON, right_anchored_rope="yes"),
         "ranker/config.json: right_anchored_rope must be true or false, got 'yes'",
+    ),
+    "config.json with a dwell scale of 0": (
+        lambda f: _edit_json(
+            f / RANKER_JSON, continuous_action_config={"norm_config": {"norm_scale": 0}}
+        ),
+        "ranker/config.json: continuous_action_config.norm_config.norm_scale must be a positive "
+        "number, got 0",
     ),
     "config.json not JSON": (
         lambda f: (f / RANKER_JSON).write_text("{"),

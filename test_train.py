@@ -309,6 +309,11 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
     assert len(feed.items) == 5 and feed.items[0].topic in artifacts.corpus.topics
     world_config, models = T.load_demo_checkpoint(tmp_path / "demo_checkpoint.npz")
     assert world_config == T.world_lib.WorldConfig.tiny()
+    # Both serve the ranker with the dwell scale it was trained with.
+    trained = T.model_configs(world_config, QUICK)[1].continuous_action_config
+    assert trained.norm_config.norm_scale != 30.0  # not the default, which loading falls back on
+    for ranker in (artifacts.ranker, models["ranker"]):
+        assert ranker.config.continuous_action_config == trained
     for kind in T.MODELS:
         model = getattr(artifacts, kind)
         saved = hk.data_structures.to_mutable_dict(model.params)

@@ -73,6 +73,7 @@ from cli import (
 from grok import TransformerConfig
 from recsys_model import (
     ACTIONS,
+    CONTINUOUS_LOSS_TYPES,
     ContinuousActionConfig,
     HashConfig,
     NormConfig,
@@ -334,7 +335,7 @@ def continuous_loss(prediction: jax.Array, target: jax.Array, config: Continuous
     if config.loss_type == "tweedie":
         p, mu = config.tweedie_power, jnp.maximum(prediction, 1e-6)
         return -target * mu ** (1 - p) / (1 - p) + mu ** (2 - p) / (2 - p)
-    raise ValueError(f"loss_type must be mae, mse, huber or tweedie, got {config.loss_type!r}")
+    raise ValueError(f"loss_type must be one of {CONTINUOUS_LOSS_TYPES}, got {config.loss_type!r}")
 
 
 @_per_config
