@@ -683,6 +683,27 @@ def check_new_folder(directory: str | os.PathLike) -> Path:
     return directory
 
 
+def _folder_problem(retrieval: PhoenixRetrievalModelConfig, ranker: PhoenixModelConfig):
+    """Why an artifacts folder would not load back these two models, in words, or None."""
+    if ranker.release != 2:
+        return (
+            "it holds the second release's ranker (the published pipeline builds that one): "
+            "build its config with release=2"
+        )
+    if not retrieval.enable_linear_proj:
+        return (
+            "its retrieval model has the candidate tower's projection (the published pipeline "
+            "builds that one): build its config with enable_linear_proj=True"
+        )
+    for field in ("history_seq_len", "candidate_seq_len"):
+        if getattr(ranker, field) != getattr(retrieval, field):
+            return (
+                f"the ranker's {field} ({getattr(ranker, field)}) differs from the retrieval "
+                f"model's ({getattr(retrieval, field)}), which a folder's batches take for both"
+            )
+    return None
+
+
 def write_artifacts(
     directory: str | os.PathLike,
     retrieval: ModelArtifacts,
@@ -693,13 +714,17 @@ def write_artifacts(
     sequence_file: str = DEFAULT_SEQUENCE_FILE,
 ) -> Path:
     """Writes a complete artifacts folder, in the published layout, to a temporary folder beside
-    `directory` renamed to it at the end. `directory` must not exist (or be empty)."""
+    `directory` renamed to it at the end. `directory` must not exist (or be empty).
+
+    Models that a folder cannot describe are refused: a first-release ranker, a retrieval model
+    without its candidate tower's projection, a ranker whose history or candidates differ from
+    the retrieval model's (a folder's batch shapes are the retrieval config's). Heads, widening
+    and attention multiplier other than the published mini model's are written in our keys of
+    `config.json`, which our loading reads and the published pipeline does not."""
     directory = check_new_folder(directory)
-    if ranker.config.release != 2:
-        raise ValueError(
-            "an artifacts folder holds the second release's ranker (the published pipeline "
-            "builds that one): build its config with release=2"
-        )
+    problem = _folder_problem(retrieval.config, ranker.config)
+    if problem:
+        raise ValueError(f"an artifacts folder cannot hold these models: {problem}")
     directory.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     os.chmod(scratch, 0o777 & ~_umask())

@@ -301,6 +301,37 @@ def test_writing_into_an_existing_folder_is_refused(example_folder):
         write_example(example_folder, corpus_size=10, vocab_size=10)
 
 
+@pytest.mark.parametrize(
+    "model, change, message",
+    [
+        ("ranker", dict(release=1), "build its config with release=2"),
+        ("retrieval", dict(enable_linear_proj=False), "build its config with enable_linear_proj"),
+        ("ranker", dict(history_seq_len=5), r"the ranker's history_seq_len \(5\) differs from"),
+    ],
+)
+def test_models_a_folder_cannot_describe_are_refused_before_writing(
+    example_folder, tmp_path, model, change, message
+):
+    """A folder's batch shapes are the retrieval config's and its models the published
+    pipeline's kinds: what would load back as another model is not written."""
+    artifacts = load_artifacts(example_folder)
+    parts = {"retrieval": artifacts.retrieval, "ranker": artifacts.ranker}
+    parts[model] = dataclasses.replace(
+        parts[model], config=dataclasses.replace(parts[model].config, **change), json=None
+    )
+    with pytest.raises(
+        ValueError, match=f"an artifacts folder cannot hold these models: .*{message}"
+    ):
+        checkpoint.write_artifacts(
+            tmp_path / "out",
+            parts["retrieval"],
+            parts["ranker"],
+            artifacts.corpus,
+            artifacts.sequence,
+        )
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_folder_that_is_not_an_artifacts_folder_is_named_as_such(tmp_path):
     (tmp_path / "run" / "artifacts").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"run holds no retrieval/ or ranker/ folder; "):
