@@ -47,9 +47,9 @@ class RetrievalOutput(NamedTuple):
     top_k_scores: jax.Array  # [B, K]
 
 
-def l2_normalize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x / sqrt(max(sum(x^2), EPS)) over the last axis, in float32; also returns the norm."""
-    x = x.astype(jnp.float32)
+def l2_normalize(x: jax.Array, dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """x / sqrt(max(sum(x^2), EPS)) over the last axis, in `dtype`; also returns the norm."""
+    x = x.astype(dtype)
     norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), EPS))
     return x / norm, norm
 
@@ -59,7 +59,7 @@ class CandidateTower(hk.Module):
 
     With `enable_linear_proj` (the default, and the only tower of the first release) an MLP of
     the flattened embeddings; without it, the second release's parameter-free tower: the mean
-    over the hash axis (padded hash rows included) in the input dtype.
+    over the hash axis (padded hash rows included), normalised, both in the input dtype.
     """
 
     def __init__(self, emb_size: int, enable_linear_proj: bool = True, name: str | None = None):
@@ -74,7 +74,7 @@ class CandidateTower(hk.Module):
                 f"CandidateTower expects [B, C, H, D] or [B, H, D] embeddings, got shape {x.shape}"
             )
         if not self.enable_linear_proj:
-            return l2_normalize(jnp.mean(x, axis=-2))[0].astype(x.dtype)
+            return l2_normalize(jnp.mean(x, axis=-2), x.dtype)[0]
         flat = x.reshape((*x.shape[:-2], x.shape[-2] * x.shape[-1])).astype(jnp.float32)
         init = hk.initializers.VarianceScaling(1.0, "fan_out", "truncated_normal")
         w1 = hk.get_parameter(

@@ -110,6 +110,24 @@ def test_user_representation_ignores_padded_history(padded, seed):
 
 tower = hk.transform(lambda x: CandidateTower(D)(x))
 tower_apply = jax.jit(tower.apply)
+mean_tower = hk.transform(lambda x: CandidateTower(D, enable_linear_proj=False)(x))
+
+
+def test_the_tower_without_projection_is_the_normalised_mean_of_the_hash_rows():
+    """By hand: rows (9, 0), (0, 0) padding, (0, 12) average to (3, 4), of norm 5; all-zero
+    rows stay zero (the norm is floored); no parameters; in bfloat16 mean and norm are taken
+    in bfloat16."""
+    x = np.zeros((1, 2, 3, 2), np.float32)
+    x[0, 0] = [[9, 0], [0, 0], [0, 12]]
+    assert mean_tower.init(None, x) == {}
+    out = mean_tower.apply({}, None, x)
+    np.testing.assert_allclose(out, [[[0.6, 0.8], [0.0, 0.0]]], rtol=1e-6)
+    y = jnp.asarray(normal(1, (B, C, HASHES[1] + HASHES[2], D)), jnp.bfloat16)
+    mean = jnp.mean(y, axis=-2)
+    want = mean / jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(mean), -1, keepdims=True), 1e-12))
+    got = mean_tower.apply({}, None, y)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
