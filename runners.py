@@ -95,6 +95,7 @@ RankingOutput = NamedTuple(
     + [("continuous_preds", jax.Array | None)],
 )
 RankingOutput.__new__.__defaults__ = (None,)
+RankingOutput._field_defaults = {"continuous_preds": None}  # as a class body would record it
 RankingOutput.__doc__ = """Probabilities scores [B, C, A] (sigmoid of the logits, float32),
 ranked_indices [B, C] (descending favorite probability, padded candidates last), one field
 p_<action> [B, C] per action of `ACTIONS`, and the second release's continuous predictions

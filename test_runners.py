@@ -264,7 +264,12 @@ def test_ranking_output_fields_are_the_score_columns_of_actions(ranker):
     ranking = ranker.rank(*fixed_example())
     fields = ("scores", "ranked_indices", *(f"p_{a}" for a in ACTIONS), "continuous_preds")
     assert RankingOutput._fields == fields
+    assert RankingOutput._field_defaults == {"continuous_preds": None}
     assert ranking.continuous_preds is None  # a first-release model
+    negative = [ACTIONS[i] for i in runners.NEGATIVE_FEEDBACK_INDICES]
+    assert negative == ["not_interested_score", "block_author_score", "mute_author_score",
+                        "report_score"]  # fmt: skip
+    assert runners.CONTINUOUS_ACTIONS[1] == "dwell_time" and len(runners.CONTINUOUS_ACTIONS) == 8
     scores = np.asarray(ranking.scores)
     for i, action in enumerate(ACTIONS):
         np.testing.assert_array_equal(getattr(ranking, f"p_{action}"), scores[:, :, i])
