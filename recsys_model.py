@@ -33,6 +33,7 @@ from grok import (
     KVCache,
     TransformerConfig,
     layer_norm,
+    matmul_2d,
     right_anchored_rope_positions,
     shared_name,
 )
@@ -465,7 +466,7 @@ def _project(pieces: list[jax.Array], name: str, out_size: int, scale: float) ->
     w = hk.get_parameter(
         name, [x.shape[-1], out_size], jnp.float32, init=_variance_scaling(scale, "fan_in")
     )
-    return jnp.dot(x.astype(jnp.float32), w).astype(x.dtype)
+    return matmul_2d(x.astype(jnp.float32), w).astype(x.dtype)
 
 
 def _flat_hashes(x: jax.Array) -> jax.Array:
@@ -571,7 +572,7 @@ def action_embeddings(
     """
     w = _table("action_projection", [actions.shape[-1], emb_size])
     signed = 2.0 * actions.astype(jnp.float32) - 1.0
-    emb = jnp.dot(signed, w)
+    emb = matmul_2d(signed, w)
     emb = jnp.where(jnp.any(actions != 0, axis=-1, keepdims=True), emb, 0.0)
     return emb.astype(fprop_dtype)
 
@@ -581,7 +582,7 @@ def product_surface_embeddings(
 ) -> jax.Array:  # [B, N] -> [B, N, D]
     """One-hot lookup in the table shared by history and candidates."""
     table = _table("product_surface_embedding_table", [vocab_size, emb_size])
-    return jnp.dot(jax.nn.one_hot(surface, vocab_size, dtype=jnp.float32), table)
+    return matmul_2d(jax.nn.one_hot(surface, vocab_size, dtype=jnp.float32), table)
 
 
 def dwell_time_embeddings(
@@ -601,7 +602,7 @@ def dwell_time_embeddings(
     else:
         action_config = config.continuous_action_config
         dwell = normalize_continuous_value(continuous_actions[..., 1:2], action_config.norm_config)
-    return jnp.dot(jax.nn.gelu(jnp.dot(dwell, proj1)), proj2).astype(fprop_dtype)
+    return matmul_2d(jax.nn.gelu(matmul_2d(dwell, proj1)), proj2).astype(fprop_dtype)
 
 
 def post_age_embeddings(batch: RecsysBatch, config: PhoenixModelConfig) -> jax.Array:  # [B, C, D]
@@ -806,11 +807,11 @@ class PhoenixModel(hk.Module):
     def _outputs(self, h: jax.Array) -> RecsysModelOutput:  # [B, C, D]
         h = layer_norm(h, name=shared_name(self, "rms_norm")).astype(jnp.float32)
         unembeddings = _table("unembeddings", [self.config.emb_size, self.config.num_actions])
-        logits = jnp.dot(h, unembeddings).astype(self.fprop_dtype)
+        logits = matmul_2d(h, unembeddings).astype(self.fprop_dtype)
         if not self._second_release:
             return RecsysModelOutput(logits)
         shape = [self.config.emb_size, self.config.num_continuous_actions]
-        continuous = jax.nn.sigmoid(jnp.dot(h, _dense("continuous_unembeddings", shape)))
+        continuous = jax.nn.sigmoid(matmul_2d(h, _dense("continuous_unembeddings", shape)))
         return RecsysModelOutput(logits, continuous.astype(self.fprop_dtype))
 
     def _anchored(self, mask: jax.Array, history_len: int) -> jax.Array | None:

@@ -17,7 +17,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from grok import TransformerConfig
+from grok import TransformerConfig, matmul_2d
 from recsys_model import (
     HashConfig,
     ModelConfigDefaults,
@@ -86,7 +86,7 @@ class CandidateTower(hk.Module):
         w2 = hk.get_parameter(
             "candidate_tower_projection_2", [2 * self.emb_size, self.emb_size], jnp.float32, init
         )
-        out = jnp.dot(jax.nn.silu(jnp.dot(flat, w1)), w2)
+        out = matmul_2d(jax.nn.silu(matmul_2d(flat, w1)), w2)
         return l2_normalize(out)[0].astype(x.dtype)
 
 
