@@ -15,14 +15,15 @@ published pipeline's chunks, so the feed is the same.
 The published pipeline picks the four weighted outputs by its own action enum (favorite 1,
 reply 4, quote 5, repost 6, dwell 11, video quality view 13), which is not the order of
 `ACTIONS`. A ranker whose `config.json` lists `action_names` (ours do) is weighted by those
-names instead.
+names instead, and its probabilities are named by them; without them, the probabilities take the
+enum's names where it has one and `output_<i>` elsewhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,17 @@ def score_weights(ranker: ModelArtifacts) -> dict[str, tuple[int, float]]:
     return {name: (PUBLISHED_ACTION_ENUM[name], w) for name, w in PUBLISHED_WEIGHTS.items()}
 
 
+def output_names(ranker: ModelArtifacts) -> list[str]:
+    """A name for each of the ranker's outputs: its config.json's `action_names`, or, for a
+    folder without them, the published pipeline's enum names where it has one and
+    `output_<i>` elsewhere (what the other outputs mean, such a folder does not say)."""
+    names = (ranker.json or {}).get("action_names")
+    if names:
+        return list(names)
+    published = {i: name for name, i in PUBLISHED_ACTION_ENUM.items()}
+    return [published.get(i, f"output_{i}") for i in range(ranker.config.num_actions)]
+
+
 @dataclasses.dataclass
 class FeedItem:
     rank: int
@@ -75,7 +87,7 @@ class FeedItem:
     topic: str | None
     retrieval_score: float  # user vector . candidate vector
     score: float  # the weighted score the feed is ordered by
-    probabilities: dict[str, float]  # every action, by ACTIONS name
+    probabilities: dict[str, float]  # every output, by `output_names`
     continuous: dict[str, float] | None  # the second release's continuous head
 
 
@@ -86,6 +98,8 @@ class Feed:
     items: list[FeedItem]
     weights: dict[str, tuple[int, float]]
     seconds: dict[str, float]  # hash, retrieve, rank
+    retrieved: int  # posts retrieved and ranked
+    not_served: int  # posts of the corpus the request could not be served (`_unservable`)
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -169,6 +183,7 @@ class Pipeline:
         self.ranker = runners.RecsysInferenceRunner(runners.ModelRunner(ranker.config), "ranker")
         self.ranker.initialize(ranker.params)
         self.weights = score_weights(ranker)
+        self.output_names = output_names(ranker)
 
     def _history_inputs(self, model: ModelArtifacts, history):
         """Batch and embeddings of one user's history (no candidates), for `model`."""
@@ -234,7 +249,19 @@ class Pipeline:
         user = self.retriever.encode_user(batch, embeddings)  # dispatched, not awaited:
         ranker_history = self._history_inputs(ranker, history)  # the host works meanwhile
         user = np.asarray(user, np.float32)
-        retrieval_scores, indices = (x[0] for x in self.index.search(user, top_k_retrieval))
+        unservable = self._unservable(history[1], request_time)
+        k = min(n, top_k_retrieval + int(np.count_nonzero(unservable)))
+        retrieval_scores, indices = (x[0] for x in self.index.search(user, k))
+        if unservable.any():
+            kept = ~unservable[indices]
+            retrieval_scores, indices = (
+                x[kept][:top_k_retrieval] for x in (retrieval_scores, indices)
+            )
+        if not len(indices):
+            raise ValueError(
+                f"no post of the corpus can be served at request_time {request_time}: all "
+                f"{n:,} were created later or are in the history"
+            )
         seconds["retrieve"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -266,7 +293,8 @@ class Pipeline:
                     retrieval_score=float(retrieval_scores[c]),
                     score=float(weighted[c]),
                     probabilities={
-                        a: float(p) for a, p in zip(ACTIONS, probabilities[c], strict=False)
+                        a: float(p)
+                        for a, p in zip(self.output_names, probabilities[c], strict=True)
                     },
                     continuous=None
                     if continuous is None
@@ -276,7 +304,28 @@ class Pipeline:
                     },
                 )
             )
-        return Feed(history[0], int(np.count_nonzero(history[1])), items, self.weights, seconds)
+        return Feed(
+            history[0],
+            int(np.count_nonzero(history[1])),
+            items,
+            self.weights,
+            seconds,
+            len(indices),
+            int(np.count_nonzero(unservable)),
+        )
+
+    def _unservable(self, history_posts: np.ndarray, request_time: int | None) -> np.ndarray:
+        """[N] which posts of the corpus a request at `request_time` cannot serve: those
+        created after it (when the corpus has creation times) and those in the history. For a
+        sequence without a request time none: as published, every post can be served."""
+        corpus = self.artifacts.corpus
+        unservable = np.zeros(len(corpus.post_ids), bool)
+        if request_time is None:
+            return unservable
+        if corpus.creation_times is not None:
+            unservable |= np.asarray(corpus.creation_times) > request_time
+        seen = history_posts[history_posts != 0]
+        return unservable | np.isin(np.asarray(corpus.post_ids), seen)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,6 +390,11 @@ def encode_corpus(
     return out
 
 
+# Working memory of `write_example` per corpus post besides its vector (its ids drawn without
+# replacement, topic, authors; 11.8 GB were resident on the way to 30,000,000 posts).
+EXAMPLE_BYTES_PER_POST = 400
+
+
 def write_example(
     directory: str | Path,
     seed: int = 0,
@@ -348,13 +402,24 @@ def write_example(
     vocab_size: int = 10_000,
     history_length: int = 60,
     configs: tuple[PhoenixRetrievalModelConfig, PhoenixModelConfig] | None = None,
+    say: Callable[[str], None] = lambda line: None,
 ) -> Path:
     """Writes a complete artifacts folder: the published mini model's retrieval and second-
     release ranker (or the two `configs`) with weights drawn from `seed`, tables of
     `vocab_size` rows, a corpus of `corpus_size` posts encoded by the retrieval model's
-    candidate tower, and one user's sequence of `history_length` posts from the corpus."""
+    candidate tower, and one user's sequence of `history_length` posts from the corpus.
+    `say` is told what it is doing once the sizes are checked."""
     check_new_folder(directory)  # before any work
     retrieval_config, ranker_config = configs or mini_configs()
+    runners.check_memory(
+        4 * retrieval_config.emb_size * (6 * vocab_size + corpus_size)
+        + EXAMPLE_BYTES_PER_POST * corpus_size,
+        f"an example folder with tables of {vocab_size:,} rows and {corpus_size:,} posts",
+    )
+    say(
+        f"Drawing both models' weights and tables of {vocab_size:,} rows, then encoding "
+        f"{corpus_size:,} posts with the retrieval model's candidate tower ..."
+    )
     vocab = {"user": vocab_size, "item": vocab_size, "author": vocab_size}
     models = {}
     for i, (name, config) in enumerate(
@@ -428,6 +493,8 @@ def feed_to_json(feed: Feed) -> dict:
     return {
         "user_id": feed.user_id,
         "history_length": feed.history_length,
+        "retrieved": feed.retrieved,
+        "not_served": feed.not_served,
         "weights": {label: {"output": i, "weight": w} for label, (i, w) in feed.weights.items()},
         "items": [dataclasses.asdict(item) for item in feed.items],
     }

@@ -78,7 +78,9 @@ def parse_args(argv: list[str] | None = None):
         example = [f for f in EXAMPLE_FLAGS if getattr(args, f) != parser.get_default(f)]
         if example:
             flag = "--" + example[0].replace("_", "-")
-            parser.error(f"{flag} is for --write-example; serving reads the folder's weights")
+            parser.error(
+                f"{flag} is for --write-example; serving reads the folder's weights and corpus"
+            )
     if args.write_example is not None and args.vocab_size < 2:
         parser.error("--vocab-size must be at least 2 (row 0 is padding)")
     return args
@@ -88,7 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.write_example is not None:
         start = time.perf_counter()
-        folder = write_example(args.write_example, args.seed, args.corpus_size, args.vocab_size)
+        folder = write_example(
+            args.write_example,
+            args.seed,
+            args.corpus_size,
+            args.vocab_size,
+            say=lambda line: print(line, flush=True),
+        )
         seconds = time.perf_counter() - start
         print(
             f"Wrote an example artifacts folder to {folder} in {seconds:.1f} s: "
@@ -127,10 +135,17 @@ def main(argv: list[str] | None = None) -> int:
     top_k = min(args.top_k_retrieval, len(artifacts.corpus.post_ids))
     feed = pipeline.feed(artifacts.sequence, top_k, args.top_k_display)
     timings = ", ".join(f"{stage} {1e3 * s:.0f} ms" for stage, s in feed.seconds.items())
-    everything = " (the whole corpus)" if top_k < args.top_k_retrieval else ""
+    if feed.not_served:
+        servable = len(artifacts.corpus.post_ids) - feed.not_served
+        note = (
+            f" of the {servable:,} posts it can be served ({feed.not_served:,} created after the "
+            "request or in the history are not)"
+        )
+    else:
+        note = " (the whole corpus)" if top_k < args.top_k_retrieval else ""
     print(
         f"User {feed.user_id}, {feed.history_length} history items: retrieved "
-        f"{top_k}{everything}, ranked them, showing {len(feed.items)} ({timings}; "
+        f"{feed.retrieved:,}{note}, ranked them, showing {len(feed.items)} ({timings}; "
         "the first call compiles)."
     )
     weights = " + ".join(f"{w} * {label} (output {i})" for label, (i, w) in feed.weights.items())

@@ -63,6 +63,12 @@ def test_the_feed_equals_the_published_procedure(folder, tmp_path):
         "repost": (6, 0.3),
         "dwell": (11, 0.2),
     }
+    # Outputs named as the published enum names them, the others by index.
+    names = ["output_0", "favorite", "output_2", "output_3", "reply", "quote", "repost"]
+    assert list(feed.items[0].probabilities)[:7] == names
+    for item in feed.items:
+        weighted = sum(w * item.probabilities[label] for label, (_, w) in feed.weights.items())
+        assert item.score == pytest.approx(weighted, abs=1e-6)
 
 
 def test_our_folders_weight_the_actions_by_name(folder):
@@ -82,6 +88,32 @@ def test_our_folders_weight_the_actions_by_name(folder):
     artifacts.ranker.json = dict(artifacts.ranker.json, action_names=names[1:] + ["renamed"])
     with pytest.raises(ValueError, match="action_names without favorite_score, which the feed"):
         Pipeline(artifacts)
+
+
+def test_a_request_with_a_time_is_not_served_later_posts_or_its_history(folder):
+    """The best posts by retrieval score among those created by the request time and not in
+    its history, and only those; with no post left, one line."""
+    artifacts = load_artifacts(folder, fprop_dtype=jnp.float32)
+    pipeline, corpus = Pipeline(artifacts), artifacts.corpus
+    n = len(corpus.post_ids)
+    everything = pipeline.feed(artifacts.sequence, n, top_k_display=n)
+    assert everything.retrieved == n and everything.not_served == 0  # as published
+    retrieval_score = {item.post_id: item.retrieval_score for item in everything.items}
+    when = int(np.median(corpus.creation_times))
+    seen = {item["post_id"] for item in artifacts.sequence["history"][:HISTORY]}
+    servable = [
+        int(post)
+        for post, created in zip(corpus.post_ids, corpus.creation_times, strict=True)
+        if created <= when and post not in seen
+    ]
+    assert len(servable) < n // 2 + 1  # some are left out for either reason
+    best = sorted(servable, key=lambda post: -retrieval_score[post])[:20]
+    feed = pipeline.feed(dict(artifacts.sequence, request_time=when), 20, top_k_display=20)
+    assert {item.post_id for item in feed.items} == set(best)
+    assert feed.retrieved == 20 and feed.not_served == n - len(servable)
+    first = int(np.min(corpus.creation_times))
+    with pytest.raises(ValueError, match=f"served at request_time {first - 1}: all {n} were"):
+        pipeline.feed(dict(artifacts.sequence, request_time=first - 1), 20)
 
 
 def test_history_is_the_first_items_left_aligned():
@@ -195,8 +227,10 @@ def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
         (["--write-example", "A_FILE/example"], "something is a file, not a folder"),
         (["--write-example", "NEW", "--top_k_display", "3"],
          "--write-example writes a folder and exits; --top_k_display is for serving one"),
-        (["--vocab-size", "5"],
-         "--vocab-size is for --write-example; serving reads the folder's weights"),
+        (["--corpus-size", "5"],
+         "--corpus-size is for --write-example; serving reads the folder's weights and corpus"),
+        (["--write-example", "NEW", "--corpus-size", str(10**11)],
+         "an example folder with tables of 10,000 rows and 100,000,000,000 posts would need"),
         (["--artifacts_dir", "A_FILE"], "something is a file, not a folder"),
     ],
 )  # fmt: skip
