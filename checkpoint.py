@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -167,6 +168,11 @@ def _atomic_path(path: Path) -> Iterator[Path]:
     try:
         yield Path(scratch)
         os.replace(scratch, path)
+    except OSError as error:
+        if error.filename is not None:
+            raise
+        # A full disk says only "No space left on device": name the file it was writing.
+        raise OSError(error.errno, error.strerror, str(path)) from None
     finally:
         if os.path.exists(scratch):
             os.remove(scratch)
@@ -354,6 +360,16 @@ _REQUIRED_KEYS = (
 )  # fmt: skip
 
 
+# Keys of ours in config.json, which the published pipeline ignores.
+_OUR_KEYS = (
+    "num_kv_heads", "widening_factor", "attn_output_multiplier", "action_names",
+    "right_anchored_rope", "continuous_action_config",
+)  # fmt: skip
+_KNOWN_KEYS = frozenset(
+    {*_REQUIRED_KEYS, *_OUR_KEYS, *(f"{entity}_vocab_size" for entity in ENTITIES)}
+)
+
+
 def _read_json(path: str | os.PathLike) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -372,6 +388,9 @@ def read_config_json(path: Path) -> dict:
     problem = _config_problem(data)
     if problem:
         raise ValueError(f"{path}: {problem}")
+    unknown = sorted(set(data) - _KNOWN_KEYS)
+    if unknown:  # a misspelt key of ours would otherwise go unnoticed
+        warnings.warn(f"{path}: ignored keys it does not know: {', '.join(unknown)}", stacklevel=2)
     return data
 
 
@@ -597,7 +616,8 @@ def _load_model(
 
 
 def load_corpus(path: str | os.PathLike, emb_size: int) -> Corpus:
-    """A corpus file, memory-mapped and checked (matching lengths, width D, integer ids)."""
+    """A corpus file, memory-mapped and checked (matching lengths, width D, distinct positive
+    integer ids)."""
     path = Path(path)
     arrays = read_npz(path)
     for key in ("post_ids", "candidate_representations", "author_ids"):
@@ -614,9 +634,22 @@ def load_corpus(path: str | os.PathLike, emb_size: int) -> Corpus:
         value = getattr(corpus, key)
         if value is not None and value.shape != (n,):
             raise ValueError(f"{path}: {key} has shape {list(value.shape)}, expected [{n}]")
-    for key in ("post_ids", "author_ids"):
-        if getattr(corpus, key).dtype.kind not in "iu":
-            raise ValueError(f"{path}: {key} must be integers, got {getattr(corpus, key).dtype}")
+    for key in ("post_ids", "author_ids", "creation_times"):
+        ids = getattr(corpus, key)
+        if ids is not None and ids.dtype.kind not in "iu":
+            raise ValueError(f"{path}: {key} must be integers, got {ids.dtype}")
+    for key in ("post_ids", "author_ids"):  # ids as the sequence's: 0 is padding when hashed
+        ids = getattr(corpus, key)
+        bad = np.flatnonzero((ids < 1) | (ids > np.iinfo(np.int64).max))
+        if len(bad):
+            raise ValueError(
+                f"{path}: {key} must be positive integers that int64 holds, got {ids[bad[0]]} "
+                f"at [{bad[0]}]"
+            )
+    ordered = np.sort(corpus.post_ids)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if len(repeated):
+        raise ValueError(f"{path}: post_ids must be distinct, {repeated[0]} appears more than once")
     return corpus
 
 

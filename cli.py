@@ -15,6 +15,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -239,17 +240,19 @@ def _instruction_set_key() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
-def run_main(main: Callable[[], int], prog: str) -> int:
+def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted") -> int:
     """Runs a script's `main` with its compiled programs kept between runs
     (`keep_compiled_programs`); input it refuses (ValueError, TypeError), a file it cannot read
     or write (OSError) and sizes that do not fit in memory end in one line on stderr and exit
-    status 2, as argparse's errors do; Ctrl-C ends the process at once with status 130. Output
-    piped into a reader that stops early (`| head`) ends quietly."""
+    status 2, as argparse's errors do; warnings print as one line; Ctrl-C ends the process at
+    once with status 130, saying `interrupted`. Output piped into a reader that stops early
+    (`| head`) ends quietly."""
     keep_compiled_programs()
+    warnings.formatwarning = lambda message, *_: f"{prog}: warning: {message}\n"
     try:
         return main()
     except KeyboardInterrupt:
-        print(f"\n{prog}: interrupted", file=sys.stderr)
+        print(f"\n{prog}: {interrupted}", file=sys.stderr)
         # Ends the process here: Python's own shutdown could crash (3 times in 7 interrupts of
         # train.py while it compiled) with XLA's compiler threads still at work. Every file is
         # written whole or not at all, so nothing is left half-written.

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import warnings
 import zipfile
 
 import jax.numpy as jnp
@@ -148,6 +149,17 @@ def test_an_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["model_params.npz"]  # no partial file left behind
 
 
+def test_a_full_disk_names_the_file_it_was_writing(tmp_path, monkeypatch):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")  # as a write() says it, naming nothing
+
+    monkeypatch.setattr(np, "savez", full)
+    path = tmp_path / "model_params.npz"
+    with pytest.raises(OSError, match=f"No space left on device: '{path}'"):
+        write_npz({"a": np.ones(3)}, path)
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_example_folder_has_the_published_layout(example_folder):
     files = sorted(str(p.relative_to(example_folder)) for p in example_folder.rglob("*"))
     assert files == [
@@ -181,7 +193,9 @@ def test_an_example_folder_has_the_published_layout(example_folder):
 def test_loading_the_folder_rebuilds_the_models_exactly(example_folder):
     """The configs come back from config.json and the ranker's own tree (release 2 switched on
     by its parameters), the parameters bit-exact, the corpus vectors unit-norm."""
-    artifacts = load_artifacts(example_folder, fprop_dtype=jnp.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every key of the folder's config.json is known
+        artifacts = load_artifacts(example_folder, fprop_dtype=jnp.float32)
     ranker = artifacts.ranker.config
     assert ranker.release == 2 and ranker.num_continuous_actions == 3
     assert (ranker.history_seq_len, ranker.candidate_seq_len) == (4, 3)
@@ -266,6 +280,14 @@ DAMAGES = {
         lambda f: _corrupt(f / "sports_corpus.npz", "truncated"),
         "sports_corpus.npz: not a readable",
     ),
+    "a corpus with the padding id": (
+        lambda f: _edit_corpus(f, "post_ids", 7, lambda ids: 0),
+        r"sports_corpus.npz: post_ids must be positive integers that int64 holds, got 0 at \[7\]",
+    ),
+    "a corpus with a post twice": (
+        lambda f: _edit_corpus(f, "post_ids", 3, lambda ids: ids[9]),
+        "sports_corpus.npz: post_ids must be distinct, .* appears more than once",
+    ),
     "a sequence that is not an object": (
         lambda f: (f / "example_sequence.json").write_text("[]"),
         'example_sequence.json: expected an object with "user_id"',
@@ -283,6 +305,13 @@ def test_a_damaged_folder_is_refused_naming_the_file(example_folder, tmp_path, d
         load_artifacts(folder)
 
 
+def _edit_corpus(folder, key, index, value):
+    """Sets entry `index` of the corpus's `key` to `value(the array)`."""
+    corpus = {k: np.array(v) for k, v in read_npz(folder / "sports_corpus.npz").items()}
+    corpus[key][index] = value(corpus[key])
+    write_npz(corpus, folder / "sports_corpus.npz")
+
+
 def _edit_hash(path, **changes):
     data = json.loads(path.read_text())
     data["hash_params"].update(changes)
@@ -294,6 +323,16 @@ def _edit_json(path, drop=None, **changes):
     data.update(changes)
     data.pop(drop, None)
     path.write_text(json.dumps(data))
+
+
+def test_keys_a_config_json_does_not_know_are_named(example_folder, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(example_folder, folder)
+    _edit_json(folder / RANKER_JSON, num_layer=2, foo=1)  # num_layer: num_layers misspelt
+    with pytest.warns(
+        UserWarning, match="ranker/config.json: ignored keys it does not know: foo, num_layer$"
+    ):
+        load_artifacts(folder)
 
 
 def test_writing_into_an_existing_folder_is_refused(example_folder):
