@@ -111,6 +111,19 @@ p_<action> [B, C] per action of `ACTIONS`, and the second release's continuous p
 EXAMPLE_IMPRESSION_TIME = 1_700_000_000
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+# The least value of each size `create_example_batch` takes (1 where not named): hashes are
+# drawn in [1, table size), the dwell time is continuous action 1.
+EXAMPLE_SIZE_LOWS = {
+    "batch_size": 0, "history_len": 0, "num_candidates": 0, "seed": 0,
+    "num_user_embeddings": 2, "num_post_embeddings": 2, "num_author_embeddings": 2,
+    "num_continuous_actions": 2,
+}  # fmt: skip
+
+
 def create_example_batch(
     batch_size: int,
     emb_size: int,
@@ -136,8 +149,28 @@ def create_example_batch(
     column 1 is the dwell time in seconds; zero where padded), and candidate impression and
     creation times (unix seconds; post ages up to four days).
     """
-    rng = np.random.default_rng(seed)
+    sizes = dict(
+        batch_size=batch_size, emb_size=emb_size, history_len=history_len,
+        num_candidates=num_candidates, num_actions=num_actions, num_user_hashes=num_user_hashes,
+        num_item_hashes=num_item_hashes, num_author_hashes=num_author_hashes,
+        product_surface_vocab_size=product_surface_vocab_size,
+        num_user_embeddings=num_user_embeddings, num_post_embeddings=num_post_embeddings,
+        num_author_embeddings=num_author_embeddings,
+        num_continuous_actions=num_continuous_actions, seed=seed,
+    )  # fmt: skip
+    for name, value in sizes.items():
+        low = EXAMPLE_SIZE_LOWS.get(name, 1)
+        high = 2**31 if name.endswith("_embeddings") else None  # hashes are int32
+        if not _is_integer(value) or value < low or (high and value > high):
+            within = f"in [{low}, {high}]" if high else f">= {low}"
+            raise ValueError(f"{name} must be an integer {within}, got {value!r}")
     b, s, c, d = batch_size, history_len, num_candidates, emb_size
+    hashes_per_token = num_item_hashes + num_author_hashes
+    check_memory(
+        4 * b * (num_user_hashes + (s + c) * hashes_per_token) * d,
+        f"example inputs of {b} users, history {s} and {c} candidates",
+    )
+    rng = np.random.default_rng(seed)
 
     def hashes(shape, table_size):
         return rng.integers(1, table_size, size=shape, dtype=np.int64).astype(np.int32)
@@ -201,6 +234,8 @@ def randomize_params(params: hk.Params, seed: int) -> hk.Params:
     """Random non-zero parameters of the same tree: norm scales 1 + N(0, 0.1^2), every other
     array normal with variance 1 / (its first dimension). For demos and tests of an untrained
     model, whose published initialisation (zero norm scales) makes every logit 0."""
+    if not _is_integer(seed) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(seed)
 
     def draw(path, x):
@@ -556,6 +591,12 @@ class RecsysInferenceRunner(BaseInferenceRunner):
                 raise ValueError(
                     f"candidate_slots must be [C={c}] integers, got {candidate_slots.shape} "
                     f"{candidate_slots.dtype}"
+                )
+            if c and candidate_slots.min() < 0:  # slot -1 would be the last history position
+                first = int(np.argmax(candidate_slots < 0))
+                raise ValueError(
+                    f"candidate_slots must be >= 0 (0 is the first candidate position), got "
+                    f"{candidate_slots[first]} at [{first}]"
                 )
         if c == 0:
             logits = jnp.zeros((b, 0, config.num_actions), jnp.float32)

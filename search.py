@@ -110,6 +110,9 @@ def top_k_search(
     check_top_k(corpus.shape[0], k, corpus_mask, "k")
     if not jnp.issubdtype(corpus.dtype, jnp.floating):
         raise ValueError(f"corpus must be floating, got {jnp.dtype(corpus.dtype)}")
+    row = first_non_finite_row(queries)  # a read of [B, D]; the corpus is checked once, by
+    if row is not None:  # `validate_corpus`, where it is kept
+        raise ValueError(f"queries row {row} holds NaN or infinity; expected finite values")
     if block_size is not None and (int(block_size) != block_size or block_size < 1):
         raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size}")
     if int(threads) != threads or threads < 0:
@@ -464,6 +467,11 @@ def validate_corpus(
     NaN row would otherwise be every user's best match, as `lax.top_k` ranks NaN first. It is a
     read of the whole corpus, so keep a corpus with `set_corpus` rather than passing it anew.
     """
+    if not hasattr(corpus, "shape"):
+        raise TypeError(
+            "corpus_embeddings must be an array [N, D] (numpy or JAX), got a "
+            + type(corpus).__name__
+        )
     shape = jnp.shape(corpus)
     if len(shape) != 2 or shape[1] != emb_size:
         raise ValueError(f"corpus_embeddings has shape {shape}, expected [N, D={emb_size}]")

@@ -394,6 +394,49 @@ def test_runners_refuse_bad_input_before_running_the_model(guarded, mutate, mess
             call(batch, emb)
 
 
+def make_example(*sizes, **keywords):
+    return lambda: runners.create_example_batch(*sizes, **keywords)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (make_example(2, 8, -1, 3, 19), "history_len must be an integer >= 0, got -1"),
+        (make_example(2, 8, 4, 3.0, 19), "num_candidates must be an integer >= 0, got 3.0"),
+        (make_example(2, 8, 4, 3, 19, num_post_embeddings=2**40),
+         r"num_post_embeddings must be an integer in \[2, 2147483648\], got 1099511627776"),
+        (make_example(2, 128, 10**9, 8, 19),
+         "example inputs of 2 users, history 1000000000 and 8 candidates would need about"),
+        (make_example(2, 8, 4, 3, 19, seed=-1), "seed must be an integer >= 0, got -1"),
+        (lambda: runners.randomize_params({}, seed=-1), "seed must be an integer >= 0, got -1"),
+    ],
+)  # fmt: skip
+def test_example_inputs_that_cannot_be_made_are_refused_naming_the_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_a_corpus_that_is_not_an_array_is_refused_naming_its_type(retriever):
+    with pytest.raises(TypeError, match="corpus_embeddings must be an array .* got a list$"):
+        retriever.set_corpus(np.zeros((3, SETUP.emb_size)).tolist())
+
+
+@pytest.mark.parametrize(
+    "slots, message",
+    [
+        (np.zeros(C + 1, int), rf"candidate_slots must be \[C={C}\] integers, got \({C + 1},\)"),
+        (np.zeros(C), r"candidate_slots must be \[C=.*\] integers, got .* float64"),
+        (
+            np.array([0, 1, -1, 2] + [0] * (C - 4)),
+            r"candidate_slots must be >= 0 .* got -1 at \[2\]",
+        ),
+    ],
+)
+def test_candidate_slots_that_are_not_slots_are_refused(guarded, slots, message):
+    with pytest.raises(ValueError, match=message):
+        guarded[0].rank(*fixed_example(), candidate_slots=slots)
+
+
 @pytest.mark.parametrize(
     "field, call",
     [
