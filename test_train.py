@@ -332,6 +332,15 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
     with zipfile.ZipFile(tmp_path / "demo_checkpoint.npz") as archive:
         assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_DEFLATED}
 
+    # A later run that does not rewrite them says which outputs are older than its models.
+    argv = [*RANKER_ONLY, "--out", str(tmp_path), "--resume", "--steps", "31"]
+    status, out, err = run_script(T.main, argv, capsys)
+    assert status == 0, err
+    assert out.splitlines()[-1] == (
+        "left as an earlier run wrote them, not from these models: artifacts, auroc.png, "
+        "calibration.png, demo_checkpoint.npz, training_curves.png"
+    )
+
 
 def test_a_resume_that_differs_by_quick_alone_says_so(tmp_path, capsys, monkeypatch):
     quick, full = WorldConfig.tiny(), WorldConfig()

@@ -1686,6 +1686,10 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_json(report, out / "eval.json")
     print(f"\nwrote {', '.join(written)} in {out} ({report['seconds']:.0f} s in all)")
+    kept = sorted(RUN_OUTPUTS - {"state", *(name.rstrip("/") for name in written)})
+    kept = [name for name in kept if (out / name).exists()]
+    if kept:
+        print(f"left as an earlier run wrote them, not from these models: {', '.join(kept)}")
     return 0
 
 
@@ -1722,4 +1726,10 @@ def load_demo(
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, "train.py"))
+    sys.exit(
+        run_main(
+            main,
+            "train.py",
+            "interrupted; --resume continues from the state saved at the last evaluation",
+        )
+    )
