@@ -169,7 +169,7 @@ def _atomic_path(path: Path) -> Iterator[Path]:
         yield Path(scratch)
         os.replace(scratch, path)
     except OSError as error:
-        if error.filename is not None:
+        if error.filename is not None or error.errno is None:
             raise
         # A full disk says only "No space left on device": name the file it was writing.
         raise OSError(error.errno, error.strerror, str(path)) from None
@@ -454,14 +454,20 @@ def _config_problem(data: dict) -> str | None:
     return None
 
 
+FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
 def _continuous_problem(data: Any) -> str | None:
     """The first value of a `continuous_action_config` object that does not fit the dataclass."""
     if not isinstance(data, dict):
         return f"must be an object, got {data!r}"
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(ContinuousActionConfig)})
+    if unknown:
+        return f"has keys ContinuousActionConfig does not: {', '.join(unknown)}"
     for key, check, expected in (
         ("loss_weight", lambda v: is_number(v) and 0 <= v < math.inf, "a number >= 0"),
         ("loss_type", lambda v: v in CONTINUOUS_LOSS_TYPES, f"one of {CONTINUOUS_LOSS_TYPES}"),
-        ("tweedie_power", lambda v: is_number(v) and math.isfinite(v), "a finite number"),
+        ("tweedie_power", lambda v: is_number(v) and 1 < v < 2, "a number in (1, 2)"),
     ):
         if key in data and not check(data[key]):
             return f"{key} must be {expected}, got {data[key]!r}"
@@ -470,9 +476,12 @@ def _continuous_problem(data: Any) -> str | None:
         return None
     if not isinstance(norm, dict):
         return f"norm_config must be an object or null, got {norm!r}"
+    unknown = sorted(set(norm) - {f.name for f in dataclasses.fields(NormConfig)})
+    if unknown:
+        return f"norm_config has keys NormConfig does not: {', '.join(unknown)}"
     scale = norm.get("norm_scale", NormConfig.norm_scale)
-    if not (is_number(scale) and 0 < scale < math.inf):
-        return f"norm_config.norm_scale must be a positive number, got {scale!r}"
+    if not (is_number(scale) and FLOAT32_TINY <= scale <= FLOAT32_MAX):
+        return f"norm_config.norm_scale must be a positive float32 number, got {scale!r}"
     if not isinstance(norm.get("use_log", False), bool):
         return f"norm_config.use_log must be true or false, got {norm['use_log']!r}"
     return None
@@ -481,12 +490,11 @@ def _continuous_problem(data: Any) -> str | None:
 def _continuous_config(data: Mapping[str, Any]) -> ContinuousActionConfig:
     """The ranker's `ContinuousActionConfig` from its config.json (the defaults without ours)."""
     fields = dict(data.get("continuous_action_config", {}))
-    known = {f.name for f in dataclasses.fields(ContinuousActionConfig)}
-    fields = {k: v for k, v in fields.items() if k in known}
-    norm = fields.get("norm_config")
-    if norm is not None:
-        known = {f.name for f in dataclasses.fields(NormConfig)}
-        fields["norm_config"] = NormConfig(**{k: v for k, v in norm.items() if k in known})
+    problem = _continuous_problem(fields)
+    if problem:
+        raise ValueError(f"continuous_action_config.{problem}")
+    if fields.get("norm_config") is not None:
+        fields["norm_config"] = NormConfig(**fields["norm_config"])
     return ContinuousActionConfig(**fields)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import functools
 import hashlib
 import math
 import os
@@ -240,6 +241,16 @@ def _instruction_set_key() -> str:
     return hashlib.sha256(flags.encode()).hexdigest()[:12]
 
 
+_PYTHON_FORMAT_WARNING = warnings.formatwarning
+
+
+def _format_warning(prog: str, message, category, *where) -> str:
+    """Our warnings (UserWarning) as one line naming the script; others as Python has them."""
+    if category is not UserWarning:
+        return _PYTHON_FORMAT_WARNING(message, category, *where)
+    return f"{prog}: warning: {' '.join(str(message).split())}\n"
+
+
 def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted") -> int:
     """Runs a script's `main` with its compiled programs kept between runs
     (`keep_compiled_programs`); input it refuses (ValueError, TypeError), a file it cannot read
@@ -248,7 +259,7 @@ def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted
     once with status 130, saying `interrupted`. Output piped into a reader that stops early
     (`| head`) ends quietly."""
     keep_compiled_programs()
-    warnings.formatwarning = lambda message, *_: f"{prog}: warning: {message}\n"
+    warnings.formatwarning = functools.partial(_format_warning, prog)
     try:
         return main()
     except KeyboardInterrupt:

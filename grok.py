@@ -21,6 +21,7 @@ d key size, P context (user + history) length, C candidates, L layers.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import haiku as hk
@@ -172,7 +173,8 @@ def matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
     computes from the gradient as it is, where a product over several leading axes first
     copies the gradient into a transposed layout, elementwise work fused into the copy (a
     ranker training step of the demo configuration spent a fifth of its time in those)."""
-    return jnp.dot(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[-1])
+    flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    return jnp.dot(flat, w).reshape(*x.shape[:-1], w.shape[-1])
 
 
 class Linear(hk.Linear):

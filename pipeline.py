@@ -226,7 +226,9 @@ class Pipeline:
         self, sequence: Mapping[str, Any], top_k_retrieval: int = 200, top_k_display: int = 30
     ) -> Feed:
         """Retrieves `top_k_retrieval` posts for the sequence's user, ranks them all and returns
-        the best `top_k_display` by weighted score."""
+        the best `top_k_display` by weighted score. A sequence with a request time is not
+        served the posts `_unservable` names (fewer are retrieved if fewer remain; none left
+        is a ValueError)."""
         corpus: Corpus = self.artifacts.corpus
         n = len(corpus.post_ids)
         if not 1 <= top_k_retrieval <= n:
@@ -250,13 +252,17 @@ class Pipeline:
         ranker_history = self._history_inputs(ranker, history)  # the host works meanwhile
         user = np.asarray(user, np.float32)
         unservable = self._unservable(history[1], request_time)
-        k = min(n, top_k_retrieval + int(np.count_nonzero(unservable)))
-        retrieval_scores, indices = (x[0] for x in self.index.search(user, k))
-        if unservable.any():
+        excluded = int(np.count_nonzero(unservable))
+        # Searched wider than asked by as many posts as may be left out: first by a margin of
+        # the same size for every request (one compiled search), then, if too many of those
+        # were left out, by all of them.
+        for k in (top_k_retrieval, 2 * top_k_retrieval + 64, top_k_retrieval + excluded):
+            k = min(n, k if excluded else top_k_retrieval)
+            retrieval_scores, indices = (x[0] for x in self.index.search(user, k))
             kept = ~unservable[indices]
-            retrieval_scores, indices = (
-                x[kept][:top_k_retrieval] for x in (retrieval_scores, indices)
-            )
+            if kept.sum() >= min(top_k_retrieval, n - excluded):
+                break
+        retrieval_scores, indices = (x[kept][:top_k_retrieval] for x in (retrieval_scores, indices))
         if not len(indices):
             raise ValueError(
                 f"no post of the corpus can be served at request_time {request_time}: all "
@@ -316,8 +322,9 @@ class Pipeline:
 
     def _unservable(self, history_posts: np.ndarray, request_time: int | None) -> np.ndarray:
         """[N] which posts of the corpus a request at `request_time` cannot serve: those
-        created after it (when the corpus has creation times) and those in the history. For a
-        sequence without a request time none: as published, every post can be served."""
+        created after it (when the corpus has creation times) and those of its history that
+        the models read (the first S items). For a sequence without a request time none: as
+        published, every post can be served."""
         corpus = self.artifacts.corpus
         unservable = np.zeros(len(corpus.post_ids), bool)
         if request_time is None:
@@ -408,12 +415,12 @@ def write_example(
     release ranker (or the two `configs`) with weights drawn from `seed`, tables of
     `vocab_size` rows, a corpus of `corpus_size` posts encoded by the retrieval model's
     candidate tower, and one user's sequence of `history_length` posts from the corpus.
-    `say` is told what it is doing once the sizes are checked."""
+    `say` is told what it is doing once the memory it needs is checked."""
     check_new_folder(directory)  # before any work
     retrieval_config, ranker_config = configs or mini_configs()
     runners.check_memory(
-        4 * retrieval_config.emb_size * (6 * vocab_size + corpus_size)
-        + EXAMPLE_BYTES_PER_POST * corpus_size,
+        4 * 3 * vocab_size * (retrieval_config.emb_size + ranker_config.emb_size)
+        + (4 * retrieval_config.emb_size + EXAMPLE_BYTES_PER_POST) * corpus_size,
         f"an example folder with tables of {vocab_size:,} rows and {corpus_size:,} posts",
     )
     say(

@@ -111,6 +111,14 @@ p_<action> [B, C] per action of `ACTIONS`, and the second release's continuous p
 EXAMPLE_IMPRESSION_TIME = 1_700_000_000
 
 
+def example_bytes(
+    b: int, s: int, c: int, d: int, num_actions: int, user_hashes: int, item_author_hashes: int
+) -> int:
+    """Memory `create_example_batch` takes (twice what it returns: drawn, then masked):
+    float32 embeddings of every hash and float64 action draws."""
+    return 2 * (4 * b * (user_hashes + (s + c) * item_author_hashes) * d + 8 * b * s * num_actions)
+
+
 def _is_integer(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
@@ -156,7 +164,8 @@ def create_example_batch(
         product_surface_vocab_size=product_surface_vocab_size,
         num_user_embeddings=num_user_embeddings, num_post_embeddings=num_post_embeddings,
         num_author_embeddings=num_author_embeddings,
-        num_continuous_actions=num_continuous_actions, seed=seed,
+        num_continuous_actions=num_continuous_actions if include_continuous_actions else 2,
+        seed=0 if seed is None else seed,  # None: numpy's fresh entropy
     )  # fmt: skip
     for name, value in sizes.items():
         low = EXAMPLE_SIZE_LOWS.get(name, 1)
@@ -165,9 +174,10 @@ def create_example_batch(
             within = f"in [{low}, {high}]" if high else f">= {low}"
             raise ValueError(f"{name} must be an integer {within}, got {value!r}")
     b, s, c, d = batch_size, history_len, num_candidates, emb_size
-    hashes_per_token = num_item_hashes + num_author_hashes
     check_memory(
-        4 * b * (num_user_hashes + (s + c) * hashes_per_token) * d,
+        example_bytes(
+            b, s, c, d, num_actions, num_user_hashes, num_item_hashes + num_author_hashes
+        ),
         f"example inputs of {b} users, history {s} and {c} candidates",
     )
     rng = np.random.default_rng(seed)
@@ -765,8 +775,10 @@ def demo_inputs(
     (batch, embeddings) of the sizes asked for, refusing sizes that would not fit in memory."""
     config = inference_runner.runner.model
     hashes = config.hash_config
-    per_item = (hashes.num_item_hashes + hashes.num_author_hashes) * config.emb_size + len(ACTIONS)
-    inputs = 8 * batch_size * (history_len + num_candidates) * per_item
+    inputs = example_bytes(
+        batch_size, history_len, num_candidates, config.emb_size, len(ACTIONS),
+        hashes.num_user_hashes, hashes.num_item_hashes + hashes.num_author_hashes,
+    )  # fmt: skip
     check_memory(  # the inputs and the model's work on them, together
         inputs + inference_runner.memory_needed(batch_size, history_len, num_candidates),
         f"{batch_size} users, history {history_len} and {num_candidates} candidates (example "

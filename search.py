@@ -498,7 +498,7 @@ def first_non_finite_row(x) -> int | None:
     """Index along the first axis of the first entry holding NaN or infinity; None if there is
     none, or if the values are not at hand (a tracer inside jit, or an array partly held by
     other hosts)."""
-    if isinstance(x, jax.core.Tracer):
+    if isinstance(x, jax.core.Tracer) or np.size(x) == 0:
         return None
     if isinstance(x, jax.Array):
         if not x.is_fully_addressable:

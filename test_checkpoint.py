@@ -270,7 +270,14 @@ DAMAGES = {
             f / RANKER_JSON, continuous_action_config={"norm_config": {"norm_scale": 0}}
         ),
         "ranker/config.json: continuous_action_config.norm_config.norm_scale must be a positive "
-        "number, got 0",
+        "float32 number, got 0",
+    ),
+    "config.json with a dwell scale misspelt": (
+        lambda f: _edit_json(
+            f / RANKER_JSON, continuous_action_config={"norm_config": {"norm_scal": 60}}
+        ),
+        "ranker/config.json: continuous_action_config.norm_config has keys NormConfig does not: "
+        "norm_scal",
     ),
     "config.json not JSON": (
         lambda f: (f / RANKER_JSON).write_text("{"),

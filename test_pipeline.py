@@ -111,6 +111,8 @@ def test_a_request_with_a_time_is_not_served_later_posts_or_its_history(folder):
     feed = pipeline.feed(dict(artifacts.sequence, request_time=when), 20, top_k_display=20)
     assert {item.post_id for item in feed.items} == set(best)
     assert feed.retrieved == 20 and feed.not_served == n - len(servable)
+    asked_all = pipeline.feed(dict(artifacts.sequence, request_time=when), n, top_k_display=n)
+    assert sorted(item.post_id for item in asked_all.items) == sorted(servable)
     first = int(np.min(corpus.creation_times))
     with pytest.raises(ValueError, match=f"served at request_time {first - 1}: all {n} were"):
         pipeline.feed(dict(artifacts.sequence, request_time=first - 1), 20)

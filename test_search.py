@@ -218,6 +218,8 @@ def test_bad_method_k_and_shapes_are_refused():
         top_k_search(queries, corpus, 3, block_size=0)
     with pytest.raises(ValueError, match="threads must be"):
         top_k_search(queries, corpus, 3, threads=-1)
+    for empty in (np.zeros((0, 4), np.float32), jnp.zeros((0, 4))):  # no users, no work
+        assert [x.shape for x in top_k_search(empty, corpus, 3)] == [(0, 3), (0, 3)]
     with pytest.raises(ValueError, match="queries row 1 holds NaN or infinity"):
         top_k_search(np.array([[1, 0, 0, 0], [0, np.nan, 0, 0]], np.float32), corpus, 3)
 

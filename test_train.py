@@ -337,7 +337,7 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
     status, out, err = run_script(T.main, argv, capsys)
     assert status == 0, err
     assert out.splitlines()[-1] == (
-        "left as an earlier run wrote them, not from these models: artifacts, auroc.png, "
+        "left as an earlier run wrote them, not rewritten by this one: artifacts, auroc.png, "
         "calibration.png, demo_checkpoint.npz, training_curves.png"
     )
 

@@ -1,7 +1,7 @@
 """Train the ranking and the retrieval model on the synthetic world, evaluate both against the
 world's oracle, and export them in the published artifacts layout.
 
-    uv run train.py --out runs/default            # both models, the default world (9-17 min)
+    uv run train.py --out runs/default            # both models, the default world (about 11 min)
     uv run train.py --out runs/smoke --quick       # a smoke run of about a minute (a tiny world)
     uv run train.py --out runs/default --steps 1200 --resume   # continue a run to step 1200
 
@@ -1689,7 +1689,7 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
     kept = sorted(RUN_OUTPUTS - {"state", *(name.rstrip("/") for name in written)})
     kept = [name for name in kept if (out / name).exists()]
     if kept:
-        print(f"left as an earlier run wrote them, not from these models: {', '.join(kept)}")
+        print(f"left as an earlier run wrote them, not rewritten by this one: {', '.join(kept)}")
     return 0
 
 
@@ -1730,6 +1730,7 @@ if __name__ == "__main__":
         run_main(
             main,
             "train.py",
-            "interrupted; --resume continues from the state saved at the last evaluation",
+            "interrupted; --resume continues from the last state saved (at each evaluation "
+            "and at the end of each model), if there is one",
         )
     )
