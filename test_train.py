@@ -264,6 +264,16 @@ def test_resume_is_bit_exact_even_after_a_save_cut_short(tmp_path, capsys, monke
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_a_resumed_run_starts_a_model_it_had_not_saved_from_step_0(tmp_path, capsys):
+    """As after an interruption between the ranker's end and retrieval's first evaluation."""
+    out = str(tmp_path / "run")
+    assert run_script(T.main, [*RANKER_ONLY, "--out", out, "--steps", "2"], capsys)[0] == 0
+    argv = ["--quick", "--no-export", "--out", out, "--resume", "--steps", "3"]
+    status, printed, err = run_script(T.main, argv, capsys)
+    assert status == 0, err
+    assert "ranker: steps 2 to 3" in printed and "retrieval: steps 0 to 3" in printed
+
+
 def test_curves_of_a_run_shorter_than_its_evaluation_interval(tmp_path):
     log = [{"step": s, "loss": 1.0 / s, "skipped": 0.0} for s in range(1, 9)]
     with warnings.catch_warnings():

@@ -1557,7 +1557,7 @@ RUN_OUTPUTS = frozenset(
 
 def check_run_folder(out: Path, kinds: tuple[str, ...], resume: bool) -> None:
     """Before any work: the folder is new or a run's own; a new run must not overwrite a
-    trained model, a resumed one needs it."""
+    trained model, a resumed one needs at least one (one not saved yet starts afresh)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: is a file, not a folder")
     if problem := file_in_a_folder(out):
@@ -1573,17 +1573,17 @@ def check_run_folder(out: Path, kinds: tuple[str, ...], resume: bool) -> None:
             f"--out {out}: holds files that are not a training run's ({shown}); choose a new "
             "or empty folder"
         )
-    for kind in kinds:
-        path = out / "state" / f"{kind}.npz"
-        if resume and not path.is_file():
-            raise FileNotFoundError(
-                f"{path}: no such file: nothing to resume (run without --resume)"
-            )
-        if not resume and path.exists():
-            raise ValueError(
-                f"{out} already holds a trained {kind}; pass --resume to continue it or choose "
-                "another --out"
-            )
+    saved = [kind for kind in kinds if (out / "state" / f"{kind}.npz").exists()]
+    if resume and not saved:
+        raise FileNotFoundError(
+            f"{out / 'state'}: no saved {' or '.join(kinds)}: nothing to resume (run without "
+            "--resume)"
+        )
+    if not resume and saved:
+        raise ValueError(
+            f"{out} already holds a trained {saved[0]}; pass --resume to continue it (a model "
+            "not saved yet starts from step 0) or choose another --out"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1636,8 +1636,9 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
     training = {kind: dataclasses.asdict(job.train) for kind, job in jobs.items()}
     for kind in jobs.keys() - kinds:  # read, and checked, before anything trains
         params[kind], logs[kind], training[kind] = load_beside(state_dir, jobs[kind])
-    for kind in kinds:
-        state, logs[kind] = fit(jobs[kind], state_dir, args.resume, mesh)
+    for kind in kinds:  # a resumed run starts a model it had not saved yet from step 0
+        resume = args.resume and (state_dir / f"{kind}.npz").is_file()
+        state, logs[kind] = fit(jobs[kind], state_dir, resume, mesh)
         params[kind] = jax.device_get(state.params)
 
     print("evaluating on the held-out split ...")
