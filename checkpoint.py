@@ -395,8 +395,9 @@ def read_config_json(path: Path) -> dict:
 
 
 def is_integer(value: Any) -> bool:
-    """Whether a value read from JSON is an integer (true and false are not)."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Whether a value (read from JSON, or given in Python) is an integer: true and false are
+    not, numpy's integers are."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def is_number(value: Any) -> bool:

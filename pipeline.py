@@ -32,6 +32,7 @@ import numpy as np
 
 import runners
 from checkpoint import (
+    FLOAT32_MAX,
     Artifacts,
     Corpus,
     ModelArtifacts,
@@ -100,9 +101,6 @@ class Feed:
     seconds: dict[str, float]  # hash, retrieve, rank
     retrieved: int  # posts retrieved and ranked
     not_served: int  # posts of the corpus the request could not be served (`_unservable`)
-
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -253,12 +251,11 @@ class Pipeline:
         user = np.asarray(user, np.float32)
         unservable = self._unservable(history[1], request_time)
         excluded = int(np.count_nonzero(unservable))
-        # Searched wider than asked by as many posts as may be left out: first by a margin of
-        # the same size for every request (one compiled search), then, if too many of those
-        # were left out, by all of them.
-        for k in (top_k_retrieval, 2 * top_k_retrieval + 64, top_k_retrieval + excluded):
-            k = min(n, k if excluded else top_k_retrieval)
-            retrieval_scores, indices = (x[0] for x in self.index.search(user, k))
+        # With posts left out, searched wider: by a margin of the same size for every request
+        # (one compiled search), then, if too many of those were left out, by all of them.
+        widths = (top_k_retrieval, 2 * top_k_retrieval + 64, top_k_retrieval + excluded)
+        for k in widths if excluded else widths[:1]:
+            retrieval_scores, indices = (x[0] for x in self.index.search(user, min(n, k)))
             kept = ~unservable[indices]
             if kept.sum() >= min(top_k_retrieval, n - excluded):
                 break
@@ -317,7 +314,7 @@ class Pipeline:
             self.weights,
             seconds,
             len(indices),
-            int(np.count_nonzero(unservable)),
+            excluded,
         )
 
     def _unservable(self, history_posts: np.ndarray, request_time: int | None) -> np.ndarray:

@@ -26,6 +26,7 @@ import numpy as np
 from checkpoint import (
     LOG_TEMPERATURE,
     check_params,
+    is_integer,
     load_embedding_table,
     load_model_params,
     param_shapes,
@@ -119,10 +120,6 @@ def example_bytes(
     return 2 * (4 * b * (user_hashes + (s + c) * item_author_hashes) * d + 8 * b * s * num_actions)
 
 
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
 # The least value of each size `create_example_batch` takes (1 where not named): hashes are
 # drawn in [1, table size), the dwell time is continuous action 1.
 EXAMPLE_SIZE_LOWS = {
@@ -170,7 +167,7 @@ def create_example_batch(
     for name, value in sizes.items():
         low = EXAMPLE_SIZE_LOWS.get(name, 1)
         high = 2**31 if name.endswith("_embeddings") else None  # hashes are int32
-        if not _is_integer(value) or value < low or (high and value > high):
+        if not is_integer(value) or value < low or (high and value > high):
             within = f"in [{low}, {high}]" if high else f">= {low}"
             raise ValueError(f"{name} must be an integer {within}, got {value!r}")
     b, s, c, d = batch_size, history_len, num_candidates, emb_size
@@ -244,7 +241,7 @@ def randomize_params(params: hk.Params, seed: int) -> hk.Params:
     """Random non-zero parameters of the same tree: norm scales 1 + N(0, 0.1^2), every other
     array normal with variance 1 / (its first dimension). For demos and tests of an untrained
     model, whose published initialisation (zero norm scales) makes every logit 0."""
-    if not _is_integer(seed) or seed < 0:
+    if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(seed)
 
