@@ -1581,8 +1581,8 @@ def check_run_folder(out: Path, kinds: tuple[str, ...], resume: bool) -> None:
         )
     if not resume and saved:
         raise ValueError(
-            f"{out} already holds a trained {saved[0]}; pass --resume to continue it (a model "
-            "not saved yet starts from step 0) or choose another --out"
+            f"{out} already holds a trained {saved[0]}; pass --resume to continue it or choose "
+            "another --out"
         )
 
 
