@@ -136,7 +136,10 @@ class TrainConfig:
                 eval_every=15,
             )  # fmt: skip
         if kind == "retrieval":
-            return cls(steps=760, decay_steps=760, batch_size=256, eval_every=190)
+            return cls(
+                steps=500, decay_steps=500, batch_size=256, table_learning_rate=5e-2,
+                eval_every=125,
+            )  # fmt: skip
         return cls()
 
     @classmethod
@@ -1498,7 +1501,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--steps",
         type=positive_int,
-        help="train each model to this step (ranker 2200, retrieval 760)",
+        help="train each model to this step (ranker 2200, retrieval 500)",
     )
     parser.add_argument(
         "--decay-steps",
@@ -1511,9 +1514,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--users", type=positive_int, help="users of the world")
     parser.add_argument("--posts", type=positive_int, help="posts of the world")
     parser.add_argument("--batch-size", type=positive_int, help="(ranker 64, retrieval 256)")
-    parser.add_argument("--eval-every", type=positive_int, help="(ranker 250, retrieval 190)")
+    parser.add_argument("--eval-every", type=positive_int, help="(ranker 250, retrieval 125)")
     parser.add_argument("--learning-rate", type=positive_float, help="of the model (5e-3)")
-    parser.add_argument("--table-learning-rate", type=positive_float, help="of the tables (3e-2)")
+    parser.add_argument(
+        "--table-learning-rate",
+        type=positive_float,
+        help="of the tables (ranker 3e-2, retrieval 5e-2)",
+    )
     parser.add_argument(
         "--table-optimizer", choices=tuple(TABLE_OPTIMIZERS), help="of the tables (adam)"
     )
