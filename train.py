@@ -1,7 +1,7 @@
 """Train the ranking and the retrieval model on the synthetic world, evaluate both against the
 world's oracle, and export them in the published artifacts layout.
 
-    uv run train.py --out runs/default            # both models, the default world (about 11 min)
+    uv run train.py --out runs/default            # both models, the default world (10 to 13 min)
     uv run train.py --out runs/smoke --quick       # a smoke run of about a minute (a tiny world)
     uv run train.py --out runs/default --steps 1200 --resume   # continue a run to step 1200
 
