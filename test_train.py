@@ -272,6 +272,16 @@ def test_a_resumed_run_starts_a_model_it_had_not_saved_from_step_0(tmp_path, cap
     status, printed, err = run_script(T.main, argv, capsys)
     assert status == 0, err
     assert "ranker: steps 2 to 3" in printed and "retrieval: steps 0 to 3" in printed
+    # Every saved state is read before any model trains: a damaged second one stops the run
+    # before the first has moved.
+    state = tmp_path / "run" / "state"
+    ranker = (state / "ranker.npz").read_bytes()
+    damaged = state / "retrieval.npz"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    argv[-1] = "4"
+    status, printed, err = run_script(T.main, argv, capsys)
+    assert status == 2 and "retrieval.npz: not a readable .npz file" in err
+    assert "ranker: steps" not in printed and (state / "ranker.npz").read_bytes() == ranker
 
 
 def test_curves_of_a_run_shorter_than_its_evaluation_interval(tmp_path):
@@ -442,7 +452,18 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
         return err
 
     empty = tmp_path / "empty"
-    assert "nothing to resume" in refused([*RANKER_ONLY, "--out", str(empty), "--resume"])
+    empty.mkdir()
+    assert (
+        refused([*RANKER_ONLY, "--out", str(empty), "--resume"])
+        .rstrip()
+        .endswith("state: no saved ranker: nothing to resume (run without --resume)")
+    )
+    empty.rmdir()  # the folder's own listing is asserted below
+    assert (
+        refused([*RANKER_ONLY, "--out", str(tmp_path / "none"), "--resume"])
+        .rstrip()
+        .endswith("none: no such folder: nothing to resume (run without --resume)")
+    )
     run = tmp_path / "run"
     assert run_script(T.main, [*RANKER_ONLY, "--out", str(run), "--steps", "2"], capsys)[0] == 0
     assert "already holds a trained ranker" in refused([*RANKER_ONLY, "--out", str(run)])

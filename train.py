@@ -953,22 +953,29 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
         )
 
 
-def fit(job: Job, state_dir: Path, resume: bool, mesh: Mesh, quiet: bool = False) -> tuple:
-    """Trains `job` to `job.train.steps`, from step 0 or from the saved state; prints
-    progress; saves the state at every evaluation and at the end. Returns (state, log)."""
+def fit(
+    job: Job,
+    state_dir: Path,
+    resume: bool,
+    mesh: Mesh,
+    quiet: bool = False,
+    start: tuple[TrainState, list[dict]] | None = None,
+) -> tuple:
+    """Trains `job` to `job.train.steps`, from step 0 or from the saved state (`start`: that
+    state and log, already read by `load_progress`); prints progress; saves the state at every
+    evaluation and at the end. Returns (state, log)."""
     train = job.train
     if train.batch_size % mesh.size:
         raise ValueError(
             f"batch_size ({train.batch_size}) does not split over the {mesh.size} devices; "
             f"use a multiple of {mesh.size}"
         )
-    state, log = initial_state(job.kind, job.config, job.hashing, train), []
-    if resume:
-        state, log = load_progress(state_dir, job, state)
-    if int(state.step) > train.steps:
-        raise ValueError(
-            f"{job.kind}: the saved run is at step {int(state.step)}, past --steps {train.steps}"
-        )
+    if start is not None:
+        state, log = start
+    else:
+        state, log = initial_state(job.kind, job.config, job.hashing, train), []
+        if resume:
+            state, log = load_progress(state_dir, job, state)
     state = place(state, mesh, split=False)
     step_fn = make_step(job.loss, train)
     first, times, in_a_row = int(state.step), [], 0
@@ -1025,8 +1032,13 @@ def fit(job: Job, state_dir: Path, resume: bool, mesh: Mesh, quiet: bool = False
 
 
 def load_progress(state_dir: Path, job: Job, template: TrainState) -> tuple:
-    """(state, log) that `save_progress` wrote, checked against the job."""
+    """(state, log) that `save_progress` wrote, checked against the job (and its steps)."""
     state, _ = load_state(state_dir / f"{job.kind}.npz", template, job.meta)
+    if int(state.step) > job.train.steps:
+        raise ValueError(
+            f"{job.kind}: the saved run is at step {int(state.step)}, past --steps "
+            f"{job.train.steps}"
+        )
     return state, _read_log(state_dir, job.kind, int(state.step))
 
 
@@ -1583,8 +1595,12 @@ def check_run_folder(out: Path, kinds: tuple[str, ...], resume: bool) -> None:
     saved = [kind for kind in kinds if (out / "state" / f"{kind}.npz").exists()]
     if resume and not saved:
         raise FileNotFoundError(
-            f"{out / 'state'}: no saved {' or '.join(kinds)}: nothing to resume (run without "
-            "--resume)"
+            (
+                f"{out / 'state'}: no saved {' or '.join(kinds)}"
+                if out.is_dir()
+                else f"--out {out}: no such folder"
+            )
+            + ": nothing to resume (run without --resume)"
         )
     if not resume and saved:
         raise ValueError(
@@ -1643,9 +1659,17 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
     training = {kind: dataclasses.asdict(job.train) for kind, job in jobs.items()}
     for kind in jobs.keys() - kinds:  # read, and checked, before anything trains
         params[kind], logs[kind], training[kind] = load_beside(state_dir, jobs[kind])
-    for kind in kinds:  # a resumed run starts a model it had not saved yet from step 0
-        resume = args.resume and (state_dir / f"{kind}.npz").is_file()
-        state, logs[kind] = fit(jobs[kind], state_dir, resume, mesh)
+    # A resumed run reads (and checks) every saved state before anything trains, and starts a
+    # model it had not saved yet from step 0.
+    starts = {
+        kind: load_progress(state_dir, job, initial_state(kind, job.config, job.hashing, job.train))
+        for kind, job in jobs.items()
+        if kind in kinds and args.resume and (state_dir / f"{kind}.npz").is_file()
+    }
+    for kind in kinds:
+        state, logs[kind] = fit(
+            jobs[kind], state_dir, kind in starts, mesh, start=starts.pop(kind, None)
+        )
         params[kind] = jax.device_get(state.params)
 
     print("evaluating on the held-out split ...")
@@ -1715,8 +1739,9 @@ def load_demo(
     does not have is refused before it is built)."""
     path = Path(path)
     if not path.is_file():
+        problem = "a folder, not a file" if path.is_dir() else "no such file"
         raise FileNotFoundError(
-            f"{path}: no such file; make one with `{DEMO_COMMAND}` (it writes "
+            f"{path}: {problem}; make one with `{DEMO_COMMAND}` (it writes "
             "runs/default/demo_checkpoint.npz) or pass --random-weights"
         )
     world_config, models = load_demo_checkpoint(path)
