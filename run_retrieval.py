@@ -128,11 +128,11 @@ def random_weights_demo(args) -> int:
         candidate_seq_len=args.candidates,
         fprop_dtype=jnp.dtype(args.dtype),
     )
+    corpus, post_ids = create_example_corpus(args.corpus_size, DEMO_EMB_SIZE, seed=args.seed)
     retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(config), name="retrieval")
     batch, embeddings = demo_inputs(
         retriever, args.seed, args.batch_size, args.history_len, args.candidates
     )
-    corpus, post_ids = create_example_corpus(args.corpus_size, DEMO_EMB_SIZE, seed=args.seed)
     retriever.set_corpus(corpus, post_ids)
 
     print(

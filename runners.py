@@ -231,6 +231,10 @@ def create_example_corpus(
     corpus_size: int, emb_size: int, seed: int = 123
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random unit-norm corpus vectors [N, D] float32 and post ids arange(N)."""
+    check_memory(  # the vectors, a copy of them where they are searched, and the ids
+        (2 * 4 * emb_size + 8) * corpus_size,
+        f"a corpus of {corpus_size:,} posts of width {emb_size}",
+    )
     rng = np.random.default_rng(seed)
     corpus = rng.standard_normal((corpus_size, emb_size), dtype=np.float32)
     corpus /= np.maximum(np.linalg.norm(corpus, axis=1, keepdims=True), 1e-6)

@@ -72,6 +72,11 @@ RANDOM = "--random-weights"
             "2 users, history 100000 and 8 candidates",
         ),
         (run_ranker.main, [RANDOM, "--candidates", "10000000000"], "and 10000000000 candidates"),
+        (
+            run_retrieval.main,
+            [RANDOM, "--corpus-size", "100000000000"],
+            "a corpus of 100,000,000,000 posts of width 128 would need about",
+        ),
         (run_retrieval.main, [RANDOM, "--top-k", "2000"], r"--top-k \(2000\) must not exceed"),
         (run_ranker.main, ["--dtype", "float16"], "argument --dtype: invalid choice"),
         (run_ranker.main, ["--batch-size", "0"], "expected an integer >= 1, got 0"),
