@@ -272,6 +272,9 @@ def test_a_resumed_run_starts_a_model_it_had_not_saved_from_step_0(tmp_path, cap
     status, printed, err = run_script(T.main, argv, capsys)
     assert status == 0, err
     assert "ranker: steps 2 to 3" in printed and "retrieval: steps 0 to 3" in printed
+    status, printed, err = run_script(T.main, argv, capsys)  # again: nothing left to train
+    assert status == 0, err
+    assert "ranker: already at step 3; nothing to train" in printed
     # Every saved state is read before any model trains: a damaged second one stops the run
     # before the first has moved.
     state = tmp_path / "run" / "state"
@@ -298,6 +301,8 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
     for name in ("eval.json", "eval_predictions.npz", "training_curves.png", "auroc.png"):
         assert (tmp_path / name).is_file(), name
     assert "examples/s" in out and "s left" in out and "favorite_score" in out
+    wrote = next(line for line in out.splitlines() if line.startswith("wrote"))
+    assert "state/" in wrote and (tmp_path / "state" / "ranker.npz").is_file()
 
     report = json.loads((tmp_path / "eval.json").read_text())
     predictions = read_npz(tmp_path / "eval_predictions.npz")

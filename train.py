@@ -982,10 +982,13 @@ def fit(
     saved_at = first if resume else None  # the step of the state on disk
     skipped_before = log[-1]["skipped"] if log else 0.0
     say = (lambda *a: None) if quiet else print
-    say(
-        f"{job.kind}: steps {first} to {train.steps}, batches of {train.batch_size}, "
-        f"{len(job.train_data['user_hashes']):,} training examples"
-    )
+    if first == train.steps:
+        say(f"{job.kind}: already at step {train.steps}; nothing to train (--steps goes further)")
+    else:
+        say(
+            f"{job.kind}: steps {first} to {train.steps}, batches of {train.batch_size}, "
+            f"{len(job.train_data['user_hashes']):,} training examples"
+        )
     for step in range(first, train.steps):
         arrays = job.batch(step)
         start = time.perf_counter()
@@ -1699,7 +1702,7 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
             print(f"  [{'x' if met else ' '}] {text}")
     report["goals_met"] = all(met for _, met in checks)
     write_npz({**predictions, "actions": np.array(ACTIONS)}, out / "eval_predictions.npz")
-    written = ["eval.json", "eval_predictions.npz"]
+    written = ["eval.json", "eval_predictions.npz", "state/"]
     if not args.no_export:
         plot_curves(logs, out / "training_curves.png")
         written.append("training_curves.png")
