@@ -124,6 +124,16 @@ def _member_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -
     return np.memmap(path, dtype, mode="r", offset=start + header_size, shape=shape, order=order)
 
 
+def require_file(path: str | os.PathLike, hint: str = "") -> Path:
+    """`path` as a Path if it is a file; else FileNotFoundError saying what is there instead
+    (nothing, or a folder), followed by `hint`."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "a folder, not a file" if path.is_dir() else "no such file"
+        raise FileNotFoundError(f"{path}: {problem}{hint}")
+    return path
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every array of an .npz file, by name, memory-mapped where it is stored uncompressed.
 
@@ -131,9 +141,7 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     npz (truncated, corrupt, holding objects or non-finite floats), naming the file and the
     first problem. Nothing is returned unless every array passed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    path = require_file(path)
     try:
         with zipfile.ZipFile(path) as archive:
             arrays = {}
@@ -310,9 +318,25 @@ def check_params(
     for path in got:
         if path not in want_all:
             raise ValueError(f"params do not fit the model: {path} is not a parameter of it{hint}")
+    finite = _all_finite([v for v in got.values() if isinstance(v, jax.Array)])
     for path, value in got.items():
-        if not bool(jnp.all(jnp.isfinite(value))):
+        # Device arrays are checked by one compiled call; host arrays (read from files) where
+        # they are, without compiling a check for every shape.
+        ok = next(finite) if isinstance(value, jax.Array) else np.isfinite(np.asarray(value)).all()
+        if not ok:
             raise ValueError(f"params hold NaN or infinite values in {path}")
+
+
+def _all_finite(values: list[jax.Array]) -> Iterator[bool]:
+    """Whether each array is free of NaN and infinity, in one call."""
+    if not values:
+        return iter(())
+    return iter(np.asarray(_finite_flags(values)).tolist())
+
+
+@jax.jit
+def _finite_flags(values: list[jax.Array]) -> jax.Array:
+    return jnp.stack([jnp.isfinite(x).all() for x in values])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -371,9 +395,7 @@ _KNOWN_KEYS = frozenset(
 
 
 def _read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+    path = require_file(path)
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -689,6 +711,13 @@ def load_artifacts(
             f"{directory} holds no retrieval/ or ranker/ folder; a training run's artifacts "
             f"are in {directory / 'artifacts'}"
         )
+    corpus_file = Path(corpus_file or directory / DEFAULT_CORPUS_FILE)
+    sequence_file = Path(sequence_file or directory / DEFAULT_SEQUENCE_FILE)
+    for folder in folders.values():  # every file there, before any is read
+        for name in (CONFIG_FILE, PARAMS_FILE, TABLES_FILE):
+            require_file(folder / name)
+    require_file(corpus_file)
+    require_file(sequence_file)
     jsons = {name: read_config_json(folder / CONFIG_FILE) for name, folder in folders.items()}
     params = {name: load_model_params(folder / PARAMS_FILE) for name, folder in folders.items()}
     retrieval_config, ranker_config = configs_from_json(
@@ -703,8 +732,8 @@ def load_artifacts(
         log_temperature,
     )
     ranker = _load_model(folders["ranker"], ranker_config, jsons["ranker"], params["ranker"], {})
-    corpus = load_corpus(corpus_file or directory / DEFAULT_CORPUS_FILE, retrieval_config.emb_size)
-    sequence = read_sequence(sequence_file or directory / DEFAULT_SEQUENCE_FILE)
+    corpus = load_corpus(corpus_file, retrieval_config.emb_size)
+    sequence = read_sequence(sequence_file)
     return Artifacts(retrieval, ranker, corpus, sequence)
 
 

@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -62,8 +63,14 @@ def file_in_a_folder(path: os.PathLike) -> str | None:
         if parent.exists():
             if not parent.is_dir():
                 return f"{parent} is a file, not a folder"
-            if not path.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+            if path.is_dir():
+                return None
+            if not os.access(parent, os.W_OK | os.X_OK):
                 return f"cannot write in {parent} (no permission, or read-only)"
+            try:  # what the permissions do not tell (a read-only or virtual file system)
+                os.rmdir(tempfile.mkdtemp(prefix=".probe.", dir=parent))
+            except OSError as error:
+                return f"cannot write in {parent} ({error.strerror or error})"
             return None
     return None
 
@@ -100,30 +107,43 @@ def positive_float(text: str) -> float:
     return value
 
 
+# Flags that only the random-weights demos read.
+RANDOM_ONLY_FLAGS = ("batch_size", "history_len", "dtype", "repeats")
+
+
 def add_demo_flags(
-    parser: ArgumentParser, history_len: int, candidates: int, candidates_help: str | None = None
-) -> None:
-    """The flags both demo scripts take, with their defaults."""
-    parser.add_argument("--seed", type=seed_int, default=0, help="seed of weights and data (0)")
-    parser.add_argument("--batch-size", type=positive_int, default=2, help="users (2)")
-    parser.add_argument(
-        "--history-len",
-        type=positive_int,
-        default=history_len,
-        help=f"history length ({history_len})",
+    parser: ArgumentParser,
+    history_len: int,
+    candidates: int,
+    candidates_help: str | None = None,
+    random_only: tuple[str, ...] = RANDOM_ONLY_FLAGS,
+) -> argparse._ArgumentGroup:
+    """The flags both demo scripts take, with their defaults; those in `random_only` (read by
+    the random-weights demo alone) in a group of their own, which is returned for more."""
+    group = parser.add_argument_group("with --random-weights only")
+    where = lambda name: group if name in random_only else parser  # noqa: E731
+    seed_use = "" if "seed" in random_only else "; in the trained demo, with --candidates"
+    where("seed").add_argument(
+        "--seed", type=seed_int, default=0, help=f"seed of weights and data (0{seed_use})"
     )
-    parser.add_argument(
+    where("candidates").add_argument(
         "--candidates",
         type=positive_int,
         default=candidates,
         help=candidates_help or f"per user ({candidates})",
     )
-    parser.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="(float32)")
-    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs (10)")
-
-
-# Flags that only the random-weights demos read.
-RANDOM_ONLY_FLAGS = ("batch_size", "history_len", "dtype", "repeats")
+    where("batch_size").add_argument("--batch-size", type=positive_int, default=2, help="users (2)")
+    where("history_len").add_argument(
+        "--history-len",
+        type=positive_int,
+        default=history_len,
+        help=f"history length ({history_len})",
+    )
+    where("dtype").add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="(float32)")
+    where("repeats").add_argument(
+        "--repeats", type=positive_int, default=10, help="timed runs (10)"
+    )
+    return group
 
 
 def add_trained_demo_flags(parser: ArgumentParser, checkpoint: str, what: str) -> None:

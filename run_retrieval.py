@@ -54,11 +54,12 @@ ORACLE_DEPTH = 100
 def parse_args(argv: list[str] | None = None):
     parser = ArgumentParser(prog="run_retrieval.py", description=__doc__.splitlines()[0])
     add_trained_demo_flags(parser, str(train.DEMO_CHECKPOINT), "corpus")
-    add_demo_flags(parser, DEMO_HISTORY_LEN, DEMO_NUM_CANDIDATES)
-    parser.add_argument("--corpus-size", type=positive_int, default=1000, help="posts (1000)")
-    parser.add_argument("--top-k", type=positive_int, default=10, help="posts per user (10)")
     # The trained demo retrieves from the world's corpus, for one user, with no candidates.
-    args = parse_demo_args(parser, argv, (*RANDOM_ONLY_FLAGS, "seed", "candidates", "corpus_size"))
+    random_only = (*RANDOM_ONLY_FLAGS, "seed", "candidates", "corpus_size")
+    group = add_demo_flags(parser, DEMO_HISTORY_LEN, DEMO_NUM_CANDIDATES, random_only=random_only)
+    group.add_argument("--corpus-size", type=positive_int, default=1000, help="posts (1000)")
+    parser.add_argument("--top-k", type=positive_int, default=10, help="posts per user (10)")
+    args = parse_demo_args(parser, argv, random_only)
     if args.random_weights and args.top_k > args.corpus_size:
         parser.error(f"--top-k ({args.top_k}) must not exceed --corpus-size ({args.corpus_size})")
     return args

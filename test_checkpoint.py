@@ -295,6 +295,14 @@ DAMAGES = {
         lambda f: _edit_corpus(f, "post_ids", 3, lambda ids: ids[9]),
         "sports_corpus.npz: post_ids must be distinct, .* appears more than once",
     ),
+    "no sequence": (
+        lambda f: (f / "example_sequence.json").unlink(),
+        "example_sequence.json: no such file",
+    ),
+    "a folder in the corpus's place": (
+        lambda f: ((f / "sports_corpus.npz").unlink(), (f / "sports_corpus.npz").mkdir()),
+        "sports_corpus.npz: a folder, not a file",
+    ),
     "a sequence that is not an object": (
         lambda f: (f / "example_sequence.json").write_text("[]"),
         'example_sequence.json: expected an object with "user_id"',
@@ -309,6 +317,15 @@ def test_a_damaged_folder_is_refused_naming_the_file(example_folder, tmp_path, d
     act, message = DAMAGES[damage]
     act(folder)
     with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_artifacts(folder)
+
+
+def test_a_missing_file_is_named_before_any_model_is_read(example_folder, tmp_path, monkeypatch):
+    folder = tmp_path / "copy"
+    shutil.copytree(example_folder, folder)
+    (folder / "example_sequence.json").unlink()
+    monkeypatch.setattr(checkpoint, "load_model_params", lambda path: pytest.fail("read"))
+    with pytest.raises(FileNotFoundError, match="example_sequence.json: no such file$"):
         load_artifacts(folder)
 
 

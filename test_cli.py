@@ -252,3 +252,25 @@ def test_an_interrupted_script_ends_at_once_with_status_130(before):
     code = "import cli\ndef main():\n    raise KeyboardInterrupt\ncli.run_main(main, 'demo.py')"
     status, out, report = finish(start_with_devices(before + code, 1))
     assert status == 130 and report.endswith("\ndemo.py: interrupted\n"), report
+
+
+@pytest.mark.parametrize(
+    "main, flags",
+    [
+        (run_ranker.main, {"--batch-size", "--history-len", "--dtype", "--repeats"}),
+        (
+            run_retrieval.main,
+            {"--seed", "--candidates", "--batch-size", "--history-len", "--dtype", "--repeats",
+             "--corpus-size"},
+        ),
+    ],
+)  # fmt: skip
+def test_help_groups_the_flags_the_trained_demo_refuses(main, flags, capsys):
+    status, out, _ = run_script(main, ["--help"], capsys)
+    assert status == 0
+    group = out.split("with --random-weights only:")[1]
+    assert set(re.findall(r"^  (--[a-z-]+)", group, re.MULTILINE)) == flags
+    for flag in flags:
+        value = "float32" if flag == "--dtype" else "3"
+        status, _, err = run_script(main, [flag, value], capsys)
+        assert status == 2 and f"{flag}: only with --random-weights" in err, err

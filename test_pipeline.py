@@ -3,6 +3,7 @@ procedure re-enacted step by step, histories read as published, bad sequences re
 command line from writing an example folder to serving it."""
 
 import dataclasses
+import errno
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import cli
 import run_pipeline
 from checkpoint import load_artifacts
 from conftest import Setup, run_script
@@ -251,6 +253,23 @@ def test_a_feed_that_could_not_be_written_is_refused_before_serving(tmp_path, ca
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # read-only (root writes anyway)
     status, _, err = run(["--output-json", str(tmp_path / "feed.json")], capsys)
     assert status == 2 and f"cannot write in {tmp_path} (no permission" in err, err
+
+
+def test_a_folder_on_a_file_system_that_takes_no_writes_is_refused_before_the_work(
+    tmp_path, capsys, monkeypatch
+):
+    """Permissions pass (as for root), the file system refuses: found by trying, up front."""
+
+    def read_only(**kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(cli.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(run_pipeline, "write_example", lambda *a, **k: pytest.fail("it worked"))
+    status, _, err = run(["--write-example", str(tmp_path / "example")], capsys)
+    assert status == 2 and err.endswith(
+        f"--write-example {tmp_path / 'example'}: cannot write in {tmp_path} "
+        "(Read-only file system)\n"
+    ), err
 
 
 def test_what_a_sequence_file_holds_is_refused_naming_the_file(folder, tmp_path, capsys):
