@@ -19,7 +19,7 @@ import pytest
 import metrics
 import runners
 import train as T
-from checkpoint import load_artifacts, read_npz
+from checkpoint import load_artifacts, read_npz, write_npz
 from conftest import finish, run_script, start_with_devices, train_briefly
 from pipeline import Pipeline
 from recsys_model import ACTIONS
@@ -106,7 +106,7 @@ def test_rowwise_adagrad_divides_each_row_by_its_accumulated_mean_square():
 
 
 def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run(world, tmp_path):
-    job = T.make_job("ranker", world, dataclasses.replace(QUICK, steps=5, decay_steps=5))
+    job = T.make_job("ranker", world, dataclasses.replace(QUICK, steps=5, decay_steps=20))
 
     def poisoned(params, arrays):
         loss, stats = job.loss(params, arrays)
@@ -520,6 +520,12 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     assert "cannot build the world --posts 20: a request would have fewer than 12 posts" in (
         refused(["--quick", "--posts", "20", "--out", str(small)])
     )
+    huge = "cannot build the world --users 1000000000: a world of 1,000,000,000 users would need"
+    assert huge in refused(["--quick", "--users", "1000000000", "--out", str(small)])
+    assert "decay_steps (5) must exceed warmup_steps (5): the schedule warms up" in refused(
+        ["--quick", "--decay-steps", "5", "--out", str(small)]
+    )
+    assert not small.exists()
     assert not small.exists()
 
     poisoned = dataclasses.replace(world)
@@ -549,6 +555,26 @@ def test_load_demo_refuses_an_unknown_user_before_building_the_world(monkeypatch
     monkeypatch.setattr(T.world_lib, "build_world", build_world)
     with pytest.raises(ValueError, match=r"user 1501 is not in the world \(users 1..1500\)"):
         T.load_demo(T.DEMO_CHECKPOINT, 1501)
+
+
+@pytest.mark.parametrize(
+    "users, message",
+    [
+        (-3, r"demo\.npz: its world config: num_users must be a whole number >= 1, got -3$"),
+        (10**9, r"demo\.npz: rebuilding its world would need about \d+\.\d GiB of memory"),
+    ],
+)
+def test_load_demo_refuses_a_world_config_it_cannot_build(tmp_path, monkeypatch, users, message):
+    def build_world(config):
+        raise AssertionError("the world was built")
+
+    arrays = read_npz(T.DEMO_CHECKPOINT)
+    meta = json.loads(str(arrays["meta"]))
+    meta["world"]["num_users"] = users
+    write_npz({**arrays, "meta": np.array(json.dumps(meta))}, tmp_path / "demo.npz")
+    monkeypatch.setattr(T.world_lib, "build_world", build_world)
+    with pytest.raises(ValueError, match=message):
+        T.load_demo(tmp_path / "demo.npz")
 
 
 def test_demo_request_picks_a_held_out_request_or_names_the_user(world):

@@ -306,6 +306,28 @@ def test_config_round_trips_through_json():
         W.WorldConfig.from_json({**data, "colour": 1})
 
 
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_users", -3), ("num_posts", 0), ("history_len", 2.5), ("num_topics", True)],
+)
+def test_a_count_that_is_not_a_whole_number_of_at_least_1_is_refused(field, value):
+    with pytest.raises(ValueError, match=rf"^{field} must be a whole number >= 1, got {value!r}$"):
+        dataclasses.replace(W.WorldConfig.tiny(), **{field: value})
+
+
+def test_memory_bytes_is_a_lower_bound_on_the_built_world():
+    config = W.WorldConfig.tiny()
+    world = W.build_world(config)
+    eval_ = world.ranking_eval
+    train = world.ranking_train
+    built = sum(
+        part.probabilities.nbytes + part.labels.nbytes + part.history.actions.nbytes
+        for part in (train, eval_)
+    )
+    # The estimate counts requests at their mean per user: within a factor of two of them.
+    assert built / 2 < config.memory_bytes() <= 2 * built
+
+
 def test_taste_history_and_recent_posts_in_words(world):
     examples = world.ranking_eval
     user, time = int(examples.user_ids[0]), int(examples.request_times[0])

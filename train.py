@@ -3,7 +3,7 @@ world's oracle, and export them in the published artifacts layout.
 
     uv run train.py --out runs/default            # both models, the default world (10 to 13 min)
     uv run train.py --out runs/smoke --quick       # a smoke run of about a minute (a tiny world)
-    uv run train.py --out runs/default --steps 1200 --resume   # continue a run to step 1200
+    uv run train.py --out runs/r --model ranker --steps 1000 --resume  # on to step 1000
 
 The ranker learns multi-label sigmoid cross-entropy over the 19 actions plus a regression of
 the dwell time (the second release's continuous head, loss as `ContinuousActionConfig` says);
@@ -56,6 +56,7 @@ from checkpoint import (
     flatten_params,
     param_shapes,
     read_npz,
+    require_file,
     unflatten_params,
     write_artifacts,
     write_json,
@@ -527,7 +528,7 @@ def optimiser(train: TrainConfig) -> optax.GradientTransformation:
             0.0,
             peak,
             train.warmup_steps,
-            max(train.decay_steps, train.warmup_steps + 1),
+            train.decay_steps,
             peak * train.final_learning_rate_fraction,
         )
 
@@ -937,6 +938,11 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
         value = getattr(train, name)
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not (isinstance(train.warmup_steps, int) and 0 <= train.warmup_steps < train.decay_steps):
+        raise ValueError(
+            f"decay_steps ({train.decay_steps}) must exceed warmup_steps ({train.warmup_steps}): "
+            "the schedule warms up, then decays"
+        )
     if train.table_optimizer not in TABLE_OPTIMIZERS:
         raise ValueError(
             f"table_optimizer must be one of {tuple(TABLE_OPTIMIZERS)}, got "
@@ -1501,7 +1507,11 @@ def load_demo_checkpoint(
             raise ValueError(f"{path}: {kind}: {error}") from None
         hashing = Hashing.from_json(meta["configs"][kind])
         models[kind] = ModelArtifacts(configs[kind], params, parts[kind]["tables"], hashing)
-    return world_lib.WorldConfig.from_json(meta["world"]), models
+    try:
+        world_config = world_lib.WorldConfig.from_json(meta["world"])
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: its world config: {error}") from None
+    return world_config, models
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1637,6 +1647,7 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
     started = time.perf_counter()
 
     try:
+        check_memory(world_config.memory_bytes(), f"a world of {world_config.num_users:,} users")
         world = world_lib.build_world(world_config)
     except ValueError as error:
         sizes = [f" --{k} {v}" for k, v in (("users", args.users), ("posts", args.posts)) if v]
@@ -1740,16 +1751,15 @@ def load_demo(
     """(world, models, a line saying what was loaded) for the demo scripts: the checkpoint's
     models and the world they were trained on, rebuilt from its config (a `user_id` the world
     does not have is refused before it is built)."""
-    path = Path(path)
-    if not path.is_file():
-        problem = "a folder, not a file" if path.is_dir() else "no such file"
-        raise FileNotFoundError(
-            f"{path}: {problem}; make one with `{DEMO_COMMAND}` (it writes "
-            "runs/default/demo_checkpoint.npz) or pass --random-weights"
-        )
+    path = require_file(
+        path,
+        f"; make one with `{DEMO_COMMAND}` (it writes runs/default/demo_checkpoint.npz) or "
+        "pass --random-weights",
+    )
     world_config, models = load_demo_checkpoint(path)
     if user_id is not None:
         check_user(user_id, world_config.num_users)
+    check_memory(world_config.memory_bytes(), f"{path}: rebuilding its world")
     world = _demo_world(world_config)
     shipped = path.resolve() == DEMO_CHECKPOINT.resolve()
     made = f"{path.name} (made by `{DEMO_COMMAND}`)" if shipped else str(path)

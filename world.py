@@ -118,6 +118,15 @@ def default_action_models() -> dict[str, ActionModel]:
     }
 
 
+# The fields of WorldConfig that count something: whole numbers, at least 1.
+COUNT_FIELDS = (
+    "num_topics", "num_authors", "num_posts", "num_users", "history_len", "num_candidates",
+    "min_liked_topics", "max_liked_topics", "favourite_authors_per_user",
+    "min_requests_per_user", "max_requests_per_user", "eval_requests_per_user",
+    "serving_pool_size",
+)  # fmt: skip
+
+
 @dataclasses.dataclass(frozen=True)
 class WorldConfig:
     """Every size and constant of the world. Times in seconds unless a name says otherwise."""
@@ -180,6 +189,10 @@ class WorldConfig:
     dwell_time_threshold_seconds: float = 20.0
 
     def __post_init__(self) -> None:
+        for name in COUNT_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
         expected = set(ACTIONS) - {DWELL_SCORE_ACTION, DWELL_TIME_ACTION}
         if set(self.actions) != expected:
             raise ValueError(
@@ -196,6 +209,13 @@ class WorldConfig:
             raise ValueError("serving_pool_size must be >= num_candidates")
         if not 0.0 < self.dwell_spread < 1.0:
             raise ValueError(f"dwell_spread must be in (0, 1), got {self.dwell_spread}")
+
+    def memory_bytes(self) -> float:
+        """A lower bound on the built world's memory: each request's impressions (their true
+        probabilities in float64 and sampled labels) and its history's actions."""
+        requests = self.num_users * max(self.min_requests_per_user, self.mean_requests_per_user)
+        per_request = len(ACTIONS) * (9 * self.num_candidates + self.history_len)
+        return requests * per_request
 
     def to_json(self) -> dict:
         """Every field as JSON values (the action models as dicts)."""
