@@ -92,6 +92,8 @@ def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
 
 positive_int = _int_at_least(1)  # argparse type: an integer >= 1
 non_negative_int = _int_at_least(0)  # argparse type: an integer >= 0
+# The demos' timed runs: enough for a median, not a run that never ends.
+MAX_REPEATS = 10_000
 # argparse type of seeds: small enough for NumPy and JAX's 32-bit keys, offsets included.
 seed_int = _int_at_least(0, 2**30)
 
@@ -141,7 +143,10 @@ def add_demo_flags(
     )
     where("dtype").add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="(float32)")
     where("repeats").add_argument(
-        "--repeats", type=positive_int, default=10, help="timed runs (10)"
+        "--repeats",
+        type=_int_at_least(1, MAX_REPEATS),
+        default=10,
+        help=f"timed runs (10; at most {MAX_REPEATS:,})",
     )
     return group
 

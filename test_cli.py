@@ -80,6 +80,7 @@ RANDOM = "--random-weights"
         (run_retrieval.main, [RANDOM, "--top-k", "2000"], r"--top-k \(2000\) must not exceed"),
         (run_ranker.main, ["--dtype", "float16"], "argument --dtype: invalid choice"),
         (run_ranker.main, ["--batch-size", "0"], "expected an integer >= 1, got 0"),
+        (run_ranker.main, [RANDOM, "--repeats", "1000000000"], "expected an integer <= 10000"),
         (run_ranker.main, ["--checkpoint", "missing.npz"], "missing.npz: no such file; make one"),
         (run_retrieval.main, ["--checkpoint", "."], r"\.: a folder, not a file; make one"),
         (run_retrieval.main, ["--user", "0"], "argument --user: expected an integer >= 1"),
