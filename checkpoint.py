@@ -318,20 +318,18 @@ def check_params(
     for path in got:
         if path not in want_all:
             raise ValueError(f"params do not fit the model: {path} is not a parameter of it{hint}")
-    finite = _all_finite([v for v in got.values() if isinstance(v, jax.Array)])
+    # Device arrays are checked by one compiled call per set of devices they are on; host
+    # arrays (read from files) where they are, without compiling a check for every shape.
+    on_device = [p for p, v in got.items() if isinstance(v, jax.Array)]
+    finite = {}
+    for devices in {frozenset(got[p].devices()) for p in on_device}:
+        paths = [p for p in on_device if frozenset(got[p].devices()) == devices]
+        flags = np.asarray(_finite_flags([got[p] for p in paths])).tolist()
+        finite.update(zip(paths, flags, strict=True))
     for path, value in got.items():
-        # Device arrays are checked by one compiled call; host arrays (read from files) where
-        # they are, without compiling a check for every shape.
-        ok = next(finite) if isinstance(value, jax.Array) else np.isfinite(np.asarray(value)).all()
+        ok = finite[path] if path in finite else np.isfinite(np.asarray(value)).all()
         if not ok:
             raise ValueError(f"params hold NaN or infinite values in {path}")
-
-
-def _all_finite(values: list[jax.Array]) -> Iterator[bool]:
-    """Whether each array is free of NaN and infinity, in one call."""
-    if not values:
-        return iter(())
-    return iter(np.asarray(_finite_flags(values)).tolist())
 
 
 @jax.jit

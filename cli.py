@@ -67,10 +67,13 @@ def file_in_a_folder(path: os.PathLike) -> str | None:
                 return None
             if not os.access(parent, os.W_OK | os.X_OK):
                 return f"cannot write in {parent} (no permission, or read-only)"
-            try:  # what the permissions do not tell (a read-only or virtual file system)
-                os.rmdir(tempfile.mkdtemp(prefix=".probe.", dir=parent))
+            try:  # what the permissions do not tell (a virtual or network file system, say)
+                probe = tempfile.mkdtemp(prefix=".probe.", dir=parent)
             except OSError as error:
-                return f"cannot write in {parent} ({error.strerror or error})"
+                reason = error.strerror or error
+                return f"cannot write in {parent} (making a folder there failed: {reason})"
+            with contextlib.suppress(OSError):
+                os.rmdir(probe)
             return None
     return None
 
@@ -146,7 +149,7 @@ def add_demo_flags(
         "--repeats",
         type=_int_at_least(1, MAX_REPEATS),
         default=10,
-        help=f"timed runs (10; at most {MAX_REPEATS:,})",
+        help=f"timed runs (10; at most {MAX_REPEATS})",
     )
     return group
 

@@ -275,3 +275,14 @@ def test_help_groups_the_flags_the_trained_demo_refuses(main, flags, capsys):
         value = "float32" if flag == "--dtype" else "3"
         status, _, err = run_script(main, [flag, value], capsys)
         assert status == 2 and f"{flag}: only with --random-weights" in err, err
+
+
+def test_the_writing_probe_leaves_the_folder_as_it_was(tmp_path):
+    (tmp_path / "kept").write_text("")
+    assert cli.file_in_a_folder(tmp_path / "new" / "deeper") is None
+    assert cli.file_in_a_folder(tmp_path / "kept.json") is None
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"]
+    assert (
+        cli.file_in_a_folder(tmp_path / "kept" / "x")
+        == f"{tmp_path / 'kept'} is a file, not a folder"
+    )

@@ -258,17 +258,17 @@ def test_a_feed_that_could_not_be_written_is_refused_before_serving(tmp_path, ca
 def test_a_folder_on_a_file_system_that_takes_no_writes_is_refused_before_the_work(
     tmp_path, capsys, monkeypatch
 ):
-    """Permissions pass (as for root), the file system refuses: found by trying, up front."""
+    """Permissions pass, the file system refuses (a virtual one, say): found by trying."""
 
-    def read_only(**kwargs):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+    def refuse(**kwargs):
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
 
-    monkeypatch.setattr(cli.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(cli.tempfile, "mkdtemp", refuse)
     monkeypatch.setattr(run_pipeline, "write_example", lambda *a, **k: pytest.fail("it worked"))
     status, _, err = run(["--write-example", str(tmp_path / "example")], capsys)
     assert status == 2 and err.endswith(
         f"--write-example {tmp_path / 'example'}: cannot write in {tmp_path} "
-        "(Read-only file system)\n"
+        "(making a folder there failed: Operation not permitted)\n"
     ), err
 
 

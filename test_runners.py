@@ -560,7 +560,7 @@ def test_demo_inputs_are_refused_when_the_inputs_and_the_work_together_do_not_fi
 # starts). The subprocess imports this file and runs `multi_device_checks`.
 # ---------------------------------------------------------------------------------------------
 
-MULTI_DEVICE_PARTS = ("sharded_corpus", "sharded_batch")
+MULTI_DEVICE_PARTS = ("sharded_corpus", "sharded_batch", "params_on_several_devices")
 NUM_DEVICES = 4
 
 
@@ -611,6 +611,23 @@ def check_sharded_batch(mesh) -> None:
         for name in ("scores", "ranked_indices"):
             sharding = getattr(many, name).sharding
             assert sharding.is_equivalent_to(by_user, getattr(many, name).ndim), (name, sharding)
+
+
+def check_params_on_several_devices(mesh) -> None:
+    """A parameter tree whose arrays sit on different devices is checked (and refused for a
+    NaN) like one on a single device."""
+    ranker = make_ranker(SCALE_SETUP)
+    devices = mesh.devices.ravel()
+    leaves, tree = jax.tree.flatten(ranker.params)
+    spread = [jax.device_put(x, devices[i % len(devices)]) for i, x in enumerate(leaves)]
+    ranker.params = jax.tree.unflatten(tree, spread)
+    spread[1] = spread[1].at[(0,) * spread[1].ndim].set(jnp.nan)
+    try:
+        ranker.params = jax.tree.unflatten(tree, spread)
+    except ValueError as error:
+        assert "params hold NaN or infinite values in" in str(error), error
+    else:
+        raise AssertionError("a NaN on the second device was not found")
 
 
 def multi_device_checks() -> int:

@@ -526,7 +526,6 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
         ["--quick", "--decay-steps", "5", "--out", str(small)]
     )
     assert not small.exists()
-    assert not small.exists()
 
     poisoned = dataclasses.replace(world)
     poisoned.ranking_train = dataclasses.replace(
@@ -558,22 +557,25 @@ def test_load_demo_refuses_an_unknown_user_before_building_the_world(monkeypatch
 
 
 @pytest.mark.parametrize(
-    "users, message",
+    "field, value, message",
     [
-        (-3, r"demo\.npz: its world config: num_users must be a whole number >= 1, got -3$"),
-        (10**9, r"demo\.npz: rebuilding its world would need about \d+\.\d GiB of memory"),
+        ("num_users", -3, r"its world config: num_users must be a whole number >= 1, got -3$"),
+        ("actions", [1], r"its world config: actions must be an object by action name, got"),
+        ("num_users", 10**9, r"rebuilding its world would need about \d+\.\d GiB of memory"),
     ],
 )
-def test_load_demo_refuses_a_world_config_it_cannot_build(tmp_path, monkeypatch, users, message):
+def test_load_demo_refuses_a_world_config_it_cannot_build(
+    tmp_path, monkeypatch, field, value, message
+):
     def build_world(config):
         raise AssertionError("the world was built")
 
     arrays = read_npz(T.DEMO_CHECKPOINT)
     meta = json.loads(str(arrays["meta"]))
-    meta["world"]["num_users"] = users
+    meta["world"][field] = value
     write_npz({**arrays, "meta": np.array(json.dumps(meta))}, tmp_path / "demo.npz")
     monkeypatch.setattr(T.world_lib, "build_world", build_world)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=r"demo\.npz: " + message):
         T.load_demo(tmp_path / "demo.npz")
 
 

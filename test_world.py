@@ -307,25 +307,49 @@ def test_config_round_trips_through_json():
 
 
 @pytest.mark.parametrize(
-    "field, value",
-    [("num_users", -3), ("num_posts", 0), ("history_len", 2.5), ("num_topics", True)],
+    "field, value, least",
+    [
+        ("num_users", -3, 1),
+        ("num_posts", 0, 1),
+        ("history_len", 2.5, 1),
+        ("num_topics", True, 1),
+        ("favourite_authors_per_user", -1, 0),
+    ],
 )
-def test_a_count_that_is_not_a_whole_number_of_at_least_1_is_refused(field, value):
-    with pytest.raises(ValueError, match=rf"^{field} must be a whole number >= 1, got {value!r}$"):
+def test_a_count_below_its_minimum_or_not_a_whole_number_is_refused(field, value, least):
+    with pytest.raises(ValueError, match=rf"^{field} must be a whole number >= {least}, got "):
         dataclasses.replace(W.WorldConfig.tiny(), **{field: value})
 
 
-def test_memory_bytes_is_a_lower_bound_on_the_built_world():
-    config = W.WorldConfig.tiny()
-    world = W.build_world(config)
-    eval_ = world.ranking_eval
-    train = world.ranking_train
-    built = sum(
-        part.probabilities.nbytes + part.labels.nbytes + part.history.actions.nbytes
-        for part in (train, eval_)
-    )
-    # The estimate counts requests at their mean per user: within a factor of two of them.
-    assert built / 2 < config.memory_bytes() <= 2 * built
+def test_users_without_favourite_authors_make_a_world():
+    world = W.build_world(dataclasses.replace(W.WorldConfig.tiny(), favourite_authors_per_user=0))
+    assert len(world.ranking_train) > 0
+
+
+def _array_bytes(value, seen) -> int:
+    """Bytes of every NumPy array reachable from `value`, each counted once."""
+    if id(value) in seen:
+        return 0
+    seen.add(id(value))
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if dataclasses.is_dataclass(value):
+        value = vars(value)
+    if isinstance(value, dict):
+        return sum(_array_bytes(v, seen) for v in value.values())
+    if isinstance(value, list | tuple):
+        return sum(_array_bytes(v, seen) for v in value)
+    return 0
+
+
+@pytest.mark.parametrize(
+    "changes", [{}, {"mean_requests_per_user": 200.0, "max_requests_per_user": 10}]
+)
+def test_memory_bytes_is_a_lower_bound_on_the_built_world(changes):
+    config = dataclasses.replace(W.WorldConfig.tiny(), **changes)
+    built = _array_bytes(W.build_world(config), set())
+    # Below what the world holds, and not far below: it refuses only what cannot fit.
+    assert built / 4 < config.memory_bytes() <= built
 
 
 def test_taste_history_and_recent_posts_in_words(world):

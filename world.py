@@ -118,13 +118,14 @@ def default_action_models() -> dict[str, ActionModel]:
     }
 
 
-# The fields of WorldConfig that count something: whole numbers, at least 1.
-COUNT_FIELDS = (
-    "num_topics", "num_authors", "num_posts", "num_users", "history_len", "num_candidates",
-    "min_liked_topics", "max_liked_topics", "favourite_authors_per_user",
-    "min_requests_per_user", "max_requests_per_user", "eval_requests_per_user",
-    "serving_pool_size",
-)  # fmt: skip
+# The fields of WorldConfig that count something, each a whole number of at least its minimum
+# (users without favourite authors, or a world with nothing held out, are worlds too).
+COUNT_FIELDS = {
+    "num_topics": 1, "num_authors": 1, "num_posts": 1, "num_users": 1, "history_len": 1,
+    "num_candidates": 1, "min_liked_topics": 1, "max_liked_topics": 1,
+    "favourite_authors_per_user": 0, "min_requests_per_user": 1, "max_requests_per_user": 1,
+    "eval_requests_per_user": 0, "serving_pool_size": 1,
+}  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,10 +190,10 @@ class WorldConfig:
     dwell_time_threshold_seconds: float = 20.0
 
     def __post_init__(self) -> None:
-        for name in COUNT_FIELDS:
+        for name, least in COUNT_FIELDS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
-                raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+                raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
         expected = set(ACTIONS) - {DWELL_SCORE_ACTION, DWELL_TIME_ACTION}
         if set(self.actions) != expected:
             raise ValueError(
@@ -212,10 +213,12 @@ class WorldConfig:
 
     def memory_bytes(self) -> float:
         """A lower bound on the built world's memory: each request's impressions (their true
-        probabilities in float64 and sampled labels) and its history's actions."""
-        requests = self.num_users * max(self.min_requests_per_user, self.mean_requests_per_user)
-        per_request = len(ACTIONS) * (9 * self.num_candidates + self.history_len)
-        return requests * per_request
+        probabilities in float32 and sampled labels in bytes) and its history's actions, at
+        the mean number of requests per user."""
+        mean = min(max(self.mean_requests_per_user, self.min_requests_per_user),
+                   self.max_requests_per_user)  # fmt: skip
+        per_request = len(ACTIONS) * (5 * self.num_candidates + self.history_len)
+        return self.num_users * mean * per_request
 
     def to_json(self) -> dict:
         """Every field as JSON values (the action models as dicts)."""
@@ -229,6 +232,8 @@ class WorldConfig:
         if unknown:
             raise ValueError(f"world config: unknown keys {unknown}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        if "actions" in values and not isinstance(values["actions"], dict):
+            raise ValueError(f"actions must be an object by action name, got {values['actions']!r}")
         if "actions" in values:
             values["actions"] = {k: ActionModel(**v) for k, v in values["actions"].items()}
         return cls(**values)
