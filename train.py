@@ -938,7 +938,9 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
         value = getattr(train, name)
         if not (isinstance(value, int) and value >= 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (isinstance(train.warmup_steps, int) and 0 <= train.warmup_steps < train.decay_steps):
+    if not (isinstance(train.warmup_steps, int) and train.warmup_steps >= 0):
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {train.warmup_steps!r}")
+    if train.warmup_steps >= train.decay_steps:
         raise ValueError(
             f"decay_steps ({train.decay_steps}) must exceed warmup_steps ({train.warmup_steps}): "
             "the schedule warms up, then decays"

@@ -215,10 +215,11 @@ class WorldConfig:
         """A lower bound on the built world's memory: each request's impressions (their true
         probabilities in float32 and sampled labels in bytes) and its history's actions, at
         the mean number of requests per user."""
-        mean = min(max(self.mean_requests_per_user, self.min_requests_per_user),
-                   self.max_requests_per_user)  # fmt: skip
+        mean = np.clip(
+            self.mean_requests_per_user, self.min_requests_per_user, self.max_requests_per_user
+        )
         per_request = len(ACTIONS) * (5 * self.num_candidates + self.history_len)
-        return self.num_users * mean * per_request
+        return float(self.num_users * mean * per_request)
 
     def to_json(self) -> dict:
         """Every field as JSON values (the action models as dicts)."""
@@ -232,10 +233,11 @@ class WorldConfig:
         if unknown:
             raise ValueError(f"world config: unknown keys {unknown}")
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        if "actions" in values and not isinstance(values["actions"], dict):
-            raise ValueError(f"actions must be an object by action name, got {values['actions']!r}")
         if "actions" in values:
-            values["actions"] = {k: ActionModel(**v) for k, v in values["actions"].items()}
+            actions = values["actions"]
+            if not isinstance(actions, dict):
+                raise ValueError(f"actions must be an object by action name, got {actions!r}")
+            values["actions"] = {k: ActionModel(**v) for k, v in actions.items()}
         return cls(**values)
 
     @classmethod
