@@ -1,7 +1,7 @@
 """Benchmark: ranking thousands of candidates and retrieving from millions of posts.
 
-    uv run benchmark.py                  # full run, about 2 minutes on two cores
-    uv run benchmark.py --quick          # smoke run, about 20 seconds
+    uv run benchmark.py                  # full run, about 3½ minutes on two cores
+    uv run benchmark.py --quick          # smoke run, about 1½ minutes
     uv run benchmark.py --only ranking   # one section: ranking, retrieval or training
 
 Every time is a median over repeated calls (compilation and a warm-up call excluded); the
