@@ -46,6 +46,13 @@ def _examples(labels, values, name: str) -> tuple[np.ndarray, np.ndarray]:
     for arg, array in (("labels", labels), (name, values)):
         if array.dtype != bool and array.dtype.kind not in "iuf":
             raise ValueError(f"{arg} must be bool or real numbers, got dtype {array.dtype}")
+    if values.dtype.kind in "iu" and values.size:
+        low, high = values.min(), values.max()
+        if high > 2**53 or low < -(2**53):  # float64 would merge neighbouring values
+            raise ValueError(
+                f"{name} holds integers beyond ±2**53 (range [{low}, {high}]), which float64 "
+                "cannot tell apart; pass them as ranks or floats"
+            )
     y, v = labels.astype(np.float64).ravel(), values.astype(np.float64).ravel()
     bad = y[(y != 0) & (y != 1)]
     if bad.size:

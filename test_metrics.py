@@ -236,6 +236,7 @@ RANKING_CASES = [
     (auroc, (["a", "b"], [0.5, 0.5]), "labels must be bool or real"),
     (auroc, ([1, 0], [0.5, np.nan]), "scores must be finite"),
     (average_precision, ([1, 0], [np.inf, 0.0]), "scores must be finite"),
+    (auroc, ([0, 1], np.array([2**60, 2**60 + 1])), r"scores holds integers beyond ±2\*\*53"),
     (cross_entropy, ([1, 0], [0.5, 1.5]), r"probabilities must lie in \[0, 1\]"),
     (cross_entropy, ([1, 0], [-0.1, 0.5]), r"probabilities must lie in \[0, 1\]"),
     (rce, ([1, 0], [0.5, np.nan]), "probabilities must be finite"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import warnings
 import zipfile
 
@@ -24,7 +25,7 @@ from conftest import finish, run_script, start_with_devices, train_briefly
 from pipeline import Pipeline
 from recsys_model import ACTIONS
 from tables import TABLE_NAMES
-from world import WorldConfig
+from world import WorldConfig, build_world
 
 QUICK = T.TrainConfig.quick()
 FAVORITE = ACTIONS.index("favorite_score")
@@ -128,6 +129,32 @@ def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run
     bad = dataclasses.replace(bad, train=dataclasses.replace(bad.train, eval_every=4))
     with pytest.raises(ValueError, match="stopping, the state saved at step 8 is kept"):
         T.fit(bad, tmp_path / "saved", False, T.data_mesh(), quiet=True)
+    # Resumed from a state of 4 skips in a row, the run stops at the same step: the count goes
+    # on with the state, so optax never gets to apply a non-finite update.
+    four = dataclasses.replace(bad, train=dataclasses.replace(bad.train, steps=4))
+    T.fit(four, tmp_path / "resumed", False, T.data_mesh(), quiet=True)
+    message = r"\(the last at step 10\); stopping, the state saved at step 8 is kept"
+    with pytest.raises(ValueError, match=message):
+        T.fit(bad, tmp_path / "resumed", True, T.data_mesh(), quiet=True)
+
+
+def test_batches_that_do_not_split_over_the_devices_are_refused(world, tmp_path):
+    four = types.SimpleNamespace(size=4)  # a mesh of four devices: only its size is read
+    job = T.make_job("ranker", world, dataclasses.replace(QUICK, batch_size=30))
+    with pytest.raises(ValueError, match=r"batch_size \(30\) does not split over the 4 devices"):
+        T.fit(job, tmp_path, False, four, quiet=True)
+    job = T.make_job("retrieval", world, dataclasses.replace(QUICK, negatives=62))
+    message = r"negatives \(62\) does not split over the 4 devices; use a multiple of 4"
+    with pytest.raises(ValueError, match=message):
+        T.fit(job, tmp_path, False, four, quiet=True)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_world_without_held_out_requests_cannot_train():
+    bare = build_world(dataclasses.replace(WorldConfig.tiny(), eval_requests_per_user=0))
+    message = r"the world holds no held-out ranker examples \(eval_requests_per_user 0\)"
+    with pytest.raises(ValueError, match=message):
+        T.make_job("ranker", bare, QUICK)
 
 
 def test_retrieval_loss_equals_a_numpy_sampled_softmax(world):
@@ -513,9 +540,9 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     assert "notes.txt is a file, not a folder" in refused([*RANKER_ONLY, "--out", notes + "/run"])
     # Both models are checked against the world before the first one trains.
     small = tmp_path / "small"
-    assert "the world has 90 posts; retrieval is measured by recall@100" in refused(
-        ["--quick", "--posts", "90", "--out", str(small)]
-    )
+    assert "the world has 104 posts; retrieval is measured by recall@100 among the posts " + (
+        "outside a query's history of 8, and needs at least 108"
+    ) in refused(["--quick", "--posts", "104", "--out", str(small)])
     assert not small.exists()
     assert "cannot build the world --posts 20: a request would have fewer than 12 posts" in (
         refused(["--quick", "--posts", "20", "--out", str(small)])

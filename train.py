@@ -906,6 +906,11 @@ def make_job(
         loss = make_retrieval_loss(config)
     check_data(train_data, f"{kind} training")
     check_data(eval_data, f"{kind} held-out")
+    if not len(eval_data["user_hashes"]):
+        raise ValueError(
+            f"the world holds no held-out {kind} examples (eval_requests_per_user "
+            f"{world.config.eval_requests_per_user}); training evaluates on them"
+        )
     if to_train:
         if train.batch_size > len(train_data["user_hashes"]):
             raise ValueError(
@@ -950,10 +955,12 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
             f"table_optimizer must be one of {tuple(TABLE_OPTIMIZERS)}, got "
             f"{train.table_optimizer!r}"
         )
-    if kind == "retrieval" and world.num_posts < RETRIEVAL_K:
+    needed = RETRIEVAL_K + world.config.history_len  # a query's history is never retrieved
+    if kind == "retrieval" and world.num_posts < needed:
         raise ValueError(
-            f"the world has {world.num_posts} posts; retrieval is measured by recall@100 and "
-            f"needs at least {RETRIEVAL_K}"
+            f"the world has {world.num_posts} posts; retrieval is measured by recall@100 among "
+            f"the posts outside a query's history of {world.config.history_len}, and needs at "
+            f"least {needed}"
         )
     if kind == "retrieval" and not 0 <= train.negatives <= world.num_posts:
         raise ValueError(
@@ -973,11 +980,12 @@ def fit(
     state and log, already read by `load_progress`); prints progress; saves the state at every
     evaluation and at the end. Returns (state, log)."""
     train = job.train
-    if train.batch_size % mesh.size:
-        raise ValueError(
-            f"batch_size ({train.batch_size}) does not split over the {mesh.size} devices; "
-            f"use a multiple of {mesh.size}"
-        )
+    for name in ("batch_size", "negatives") if job.kind == "retrieval" else ("batch_size",):
+        if getattr(train, name) % mesh.size:
+            raise ValueError(
+                f"{name} ({getattr(train, name)}) does not split over the {mesh.size} devices; "
+                f"use a multiple of {mesh.size}"
+            )
     if start is not None:
         state, log = start
     else:
@@ -986,7 +994,9 @@ def fit(
             state, log = load_progress(state_dir, job, state)
     state = place(state, mesh, split=False)
     step_fn = make_step(job.loss, train)
-    first, times, in_a_row = int(state.step), [], 0
+    # Skips in a row so far: a resumed run continues the count its state holds, so that it stops
+    # before optax would apply an update, however the run was split.
+    first, times, in_a_row = int(state.step), [], int(state.opt_state.notfinite_count)
     saved_at = first if resume else None  # the step of the state on disk
     skipped_before = log[-1]["skipped"] if log else 0.0
     say = (lambda *a: None) if quiet else print
