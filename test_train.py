@@ -23,7 +23,7 @@ import train as T
 from checkpoint import load_artifacts, read_npz, write_npz
 from conftest import finish, run_script, start_with_devices, train_briefly
 from pipeline import Pipeline
-from recsys_model import ACTIONS
+from recsys_model import ACTIONS, NormConfig, normalize_continuous_value
 from tables import TABLE_NAMES
 from world import WorldConfig, build_world
 
@@ -192,6 +192,14 @@ def test_retrieval_loss_equals_a_numpy_sampled_softmax(world):
         keep = (ids != target) | (np.arange(len(ids)) == i)
         expected.append(np.log(np.exp(row[keep]).sum()) - row[i])
     np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_log", [False, True])
+def test_predicted_dwell_seconds_invert_the_normalisation(use_log):
+    norm = NormConfig(60.0, use_log)
+    seconds = np.array([0.0, 0.5, 4.5, 20.0, 60.0], np.float32)
+    back = T.continuous_seconds(normalize_continuous_value(seconds, norm), norm)
+    np.testing.assert_allclose(back, seconds, rtol=1e-5, atol=1e-5)
 
 
 def test_reports_equal_hand_computed_values():
@@ -383,6 +391,17 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
             assert not np.delete(table, used, axis=0).any()
     with zipfile.ZipFile(tmp_path / "demo_checkpoint.npz") as archive:
         assert {i.compress_type for i in archive.infolist()} == {zipfile.ZIP_DEFLATED}
+    # A parameter beyond float16's range is kept as it is, not stored as infinity.
+    params = hk.data_structures.to_mutable_dict(models["ranker"].params)
+    params["phoenix_model"]["unembeddings"] = params["phoenix_model"]["unembeddings"] + 1e5
+    big = {**models, "ranker": dataclasses.replace(models["ranker"], params=params)}
+    T.save_demo_checkpoint(tmp_path / "big.npz", world_config, big)
+    _, again = T.load_demo_checkpoint(tmp_path / "big.npz")
+    (tmp_path / "big.npz").unlink()  # not a run's output: the run below would refuse the folder
+    np.testing.assert_array_equal(
+        again["ranker"].params["phoenix_model"]["unembeddings"],
+        params["phoenix_model"]["unembeddings"],
+    )
 
     # A later run that does not rewrite them says which outputs are older than its models.
     argv = [*RANKER_ONLY, "--out", str(tmp_path), "--resume", "--steps", "31"]

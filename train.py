@@ -724,15 +724,24 @@ def ranking_predictions(params, config: PhoenixModelConfig, arrays: dict) -> tup
 @_per_config
 def _predictor(config: PhoenixModelConfig) -> Callable:
     forward = hk.transform(lambda batch, emb: config.make()(batch, emb))
-    scale = config.continuous_action_config.norm_config.norm_scale
+    norm = config.continuous_action_config.norm_config
 
     @jax.jit
     def predict(params, arrays):
         batch = ranking_batch(arrays)
         out = forward.apply(params["model"], None, batch, lookup(params["tables"], batch))
-        return jax.nn.sigmoid(out.logits), out.continuous_preds[..., DWELL_COLUMN] * scale
+        dwell = continuous_seconds(out.continuous_preds[..., DWELL_COLUMN], norm)
+        return jax.nn.sigmoid(out.logits), dwell
 
     return predict
+
+
+def continuous_seconds(normalised: jax.Array, norm: NormConfig) -> jax.Array:
+    """The value `normalize_continuous_value` maps to `normalised` (in [0, 1]): its inverse on
+    [0, norm_scale]."""
+    if norm.use_log:
+        return jnp.expm1(normalised * jnp.log1p(jnp.float32(norm.norm_scale)))
+    return normalised * norm.norm_scale
 
 
 def _number(x: float) -> float | None:
@@ -1458,23 +1467,32 @@ def _replace_folder(fresh: Path, directory: Path) -> None:
 def save_demo_checkpoint(
     path: Path, world_config: world_lib.WorldConfig, models: dict[str, ModelArtifacts]
 ) -> None:
-    """Both models in float16 (a few MB) with their configs, hash functions and the world they
-    were trained on: what `run_ranker.py` and `run_retrieval.py` load. Table rows that no id of
-    the world hashes to, which no lookup in that world reaches (row 0, padding, is read and
-    masked), are stored as zeros, and the file compressed."""
+    """Both models in float16 (a few MB; an array with a value beyond float16's range in
+    float32) with their configs, hash functions and the world they were trained on: what
+    `run_ranker.py` and `run_retrieval.py` load. Table rows that no id of the world hashes to,
+    which no lookup in that world reaches (row 0, padding, is read and masked), are stored as
+    zeros, and the file compressed."""
     counts = id_counts(world_config)
     arrays, configs = {}, {}
     for kind, model in models.items():
         for key, value in flatten_params(model.params).items():
-            arrays[f"{kind}/params/{key}"] = np.asarray(value, np.float16)
+            arrays[f"{kind}/params/{key}"] = _half(value)
         for entity, name in TABLE_NAMES.items():
-            table = np.asarray(model.tables[name], np.float16)
+            table = _half(model.tables[name])
             used = np.zeros(len(table), bool)
             used[getattr(model.hashing, entity).rows_of_ids(counts[entity])] = True
             arrays[f"{kind}/tables/{name}"] = np.where(used[:, None], table, np.float16(0))
         configs[kind] = config_to_json(model.config, model.hashing)
     meta = {"world": world_config.to_json(), "configs": configs, "command": DEMO_COMMAND}
     write_npz({**arrays, "meta": np.array(json.dumps(meta))}, path, compressed=True)
+
+
+def _half(value) -> np.ndarray:
+    """float16, or float32 as it is where a value lies beyond float16's range (65,504), which
+    float16 would store as infinity."""
+    value = np.asarray(value, np.float32)
+    fits = np.abs(value).max(initial=0.0) <= np.finfo(np.float16).max
+    return value.astype(np.float16) if fits else value
 
 
 def load_demo_checkpoint(
