@@ -270,13 +270,48 @@ def _instruction_set_key() -> str:
 
 
 _PYTHON_FORMAT_WARNING = warnings.formatwarning
+_PROJECT = Path(__file__).resolve().parent
 
 
-def _format_warning(prog: str, message, category, *where) -> str:
-    """Our warnings (UserWarning) as one line naming the script; others as Python has them."""
-    if category is not UserWarning:
-        return _PYTHON_FORMAT_WARNING(message, category, *where)
+def _format_warning(prog: str, message, category, filename, *where) -> str:
+    """Warnings raised by our code (UserWarning, or any warning at a line of the project's own
+    modules) as one line naming the script; others, from libraries, as Python has them."""
+    ours = category is UserWarning or Path(filename).resolve().parent == _PROJECT
+    if not ours:
+        return _PYTHON_FORMAT_WARNING(message, category, filename, *where)
     return f"{prog}: warning: {' '.join(str(message).split())}\n"
+
+
+class _OutputOrNothing:
+    """A script's stdout that, once its reader has gone (a pipe closed by `head` or by quitting
+    `less`), sends the rest to /dev/null: the work, and the files it writes, go on to the end
+    as if the output were read."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._reader_gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._reader_gone()
+
+    def _reader_gone(self) -> None:
+        # The stream's descriptor now points at /dev/null, so that its buffer (and the flush
+        # at exit) goes there instead of failing again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted") -> int:
@@ -285,9 +320,10 @@ def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted
     or write (OSError) and sizes that do not fit in memory end in one line on stderr and exit
     status 2, as argparse's errors do; warnings print as one line; Ctrl-C ends the process at
     once with status 130, saying `interrupted`. Output piped into a reader that stops early
-    (`| head`) ends quietly."""
+    (`| head`) is dropped from then on while the work goes on to its end."""
     keep_compiled_programs()
     warnings.formatwarning = functools.partial(_format_warning, prog)
+    stdout, sys.stdout = sys.stdout, _OutputOrNothing(sys.stdout)
     try:
         return main()
     except KeyboardInterrupt:
@@ -299,14 +335,13 @@ def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted
             with contextlib.suppress(OSError):  # a pipe's reader may have gone with the Ctrl-C
                 stream.flush()
         os._exit(130)
-    except BrokenPipeError:
-        # Python's advice: point stdout at devnull so that the exit flush does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
     except (ValueError, TypeError, OSError) as error:
         message = str(error)
     except MemoryError as error:
         message = f"not enough memory for the sizes asked for ({error})"
+    finally:
+        sys.stdout.flush()  # here, where a reader that has gone is handled, not at exit
+        sys.stdout = stdout
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
 

@@ -43,7 +43,12 @@ from checkpoint import (
     write_artifacts,
 )
 from grok import TransformerConfig
-from recsys_model import ACTIONS, HashConfig, PhoenixModelConfig
+from recsys_model import (
+    ACTIONS,
+    HashConfig,
+    PhoenixModelConfig,
+    denormalize_continuous_value,
+)
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from search import TwoPassIndex, read_rows
 from tables import TABLE_NAMES, Hashing, hash_batch, init_tables, lookup
@@ -89,7 +94,11 @@ class FeedItem:
     retrieval_score: float  # user vector . candidate vector
     score: float  # the weighted score the feed is ordered by
     probabilities: dict[str, float]  # every output, by `output_names`
-    continuous: dict[str, float] | None  # the second release's continuous head
+    # The second release's continuous head, each output in [0, 1] as the model gives it (an
+    # output the ranker was not trained on means nothing); `dwell_seconds`, its dwell_time
+    # output in seconds (the inverse of the ranker's normalisation of dwell times).
+    continuous: dict[str, float] | None
+    dwell_seconds: float | None
 
 
 @dataclasses.dataclass
@@ -280,7 +289,12 @@ class Pipeline:
         ranking = self.ranker.rank(batch, embeddings, candidate_slots=slots)
         probabilities = np.asarray(ranking.scores)[0]  # [K, A]
         continuous = ranking.continuous_preds
-        continuous = None if continuous is None else np.asarray(continuous)[0]
+        continuous = None if continuous is None else np.asarray(continuous)[0]  # [K, Nc]
+        dwell = None
+        if continuous is not None:
+            dwell_column = runners.CONTINUOUS_ACTIONS.index("dwell_time")
+            norm = ranker.config.continuous_action_config
+            dwell = np.asarray(denormalize_continuous_value(continuous[:, dwell_column], norm))
         seconds["rank"] = time.perf_counter() - start
 
         weighted = sum(w * probabilities[:, i] for i, w in self.weights.values())
@@ -305,6 +319,7 @@ class Pipeline:
                         name: float(v)
                         for name, v in zip(runners.CONTINUOUS_ACTIONS, continuous[c], strict=False)
                     },
+                    dwell_seconds=None if dwell is None else float(dwell[c]),
                 )
             )
         return Feed(

@@ -122,6 +122,20 @@ def normalize_continuous_value(
     return x / config.norm_scale
 
 
+def denormalize_continuous_value(
+    normalized: jax.typing.ArrayLike, config: NormConfig | ContinuousActionConfig | None = None
+) -> jax.Array:
+    """The inverse of `normalize_continuous_value` on [0, scale]: a value in [0, 1] (such as a
+    continuous head's output) back in the original unit, in float32."""
+    if isinstance(config, ContinuousActionConfig):
+        config = config.norm_config
+    config = NormConfig() if config is None else config
+    y = jnp.asarray(normalized, jnp.float32)
+    if config.use_log:
+        return jnp.expm1(y * jnp.log1p(jnp.float32(config.norm_scale)))
+    return y * config.norm_scale
+
+
 def compute_post_age_bucket(
     impr_ts_sec: jax.typing.ArrayLike,
     post_creation_ts_sec: jax.typing.ArrayLike,

@@ -143,8 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         note = " (the whole corpus)" if top_k < args.top_k_retrieval else ""
+    given = len(artifacts.sequence["history"])
+    history = count(feed.history_length, "history item") + (
+        f" (the first of the {given:,} given)" if given > feed.history_length else ""
+    )
     print(
-        f"User {feed.user_id}, {feed.history_length} history items: retrieved "
+        f"User {feed.user_id}, {history}: retrieved "
         f"{feed.retrieved:,}{note}, ranked them, showing {len(feed.items)} ({timings}; "
         "the first call compiles)."
     )

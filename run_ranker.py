@@ -99,7 +99,8 @@ def trained_demo(args) -> int:
 
     fewer = args.candidates is not None and args.candidates > len(pool)
     print(
-        f"\nRanking {len(posts)} posts of the last {world.config.serving_window_hours:.0f} hours "
+        f"\nRanking {count(len(posts), 'post')} of the last "
+        f"{world.config.serving_window_hours:.0f} hours "
         "they have not seen"
         + (f" (all there are, fewer than --candidates {args.candidates})" if fewer else "")
         + ", by the model's p(favorite) (* = a liked topic or favourite author):"

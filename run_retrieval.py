@@ -170,6 +170,8 @@ def random_weights_demo(args) -> int:
         print(f"  {'rank':>4}  {'post id':>8}  score")
         for rank in range(min(args.top_k, RESULTS_SHOWN)):
             print(f"  {rank + 1:>4}  {post_ids[indices[b, rank]]:>8}  {scores[b, rank]:+.4f}")
+        if args.top_k > RESULTS_SHOWN:
+            print(f"  ... {args.top_k - RESULTS_SHOWN} more")
         own = candidates[b] @ user[b]
         own_scores = " ".join(f"{x:+.3f}" for x in own[:RESULTS_SHOWN])
         print(f"  the user's own candidates, through the candidate tower, score: {own_scores}")

@@ -255,6 +255,35 @@ def test_an_interrupted_script_ends_at_once_with_status_130(before):
     assert status == 130 and report.endswith("\ndemo.py: interrupted\n"), report
 
 
+WORK_AFTER_THE_READER_HAS_GONE = """
+import sys, warnings
+from pathlib import Path
+import cli
+def main():
+    for i in range(100_000):
+        print("line", i)
+    warnings.warn_explicit("a warning of ours", RuntimeWarning, cli.__file__, 1)
+    warnings.warn_explicit("a library's warning", RuntimeWarning, warnings.__file__, 1)
+    Path(sys.argv[1]).write_text("finished")
+    return 0
+sys.exit(cli.run_main(main, "demo.py"))
+"""
+
+
+def test_output_whose_reader_has_gone_is_dropped_while_the_work_goes_on(tmp_path):
+    """As with `script | head`: the script still finishes its work and its files, and ends
+    with status 0 and nothing on stderr but its warnings: one line for a warning raised in the
+    project's modules, Python's lines for a library's."""
+    done = tmp_path / "done"
+    code = READER_GONE + WORK_AFTER_THE_READER_HAS_GONE
+    status, _, report = finish(start_with_devices(code, 1, str(done)))
+    assert status == 0 and done.read_text() == "finished", report
+    stderr = report.split("stderr:\n", 1)[1]
+    assert stderr.startswith("demo.py: warning: a warning of ours\n"), report
+    assert "warnings.py:1: RuntimeWarning: a library's warning\n" in stderr, report
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, report
+
+
 @pytest.mark.parametrize(
     "main, flags",
     [

@@ -18,7 +18,7 @@ from checkpoint import load_artifacts
 from conftest import Setup, run_script
 from pipeline import Pipeline, read_history, read_request_time, write_example
 from published_pipeline import PublishedPipeline
-from recsys_model import ACTIONS
+from recsys_model import ACTIONS, NormConfig
 
 SETUP = Setup(num_layers=2, hashes=(2, 2, 2))
 HISTORY, CANDIDATES = 6, 4
@@ -83,6 +83,8 @@ def test_our_folders_weight_the_actions_by_name(folder):
     for item in feed.items:
         assert set(item.probabilities) == set(ACTIONS)
         assert len(item.continuous) == artifacts.ranker.config.num_continuous_actions
+        norm = artifacts.ranker.config.continuous_action_config.norm_config or NormConfig()
+        assert item.dwell_seconds == pytest.approx(item.continuous["dwell_time"] * norm.norm_scale)
         weighted = sum(w * item.probabilities[ACTIONS[i]] for i, w in feed.weights.values())
         assert item.score == pytest.approx(weighted, abs=1e-6)
     assert [i.score for i in feed.items] == sorted((i.score for i in feed.items), reverse=True)

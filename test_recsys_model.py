@@ -539,6 +539,19 @@ def test_normalize_continuous_value_hand_values():
     np.testing.assert_allclose(recsys_model.normalize_continuous_value(30.0, action_config), 0.5)
 
 
+@pytest.mark.parametrize("use_log", [False, True])
+def test_denormalize_continuous_value_inverts_the_normalisation_within_the_scale(use_log):
+    norm = recsys_model.NormConfig(60.0, use_log)
+    seconds = np.array([0.0, 0.5, 4.5, 20.0, 60.0], np.float32)
+    normalized = recsys_model.normalize_continuous_value(seconds, norm)
+    back = recsys_model.denormalize_continuous_value(normalized, norm)
+    np.testing.assert_allclose(back, seconds, rtol=1e-5, atol=1e-5)
+    action_config = recsys_model.ContinuousActionConfig(norm_config=norm)
+    np.testing.assert_allclose(
+        recsys_model.denormalize_continuous_value(normalized, action_config), back
+    )
+
+
 def test_ip_embeddings_are_summed_and_added_to_the_user_token_unprojected():
     rng = np.random.default_rng(0)
     hashes = np.ones((2, 2), np.int32)

@@ -23,7 +23,7 @@ import train as T
 from checkpoint import load_artifacts, read_npz, write_npz
 from conftest import finish, run_script, start_with_devices, train_briefly
 from pipeline import Pipeline
-from recsys_model import ACTIONS, NormConfig, normalize_continuous_value
+from recsys_model import ACTIONS
 from tables import TABLE_NAMES
 from world import WorldConfig, build_world
 
@@ -192,14 +192,6 @@ def test_retrieval_loss_equals_a_numpy_sampled_softmax(world):
         keep = (ids != target) | (np.arange(len(ids)) == i)
         expected.append(np.log(np.exp(row[keep]).sum()) - row[i])
     np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
-
-
-@pytest.mark.parametrize("use_log", [False, True])
-def test_predicted_dwell_seconds_invert_the_normalisation(use_log):
-    norm = NormConfig(60.0, use_log)
-    seconds = np.array([0.0, 0.5, 4.5, 20.0, 60.0], np.float32)
-    back = T.continuous_seconds(normalize_continuous_value(seconds, norm), norm)
-    np.testing.assert_allclose(back, seconds, rtol=1e-5, atol=1e-5)
 
 
 def test_reports_equal_hand_computed_values():
