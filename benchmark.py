@@ -261,7 +261,7 @@ def bench_training(budget: float, rate: float) -> TrainingRow:
     state = [
         train.place(train.initial_state("ranker", job.config, job.hashing, job.train), mesh, False)
     ]
-    arrays = train.place(job.batch(0), mesh, True)
+    arrays = train.place_batch(job.batch(0), mesh)
     step = train.make_step(job.loss, job.train)
 
     def one_step():

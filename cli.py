@@ -276,42 +276,55 @@ _PROJECT = Path(__file__).resolve().parent
 def _format_warning(prog: str, message, category, filename, *where) -> str:
     """Warnings raised by our code (UserWarning, or any warning at a line of the project's own
     modules) as one line naming the script; others, from libraries, as Python has them."""
-    ours = category is UserWarning or Path(filename).resolve().parent == _PROJECT
+    path = Path(filename)
+    ours = category is UserWarning or (path.is_absolute() and path.parent == _PROJECT)
     if not ours:
         return _PYTHON_FORMAT_WARNING(message, category, filename, *where)
     return f"{prog}: warning: {' '.join(str(message).split())}\n"
 
 
 class _OutputOrNothing:
-    """A script's stdout that, once its reader has gone (a pipe closed by `head` or by quitting
-    `less`), sends the rest to /dev/null: the work, and the files it writes, go on to the end
-    as if the output were read."""
+    """A script's stdout or stderr that, once its reader has gone (a pipe closed by `head` or
+    by quitting `less`), sends the rest to /dev/null: the work, and the files it writes, go on
+    to the end as if the output were read. Output that cannot be written for another reason (a
+    full disk) raises its error once, the rest going to /dev/null too."""
 
     def __init__(self, stream):
         self._stream = stream
 
     def write(self, text: str) -> int:
-        try:
+        with self._guarded():
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._reader_gone()
-            return len(text)
+        return len(text)  # the reader has gone
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
 
     def flush(self) -> None:
-        try:
+        with self._guarded():
             self._stream.flush()
-        except BrokenPipeError:
-            self._reader_gone()
 
-    def _reader_gone(self) -> None:
-        # The stream's descriptor now points at /dev/null, so that its buffer (and the flush
-        # at exit) goes there instead of failing again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, self._stream.fileno())
-        os.close(devnull)
+    @contextlib.contextmanager
+    def _guarded(self):
+        try:
+            yield
+        except BrokenPipeError:
+            _to_devnull(self._stream.fileno())
+        except OSError:
+            _to_devnull(self._stream.fileno())  # so that the exit's flush does not fail again
+            raise
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def _to_devnull(fd: int) -> None:
+    """Points `fd` at /dev/null, so that what is still buffered for it (and the flush at exit)
+    goes there instead of failing again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted") -> int:
@@ -323,25 +336,42 @@ def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted
     (`| head`) is dropped from then on while the work goes on to its end."""
     keep_compiled_programs()
     warnings.formatwarning = functools.partial(_format_warning, prog)
-    stdout, sys.stdout = sys.stdout, _OutputOrNothing(sys.stdout)
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (None if s is None else _OutputOrNothing(s) for s in streams)
     try:
-        return main()
+        return _run(main, prog, interrupted)
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+def _run(main: Callable[[], int], prog: str, interrupted: str) -> int:
+    """`run_main` with its streams in place."""
+    try:
+        status = main()
+        for stream in (sys.stdout, sys.stderr):  # here, where errors are handled, not at exit
+            if stream is not None:
+                stream.flush()
+        return status
     except KeyboardInterrupt:
         print(f"\n{prog}: {interrupted}", file=sys.stderr)
         # Ends the process here: Python's own shutdown could crash (3 times in 7 interrupts of
         # train.py while it compiled) with XLA's compiler threads still at work. Every file is
         # written whole or not at all, so nothing is left half-written.
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError):  # a pipe's reader may have gone with the Ctrl-C
+            with contextlib.suppress(OSError, AttributeError):  # a reader may have gone too
                 stream.flush()
         os._exit(130)
+    except BrokenPipeError:
+        # A reader gone under a write the streams above do not see (to `sys.stdout.buffer`,
+        # say): the work that wrote it stops here, quietly, as Python advises.
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                _to_devnull(fd)
+        return 0
     except (ValueError, TypeError, OSError) as error:
         message = str(error)
     except MemoryError as error:
         message = f"not enough memory for the sizes asked for ({error})"
-    finally:
-        sys.stdout.flush()  # here, where a reader that has gone is handled, not at exit
-        sys.stdout = stdout
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
 

@@ -343,14 +343,14 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, s
 
 def train_briefly(folder, steps: int = 3) -> dict[str, np.ndarray]:
     """The parameters of both models, by model and path, after a few steps at the quick run's
-    settings on the tiny world, over every device of this process (`train.data_mesh`); in the
-    test process, with the steps other tests compiled."""
+    settings on the tiny world (but 62 global negatives for retrieval, which no even number of
+    devices splits: every device holds them all), over every device of this process
+    (`train.data_mesh`); in the test process, with the ranker's step other tests compiled."""
     world = world_lib.build_world(world_lib.WorldConfig.tiny())
     params = {}
     for kind in train.MODELS:
-        job = train.make_job(
-            kind, world, dataclasses.replace(train.TrainConfig.quick(), steps=steps)
-        )
+        settings = dataclasses.replace(train.TrainConfig.quick(), steps=steps, negatives=62)
+        job = train.make_job(kind, world, settings)
         state, _ = train.fit(job, Path(folder) / kind, False, train.data_mesh(), quiet=True)
         leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
         params.update({kind + jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves})

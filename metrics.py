@@ -48,10 +48,13 @@ def _examples(labels, values, name: str) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"{arg} must be bool or real numbers, got dtype {array.dtype}")
     if values.dtype.kind in "iu" and values.size:
         low, high = values.min(), values.max()
-        if high > 2**53 or low < -(2**53):  # float64 would merge neighbouring values
+        # Beyond ±2**53, float64 may merge neighbouring integers (and so tie them).
+        if (high > 2**53 or low < -(2**53)) and len(np.unique(values)) > len(
+            np.unique(values.astype(np.float64))
+        ):
             raise ValueError(
-                f"{name} holds integers beyond ±2**53 (range [{low}, {high}]), which float64 "
-                "cannot tell apart; pass them as ranks or floats"
+                f"{name} holds distinct integers beyond ±2**53 that float64 cannot tell apart "
+                f"(range [{low}, {high}]); pass their ranks instead"
             )
     y, v = labels.astype(np.float64).ravel(), values.astype(np.float64).ravel()
     bad = y[(y != 0) & (y != 1)]

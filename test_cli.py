@@ -260,8 +260,9 @@ import sys, warnings
 from pathlib import Path
 import cli
 def main():
-    for i in range(100_000):
+    for i in range(50_000):
         print("line", i)
+    sys.stdout.writelines(f"line {i}\\n" for i in range(50_000))
     warnings.warn_explicit("a warning of ours", RuntimeWarning, cli.__file__, 1)
     warnings.warn_explicit("a library's warning", RuntimeWarning, warnings.__file__, 1)
     Path(sys.argv[1]).write_text("finished")
@@ -282,6 +283,32 @@ def test_output_whose_reader_has_gone_is_dropped_while_the_work_goes_on(tmp_path
     assert stderr.startswith("demo.py: warning: a warning of ours\n"), report
     assert "warnings.py:1: RuntimeWarning: a library's warning\n" in stderr, report
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, report
+
+
+STDOUT = {
+    "closed": "sys.stdout = None\n",  # as `script >&-` starts
+    "full": "sys.stdout = open('/dev/full', 'w')\n",  # a disk with no room left
+}
+PRINTS_THEN_WRITES = """
+import cli
+def main():
+    print("a line")
+    Path(sys.argv[1]).write_text("finished")
+    return 0
+sys.exit(cli.run_main(main, "demo.py"))
+"""
+
+
+@pytest.mark.parametrize(("stdout", "status", "stderr"), [
+    ("closed", 0, ""),
+    ("full", 2, "demo.py: error: [Errno 28] No space left on device\n"),
+])  # fmt: skip
+def test_output_that_cannot_be_written_is_one_line_or_nothing(stdout, status, stderr, tmp_path):
+    done = tmp_path / "done"
+    code = "import sys\nfrom pathlib import Path\n" + STDOUT[stdout] + PRINTS_THEN_WRITES
+    got, _, report = finish(start_with_devices(code, 1, str(done)))
+    assert got == status and done.read_text() == "finished", report
+    assert report.split("stderr:\n", 1)[1] == stderr, report
 
 
 @pytest.mark.parametrize(

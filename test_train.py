@@ -141,20 +141,26 @@ def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run
 def test_batches_that_do_not_split_over_the_devices_are_refused(world, tmp_path):
     four = types.SimpleNamespace(size=4)  # a mesh of four devices: only its size is read
     job = T.make_job("ranker", world, dataclasses.replace(QUICK, batch_size=30))
-    with pytest.raises(ValueError, match=r"batch_size \(30\) does not split over the 4 devices"):
-        T.fit(job, tmp_path, False, four, quiet=True)
-    job = T.make_job("retrieval", world, dataclasses.replace(QUICK, negatives=62))
-    message = r"negatives \(62\) does not split over the 4 devices; use a multiple of 4"
+    message = r"batch_size \(30\) does not split over the 4 devices; use a multiple of 4"
     with pytest.raises(ValueError, match=message):
         T.fit(job, tmp_path, False, four, quiet=True)
     assert not any(tmp_path.iterdir())
 
 
-def test_a_world_without_held_out_requests_cannot_train():
+def test_a_world_without_held_out_examples_cannot_train():
     bare = build_world(dataclasses.replace(WorldConfig.tiny(), eval_requests_per_user=0))
-    message = r"the world holds no held-out ranker examples \(eval_requests_per_user 0\)"
+    message = (
+        r"the world holds no held-out requests \(eval_requests_per_user 0\); training the "
+        "ranker evaluates on them"
+    )
     with pytest.raises(ValueError, match=message):
         T.make_job("ranker", bare, QUICK)
+    # Held-out requests, but not one favorite among them: nothing for retrieval to find.
+    lonely = build_world(dataclasses.replace(WorldConfig.tiny(seed=3), num_users=1))
+    assert len(lonely.ranking_eval) == 2 and not len(lonely.retrieval_eval)
+    message = r"no held-out favorite to retrieve \(in its 2 held-out requests\); training the"
+    with pytest.raises(ValueError, match=message):
+        T.make_job("retrieval", lonely, QUICK)
 
 
 def test_retrieval_loss_equals_a_numpy_sampled_softmax(world):
@@ -563,6 +569,12 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     assert "decay_steps (5) must exceed warmup_steps (5): the schedule warms up" in refused(
         ["--quick", "--decay-steps", "5", "--out", str(small)]
     )
+    with monkeypatch.context() as patch:  # three devices, before either model trains
+        three = types.SimpleNamespace(size=3, devices=np.arange(3))
+        patch.setattr(T, "data_mesh", lambda: three)
+        assert "batch_size (32) does not split over the 3 devices; use a multiple of 3" in (
+            refused(["--quick", "--out", str(small)])
+        )
     assert not small.exists()
 
     poisoned = dataclasses.replace(world)

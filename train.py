@@ -611,6 +611,27 @@ def place(tree, mesh: Mesh, split: bool):
     return jax.device_put(tree, sharding)
 
 
+# Retrieval's global negatives, and the log Q of every column, serve every query of a batch:
+# each device holds them all while the queries are split.
+SHARED_FIELDS = frozenset(
+    {"negative_ids", "negative_post_hashes", "negative_author_hashes", "log_q"}
+)
+
+
+def place_batch(arrays: dict, mesh: Mesh) -> dict:
+    """A batch on the mesh: its requests or queries split over the devices, the rest shared."""
+    return {name: place(x, mesh, split=name not in SHARED_FIELDS) for name, x in arrays.items()}
+
+
+def check_batch_split(train: TrainConfig, mesh: Mesh) -> None:
+    """Refuses a batch that does not split evenly over the mesh's devices."""
+    if train.batch_size % mesh.size:
+        raise ValueError(
+            f"batch_size ({train.batch_size}) does not split over the {mesh.size} devices; "
+            f"use a multiple of {mesh.size}"
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Resumable state: npz of every leaf by its path, and what it was trained for.
 # ---------------------------------------------------------------------------------------------
@@ -909,9 +930,15 @@ def make_job(
     check_data(train_data, f"{kind} training")
     check_data(eval_data, f"{kind} held-out")
     if not len(eval_data["user_hashes"]):
+        held_out = world.config.eval_requests_per_user
         raise ValueError(
-            f"the world holds no held-out {kind} examples (eval_requests_per_user "
-            f"{world.config.eval_requests_per_user}); training evaluates on them"
+            "the world holds no held-out "
+            + (
+                f"requests (eval_requests_per_user {held_out})"
+                if kind == "ranker" or not held_out
+                else f"favorite to retrieve (in its {len(world.ranking_eval)} held-out requests)"
+            )
+            + f"; training the {kind} evaluates on them"
         )
     if to_train:
         if train.batch_size > len(train_data["user_hashes"]):
@@ -982,12 +1009,7 @@ def fit(
     state and log, already read by `load_progress`); prints progress; saves the state at every
     evaluation and at the end. Returns (state, log)."""
     train = job.train
-    for name in ("batch_size", "negatives") if job.kind == "retrieval" else ("batch_size",):
-        if getattr(train, name) % mesh.size:
-            raise ValueError(
-                f"{name} ({getattr(train, name)}) does not split over the {mesh.size} devices; "
-                f"use a multiple of {mesh.size}"
-            )
+    check_batch_split(train, mesh)
     if start is not None:
         state, log = start
     else:
@@ -1012,12 +1034,12 @@ def fit(
     for step in range(first, train.steps):
         arrays = job.batch(step)
         start = time.perf_counter()
-        state, stats = step_fn(state, place(arrays, mesh, split=True))
+        state, stats = step_fn(state, place_batch(arrays, mesh))
         stats = {k: float(v) for k, v in stats.items()}  # waits for the step
         times.append(time.perf_counter() - start)
         in_a_row = in_a_row + 1 if stats["skipped"] > skipped_before else 0
         skipped_before = stats["skipped"]
-        if in_a_row == MAX_SKIPPED_IN_A_ROW:
+        if in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise ValueError(
                 f"{job.kind}: {in_a_row} updates in a row had non-finite gradients (the last at "
                 f"step {step + 1}); stopping, "
@@ -1701,6 +1723,8 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
         for kind in MODELS
         if kind in kinds or (state_dir / f"{kind}.npz").is_file()
     }
+    for kind in kinds:
+        check_batch_split(jobs[kind].train, mesh)
     training = {kind: dataclasses.asdict(job.train) for kind, job in jobs.items()}
     for kind in jobs.keys() - kinds:  # read, and checked, before anything trains
         params[kind], logs[kind], training[kind] = load_beside(state_dir, jobs[kind])
