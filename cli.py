@@ -309,14 +309,19 @@ class _OutputOrNothing:
     def _guarded(self):
         try:
             yield
-        except BrokenPipeError:
-            _to_devnull(self._stream.fileno())
-        except OSError:
+        except OSError as error:
             _to_devnull(self._stream.fileno())  # so that the exit's flush does not fail again
-            raise
+            if not isinstance(error, BrokenPipeError):
+                raise
 
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
+
+
+def _flush(*streams) -> None:
+    for stream in streams:
+        if stream is not None:  # a closed standard stream is None
+            stream.flush()
 
 
 def _to_devnull(fd: int) -> None:
@@ -348,9 +353,7 @@ def _run(main: Callable[[], int], prog: str, interrupted: str) -> int:
     """`run_main` with its streams in place."""
     try:
         status = main()
-        for stream in (sys.stdout, sys.stderr):  # here, where errors are handled, not at exit
-            if stream is not None:
-                stream.flush()
+        _flush(sys.stdout, sys.stderr)  # here, where errors are handled, not at exit
         return status
     except KeyboardInterrupt:
         print(f"\n{prog}: {interrupted}", file=sys.stderr)
@@ -358,8 +361,8 @@ def _run(main: Callable[[], int], prog: str, interrupted: str) -> int:
         # train.py while it compiled) with XLA's compiler threads still at work. Every file is
         # written whole or not at all, so nothing is left half-written.
         for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(OSError, AttributeError):  # a reader may have gone too
-                stream.flush()
+            with contextlib.suppress(OSError):  # a pipe's reader may have gone with the Ctrl-C
+                _flush(stream)
         os._exit(130)
     except BrokenPipeError:
         # A reader gone under a write the streams above do not see (to `sys.stdout.buffer`,

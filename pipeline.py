@@ -45,6 +45,7 @@ from checkpoint import (
 from grok import TransformerConfig
 from recsys_model import (
     ACTIONS,
+    DWELL_TIME_COLUMN,
     HashConfig,
     PhoenixModelConfig,
     denormalize_continuous_value,
@@ -198,7 +199,7 @@ class Pipeline:
         extra = {}
         if dwell is not None and isinstance(model.config, PhoenixModelConfig):
             continuous = np.zeros((1, len(posts), model.config.num_continuous_actions), np.float32)
-            continuous[0, :, 1] = dwell
+            continuous[0, :, DWELL_TIME_COLUMN] = dwell
             extra["history_continuous_actions"] = continuous
         none = np.zeros((1, 0), np.int64)
         args = ([user_id], posts[None], authors[None], actions[None], none, none)
@@ -292,9 +293,9 @@ class Pipeline:
         continuous = None if continuous is None else np.asarray(continuous)[0]  # [K, Nc]
         dwell = None
         if continuous is not None:
-            dwell_column = runners.CONTINUOUS_ACTIONS.index("dwell_time")
             norm = ranker.config.continuous_action_config
-            dwell = np.asarray(denormalize_continuous_value(continuous[:, dwell_column], norm))
+            dwell = denormalize_continuous_value(continuous[:, DWELL_TIME_COLUMN], norm)
+            dwell = np.asarray(dwell)
         seconds["rank"] = time.perf_counter() - start
 
         weighted = sum(w * probabilities[:, i] for i, w in self.weights.values())

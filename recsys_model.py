@@ -63,6 +63,9 @@ ACTIONS = [
 
 
 # Post ages are bucketed up to this many minutes; older posts share the last bucket.
+# The continuous actions' column that holds the dwell time (in seconds), in the history's
+# inputs and the continuous head's outputs alike.
+DWELL_TIME_COLUMN = 1
 POST_AGE_MAX_MINUTES = 4800
 
 
@@ -605,7 +608,7 @@ def dwell_time_embeddings(
     config: PhoenixModelConfig,
     fprop_dtype: Any,
 ) -> jax.Array:  # [B, S, D]
-    """The second release's dwell-time token piece: column 1 of the continuous actions,
+    """The second release's dwell-time token piece: the continuous actions' dwell column,
     normalised, through a tanh-GELU layer; exactly zero where the dwell time is 0 or absent."""
     proj1 = _dense("history_dwell_time_proj1", [1, config.continuous_action_hidden_dim])
     proj2 = _dense(
@@ -615,7 +618,8 @@ def dwell_time_embeddings(
         dwell = jnp.zeros((*shape, 1), jnp.float32)
     else:
         action_config = config.continuous_action_config
-        dwell = normalize_continuous_value(continuous_actions[..., 1:2], action_config.norm_config)
+        column = continuous_actions[..., DWELL_TIME_COLUMN, None]
+        dwell = normalize_continuous_value(column, action_config.norm_config)
     return matmul_2d(jax.nn.gelu(matmul_2d(dwell, proj1)), proj2).astype(fprop_dtype)
 
 

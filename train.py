@@ -75,6 +75,7 @@ from grok import TransformerConfig
 from recsys_model import (
     ACTIONS,
     CONTINUOUS_LOSS_TYPES,
+    DWELL_TIME_COLUMN,
     ContinuousActionConfig,
     HashConfig,
     NormConfig,
@@ -90,7 +91,6 @@ from tables import TABLE_NAMES, Hashing, init_tables, lookup
 
 MODELS = ("ranker", "retrieval")
 FAVORITE = ACTIONS.index("favorite_score")
-DWELL_COLUMN = 1  # of the continuous actions: the dwell time
 # A temperature of 0.05 for unit vectors, as HSTU and the forks use; learned from there, kept
 # within [0.01, 1].
 INITIAL_LOG_TEMPERATURE = math.log(0.05)
@@ -214,7 +214,7 @@ def history_fields(history: world_lib.History, hashing: Hashing, config) -> dict
     )
     if isinstance(config, PhoenixModelConfig):
         continuous = np.zeros((*history.dwell.shape, config.num_continuous_actions), np.float32)
-        continuous[..., DWELL_COLUMN] = history.dwell
+        continuous[..., DWELL_TIME_COLUMN] = history.dwell
         fields["history_continuous_actions"] = continuous
     return fields
 
@@ -355,7 +355,7 @@ def make_ranker_loss(config: PhoenixModelConfig) -> Callable:
         ce = optax.sigmoid_binary_cross_entropy(out.logits.astype(jnp.float32), arrays["labels"])
         ce = jnp.sum(ce.mean(axis=-1) * valid) / jnp.maximum(valid.sum(), 1.0)
         target = normalize_continuous_value(arrays["dwell"], action_config.norm_config)
-        dwell = continuous_loss(out.continuous_preds[..., DWELL_COLUMN], target, action_config)
+        dwell = continuous_loss(out.continuous_preds[..., DWELL_TIME_COLUMN], target, action_config)
         dwell = jnp.sum(dwell * valid) / jnp.maximum(valid.sum(), 1.0)
         total = ce + action_config.loss_weight * dwell
         return total, {"loss": total, "cross_entropy": ce, "dwell": dwell}
@@ -752,7 +752,7 @@ def _predictor(config: PhoenixModelConfig) -> Callable:
     def predict(params, arrays):
         batch = ranking_batch(arrays)
         out = forward.apply(params["model"], None, batch, lookup(params["tables"], batch))
-        dwell = denormalize_continuous_value(out.continuous_preds[..., DWELL_COLUMN], norm)
+        dwell = denormalize_continuous_value(out.continuous_preds[..., DWELL_TIME_COLUMN], norm)
         return jax.nn.sigmoid(out.logits), dwell
 
     return predict
@@ -930,15 +930,12 @@ def make_job(
     check_data(train_data, f"{kind} training")
     check_data(eval_data, f"{kind} held-out")
     if not len(eval_data["user_hashes"]):
-        held_out = world.config.eval_requests_per_user
+        if len(world.ranking_eval):  # held-out requests, but retrieval's need a favorite
+            what = f"favorite to retrieve (in its {len(world.ranking_eval)} held-out requests)"
+        else:
+            what = f"requests (eval_requests_per_user {world.config.eval_requests_per_user})"
         raise ValueError(
-            "the world holds no held-out "
-            + (
-                f"requests (eval_requests_per_user {held_out})"
-                if kind == "ranker" or not held_out
-                else f"favorite to retrieve (in its {len(world.ranking_eval)} held-out requests)"
-            )
-            + f"; training the {kind} evaluates on them"
+            f"the world holds no held-out {what}; training the {kind} evaluates on them"
         )
     if to_train:
         if train.batch_size > len(train_data["user_hashes"]):
@@ -1018,11 +1015,8 @@ def fit(
             state, log = load_progress(state_dir, job, state)
     state = place(state, mesh, split=False)
     step_fn = make_step(job.loss, train)
-    # Skips in a row so far: a resumed run continues the count its state holds, so that it stops
-    # before optax would apply an update, however the run was split.
-    first, times, in_a_row = int(state.step), [], int(state.opt_state.notfinite_count)
+    first, times = int(state.step), []
     saved_at = first if resume else None  # the step of the state on disk
-    skipped_before = log[-1]["skipped"] if log else 0.0
     say = (lambda *a: None) if quiet else print
     if first == train.steps:
         say(f"{job.kind}: already at step {train.steps}; nothing to train (--steps goes further)")
@@ -1037,8 +1031,9 @@ def fit(
         state, stats = step_fn(state, place_batch(arrays, mesh))
         stats = {k: float(v) for k, v in stats.items()}  # waits for the step
         times.append(time.perf_counter() - start)
-        in_a_row = in_a_row + 1 if stats["skipped"] > skipped_before else 0
-        skipped_before = stats["skipped"]
+        # optax's own count of skips in a row, saved with the state: a resumed run goes on with
+        # it, and stops before optax would apply an update, however the run was split.
+        in_a_row = int(state.opt_state.notfinite_count)
         if in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise ValueError(
                 f"{job.kind}: {in_a_row} updates in a row had non-finite gradients (the last at "
