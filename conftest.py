@@ -351,7 +351,7 @@ def train_briefly(folder, steps: int = 3) -> dict[str, np.ndarray]:
     for kind in train.MODELS:
         settings = dataclasses.replace(train.TrainConfig.quick(), steps=steps, negatives=62)
         job = train.make_job(kind, world, settings)
-        state, _ = train.fit(job, Path(folder) / kind, False, train.data_mesh(), quiet=True)
+        state, _ = train.fit(job, Path(folder) / kind, quiet=True)
         leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
         params.update({kind + jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves})
     return params

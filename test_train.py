@@ -46,7 +46,7 @@ def trained_ranker(tmp_path_factory):
     )
     world = T.world_lib.build_world(small)
     job = T.make_job("ranker", world, dataclasses.replace(QUICK, steps=60, decay_steps=60))
-    state, log = T.fit(job, tmp_path_factory.mktemp("ranker"), False, T.data_mesh(), quiet=True)
+    state, log = T.fit(job, tmp_path_factory.mktemp("ranker"), quiet=True)
     return job, jax.device_get(state.params), log
 
 
@@ -67,7 +67,7 @@ def test_ranker_loss_falls_and_beats_the_base_rate_on_held_out_data(trained_rank
 def test_retrieval_loss_falls(world, tmp_path):
     # The quick run's schedule (decay over 30 steps, then the floor): its compiled step is reused.
     job = T.make_job("retrieval", world, dataclasses.replace(QUICK, steps=40))
-    _, log = T.fit(job, tmp_path, False, T.data_mesh(), quiet=True)
+    _, log = T.fit(job, tmp_path, quiet=True)
     loss = losses(log)
     assert loss[-10:].mean() < 0.5 * loss[:5].mean()
     assert abs(log[-1]["temperature"] - 0.05) > 1e-3  # learned, from its initial 0.05
@@ -114,7 +114,7 @@ def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run
         return loss * jnp.nan, stats
 
     bad = dataclasses.replace(job, loss=poisoned)
-    state, log = T.fit(bad, tmp_path / "five", False, T.data_mesh(), quiet=True)
+    state, log = T.fit(bad, tmp_path / "five", quiet=True)
     assert [entry["skipped"] for entry in log] == [1, 2, 3, 4, 5]
     start = T.initial_state("ranker", job.config, job.hashing, job.train).params
     for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(start), strict=True):
@@ -125,17 +125,17 @@ def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run
         "stopping, before any state was saved"
     )
     with pytest.raises(ValueError, match=message):
-        T.fit(bad, tmp_path / "twenty", False, T.data_mesh(), quiet=True)
+        T.fit(bad, tmp_path / "twenty", quiet=True)
     bad = dataclasses.replace(bad, train=dataclasses.replace(bad.train, eval_every=4))
     with pytest.raises(ValueError, match="stopping, the state saved at step 8 is kept"):
-        T.fit(bad, tmp_path / "saved", False, T.data_mesh(), quiet=True)
+        T.fit(bad, tmp_path / "saved", quiet=True)
     # Resumed from a state of 4 skips in a row, the run stops at the same step: the count goes
     # on with the state, so optax never gets to apply a non-finite update.
     four = dataclasses.replace(bad, train=dataclasses.replace(bad.train, steps=4))
-    T.fit(four, tmp_path / "resumed", False, T.data_mesh(), quiet=True)
+    T.fit(four, tmp_path / "resumed", quiet=True)
     message = r"\(the last at step 10\); stopping, the state saved at step 8 is kept"
     with pytest.raises(ValueError, match=message):
-        T.fit(bad, tmp_path / "resumed", True, T.data_mesh(), quiet=True)
+        T.fit(bad, tmp_path / "resumed", resume=True, quiet=True)
 
 
 def test_batches_that_do_not_split_over_the_devices_are_refused(world, tmp_path):
@@ -143,7 +143,7 @@ def test_batches_that_do_not_split_over_the_devices_are_refused(world, tmp_path)
     job = T.make_job("ranker", world, dataclasses.replace(QUICK, batch_size=30))
     message = r"batch_size \(30\) does not split over the 4 devices; use a multiple of 4"
     with pytest.raises(ValueError, match=message):
-        T.fit(job, tmp_path, False, four, quiet=True)
+        T.fit(job, tmp_path, mesh=four, quiet=True)
     assert not any(tmp_path.iterdir())
 
 

@@ -997,16 +997,19 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
 def fit(
     job: Job,
     state_dir: Path,
-    resume: bool,
-    mesh: Mesh,
+    resume: bool = False,
+    mesh: Mesh | None = None,
     quiet: bool = False,
     start: tuple[TrainState, list[dict]] | None = None,
 ) -> tuple:
-    """Trains `job` to `job.train.steps`, from step 0 or from the saved state (`start`: that
-    state and log, already read by `load_progress`); prints progress; saves the state at every
-    evaluation and at the end. Returns (state, log)."""
+    """Trains `job` to `job.train.steps` over `mesh` (by default every device, `data_mesh`),
+    from step 0, or (`resume`) from the state saved in `state_dir`, or from `start` (that saved
+    state and log, already read by `load_progress`); prints progress unless `quiet`; saves the
+    state in `state_dir` at every evaluation and at the end. Returns (state, log)."""
     train = job.train
+    mesh = data_mesh() if mesh is None else mesh
     check_batch_split(train, mesh)
+    resume = resume or start is not None
     if start is not None:
         state, log = start
     else:
@@ -1731,9 +1734,7 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
         if kind in kinds and args.resume and (state_dir / f"{kind}.npz").is_file()
     }
     for kind in kinds:
-        state, logs[kind] = fit(
-            jobs[kind], state_dir, kind in starts, mesh, start=starts.pop(kind, None)
-        )
+        state, logs[kind] = fit(jobs[kind], state_dir, mesh=mesh, start=starts.pop(kind, None))
         params[kind] = jax.device_get(state.params)
 
     print("evaluating on the held-out split ...")
