@@ -214,8 +214,24 @@ def test_reports_equal_hand_computed_values():
     assert report["auc_oracle"] == 0.875 and report["auc"] == 0.125
     assert report["rce_oracle"] == pytest.approx(100 * (math.log(2) - ce) / math.log(2), abs=1e-5)
     assert report["positives"] == 2
+    model_ce = -(math.log(0.2) + math.log(0.1) + math.log(0.6) + math.log(0.4)) / 4
+    assert report["ce_oracle"] == pytest.approx(ce, abs=1e-6)
+    assert report["ce"] == pytest.approx(model_ce, abs=1e-6)
+    assert report["rce_ratio"] == pytest.approx(report["rce"] / report["rce_oracle"], abs=1e-6)
+    # Two quantile bins of the oracle's .2 | .6 .6 .9: observed 0 of 1, then 2 of 3.
+    two = T.ranking_report(labels, model, oracle, bins=2)["favorite_score"]["calibration"]
+    assert two["oracle"] == {
+        "mean_predicted": [0.2, pytest.approx(0.7, abs=1e-6)],
+        "observed_rate": [0.0, pytest.approx(2 / 3, abs=1e-6)],
+        "count": [1, 3],
+    }
     empty = T.ranking_report(labels, oracle, oracle)["report_score"]  # no positives at all
     assert empty["auc"] is None and empty["positives"] == 0
+    # Without a held-out favorite the goals are unmet, and say why, rather than fail.
+    none = T.goal_checks({"ranking": {"actions": T.ranking_report(0 * labels, model, oracle)}})
+    assert none == [
+        ("favorite: AUROC and RCE not defined on held-out labels of one kind (0 positives)", False)
+    ]
 
     targets = np.array([3, 7])
     rest = np.arange(100, 198)  # ids that are no target

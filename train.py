@@ -762,20 +762,39 @@ def _number(x: float) -> float | None:
     return None if not np.isfinite(x) else round(float(x), 6)
 
 
-def ranking_report(labels: np.ndarray, model: np.ndarray, oracle: np.ndarray) -> dict:
-    """Per action: AUROC and RCE of the model and of the oracle (the world's true
-    probabilities) on the same held-out impressions, and the number of positives."""
+def ranking_report(
+    labels: np.ndarray, model: np.ndarray, oracle: np.ndarray, bins: int = 10
+) -> dict:
+    """Per action, of the model and of the oracle (the world's true probabilities) on the same
+    held-out impressions: AUROC, RCE, cross-entropy and calibration (`metrics.calibration` in
+    `bins` quantile bins); the model's RCE as a fraction of the oracle's; the number of
+    positives. A figure that is not defined (AUROC without positives) is None."""
     report = {}
     for i, action in enumerate(ACTIONS):
-        y = labels[..., i].ravel()
+        y, m, o = labels[..., i].ravel(), model[..., i].ravel(), oracle[..., i].ravel()
+        rce, rce_oracle = _number(metrics.rce(y, m)), _number(metrics.rce(y, o))
         report[action] = {
-            "auc": _number(metrics.auroc(y, model[..., i].ravel())),
-            "auc_oracle": _number(metrics.auroc(y, oracle[..., i].ravel())),
-            "rce": _number(metrics.rce(y, model[..., i].ravel())),
-            "rce_oracle": _number(metrics.rce(y, oracle[..., i].ravel())),
+            "auc": _number(metrics.auroc(y, m)),
+            "auc_oracle": _number(metrics.auroc(y, o)),
+            "rce": rce,
+            "rce_oracle": rce_oracle,
             "positives": int(y.sum()),
+            "rce_ratio": _number(rce / rce_oracle) if rce is not None and rce_oracle else None,
+            "ce": _number(metrics.cross_entropy(y, m)),
+            "ce_oracle": _number(metrics.cross_entropy(y, o)),
+            "calibration": {"model": _bins(y, m, bins), "oracle": _bins(y, o, bins)},
         }
     return report
+
+
+def _bins(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> dict:
+    """`metrics.calibration` as lists, for JSON."""
+    calibration = metrics.calibration(labels, probabilities, bins)
+    return {
+        "mean_predicted": [_number(x) for x in calibration.mean_predicted],
+        "observed_rate": [_number(x) for x in calibration.observed_rate],
+        "count": calibration.count.tolist(),
+    }
 
 
 def retrieval_vectors(
@@ -1227,8 +1246,16 @@ def goal_checks(report: dict) -> list[tuple[str, bool]]:
     """The project's quality goals on the default world, each with whether this run met it."""
     checks = []
     actions = report.get("ranking", {}).get("actions")
-    if actions:
-        fav = actions["favorite_score"]
+    fav = (actions or {}).get("favorite_score", {})
+    if actions and None in (fav["auc"], fav["auc_oracle"], fav["rce"], fav["rce_oracle"]):
+        checks.append(
+            (
+                f"favorite: AUROC and RCE not defined on held-out labels of one kind "
+                f"({fav['positives']} positives)",
+                False,
+            )
+        )
+    elif actions:
         checks += [
             (
                 f"favorite AUROC {fav['auc']:.3f} within 0.02 of the oracle's "
@@ -1248,7 +1275,8 @@ def goal_checks(report: dict) -> list[tuple[str, bool]]:
         short = [
             name
             for name, a in actions.items()
-            if a["positives"] >= 200 and a["rce"] < 0.6 * a["rce_oracle"]
+            if a["positives"] >= 200
+            and (None in (a["rce"], a["rce_oracle"]) or a["rce"] < 0.6 * a["rce_oracle"])
         ]
         counted = sum(a["positives"] >= 200 for a in actions.values())
         if counted:  # (a tiny world may have none)
