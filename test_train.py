@@ -67,7 +67,7 @@ def test_ranker_loss_falls_and_beats_the_base_rate_on_held_out_data(trained_rank
 def test_retrieval_loss_falls(world, tmp_path):
     # The quick run's schedule (decay over 30 steps, then the floor): its compiled step is reused.
     job = T.make_job("retrieval", world, dataclasses.replace(QUICK, steps=40))
-    _, log = T.fit(job, tmp_path, quiet=True)
+    _, log = T.fit(job, str(tmp_path), quiet=True)  # a folder's name is a folder too
     loss = losses(log)
     assert loss[-10:].mean() < 0.5 * loss[:5].mean()
     assert abs(log[-1]["temperature"] - 0.05) > 1e-3  # learned, from its initial 0.05
@@ -611,6 +611,42 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
         T.make_job("ranker", world, dataclasses.replace(QUICK, batch_size=100_000))
     with pytest.raises(ValueError, match="table_optimizer must be one of"):
         T.make_job("ranker", world, dataclasses.replace(QUICK, table_optimizer="sgd"))
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("weight_decay", math.nan, "weight_decay must be a finite number, got nan"),
+        ("weight_decay", -1.0, "weight_decay must be >= 0, got -1.0"),
+        ("final_learning_rate_fraction", 5.0, r"final_learning_rate_fraction must be in \[0, 1\]"),
+        ("dwell_norm_seconds", 0.0, "dwell_norm_seconds must be > 0, got 0.0"),
+        ("dwell_loss_weight", "1", "dwell_loss_weight must be a finite number, got '1'"),
+        ("dwell_loss", "foo", r"dwell_loss must be one of \('mae', 'mse'"),
+        ("negatives", 10.5, "negatives must be an integer >= 0, got 10.5"),
+        ("batch_size", True, "batch_size must be an integer >= 1, got True"),
+        ("warmup_steps", -1, "warmup_steps must be an integer >= 0, got -1"),
+    ],
+)
+def test_training_settings_are_refused_by_name_before_any_work(world, field, value, message):
+    """Each of these trained once without complaint: NaN parameters after the first update (a
+    NaN weight decay), every dwell target clipped to one value (a negative scale), or an error
+    from deep inside the step."""
+    with pytest.raises(ValueError, match=message):
+        T.make_job("ranker", world, dataclasses.replace(QUICK, **{field: value}))
+
+
+def test_evaluation_refuses_what_it_cannot_evaluate(world):
+    job = T.make_job("retrieval", world, QUICK)
+    params = T.initial_state("retrieval", job.config, job.hashing, QUICK).params
+    with pytest.raises(ValueError, match=r"k must be an integer in \[100, 392\]"):
+        T.evaluate_retrieval(job, params, k=10)  # recall@100 is reported
+    with pytest.raises(TypeError, match="job must be a ranker Job .*, got a retrieval Job"):
+        T.evaluate_ranker(job, params)
+    state = T.initial_state("retrieval", job.config, job.hashing, QUICK)
+    with pytest.raises(TypeError, match=r"params must be .*\(TrainState\.params\), got TrainState"):
+        T.evaluate_retrieval(job, state)
+    with pytest.raises(TypeError, match="world must be a World .*, got WorldConfig"):
+        T.make_job("ranker", WorldConfig.tiny(), QUICK)
 
 
 def test_load_demo_refuses_an_unknown_user_before_building_the_world(monkeypatch):

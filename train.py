@@ -922,6 +922,10 @@ def make_job(
     (`to_train` False: a model only read back, whose training settings are not checked)."""
     if kind not in MODELS:
         raise ValueError(f"kind must be one of {MODELS}, got {kind!r}")
+    if not isinstance(world, world_lib.World):
+        raise TypeError(f"world must be a World (world.build_world), got {_kind_of(world)}")
+    if not isinstance(train, TrainConfig):
+        raise TypeError(f"train must be a TrainConfig, got {_kind_of(train)}")
     config = config or model_configs(world.config, train)[MODELS.index(kind) ^ 1]
     if config.history_seq_len != world.config.history_len:
         raise ValueError(
@@ -980,16 +984,28 @@ def training_bytes(kind: str, hashing: Hashing, config, world: world_lib.World) 
 
 def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) -> None:
     """Refuses, naming the field, a training config that cannot run on this world."""
-    for name in ("learning_rate", "table_learning_rate", "clip_norm", "table_scale"):
+    positive = (
+        "learning_rate", "table_learning_rate", "clip_norm", "table_scale", "dwell_norm_seconds"
+    )  # fmt: skip
+    for name in (*positive, "weight_decay", "dwell_loss_weight", "final_learning_rate_fraction"):
         value = getattr(train, name)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a positive number, got {value}")
-    for name in ("steps", "decay_steps", "batch_size", "eval_every"):
-        value = getattr(train, name)
-        if not (isinstance(value, int) and value >= 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not (isinstance(train.warmup_steps, int) and train.warmup_steps >= 0):
-        raise ValueError(f"warmup_steps must be an integer >= 0, got {train.warmup_steps!r}")
+        if not _is_number(value) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if value <= 0 if name in positive else value < 0:
+            raise ValueError(f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value}")
+    if train.final_learning_rate_fraction > 1:
+        raise ValueError(
+            "final_learning_rate_fraction must be in [0, 1] (of the peak learning rate), got "
+            f"{train.final_learning_rate_fraction}"
+        )
+    for name in ("steps", "decay_steps", "batch_size", "eval_every", "warmup_steps", "negatives"):
+        value, least = getattr(train, name), 0 if name in ("warmup_steps", "negatives") else 1
+        if not (_is_integer(value) and value >= least):
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if train.dwell_loss not in CONTINUOUS_LOSS_TYPES:
+        raise ValueError(
+            f"dwell_loss must be one of {CONTINUOUS_LOSS_TYPES}, got {train.dwell_loss!r}"
+        )
     if train.warmup_steps >= train.decay_steps:
         raise ValueError(
             f"decay_steps ({train.decay_steps}) must exceed warmup_steps ({train.warmup_steps}): "
@@ -1013,9 +1029,17 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
         )
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 def fit(
     job: Job,
-    state_dir: Path,
+    state_dir: str | os.PathLike,
     resume: bool = False,
     mesh: Mesh | None = None,
     quiet: bool = False,
@@ -1025,7 +1049,7 @@ def fit(
     from step 0, or (`resume`) from the state saved in `state_dir`, or from `start` (that saved
     state and log, already read by `load_progress`); prints progress unless `quiet`; saves the
     state in `state_dir` at every evaluation and at the end. Returns (state, log)."""
-    train = job.train
+    train, state_dir = job.train, Path(state_dir)
     mesh = data_mesh() if mesh is None else mesh
     check_batch_split(train, mesh)
     resume = resume or start is not None
@@ -1194,9 +1218,29 @@ def corpus_hashes(job: Job) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_evaluated(job: Job, params, kind: str) -> None:
+    """Refuses a job of the other model, or parameters that are not a trained state's."""
+    if not isinstance(job, Job) or job.kind != kind:
+        raise TypeError(f"job must be a {kind} Job (make_job), got {_kind_of(job)}")
+    if not (isinstance(params, dict) and set(params) == {"model", "tables"}):
+        raise TypeError(
+            "params must be a trained state's parameters, {'model': ..., 'tables': ...} "
+            f"(TrainState.params), got {_kind_of(params)}"
+        )
+
+
+def _kind_of(value) -> str:
+    if isinstance(value, Job):
+        return f"a {value.kind} Job"
+    if isinstance(value, dict):
+        return f"a dict of {sorted(map(str, value))}"
+    return type(value).__name__
+
+
 def evaluate_ranker(job: Job, params) -> tuple[dict, dict]:
     """(report, predictions): per-action metrics of the model and the oracle on every held-out
     impression, and the arrays they were computed from."""
+    _check_evaluated(job, params, "ranker")
     examples = job.world.ranking_eval
     probabilities, dwell = ranking_predictions(params, job.config, job.eval_data)
     report = {"actions": ranking_report(examples.labels, probabilities, examples.probabilities)}
@@ -1228,6 +1272,14 @@ def evaluate_retrieval(job: Job, params, k: int = RETRIEVAL_K) -> tuple[dict, di
     corpus (history excluded) for the model, the oracle and popularity, and the top k of each.
     The model, like the oracle and recent popularity, puts the posts servable at the query
     time first: what a deployed retrieval searches."""
+    _check_evaluated(job, params, "retrieval")
+    most = job.world.num_posts - job.world.config.history_len
+    if not (_is_integer(k) and RETRIEVAL_K <= k <= most):
+        raise ValueError(
+            f"k must be an integer in [{RETRIEVAL_K}, {most}] (recall@{RETRIEVAL_K} is reported, "
+            f"and a query's history of {job.world.config.history_len} is never retrieved), "
+            f"got {k!r}"
+        )
     world, examples = job.world, job.world.retrieval_eval
     users, posts = retrieval_vectors(params, job.config, job.eval_data, corpus_hashes(job))
     servable = servable_now(job, examples)
