@@ -63,6 +63,7 @@ LOG_TEMPERATURE = ("~", "log_temperature")
 # The published pipeline fixes these when it builds a model from config.json.
 PUBLISHED_WIDENING = 2.0
 PUBLISHED_MULTIPLIER = 0.125
+INT32 = np.iinfo(np.int32)
 # Bytes read at a time when checking an array's CRC and values.
 CHUNK_BYTES = 64 << 20
 
@@ -93,6 +94,7 @@ def _member_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -
                 array = np.lib.format.read_array(f, allow_pickle=False)
             except ValueError as error:
                 raise ValueError(f"{path}: {info.filename}: {error}") from None
+            _check_number_type(path, info, array.dtype)
             if array.dtype.kind in "fc" and not np.isfinite(array).all():
                 raise ValueError(f"{path}: {info.filename[:-4]} holds NaN or infinite values")
             return array
@@ -100,6 +102,7 @@ def _member_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -
         header_size = f.tell()
     if dtype.hasobject:
         raise ValueError(f"{path}: {info.filename} holds Python objects; expected numbers")
+    _check_number_type(path, info, dtype)
     with open(path, "rb") as raw:
         raw.seek(info.header_offset)
         local = raw.read(zipfile.sizeFileHeader)
@@ -122,6 +125,14 @@ def _member_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -
         raise ValueError(f"{path}: {info.filename[:-4]} holds NaN or infinite values")
     order = "F" if fortran else "C"
     return np.memmap(path, dtype, mode="r", offset=start + header_size, shape=shape, order=order)
+
+
+def _check_number_type(path: Path, info: zipfile.ZipInfo, dtype: np.dtype) -> None:
+    if dtype.kind == "V":  # numpy writes bfloat16 and other `ml_dtypes` as raw bytes
+        raise ValueError(
+            f"{path}: {info.filename[:-4]} has raw dtype {dtype.str}, not numbers (bfloat16 "
+            "saved by numpy is so; write_npz stores it as float32)"
+        )
 
 
 def require_file(path: str | os.PathLike, hint: str = "") -> Path:
@@ -187,10 +198,27 @@ def _atomic_path(path: Path) -> Iterator[Path]:
 
 
 def write_npz(arrays: Mapping[str, Any], path: str | os.PathLike, compressed: bool = False) -> None:
-    """Writes arrays to `path` atomically, uncompressed (memory-mappable) unless `compressed`."""
+    """Writes arrays to `path` atomically, uncompressed (memory-mappable) unless `compressed`.
+
+    npz has no bfloat16 (nor the other narrow types of `ml_dtypes`): such floats are written as
+    float32 and such integers as int32, every value exactly. Arrays of Python objects are
+    refused, as `read_npz` would refuse them."""
+    stored = {name: _storable(name, value) for name, value in arrays.items()}
     save = np.savez_compressed if compressed else np.savez
     with _atomic_path(Path(path)) as scratch, open(scratch, "wb") as f:
-        save(f, **{name: np.asarray(value) for name, value in arrays.items()})
+        save(f, **stored)
+
+
+def _storable(name: str, value: Any) -> np.ndarray:
+    """`value` as an array npz holds as it is (see `write_npz`)."""
+    x = np.asarray(value)
+    if x.dtype.kind == "V" and jnp.issubdtype(x.dtype, jnp.floating):
+        return x.astype(np.float32)
+    if x.dtype.kind == "V" and jnp.issubdtype(x.dtype, jnp.integer):
+        return x.astype(np.int32)
+    if x.dtype.hasobject or x.dtype.kind == "V":
+        raise TypeError(f"{name}: an array of {x.dtype} cannot be written to npz")
+    return x
 
 
 def write_json(data: Any, path: str | os.PathLike) -> None:
@@ -227,8 +255,17 @@ def unflatten_params(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str, jax.Array]]:
     """A parameter tree from an npz in the published layout, arrays converted as `jnp.array`
     converts them (float64 to float32, int64 to int32 unless x64 is on). Checked as
-    `read_npz` checks; refuses objects (the published loader would unpickle them)."""
-    return jax.tree.map(jnp.asarray, unflatten_params(read_npz(checkpoint_path)))
+    `read_npz` checks; refuses objects (the published loader would unpickle them) and integers
+    that int32 would not hold when it is their type."""
+    flat = read_npz(checkpoint_path)
+    if not jax.config.jax_enable_x64:
+        for name, x in flat.items():
+            if x.dtype.kind in "iu" and x.size and (x.max() > INT32.max or x.min() < INT32.min):
+                raise ValueError(
+                    f"{checkpoint_path}: {name} holds integers beyond int32 (from {x.min()} to "
+                    f"{x.max()}), and JAX without x64 would wrap them"
+                )
+    return jax.tree.map(jnp.asarray, unflatten_params(flat))
 
 
 def save_model_params(params: hk.Params, checkpoint_path: str | os.PathLike) -> None:

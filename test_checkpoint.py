@@ -80,6 +80,29 @@ def test_load_model_params_follows_the_published_rules(tmp_path):
     assert set(params) == {"a/b", "", "~"}
     assert params["a/b"]["c"].dtype == jnp.float32 and params[""]["scalar"] == 1.5
     assert params["~"]["log_temperature"].dtype == jnp.int32
+    # An integer int32 cannot hold would wrap (2**40 to 0): refused, by name.
+    write_npz({"~/step": np.int64(2**40)}, path)
+    with pytest.raises(
+        ValueError, match=r"~/step holds integers beyond int32 \(from 1099511627776"
+    ):
+        load_model_params(path)
+
+
+def test_bfloat16_is_written_as_float32_and_raw_bytes_are_refused(tmp_path):
+    """npz has no bfloat16: numpy writes it as raw 2-byte records that read back as bytes."""
+    path = tmp_path / "p.npz"
+    values = jnp.array([1.5, -2.0, 3.0e38], jnp.bfloat16)
+    save_model_params({"m": {"w": values}}, path)
+    loaded = load_model_params(path)["m"]["w"]
+    assert loaded.dtype == jnp.float32
+    np.testing.assert_array_equal(loaded, values.astype(jnp.float32))
+    for save in (np.savez, np.savez_compressed):
+        save(path, w=np.asarray(values))
+        with pytest.raises(ValueError, match=r"w has raw dtype \|V2, not numbers"):
+            read_npz(path)
+    with pytest.raises(TypeError, match="o: an array of object cannot be written to npz"):
+        write_npz({"o": np.array([{"a": 1}], dtype=object)}, tmp_path / "o.npz")
+    assert not (tmp_path / "o.npz").exists()
 
 
 def test_tables_are_memory_mapped_and_equal(tmp_path):
