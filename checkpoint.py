@@ -826,7 +826,10 @@ def write_artifacts(
     without its candidate tower's projection, a ranker whose history or candidates differ from
     the retrieval model's (a folder's batch shapes are the retrieval config's). Heads, widening
     and attention multiplier other than the published mini model's are written in our keys of
-    `config.json`, which our loading reads and the published pipeline does not."""
+    `config.json`, which our loading reads and the published pipeline does not. The folder is
+    read back by `load_artifacts` before it is renamed: one it would refuse (NaN parameters,
+    tables of the wrong shape, duplicate post ids, a sequence without a history) is not
+    written, and the error names the file and the problem."""
     directory = check_new_folder(directory)
     problem = _folder_problem(retrieval.config, ranker.config)
     if problem:
@@ -845,6 +848,12 @@ def write_artifacts(
             write_json(data, folder / CONFIG_FILE)
         write_npz(corpus.arrays(), scratch / corpus_file)
         (scratch / sequence_file).write_text(json.dumps(sequence, indent=1) + "\n")
+        try:  # read back as a user would, before the folder gets its name
+            load_artifacts(scratch, scratch / sequence_file, scratch / corpus_file)
+        except (ValueError, TypeError) as error:
+            raise type(error)(
+                f"{directory} not written: " + str(error).replace(f"{scratch}{os.sep}", "")
+            ) from None
         if directory.exists():
             directory.rmdir()
         os.replace(scratch, directory)

@@ -418,6 +418,34 @@ def test_models_a_folder_cannot_describe_are_refused_before_writing(
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("duplicate ids", r"sports_corpus\.npz: post_ids must be distinct"),
+        ("no history", 'example_sequence.json: expected an object with "user_id" and "history"'),
+        ("nan parameter", r"ranker/model_params\.npz: .* holds NaN or infinite values"),
+    ],
+)
+def test_a_folder_that_would_not_load_back_is_not_written(
+    example_folder, tmp_path, damage, message
+):
+    artifacts = load_artifacts(example_folder)
+    corpus, sequence, ranker = artifacts.corpus, artifacts.sequence, artifacts.ranker
+    if damage == "duplicate ids":
+        ids = corpus.post_ids.copy()
+        ids[-1] = ids[0]
+        corpus = dataclasses.replace(corpus, post_ids=ids)
+    elif damage == "no history":
+        sequence = {"user_id": 1}
+    else:
+        params = {m: {n: np.array(v) for n, v in p.items()} for m, p in ranker.params.items()}
+        next(iter(next(iter(params.values())).values())).flat[0] = np.nan
+        ranker = dataclasses.replace(ranker, params=params)
+    with pytest.raises(ValueError, match=f"^{tmp_path / 'out'} not written: {message}"):
+        checkpoint.write_artifacts(tmp_path / "out", artifacts.retrieval, ranker, corpus, sequence)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_folder_that_is_not_an_artifacts_folder_is_named_as_such(tmp_path):
     (tmp_path / "run" / "artifacts").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"run holds no retrieval/ or ranker/ folder; "):
