@@ -458,8 +458,9 @@ def is_integer(value: Any) -> bool:
 
 
 def is_number(value: Any) -> bool:
-    """Whether a value read from JSON is a number (true and false are not)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
+    """Whether a value (read from JSON, or given in Python) is a real number: true and false are
+    not, numpy's numbers are."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def _config_problem(data: dict) -> str | None:

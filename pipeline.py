@@ -239,12 +239,18 @@ class Pipeline:
         is a ValueError)."""
         corpus: Corpus = self.artifacts.corpus
         n = len(corpus.post_ids)
-        if not 1 <= top_k_retrieval <= n:
-            raise ValueError(
-                f"top_k_retrieval must be in [1, {n}] (the corpus), got {top_k_retrieval}"
+        if not isinstance(sequence, Mapping):
+            raise TypeError(
+                'sequence must be an object with "user_id" and "history", got '
+                f"{type(sequence).__name__}"
             )
-        if top_k_display < 1:
-            raise ValueError(f"top_k_display must be at least 1, got {top_k_display}")
+        if not (is_integer(top_k_retrieval) and 1 <= top_k_retrieval <= n):
+            raise ValueError(
+                f"top_k_retrieval must be an integer in [1, {n}] (the corpus), got "
+                f"{top_k_retrieval!r}"
+            )
+        if not (is_integer(top_k_display) and top_k_display >= 1):
+            raise ValueError(f"top_k_display must be an integer >= 1, got {top_k_display!r}")
         retrieval, ranker = self.artifacts.retrieval, self.artifacts.ranker
         seconds = {}
         start = time.perf_counter()

@@ -143,6 +143,9 @@ def test_history_is_the_first_items_left_aligned():
     np.testing.assert_array_equal(dwell, [0, 1, 2])
     user, posts, _, actions, dwell = read_history({"user_id": 7, "history": []}, 3, 19)
     assert not posts.any() and not actions.any() and dwell is None
+    numpy_numbers = {"post_id": np.int64(5), "author_id": 6, "dwell_time": np.float32(2.5)}
+    _, posts, _, _, dwell = read_history({"user_id": 7, "history": [numpy_numbers]}, 1, 19)
+    assert posts.tolist() == [5] and dwell.tolist() == [2.5]
 
 
 @pytest.mark.parametrize(
@@ -286,5 +289,12 @@ def test_what_a_sequence_file_holds_is_refused_naming_the_file(folder, tmp_path,
 
 def test_retrieving_more_posts_than_the_corpus_holds_is_refused(folder):
     artifacts = load_artifacts(folder, fprop_dtype=jnp.float32)
-    with pytest.raises(ValueError, match=r"top_k_retrieval must be in \[1, 400\]"):
-        Pipeline(artifacts).feed(artifacts.sequence, 401)
+    pipeline = Pipeline(artifacts)
+    with pytest.raises(ValueError, match=r"top_k_retrieval must be an integer in \[1, 400\]"):
+        pipeline.feed(artifacts.sequence, 401)
+    with pytest.raises(ValueError, match=r"top_k_retrieval must be .*, got '5'"):
+        pipeline.feed(artifacts.sequence, "5")
+    with pytest.raises(ValueError, match="top_k_display must be an integer >= 1, got 2.5"):
+        pipeline.feed(artifacts.sequence, 5, 2.5)
+    with pytest.raises(TypeError, match="sequence must be an object .*, got NoneType"):
+        pipeline.feed(None)

@@ -54,6 +54,8 @@ from checkpoint import (
     config_to_json,
     configs_from_json,
     flatten_params,
+    is_integer,
+    is_number,
     param_shapes,
     read_npz,
     require_file,
@@ -989,7 +991,7 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
     )  # fmt: skip
     for name in (*positive, "weight_decay", "dwell_loss_weight", "final_learning_rate_fraction"):
         value = getattr(train, name)
-        if not _is_number(value) or not math.isfinite(value):
+        if not is_number(value) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         if value <= 0 if name in positive else value < 0:
             raise ValueError(f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value}")
@@ -1000,7 +1002,7 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
         )
     for name in ("steps", "decay_steps", "batch_size", "eval_every", "warmup_steps", "negatives"):
         value, least = getattr(train, name), 0 if name in ("warmup_steps", "negatives") else 1
-        if not (_is_integer(value) and value >= least):
+        if not (is_integer(value) and value >= least):
             raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     if train.dwell_loss not in CONTINUOUS_LOSS_TYPES:
         raise ValueError(
@@ -1027,14 +1029,6 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
         raise ValueError(
             f"negatives ({train.negatives}) must be in [0, {world.num_posts}] (the posts)"
         )
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
-
-
-def _is_integer(value) -> bool:
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def fit(
@@ -1274,7 +1268,7 @@ def evaluate_retrieval(job: Job, params, k: int = RETRIEVAL_K) -> tuple[dict, di
     time first: what a deployed retrieval searches."""
     _check_evaluated(job, params, "retrieval")
     most = job.world.num_posts - job.world.config.history_len
-    if not (_is_integer(k) and RETRIEVAL_K <= k <= most):
+    if not (is_integer(k) and RETRIEVAL_K <= k <= most):
         raise ValueError(
             f"k must be an integer in [{RETRIEVAL_K}, {most}] (recall@{RETRIEVAL_K} is reported, "
             f"and a query's history of {job.world.config.history_len} is never retrieved), "
