@@ -350,6 +350,7 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
     for name in ("eval.json", "eval_predictions.npz", "training_curves.png", "auroc.png"):
         assert (tmp_path / name).is_file(), name
     assert "examples/s" in out and "s left" in out and "favorite_score" in out
+    assert "recent popularity puts the serving window first" in out
     wrote = next(line for line in out.splitlines() if line.startswith("wrote"))
     assert "state/" in wrote and (tmp_path / "state" / "ranker.npz").is_file()
 
@@ -359,10 +360,16 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
     for i, action in enumerate(ACTIONS):
         figures = report["ranking"]["actions"][action]
         labels = predictions["ranking_labels"][..., i].ravel()
+        model = predictions["ranking_model"][..., i].ravel()
         if figures["auc"] is not None:
-            model = predictions["ranking_model"][..., i].ravel()
             assert figures["auc"] == pytest.approx(metrics.auroc(labels, model), abs=1e-6)
         assert figures["positives"] == labels.sum()
+        assert figures["ce"] == pytest.approx(metrics.cross_entropy(labels, model), abs=1e-6)
+        bins = metrics.calibration(labels, model)
+        assert figures["calibration"]["model"]["count"] == bins.count.tolist()
+        np.testing.assert_allclose(
+            figures["calibration"]["model"]["observed_rate"], bins.observed_rate, atol=1e-6
+        )
     dwell, model = predictions["ranking_dwell"], predictions["ranking_dwell_model"]
     mae, rmse = report["ranking"]["dwell_seconds_mae"], report["ranking"]["dwell_seconds_rmse"]
     assert mae["model"] == pytest.approx(np.abs(model - dwell).mean(), rel=1e-5)

@@ -1836,6 +1836,14 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
         print("\ngoals" + (":" if default else " (set for the default world, not this one):"))
         for text, met in checks:
             print(f"  [{'x' if met else ' '}] {text}")
+        recall = report.get("retrieval", {}).get("recall@100")
+        if recall and recall["recent_popularity"]:
+            m, o, r = recall["model"], recall["oracle"], recall["recent_popularity"]
+            print(
+                "  (popularity ranks the whole corpus; recent popularity puts the serving window "
+                f"first,\n   as the model and the oracle do: {r:.3f}, the model {m / r:.2f}x that, "
+                f"the oracle {o / r:.2f}x)"
+            )
     report["goals_met"] = all(met for _, met in checks)
     write_npz({**predictions, "actions": np.array(ACTIONS)}, out / "eval_predictions.npz")
     written = ["eval.json", "eval_predictions.npz", "state/"]
