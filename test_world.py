@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import pytest
@@ -304,6 +305,9 @@ def test_config_round_trips_through_json():
     assert W.WorldConfig.from_json(data) == config
     with pytest.raises(ValueError, match=r"unknown keys \['colour'\]"):
         W.WorldConfig.from_json({**data, "colour": 1})
+    actions = {"favorite_score": {"rate": 1}}
+    with pytest.raises(ValueError, match=r"actions: favorite_score must be an object of \["):
+        W.WorldConfig.from_json({**data, "actions": actions})
 
 
 @pytest.mark.parametrize(
@@ -319,6 +323,30 @@ def test_config_round_trips_through_json():
 def test_a_count_below_its_minimum_or_not_a_whole_number_is_refused(field, value, least):
     with pytest.raises(ValueError, match=rf"^{field} must be a whole number >= {least}, got "):
         dataclasses.replace(W.WorldConfig.tiny(), **{field: value})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        # Each of these built a world (or failed deep inside it with "math domain error").
+        (dict(author_quality_share=2), r"author_quality_share must be a number in \[0, 1\], got 2"),
+        (dict(in_taste_fraction=-1.0), r"in_taste_fraction must be a number in \[0, 1\]"),
+        (dict(serving_window_hours=0.0), "serving_window_hours must be a finite number > 0"),
+        (dict(freshness_timescale_hours=math.nan), "freshness_timescale_hours must be a finite"),
+        (dict(activity_sigma=-1.0), "activity_sigma must be a finite number >= 0, got -1.0"),
+        (dict(warmup_days=20.0), r"warmup_days \(20.0\) must be below span_days \(10.0\)"),
+        (dict(seed=-1), "seed must be a whole number >= 0, got -1"),
+        (dict(media_probabilities=(0.5, 0.5, 0.5)), "media_probabilities must be 3 numbers >= 0"),
+        (dict(topic_weight="3"), "topic_weight must be a finite number, got '3'"),
+        (
+            dict(actions={**W.default_action_models(), "reply_score": W.ActionModel(0, 1, 1, 1)}),
+            r"actions: reply_score's base_rate must be in \(0, 1\), got 0",
+        ),
+    ],
+)
+def test_a_number_outside_its_range_is_refused_by_name(change, message):
+    with pytest.raises(ValueError, match=f"^{message}"):
+        dataclasses.replace(W.WorldConfig.tiny(), **change)
 
 
 def test_users_without_favourite_authors_make_a_world():

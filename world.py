@@ -126,6 +126,65 @@ COUNT_FIELDS = {
     "favourite_authors_per_user": 0, "min_requests_per_user": 1, "max_requests_per_user": 1,
     "eval_requests_per_user": 0, "serving_pool_size": 1,
 }  # fmt: skip
+# The other numbers of WorldConfig, by the range each must lie in.
+FRACTION_FIELDS = (
+    "home_topic_probability", "author_quality_share", "favourite_in_taste_probability",
+    "in_taste_fraction",
+)  # fmt: skip
+POSITIVE_FIELDS = (
+    "span_days", "mean_requests_per_user", "serving_window_hours", "serving_temperature",
+    "freshness_timescale_hours", "dwell_median_seconds", "dwell_score_threshold_seconds",
+    "dwell_time_threshold_seconds",
+)  # fmt: skip
+NON_NEGATIVE_FIELDS = (
+    "warmup_days", "topic_popularity_exponent", "author_output_sigma", "activity_sigma",
+)  # fmt: skip
+REAL_FIELDS = (
+    "topic_weight", "favourite_author_weight", "dwell_taste_slope", "dwell_quality_slope",
+    "dwell_freshness_slope",
+)  # fmt: skip
+
+
+def _real(value) -> bool:
+    """A finite real number (not a bool)."""
+    number = isinstance(value, int | float | np.integer | np.floating)
+    return number and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _range_problem(config: WorldConfig) -> str | None:
+    """The first number of `config` outside its range, in words, or None."""
+    for names, ok, wanted in (
+        (FRACTION_FIELDS, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+        (POSITIVE_FIELDS, lambda v: v > 0, "a finite number > 0"),
+        (NON_NEGATIVE_FIELDS, lambda v: v >= 0, "a finite number >= 0"),
+        (REAL_FIELDS, lambda v: True, "a finite number"),
+    ):
+        for name in names:
+            value = getattr(config, name)
+            if not (_real(value) and ok(value)):
+                return f"{name} must be {wanted}, got {value!r}"
+    for name in ("seed", "start_time"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+            return f"{name} must be a whole number >= 0, got {value!r}"
+    media, offsets = config.media_probabilities, config.dwell_media_offsets
+    if not (len(media) == 3 and all(_real(p) and p >= 0 for p in media)) or not math.isclose(
+        sum(media), 1.0, abs_tol=1e-9
+    ):
+        return f"media_probabilities must be 3 numbers >= 0 that sum to 1, got {media!r}"
+    if not (len(offsets) == 3 and all(map(_real, offsets))):
+        return f"dwell_media_offsets must be 3 finite numbers, got {offsets!r}"
+    if config.warmup_days >= config.span_days:
+        return f"warmup_days ({config.warmup_days}) must be below span_days ({config.span_days})"
+    for name, model in config.actions.items():
+        if not isinstance(model, ActionModel):
+            return f"actions: {name} must be an ActionModel, got {model!r}"
+        if not (_real(model.base_rate) and 0 < model.base_rate < 1):
+            return f"actions: {name}'s base_rate must be in (0, 1), got {model.base_rate!r}"
+        slopes = (model.taste_slope, model.quality_slope, model.freshness_slope)
+        if not all(map(_real, slopes)):
+            return f"actions: {name}'s slopes must be finite numbers, got {slopes!r}"
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,12 +263,17 @@ class WorldConfig:
             raise ValueError("min_liked_topics <= max_liked_topics <= num_topics must hold")
         if self.num_authors < self.num_topics:
             raise ValueError("num_authors must be >= num_topics (every topic has an author)")
+        if self.min_requests_per_user > self.max_requests_per_user:
+            raise ValueError("min_requests_per_user must not exceed max_requests_per_user")
         if self.min_requests_per_user <= self.eval_requests_per_user:
             raise ValueError("min_requests_per_user must exceed eval_requests_per_user")
         if not self.num_candidates <= self.serving_pool_size:
             raise ValueError("serving_pool_size must be >= num_candidates")
-        if not 0.0 < self.dwell_spread < 1.0:
-            raise ValueError(f"dwell_spread must be in (0, 1), got {self.dwell_spread}")
+        if not (_real(self.dwell_spread) and 0.0 < self.dwell_spread < 1.0):
+            raise ValueError(f"dwell_spread must be in (0, 1), got {self.dwell_spread!r}")
+        problem = _range_problem(self)
+        if problem:
+            raise ValueError(problem)
 
     def memory_bytes(self) -> float:
         """A lower bound on the built world's memory: each request's impressions (their true
@@ -237,6 +301,12 @@ class WorldConfig:
             actions = values["actions"]
             if not isinstance(actions, dict):
                 raise ValueError(f"actions must be an object by action name, got {actions!r}")
+            fields = [f.name for f in dataclasses.fields(ActionModel)]
+            for name, model in actions.items():
+                if not isinstance(model, dict) or set(model) != set(fields):
+                    raise ValueError(
+                        f"actions: {name} must be an object of {fields}, got {model!r}"
+                    )
             values["actions"] = {k: ActionModel(**v) for k, v in actions.items()}
         return cls(**values)
 
