@@ -42,6 +42,12 @@ class EntityHash:
     vocab_size: int
 
     def __post_init__(self):
+        whole = lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)  # noqa: E731
+        if not all(map(whole, (*self.scales, *self.biases, self.modulus, self.vocab_size))):
+            raise ValueError(
+                f"hash scales {self.scales}, biases {self.biases}, modulus {self.modulus!r} and "
+                f"vocab_size {self.vocab_size!r} must be integers"
+            )
         if len(self.scales) != len(self.biases) or not self.scales:
             raise ValueError(
                 f"hash scales {self.scales} and biases {self.biases} must be non-empty and of "
@@ -171,9 +177,18 @@ def init_tables(hashing: Hashing, emb_size: int, seed: int, scale: float = 1.0) 
     }
 
 
-def _take(table, hashes):
+def _take(table, hashes, name: str):
     """Rows of `table` [V, D] at `hashes` [...]: numpy (from a memory-mapped file, only those
-    rows are read) or jax (inside a compiled step, differentiable)."""
+    rows are read) or jax (inside a compiled step, differentiable). Hashes given as values are
+    checked to be rows of the table; traced ones cannot be, and a row beyond it reads NaN."""
+    if not isinstance(hashes, jax.core.Tracer):
+        values = np.asarray(hashes)
+        rows = np.shape(table)[0]
+        if values.size and (values.min() < 0 or values.max() >= rows):
+            raise ValueError(
+                f"{name}: hashes from {values.min()} to {values.max()} do not fit its {rows} "
+                "rows (a table smaller than its hashing's vocab_size?)"
+            )
     if isinstance(table, jax.Array) or isinstance(hashes, jax.core.Tracer):
         return jnp.take(table, hashes, axis=0)
     return read_rows(table, np.asarray(hashes))
@@ -182,13 +197,13 @@ def _take(table, hashes):
 def lookup(tables: Mapping[str, Any], batch: RecsysBatch) -> RecsysEmbeddings:
     """The embeddings of a batch's hashes, from split tables (`user_embeddings`,
     `item_embeddings`, `author_embeddings`)."""
-    users, items, authors = (tables[TABLE_NAMES[e]] for e in ENTITIES)
+    users, items, authors = (TABLE_NAMES[e] for e in ENTITIES)
     return RecsysEmbeddings(
-        user_embeddings=_take(users, batch.user_hashes),
-        history_post_embeddings=_take(items, batch.history_post_hashes),
-        candidate_post_embeddings=_take(items, batch.candidate_post_hashes),
-        history_author_embeddings=_take(authors, batch.history_author_hashes),
-        candidate_author_embeddings=_take(authors, batch.candidate_author_hashes),
+        user_embeddings=_take(tables[users], batch.user_hashes, users),
+        history_post_embeddings=_take(tables[items], batch.history_post_hashes, items),
+        candidate_post_embeddings=_take(tables[items], batch.candidate_post_hashes, items),
+        history_author_embeddings=_take(tables[authors], batch.history_author_hashes, authors),
+        candidate_author_embeddings=_take(tables[authors], batch.candidate_author_hashes, authors),
     )
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -60,6 +61,8 @@ def test_hashing_round_trips_through_config_json_and_refuses_bad_ids():
         hashing.item(np.array([1.5]))
     with pytest.raises(ValueError, match="must be non-empty and of equal length"):
         EntityHash((1, 2), (3,), 11, 7)
+    with pytest.raises(ValueError, match="and vocab_size 10.5 must be integers"):
+        EntityHash((1,), (3,), 11, 10.5)  # hashed "mod 9.5", then truncated
 
 
 def test_lookup_from_split_tables_equals_the_unified_table():
@@ -86,6 +89,11 @@ def test_lookup_from_split_tables_equals_the_unified_table():
     )
     assert np.all(batch.history_post_hashes[0, -2:] == 0)
     assert batch.history_product_surface.shape == (2, 5) and not batch.history_product_surface.any()
+    # Tables smaller than the hashing's vocabulary: numpy's raised IndexError, jax's read NaN.
+    for array in (np.asarray, jnp.asarray):
+        small = {name: array(table[:3]) for name, table in tables.items()}
+        with pytest.raises(ValueError, match=r"user_embeddings: hashes from \d+ to \d+ do not "):
+            lookup(small, batch)
 
 
 def test_expected_random_rows_by_hand():
