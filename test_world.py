@@ -227,6 +227,8 @@ def test_oracle_and_popularity_rankings_exclude_the_history(world):
         assert ranking.shape == (len(examples), k) and ranking.min() >= 1
         assert not (ranking[:, :, None] == examples.history.post_ids[:, None, :]).any()
         assert all(len(set(row)) == k for row in ranking)
+    with pytest.raises(ValueError, match="k must be an integer >= 1, got -1"):
+        world.oracle_ranking(examples, -1)  # numpy's "negative dimensions" before
     # The oracle is the brute-force best k of the corpus among posts not in history: the posts
     # servable at the query time first, each group by the true favorite probability then.
     every_post = np.arange(1, world.num_posts + 1)

@@ -659,6 +659,8 @@ class World:
     def _rank(self, examples: RetrievalExamples, k: int, scores) -> np.ndarray:
         """Post ids [N, k] by `scores(user_ids [n, 1], post_ids [1, P], times [n, 1])`, best
         first, each query's history excluded; k capped at P − S."""
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be an integer >= 1, got {k!r}")
         k = min(k, self.num_posts - examples.history.post_ids.shape[1])
         out = np.zeros((len(examples), k), np.int64)
         every_post = np.arange(1, self.num_posts + 1)
