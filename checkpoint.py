@@ -258,12 +258,13 @@ def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str,
     `read_npz` checks; refuses objects (the published loader would unpickle them) and integers
     that int32 would not hold when it is their type."""
     flat = read_npz(checkpoint_path)
-    if not jax.config.jax_enable_x64:
+    if not jax.config.jax_enable_x64:  # then int64 becomes int32 and uint64 uint32
         for name, x in flat.items():
-            if x.dtype.kind in "iu" and x.size and (x.max() > INT32.max or x.min() < INT32.min):
+            kept = {"i": INT32, "u": np.iinfo(np.uint32)}.get(x.dtype.kind)
+            if kept and x.size and (x.max() > kept.max or x.min() < kept.min):
                 raise ValueError(
-                    f"{checkpoint_path}: {name} holds integers beyond int32 (from {x.min()} to "
-                    f"{x.max()}), and JAX without x64 would wrap them"
+                    f"{checkpoint_path}: {name} holds integers beyond {kept.dtype} (from "
+                    f"{x.min()} to {x.max()}), and JAX without x64 would wrap them"
                 )
     return jax.tree.map(jnp.asarray, unflatten_params(flat))
 

@@ -186,8 +186,8 @@ def _take(table, hashes, name: str):
         rows = np.shape(table)[0]
         if values.size and (values.min() < 0 or values.max() >= rows):
             raise ValueError(
-                f"{name}: hashes from {values.min()} to {values.max()} do not fit its {rows} "
-                "rows (a table smaller than its hashing's vocab_size?)"
+                f"{name}: hashes from {values.min()} to {values.max()} are not all rows of it "
+                f"(0 to {rows - 1})"
             )
     if isinstance(table, jax.Array) or isinstance(hashes, jax.core.Tracer):
         return jnp.take(table, hashes, axis=0)

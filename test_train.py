@@ -71,6 +71,8 @@ def test_retrieval_loss_falls(world, tmp_path):
     loss = losses(log)
     assert loss[-10:].mean() < 0.5 * loss[:5].mean()
     assert abs(log[-1]["temperature"] - 0.05) > 1e-3  # learned, from its initial 0.05
+    with pytest.raises(ValueError, match="already holds a saved retrieval: resume=True contin"):
+        T.fit(job, tmp_path, quiet=True)  # would start again over the saved state
 
 
 def test_trainable_initialisation_lets_every_array_learn(world):
@@ -640,6 +642,18 @@ def test_training_settings_are_refused_by_name_before_any_work(world, field, val
     from deep inside the step."""
     with pytest.raises(ValueError, match=message):
         T.make_job("ranker", world, dataclasses.replace(QUICK, **{field: value}))
+
+
+def test_numpy_numbers_in_configs_are_kept_as_python_numbers():
+    """Configs are written as JSON (with a run's state and in eval.json), which takes no numpy
+    scalar: a batch size of np.int64(8) failed at the first save, after training."""
+    train = dataclasses.replace(QUICK, batch_size=np.int64(8), learning_rate=np.float32(0.5))
+    assert type(train.batch_size) is int and train.learning_rate == 0.5
+    world = dataclasses.replace(
+        WorldConfig.tiny(), num_users=np.int64(50), media_probabilities=(np.float64(0.5), 0.3, 0.2)
+    )
+    assert type(world.num_users) is int and type(world.media_probabilities[0]) is float
+    json.dumps([dataclasses.asdict(train), world.to_json()])
 
 
 def test_evaluation_refuses_what_it_cannot_evaluate(world):

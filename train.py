@@ -131,6 +131,9 @@ class TrainConfig:
     eval_every: int = 250
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        world_lib.plain_numbers(self)
+
     @classmethod
     def for_model(cls, kind: str, quick: bool = False) -> TrainConfig:
         """The defaults of `kind` on the default world, or (quick) on the tiny one."""
@@ -1047,6 +1050,11 @@ def fit(
     mesh = data_mesh() if mesh is None else mesh
     check_batch_split(train, mesh)
     resume = resume or start is not None
+    if not resume and (state_dir / f"{job.kind}.npz").exists():
+        raise ValueError(
+            f"{state_dir} already holds a saved {job.kind}: resume=True continues it; to train "
+            "another from step 0, use another folder"
+        )
     if start is not None:
         state, log = start
     else:

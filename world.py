@@ -79,6 +79,19 @@ _KEY_TIME_SHIFT = 1 << 39
 _ORACLE_CHUNK = 512
 
 
+def plain_numbers(config) -> None:
+    """Replaces, in a frozen dataclass being built, numpy scalars (alone or in tuples) by the
+    Python numbers they hold: a config is written as JSON, which takes no numpy scalar."""
+
+    def plain(value):
+        if isinstance(value, np.generic):
+            return value.item()
+        return tuple(map(plain, value)) if isinstance(value, tuple) else value
+
+    for field in dataclasses.fields(config):
+        object.__setattr__(config, field.name, plain(getattr(config, field.name)))
+
+
 @dataclasses.dataclass(frozen=True)
 class ActionModel:
     """How one sampled action depends on the drivers: logit p = logit(base_rate) + slopes · drivers.
@@ -92,6 +105,9 @@ class ActionModel:
     taste_slope: float
     quality_slope: float
     freshness_slope: float
+
+    def __post_init__(self) -> None:
+        plain_numbers(self)
 
 
 def default_action_models() -> dict[str, ActionModel]:
@@ -249,6 +265,7 @@ class WorldConfig:
     dwell_time_threshold_seconds: float = 20.0
 
     def __post_init__(self) -> None:
+        plain_numbers(self)
         for name, least in COUNT_FIELDS.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
