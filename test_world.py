@@ -229,6 +229,10 @@ def test_oracle_and_popularity_rankings_exclude_the_history(world):
         assert all(len(set(row)) == k for row in ranking)
     with pytest.raises(ValueError, match="k must be an integer >= 1, got -1"):
         world.oracle_ranking(examples, -1)  # numpy's "negative dimensions" before
+    with pytest.raises(TypeError, match="user_id: ids must be integers, got float64"):
+        world.describe_user(1.5)  # was user 1
+    with pytest.raises(ValueError, match=r"times must be integers of the user_ids' shape \(3,\)"):
+        world.history([1, 2, 3], examples.query_times[:2])
     # The oracle is the brute-force best k of the corpus among posts not in history: the posts
     # servable at the query time first, each group by the true favorite probability then.
     every_post = np.arange(1, world.num_posts + 1)

@@ -477,7 +477,10 @@ class World:
     # ---- ids ---------------------------------------------------------------------------------
 
     def _index(self, ids, size: int, name: str) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":  # a float id would be truncated to another one
+            raise TypeError(f"{name}: ids must be integers, got {ids.dtype}")
+        ids = ids.astype(np.int64)
         if ids.size and (ids.min() < 1 or ids.max() > size):
             raise ValueError(f"{name}: ids must be in [1, {size}], got [{ids.min()}, {ids.max()}]")
         return ids - 1
@@ -632,7 +635,13 @@ class World:
     def history(self, user_ids, times) -> History:
         """The last S engagements of each user strictly before each time; user_ids, times [N]."""
         u = self._index(np.atleast_1d(user_ids), self.num_users, "user_ids")
-        return self._history(u, np.atleast_1d(np.asarray(times, dtype=np.int64)))
+        times = np.atleast_1d(times)
+        if times.dtype.kind not in "iu" or times.shape != u.shape:
+            raise ValueError(
+                f"times must be integers of the user_ids' shape {u.shape}, got {times.dtype} "
+                f"{times.shape}"
+            )
+        return self._history(u, times.astype(np.int64))
 
     def user_sequence(self, user_id: int, time: int) -> dict:
         """The user's history before `time` in the pipeline's JSON format (oldest first), with
@@ -765,6 +774,10 @@ class World:
         """Ids of the posts created in the `hours` (the serving window by default) before
         `time`, oldest first: what a request at `time` is served from."""
         hours = self.config.serving_window_hours if hours is None else hours
+        if not (_real(time) and _real(hours) and hours >= 0):
+            raise ValueError(
+                f"time and hours must be finite numbers, hours >= 0; got {time!r}, {hours!r}"
+            )
         end = np.searchsorted(self.post_created, time, side="left")
         start = np.searchsorted(self.post_created, time - hours * SECONDS_PER_HOUR)
         return np.arange(start, end, dtype=np.int64) + 1
