@@ -143,18 +143,19 @@ def rce(labels, probabilities) -> float:
 def calibration(labels, probabilities, num_bins: int = 10) -> Calibration:
     """Mean predicted probability against observed rate, in quantile bins of the prediction.
 
-    Bin edges are the 0, 1/num_bins, ..., 1 quantiles of `probabilities`, so each bin holds
-    about N / num_bins examples. Equal-width bins would put almost every prediction of a rare
-    action (most predictions near 0) into the first bin and leave the others with a handful of
-    examples each. Equal predictions always share a bin; when many are tied, some edges
-    coincide and fewer than `num_bins` bins are returned. Empty bins are dropped.
+    Sorted by prediction, the N examples fill `num_bins` bins of about N / num_bins each: the
+    example of rank r (from 0) goes to bin floor(r · num_bins / N). Equal-width bins would put
+    almost every prediction of a rare action (most predictions near 0) into the first bin and
+    leave the others with a handful of examples each. Equal predictions always share a bin, the
+    one of their middle rank, so that when many are tied fewer than `num_bins` bins are
+    returned. Empty bins are dropped.
     """
     y, p = _probabilities(labels, probabilities)
     if isinstance(num_bins, bool) or not isinstance(num_bins, int | np.integer) or num_bins < 1:
         raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
-    edges = np.quantile(p, np.linspace(0, 1, num_bins + 1))
-    # Bin i holds edges[i] <= p < edges[i + 1]; the largest prediction joins the last bin.
-    index = np.minimum(np.searchsorted(edges, p, side="right") - 1, num_bins - 1)
+    ordered = np.sort(p)
+    first, last = np.searchsorted(ordered, p, "left"), np.searchsorted(ordered, p, "right") - 1
+    index = ((first + last) * num_bins // (2 * len(p))).astype(np.int64)  # middle rank's bin
     count = np.bincount(index, minlength=num_bins)
     kept = count > 0
     predicted_sum = np.bincount(index, weights=p, minlength=num_bins)

@@ -160,7 +160,7 @@ def test_rce_is_nan_when_every_label_is_equal():
 
 
 def test_calibration_hand_computed():
-    # Quantile edges of the six predictions at 0, 1/3, 2/3, 1: 0.1, 0.1667, 0.4333, 0.9.
+    # Six predictions in three bins of two by rank; each tied pair's middle rank is in its bin.
     result = calibration([0, 0, 0, 1, 1, 1], [0.1, 0.1, 0.2, 0.2, 0.9, 0.9], num_bins=3)
     np.testing.assert_allclose(result.mean_predicted, [0.1, 0.2, 0.9])
     np.testing.assert_array_equal(result.observed_rate, [0.0, 0.5, 1.0])
@@ -197,6 +197,14 @@ def test_calibration_keeps_tied_predictions_together():
         np.testing.assert_allclose(got, expected)
     single = calibration(labels, np.full(300, 0.3), num_bins=10)
     np.testing.assert_allclose(single.observed_rate, [labels.mean()])
+    # A tied group that fills most ranks keeps a bin of its own, on either side of the rest.
+    low = calibration([0, 1, 1, 0, 1], [0.1, 0.1, 0.1, 0.1, 0.9], num_bins=2)
+    np.testing.assert_array_equal(low.count, [4, 1])
+    high = calibration([0, 1, 1, 0, 1], [0.1, 0.9, 0.9, 0.9, 0.9], num_bins=2)
+    np.testing.assert_array_equal(high.count, [1, 4])
+    mostly_zero = np.where(np.arange(300) < 240, 0.0, np.linspace(0.1, 0.9, 300))
+    zeros = calibration(labels, mostly_zero, num_bins=10)  # the rest: the last two bins
+    np.testing.assert_array_equal(zeros.count, [240, 30, 30])
 
 
 # Retrieval

@@ -220,12 +220,13 @@ def test_reports_equal_hand_computed_values():
     assert report["ce_oracle"] == pytest.approx(ce, abs=1e-6)
     assert report["ce"] == pytest.approx(model_ce, abs=1e-6)
     assert report["rce_ratio"] == pytest.approx(report["rce"] / report["rce_oracle"], abs=1e-6)
-    # Two quantile bins of the oracle's .2 | .6 .6 .9: observed 0 of 1, then 2 of 3.
+    # Two bins by rank of the oracle's .2 .6 .6 | .9 (the tied pair's middle rank, 1.5, is in
+    # the first): observed 1 of 3, then 1 of 1.
     two = T.ranking_report(labels, model, oracle, bins=2)["favorite_score"]["calibration"]
     assert two["oracle"] == {
-        "mean_predicted": [0.2, pytest.approx(0.7, abs=1e-6)],
-        "observed_rate": [0.0, pytest.approx(2 / 3, abs=1e-6)],
-        "count": [1, 3],
+        "mean_predicted": [pytest.approx(1.4 / 3, abs=1e-6), 0.9],
+        "observed_rate": [pytest.approx(1 / 3, abs=1e-6), 1.0],
+        "count": [3, 1],
     }
     empty = T.ranking_report(labels, oracle, oracle)["report_score"]  # no positives at all
     assert empty["auc"] is None and empty["positives"] == 0
