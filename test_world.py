@@ -165,6 +165,8 @@ def test_sampled_action_rates_match_the_true_probabilities(world):
     times = world.post_created[posts - 1] + rng.integers(0, 80 * 3600, size=n)
     probs = world.true_probabilities(users, posts, times)
     labels, dwell = world.sample_engagement(users, posts, times, rng)
+    with pytest.raises(TypeError, match="rng must be a numpy Generator"):
+        world.sample_engagement(users, posts, times, 0)  # a seed is not a Generator
     # The dwell actions are thresholds on the very dwell that was sampled.
     c = world.config
     np.testing.assert_array_equal(

@@ -574,6 +574,8 @@ class World:
     def sample_engagement(self, user_ids, post_ids, times, rng) -> tuple[np.ndarray, np.ndarray]:
         """Sample actions [..., A] uint8 and dwell [...] seconds, as the world does when it serves,
         with a numpy Generator `rng` (shapes as in `true_probabilities`)."""
+        if not isinstance(rng, np.random.Generator):
+            raise TypeError(f"rng must be a numpy Generator (np.random.default_rng), got {rng!r}")
         u = self._index(user_ids, self.num_users, "user_ids")
         p = self._index(post_ids, self.num_posts, "post_ids")
         labels, dwell, _, _ = self._sample(rng, u, p, times)
