@@ -371,7 +371,8 @@ def _check_values(fields: list[tuple[str, str, Any, int | None]]) -> None:
         found = jax.device_get(_device_summaries(kinds, values))
         summaries = dict(zip([f[0] for f in on_device], found, strict=True))
     for name, kind, value, high in fields:
-        summary = summaries.get(name) or _summary(kind, np.asarray(value), np)
+        with np.errstate(over="ignore"):  # an overflowing sum is what the check looks for
+            summary = summaries.get(name) or _summary(kind, np.asarray(value), np)
         if kind == "ids":
             low, top = summary
             limit = MAX_ID + 1 if high is None else high
@@ -382,8 +383,13 @@ def _check_values(fields: list[tuple[str, str, Any, int | None]]) -> None:
             x = np.asarray(value)
             _raise_at(name, x, (x != 0) & (x != 1), "a multi-hot of 0 and 1 (actions taken)")
         elif kind == "embeddings" and not np.isfinite(summary[0]):
-            x = np.asarray(value)
-            _raise_at(name, x, ~np.isfinite(x), "finite values")
+            x = np.asarray(value)  # float64 beyond float32's range becomes infinite in the model
+            with np.errstate(over="ignore"):
+                _raise_at(name, x, ~np.isfinite(x.astype(np.float32)), "finite float32 values")
+            raise ValueError(
+                f"{name} holds values too large to compute with in float32 (their float32 sum "
+                f"overflows; the largest magnitude is {np.max(np.abs(x))})"
+            )
 
 
 def _raise_at(name: str, x: np.ndarray, bad: np.ndarray, expected: str) -> None:
@@ -868,6 +874,13 @@ class PhoenixModel(hk.Module):
         longer candidate list) unless `candidate_slots` gives each candidate's own.
         """
         self._validate(batch, embeddings)
+        layers, users = self.config.model.num_layers, batch.candidate_post_hashes.shape[0]
+        if context.keys.shape[:2] != (layers, users):
+            raise ValueError(
+                f"context holds {context.keys.shape[0]} layers of {context.keys.shape[1]} users; "
+                f"this model has {layers} layers and the batch {users} users (encode_context of "
+                "the same batch)"
+            )
         candidates, mask = self._candidate_inputs(batch, embeddings)
         num_context, num_candidates = context.keys.shape[2], candidates.shape[1]
         if self.config.right_anchored_rope:

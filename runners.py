@@ -231,6 +231,11 @@ def create_example_corpus(
     corpus_size: int, emb_size: int, seed: int = 123
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random unit-norm corpus vectors [N, D] float32 and post ids arange(N)."""
+    for name, value, low in (("corpus_size", corpus_size, 1), ("emb_size", emb_size, 1)):
+        if not is_integer(value) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if seed is not None and (not is_integer(seed) or seed < 0):
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     check_memory(  # the vectors, a copy of them where they are searched, and the ids
         (2 * 4 * emb_size + 8) * corpus_size,
         f"a corpus of {corpus_size:,} posts of width {emb_size}",
@@ -252,7 +257,8 @@ def randomize_params(params: hk.Params, seed: int) -> hk.Params:
     def draw(path, x):
         if path[-1].key == "scale":
             return jnp.asarray(1.0 + 0.1 * rng.standard_normal(x.shape), jnp.float32)
-        return jnp.asarray(rng.standard_normal(x.shape) / math.sqrt(x.shape[0]), jnp.float32)
+        fan_in = x.shape[0] if x.shape else 1  # a scalar (retrieval's log_temperature): N(0, 1)
+        return jnp.asarray(rng.standard_normal(x.shape) / math.sqrt(fan_in), jnp.float32)
 
     return jax.tree_util.tree_map_with_path(draw, params)
 

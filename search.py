@@ -341,12 +341,20 @@ class TwoPassIndex:
         """`int8`: the int8 copy (default: where the native kernel runs) or bfloat16."""
         if not hasattr(corpus, "shape"):
             corpus = np.asarray(corpus)
-        if np.ndim(corpus) != 2 or not np.issubdtype(np.asarray(corpus[:0]).dtype, np.floating):
-            raise ValueError(f"corpus must be a floating [N, D] array, got {np.shape(corpus)}")
+        dtype = np.asarray(corpus[:0]).dtype
+        if np.ndim(corpus) != 2 or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"corpus must be a floating [N, D] array, got {dtype} {list(np.shape(corpus))}"
+            )
         if 0 in corpus.shape:
             raise ValueError(f"corpus is empty ({list(corpus.shape)}): there is nothing to search")
-        if int8 is None:
-            int8 = jax.default_backend() == "cpu" and native_search.available()
+        native = jax.default_backend() == "cpu" and native_search.available()  # registers it
+        if int8 and not native:
+            raise ValueError(
+                "int8=True needs the native kernel, which does not run here (a CPU backend and "
+                "a C++ compiler); leave int8 unset to use bfloat16"
+            )
+        int8 = native if int8 is None else int8
         self.corpus = corpus
         n, d = corpus.shape
         coarse = np.empty((n, d), np.int8 if int8 else jnp.bfloat16)
@@ -500,6 +508,9 @@ def first_non_finite_row(x) -> int | None:
     other hosts)."""
     if isinstance(x, jax.core.Tracer) or np.size(x) == 0:
         return None
+    if np.asarray(x[:0]).dtype == np.float64 and not jax.config.jax_enable_x64:
+        with np.errstate(over="ignore"):  # as JAX will hold it: float32, where a value beyond
+            x = jnp.asarray(x)  # float32's range is infinite
     if isinstance(x, jax.Array):
         if not x.is_fully_addressable:
             return None

@@ -393,6 +393,12 @@ BAD_INPUTS = [
     ("history_actions", _set(2.0), "holds 2.0 at"),
     ("history_post_embeddings", _set(np.nan), r"holds nan at \[0, 0, 0, 0\]; expected finite"),
     ("candidate_author_embeddings", _set(np.inf), "holds inf"),
+    # float64 beyond float32's range is finite here and infinite in the model.
+    (
+        "user_embeddings",
+        _set(1e39, np.float64),
+        r"holds 1e\+39 at \[0, 0, 0\]; expected finite float32",
+    ),
 ]
 
 
@@ -408,6 +414,20 @@ def test_bad_input_raises_value_error_naming_the_field(field, mutate, message):
     with pytest.raises(ValueError, match=field) as error:
         validate_inputs(batch, emb, SETUP.ranking_config(), SETUP.num_actions)
     assert error.match(message)
+
+
+def test_a_context_of_other_users_is_refused():
+    """Encoded for one user, a context was broadcast over three users' candidates: each scored
+    against the first user's history."""
+    config = SETUP.ranking_config()
+
+    def mixed(context_inputs, candidate_inputs):
+        model = config.make()
+        return model.score_candidates(model.encode_context(*context_inputs), *candidate_inputs)
+
+    one = jax.tree.map(lambda x: x[:1], fixed_example(seed=1))
+    with pytest.raises(ValueError, match="context holds 1 layers of 1 users; this model has 1 "):
+        hk.transform(mixed).apply(ranking_params(SETUP), None, one, fixed_example())
 
 
 def test_an_empty_batch_of_users_is_refused():

@@ -25,6 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import checkpoint
 import recsys_model
 import runners
 from conftest import (
@@ -409,6 +410,8 @@ def make_example(*sizes, **keywords):
          "example inputs of 2 users, history 1000000000 and 8 candidates would need about"),
         (make_example(2, 8, 4, 3, 19, seed=-1), "seed must be an integer >= 0, got -1"),
         (lambda: runners.randomize_params({}, seed=-1), "seed must be an integer >= 0, got -1"),
+        (lambda: runners.create_example_corpus(-1, 8), "corpus_size must be an integer >= 1"),
+        (lambda: runners.create_example_corpus(5, 0), "emb_size must be an integer >= 1, got 0"),
     ],
 )  # fmt: skip
 def test_example_inputs_that_cannot_be_made_are_refused_naming_the_argument(call, message):
@@ -463,6 +466,17 @@ def test_a_nan_corpus_row_is_refused_by_row():
     corpus[7, 3] = np.nan
     with pytest.raises(ValueError, match="corpus_embeddings row 7 holds"):
         make_retriever(SETUP).set_corpus(corpus)
+    wide = unit_rows((N, SETUP.emb_size), seed=1).astype(np.float64)
+    wide[5, 0] = 1e39  # finite in float64, infinite as the model holds it
+    with pytest.raises(ValueError, match="corpus_embeddings row 5 holds"):
+        make_retriever(SETUP).set_corpus(wide)
+
+
+def test_random_parameters_of_a_retrieval_tree_with_its_temperature():
+    """Retrieval checkpoints hold a scalar `~/log_temperature`, which has no fan-in."""
+    params = checkpoint.with_log_temperature(make_retriever(SETUP).params)
+    drawn = runners.randomize_params(params, seed=0)
+    assert drawn["~"]["log_temperature"].shape == () and drawn["~"]["log_temperature"] != 0
 
 
 def test_rank_and_retrieve_before_initialize_or_without_a_corpus_raise():

@@ -256,6 +256,13 @@ def test_two_pass_index_equals_the_full_float32_search(tmp_path, int8, near, wid
         assert (index.widened, index.fallbacks) == (widened, fallbacks)
 
 
+def test_two_pass_index_asked_for_int8_without_the_native_kernel_says_so(monkeypatch):
+    monkeypatch.setattr(native_search, "available", lambda: False)
+    with pytest.raises(ValueError, match="int8=True needs the native kernel"):
+        TwoPassIndex(unit_rows((50, 8), seed=1), int8=True)
+    assert TwoPassIndex(unit_rows((50, 8), seed=1)).scales is None  # bfloat16 by default then
+
+
 def test_two_pass_index_refuses_what_it_cannot_search():
     corpus = unit_rows((50, 8), seed=1)
     corpus[17, 3] = np.nan
@@ -272,6 +279,8 @@ def test_two_pass_index_refuses_what_it_cannot_search():
         TwoPassIndex(unit_rows((50, 8), seed=1) * 1e25).search(unit_rows((1, 8), 2) * 1e25, 3)
     with pytest.raises(ValueError, match=r"corpus is empty \(\[0, 8\]\)"):
         TwoPassIndex(np.zeros((0, 8), np.float32))
+    with pytest.raises(ValueError, match=r"corpus must be a floating \[N, D\] array, got int64"):
+        TwoPassIndex(np.zeros((5, 8), np.int64))
     rows = unit_rows((50, 8), seed=1)
     listed = TwoPassIndex(rows.tolist()).search(rows[:2], 4)  # a nested list is an array too
     assert_same_top_k(listed, full_top_k(rows[:2], rows, 4))
