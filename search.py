@@ -245,6 +245,9 @@ def sharded_top_k_search(
     Each device searches its own rows; the per-shard top-k are gathered and merged into the
     exact global top-k. Works unchanged across hosts after `jax.distributed.initialize()`.
     """
+    if np.ndim(corpus) != 2:
+        raise ValueError(f"corpus must be [N, D], got shape {np.shape(corpus)}")
+    check_top_k(corpus.shape[0], k, corpus_mask, "k")  # against all N rows, not a shard's
     sharding = getattr(corpus, "sharding", None)
     row_axis = sharding.spec[0] if isinstance(sharding, NamedSharding) and sharding.spec else None
     if row_axis is None or sharding.num_devices == 1:

@@ -14,6 +14,7 @@ Properties tested, each against the plain computation it replaces:
 
 import dataclasses
 import functools
+import re
 import sys
 from collections.abc import Callable
 
@@ -605,6 +606,16 @@ def check_sharded_corpus(mesh) -> None:
         corpus_mask=jax.device_put(mask, NamedSharding(mesh, P("x"))),
     )
     assert_same_top_k(result, full_top_k(queries, corpus, 20, mask))
+    # k and the mask are checked against all 64 rows, not a shard's 16 (a raw lax.top_k or
+    # shard_map error before).
+    for k, mask, message in ((65, None, r"k must be in \[1, N=64\]"),
+                             (3, np.ones(63, bool), r"corpus_mask has shape \(63,\)")):  # fmt: skip
+        try:
+            sharded_top_k_search(queries, jax.device_put(corpus, rows), k, mask)
+        except ValueError as error:
+            assert re.search(message, str(error)), error
+        else:
+            raise AssertionError(f"k {k} and that mask were searched")
 
 
 def check_sharded_batch(mesh) -> None:
