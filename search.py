@@ -416,6 +416,8 @@ class TwoPassIndex:
             )
         if not np.isfinite(queries).all():
             raise ValueError("queries must be finite")
+        if not len(queries):  # no queries: nothing to find, as top_k_search answers
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
         largest = float(np.linalg.norm(queries.astype(np.float64), axis=1).max()) * self.max_norm
         if largest > float(np.finfo(np.float32).max) / 2:
             raise ValueError(

@@ -281,6 +281,8 @@ def test_two_pass_index_refuses_what_it_cannot_search():
         TwoPassIndex(np.zeros((0, 8), np.float32))
     with pytest.raises(ValueError, match=r"corpus must be a floating \[N, D\] array, got int64"):
         TwoPassIndex(np.zeros((5, 8), np.int64))
+    scores, indices = index.search(np.zeros((0, 8), np.float32), 3)  # no queries: an empty answer
+    assert scores.shape == indices.shape == (0, 3)
     rows = unit_rows((50, 8), seed=1)
     listed = TwoPassIndex(rows.tolist()).search(rows[:2], 4)  # a nested list is an array too
     assert_same_top_k(listed, full_top_k(rows[:2], rows, 4))
