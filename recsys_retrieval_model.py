@@ -48,9 +48,12 @@ class RetrievalOutput(NamedTuple):
 
 
 def l2_normalize(x: jax.Array, dtype: Any = jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """x / sqrt(max(sum(x^2), EPS)) over the last axis, in `dtype`; also returns the norm."""
+    """x / sqrt(max(sum(x^2), EPS)) over the last axis, in `dtype`; also returns the norm.
+    In a dtype where EPS rounds to 0 (float16) the floor is its smallest normal number, so that
+    a zero vector (padding) stays zero instead of becoming 0 / 0."""
     x = x.astype(dtype)
-    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), EPS))
+    floor = max(EPS, float(jnp.finfo(x.dtype).tiny))  # EPS itself in float32 and bfloat16
+    norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), floor))
     return x / norm, norm
 
 
