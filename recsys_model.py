@@ -443,6 +443,13 @@ def validate_inputs(
     bound_by = {}  # the field that fixed each size read from the inputs (B, S, C)
     fields = [(name, getattr(batch, name), dims) for name, dims in _BATCH_DIMS.items()]
     fields += [(name, getattr(embeddings, name), dims) for name, dims in _EMBEDDING_DIMS.items()]
+    optional = set(RecsysBatch._field_defaults) | {"user_ip_embeddings"}  # second release
+    for name, value, _ in fields:
+        if value is None and name not in optional:
+            raise ValueError(f"{name} is None; the model needs it (only second-release inputs "
+                             "may be absent)")  # fmt: skip
+        if value is not None and not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(f"{name} must be an array (numpy or jax), got {type(value).__name__}")
     fields = [(name, value, dims) for name, value, dims in fields if value is not None]
     for name, value, dims in fields:
         shape = np.shape(value)

@@ -416,6 +416,15 @@ def test_bad_input_raises_value_error_naming_the_field(field, mutate, message):
     assert error.match(message)
 
 
+def test_a_required_field_that_is_none_or_not_an_array_is_named():
+    batch, emb = fixed_example()
+    config = SETUP.ranking_config()
+    with pytest.raises(ValueError, match="history_product_surface is None; the model needs it"):
+        validate_inputs(batch._replace(history_product_surface=None), emb, config)
+    with pytest.raises(TypeError, match="user_hashes must be an array .*, got list"):
+        validate_inputs(batch._replace(user_hashes=batch.user_hashes.tolist()), emb, config)
+
+
 def test_a_context_of_other_users_is_refused():
     """Encoded for one user, a context was broadcast over three users' candidates: each scored
     against the first user's history."""
