@@ -602,6 +602,11 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         config = self.runner.model
         sizes = validate_inputs(batch, embeddings, config, config.num_actions)
         b, c = sizes["B"], sizes["C"]
+        if isinstance(candidate_slots, jax.core.Tracer):
+            raise TypeError(
+                "candidate_slots must be concrete values (numpy, or a jax array), not traced "
+                "inside jax.jit: rank checks them before it runs"
+            )
         if candidate_slots is not None:
             candidate_slots = np.asarray(candidate_slots)
             if candidate_slots.shape != (c,) or candidate_slots.dtype.kind not in "iu":

@@ -441,6 +441,13 @@ def test_candidate_slots_that_are_not_slots_are_refused(guarded, slots, message)
         guarded[0].rank(*fixed_example(), candidate_slots=slots)
 
 
+def test_traced_candidate_slots_are_refused(guarded):
+    batch, emb = fixed_example()
+    rank = jax.jit(lambda slots: guarded[0].rank(batch, emb, candidate_slots=slots).scores)
+    with pytest.raises(TypeError, match="candidate_slots must be concrete values"):
+        rank(np.arange(C))  # numpy's TracerArrayConversionError before
+
+
 @pytest.mark.parametrize(
     "field, call",
     [
