@@ -86,7 +86,8 @@ def top_k_search(
 
     Equal to `lax.top_k` over the full [B, N] score matrix (up to the order of tied scores and
     float32 rounding), without ever holding that matrix. Scores are computed in float32
-    whatever the corpus dtype. Masked entries score -INF.
+    whatever the corpus dtype. Masked entries score -INF (-1e12, as published): a valid row
+    scoring below that (only with |query| · |row| beyond 1e12) would rank after them.
 
     `method`:
     - "xla": score `block_size` rows at a time with XLA's matrix product and keep a running
