@@ -48,6 +48,8 @@ from recsys_model import (
     NormConfig,
     PhoenixModelConfig,
     dummy_inputs,
+    is_integer,
+    is_number,
 )
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from tables import ENTITIES, TABLE_NAMES, Hashing
@@ -450,18 +452,6 @@ def read_config_json(path: Path) -> dict:
     if unknown:  # a misspelt key of ours would otherwise go unnoticed
         warnings.warn(f"{path}: ignored keys it does not know: {', '.join(unknown)}", stacklevel=2)
     return data
-
-
-def is_integer(value: Any) -> bool:
-    """Whether a value (read from JSON, or given in Python) is an integer: true and false are
-    not, numpy's integers are."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
-def is_number(value: Any) -> bool:
-    """Whether a value (read from JSON, or given in Python) is a real number: true and false are
-    not, numpy's numbers are."""
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def _config_problem(data: dict) -> str | None:

@@ -160,8 +160,20 @@ def compute_post_age_bucket(
     return jnp.where(absent, 0, bucket).astype(jnp.int32)
 
 
+def is_integer(value: Any) -> bool:
+    """Whether a value (read from JSON, or given in Python) is an integer: true and false are
+    not, numpy's integers are."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """Whether a value (read from JSON, or given in Python) is a real number: true and false are
+    not, numpy's numbers are."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
 def _check_count(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+    if not is_integer(value) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
@@ -448,10 +460,10 @@ def validate_inputs(
         if value is None and name not in optional:
             raise ValueError(f"{name} is None; the model needs it (only second-release inputs "
                              "may be absent)")  # fmt: skip
-        if value is not None and not (hasattr(value, "shape") and hasattr(value, "dtype")):
-            raise TypeError(f"{name} must be an array (numpy or jax), got {type(value).__name__}")
     fields = [(name, value, dims) for name, value, dims in fields if value is not None]
     for name, value, dims in fields:
+        if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+            raise TypeError(f"{name} must be an array (numpy or jax), got {type(value).__name__}")
         shape = np.shape(value)
         expected = ", ".join(
             (f"{d}={sizes[d]}" + (f" as in {bound_by[d]}" if d in bound_by else ""))

@@ -352,7 +352,8 @@ class TwoPassIndex:
             )
         if 0 in corpus.shape:
             raise ValueError(f"corpus is empty ({list(corpus.shape)}): there is nothing to search")
-        native = jax.default_backend() == "cpu" and native_search.available()  # registers it
+        # Asked for (or left to choose) int8 codes: the native kernel, built and registered here.
+        native = int8 is not False and jax.default_backend() == "cpu" and native_search.available()
         if int8 and not native:
             raise ValueError(
                 "int8=True needs the native kernel, which does not run here (a CPU backend and "
@@ -514,7 +515,7 @@ def first_non_finite_row(x) -> int | None:
     other hosts)."""
     if isinstance(x, jax.core.Tracer) or np.size(x) == 0:
         return None
-    if np.asarray(x[:0]).dtype == np.float64 and not jax.config.jax_enable_x64:
+    if isinstance(x, np.ndarray) and x.dtype == np.float64 and not jax.config.jax_enable_x64:
         with np.errstate(over="ignore"):  # as JAX will hold it: float32, where a value beyond
             x = jnp.asarray(x)  # float32's range is infinite
     if isinstance(x, jax.Array):

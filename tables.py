@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recsys_model import HashConfig, RecsysBatch, RecsysEmbeddings
+from recsys_model import HashConfig, RecsysBatch, RecsysEmbeddings, is_integer
 from search import read_rows
 
 ENTITIES = ("user", "item", "author")
@@ -42,8 +42,7 @@ class EntityHash:
     vocab_size: int
 
     def __post_init__(self):
-        whole = lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)  # noqa: E731
-        if not all(map(whole, (*self.scales, *self.biases, self.modulus, self.vocab_size))):
+        if not all(map(is_integer, (*self.scales, *self.biases, self.modulus, self.vocab_size))):
             raise ValueError(
                 f"hash scales {self.scales}, biases {self.biases}, modulus {self.modulus!r} and "
                 f"vocab_size {self.vocab_size!r} must be integers"

@@ -39,7 +39,7 @@ import math
 import numpy as np
 from scipy.special import expit  # the logistic sigmoid; never overflows
 
-from recsys_model import ACTIONS
+from recsys_model import ACTIONS, is_integer, is_number
 
 NUM_ACTIONS = len(ACTIONS)
 ACTION_INDEX = {name: i for i, name in enumerate(ACTIONS)}
@@ -134,9 +134,10 @@ def default_action_models() -> dict[str, ActionModel]:
     }
 
 
-# The fields of WorldConfig that count something, each a whole number of at least its minimum
-# (users without favourite authors, or a world with nothing held out, are worlds too).
-COUNT_FIELDS = {
+# The fields of WorldConfig that are whole numbers, each of at least its minimum (users without
+# favourite authors, or a world with nothing held out, are worlds too).
+WHOLE_FIELDS = {
+    "seed": 0, "start_time": 0,
     "num_topics": 1, "num_authors": 1, "num_posts": 1, "num_users": 1, "history_len": 1,
     "num_candidates": 1, "min_liked_topics": 1, "max_liked_topics": 1,
     "favourite_authors_per_user": 0, "min_requests_per_user": 1, "max_requests_per_user": 1,
@@ -163,8 +164,7 @@ REAL_FIELDS = (
 
 def _real(value) -> bool:
     """A finite real number (not a bool)."""
-    number = isinstance(value, int | float | np.integer | np.floating)
-    return number and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value) and math.isfinite(value)
 
 
 def _range_problem(config: WorldConfig) -> str | None:
@@ -179,10 +179,6 @@ def _range_problem(config: WorldConfig) -> str | None:
             value = getattr(config, name)
             if not (_real(value) and ok(value)):
                 return f"{name} must be {wanted}, got {value!r}"
-    for name in ("seed", "start_time"):
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-            return f"{name} must be a whole number >= 0, got {value!r}"
     media, offsets = config.media_probabilities, config.dwell_media_offsets
     if not (len(media) == 3 and all(_real(p) and p >= 0 for p in media)) or not math.isclose(
         sum(media), 1.0, abs_tol=1e-9
@@ -266,9 +262,9 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         plain_numbers(self)
-        for name, least in COUNT_FIELDS.items():
+        for name, least in WHOLE_FIELDS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < least:
+            if not is_integer(value) or value < least:
                 raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
         expected = set(ACTIONS) - {DWELL_SCORE_ACTION, DWELL_TIME_ACTION}
         if set(self.actions) != expected:
@@ -687,7 +683,7 @@ class World:
     def _rank(self, examples: RetrievalExamples, k: int, scores) -> np.ndarray:
         """Post ids [N, k] by `scores(user_ids [n, 1], post_ids [1, P], times [n, 1])`, best
         first, each query's history excluded; k capped at P − S."""
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        if not is_integer(k) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         k = min(k, self.num_posts - examples.history.post_ids.shape[1])
         out = np.zeros((len(examples), k), np.int64)
