@@ -146,21 +146,30 @@ def _token_flops(config: PhoenixModelConfig) -> tuple[float, float]:
     return per_token, 4 * t.num_q_heads * t.key_size
 
 
+def _input_widths(config: PhoenixModelConfig) -> tuple[int, int, int]:
+    """How many embeddings of width D the input projections of the user, a history item and a
+    candidate read: hashes, then the action and product surface (history) or the surface
+    (candidate), and in the second release the dwell time (history) and post age (candidate)."""
+    h, second = config.hash_config, int(config.release >= 2)
+    items = h.num_item_hashes + h.num_author_hashes
+    return h.num_user_hashes, items + 2 + second, items + 1 + second
+
+
 def cached_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> float:
     """Matrix FLOPs of the cached path for one user: input projections, attention projections,
     logits and weighted values, feed-forward, unembedding. Element-wise work (norms, rotary,
     soft-cap, softmax, GELU) is not counted: the bound is optimistic."""
-    t, d, h = config.model, config.emb_size, config.hash_config
+    t, d = config.model, config.emb_size
     context, s = 1 + config.history_seq_len, config.history_seq_len
     per_token, pair = _token_flops(config)
-    items = h.num_item_hashes + h.num_author_hashes
+    user, item, candidate = _input_widths(config)
     context_flops = (
-        2 * h.num_user_hashes * d * d
-        + 2 * s * ((items + 2) * d * d + config.num_actions * d)
+        2 * user * d * d
+        + 2 * s * (item * d * d + config.num_actions * d)
         + t.num_layers * (context * per_token + pair * context * (context + 1) / 2)
     )
     per_candidate = (
-        2 * (items + 1) * d * d
+        2 * candidate * d * d
         + t.num_layers * (per_token + pair * (context + 1))
         + 2 * d * config.num_actions
     )
@@ -170,14 +179,14 @@ def cached_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> flo
 def dense_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> float:
     """Matrix FLOPs of the dense forward for one user, the whole masked attention square
     included (as it is computed); the same omissions as `cached_ranking_flops`."""
-    t, d, h = config.model, config.emb_size, config.hash_config
+    t, d = config.model, config.emb_size
     s, length = config.history_seq_len, 1 + config.history_seq_len + num_candidates
     per_token, pair = _token_flops(config)
-    items = h.num_item_hashes + h.num_author_hashes
+    user, item, candidate = _input_widths(config)
     return (
-        2 * h.num_user_hashes * d * d
-        + 2 * s * ((items + 2) * d * d + config.num_actions * d)
-        + 2 * num_candidates * ((items + 1) * d * d + d * config.num_actions)
+        2 * user * d * d
+        + 2 * s * (item * d * d + config.num_actions * d)
+        + 2 * num_candidates * (candidate * d * d + d * config.num_actions)
         + t.num_layers * (length * per_token + pair * length**2)
     )
 
