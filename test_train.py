@@ -485,13 +485,14 @@ def test_the_other_model_of_a_folder_is_checked_before_training_and_reported_as_
 
 def test_training_that_would_not_fit_in_memory_is_refused_before_it_starts(world, monkeypatch):
     # The tiny world: 40 users, 400 posts, 24 authors, 27 held-out queries; tables of 4, 8 and
-    # 4 rows per entity and a padding row each, D 128, six float32 copies.
+    # 4 rows per entity and a padding row each, D 128 (ranker) or 64 (retrieval), six float32
+    # copies.
     assert (world.num_users, world.num_posts, world.num_authors) == (40, 400, 24)
     assert len(world.retrieval_eval) == 27
-    tables = 6 * 4 * 128 * (161 + 3201 + 97)
-    for kind, more in (("ranker", 0), ("retrieval", 5 * 27 * 400)):
+    rows = 161 + 3201 + 97
+    for kind, d, more in (("ranker", 128, 0), ("retrieval", 64, 5 * 27 * 400)):
         job = T.make_job(kind, world, QUICK)
-        assert T.training_bytes(kind, job.hashing, job.config, world) == tables + more
+        assert T.training_bytes(kind, job.hashing, job.config, world) == 6 * 4 * d * rows + more
     monkeypatch.setattr(runners, "ALWAYS_FITS", 0)
     monkeypatch.setattr(runners, "available_memory", lambda: 2**20)
     with pytest.raises(ValueError, match=r"training the ranker on this world would need about"):
