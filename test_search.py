@@ -12,7 +12,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import native_search
-from conftest import SEEDS, assert_same_top_k, full_top_k, normal, unit_rows
+from conftest import (
+    SEEDS,
+    assert_same_top_k,
+    finish,
+    full_top_k,
+    normal,
+    start_with_devices,
+    unit_rows,
+)
 from search import (
     INF,
     TwoPassIndex,
@@ -254,6 +262,26 @@ def test_two_pass_index_equals_the_full_float32_search(tmp_path, int8, near, wid
         # Query 2 keeps 66, 84 and 184 rows at k = 1, 10 and 60 in the first pass, eight times
         # as many when widened; queries 0 and 1 never need either.
         assert (index.widened, index.fallbacks) == (widened, fallbacks)
+
+
+@needs_kernel
+def test_two_pass_index_builds_the_int8_kernel_itself_in_a_fresh_process():
+    """In a process where nothing has asked for the native kernel before, TwoPassIndex(int8=True)
+    builds and registers it, and its search is the exact top k."""
+    code = "\n".join(
+        [
+            "import numpy as np, search",
+            "rng = np.random.default_rng(0)",
+            "corpus = rng.standard_normal((500, 16)).astype(np.float32)",
+            "queries = rng.standard_normal((2, 16)).astype(np.float32)",
+            "index = search.TwoPassIndex(corpus, int8=True)",
+            "_, found = index.search(queries, 5)",
+            "want = np.argsort(-(queries @ corpus.T), axis=1)[:, :5]",
+            "print(index.scales is not None, bool((found == want).all()))",
+        ]
+    )
+    status, out, report = finish(start_with_devices(code, 1))
+    assert status == 0 and out.split() == ["True", "True"], report
 
 
 def test_two_pass_index_asked_for_int8_without_the_native_kernel_says_so(monkeypatch):
