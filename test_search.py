@@ -267,7 +267,8 @@ def test_two_pass_index_equals_the_full_float32_search(tmp_path, int8, near, wid
 @needs_kernel
 def test_two_pass_index_builds_the_int8_kernel_itself_in_a_fresh_process():
     """In a process where nothing has asked for the native kernel before, TwoPassIndex(int8=True)
-    builds and registers it, and its search is the exact top k."""
+    loads and registers it (built already, by this process), and its search is the exact top
+    k."""
     code = "\n".join(
         [
             "import numpy as np, search",

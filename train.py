@@ -1,7 +1,7 @@
 """Train the ranking and the retrieval model on the synthetic world, evaluate both against the
 world's oracle, and export them in the published artifacts layout.
 
-    uv run train.py --out runs/default            # both models, the default world (10 to 13 min)
+    uv run train.py --out runs/default            # both models, the default world (8 to 10 min)
     uv run train.py --out runs/smoke --quick       # a smoke run of about a minute (a tiny world)
     uv run train.py --out runs/r --model ranker --steps 1000 --resume  # on to step 1000
 
