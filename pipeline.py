@@ -37,8 +37,6 @@ from checkpoint import (
     Corpus,
     ModelArtifacts,
     check_new_folder,
-    is_integer,
-    is_number,
     param_shapes,
     write_artifacts,
 )
@@ -49,6 +47,8 @@ from recsys_model import (
     HashConfig,
     PhoenixModelConfig,
     denormalize_continuous_value,
+    is_integer,
+    is_number,
 )
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from search import TwoPassIndex, read_rows

@@ -26,7 +26,6 @@ import numpy as np
 from checkpoint import (
     LOG_TEMPERATURE,
     check_params,
-    is_integer,
     load_embedding_table,
     load_model_params,
     param_shapes,
@@ -41,6 +40,7 @@ from recsys_model import (
     create_dummy_batch_from_config,
     create_dummy_embeddings_from_config,
     dummy_inputs,
+    is_integer,
     map_candidates,
     validate_inputs,
 )

@@ -54,8 +54,6 @@ from checkpoint import (
     config_to_json,
     configs_from_json,
     flatten_params,
-    is_integer,
-    is_number,
     param_shapes,
     read_npz,
     require_file,
@@ -85,6 +83,8 @@ from recsys_model import (
     RecsysBatch,
     denormalize_continuous_value,
     dummy_inputs,
+    is_integer,
+    is_number,
     normalize_continuous_value,
 )
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
@@ -1006,7 +1006,7 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
         value = getattr(train, name)
         if not is_number(value) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if value <= 0 if name in positive else value < 0:
+        if (value <= 0) if name in positive else (value < 0):
             raise ValueError(f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value}")
     if train.final_learning_rate_fraction > 1:
         raise ValueError(
