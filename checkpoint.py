@@ -733,11 +733,13 @@ def load_artifacts(
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: no such folder")
     folders = {name: directory / name for name in ("retrieval", "ranker")}
-    if not any(f.is_dir() for f in folders.values()) and (directory / "artifacts").is_dir():
-        raise FileNotFoundError(
-            f"{directory} holds no retrieval/ or ranker/ folder; a training run's artifacts "
-            f"are in {directory / 'artifacts'}"
+    if not any(f.is_dir() for f in folders.values()):
+        where = (
+            f"a training run's artifacts are in {directory / 'artifacts'}"
+            if (directory / "artifacts").is_dir()
+            else "an artifacts folder holds both, a corpus .npz and a user sequence .json"
         )
+        raise FileNotFoundError(f"{directory} holds no retrieval/ or ranker/ folder; {where}")
     corpus_file = Path(corpus_file or directory / DEFAULT_CORPUS_FILE)
     sequence_file = Path(sequence_file or directory / DEFAULT_SEQUENCE_FILE)
     for folder in folders.values():  # every file there, before any is read

@@ -452,6 +452,8 @@ def test_a_folder_that_is_not_an_artifacts_folder_is_named_as_such(tmp_path):
     (tmp_path / "run" / "artifacts").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"run holds no retrieval/ or ranker/ folder; "):
         load_artifacts(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match=r"run/artifacts holds no retrieval/ or ranker/ "):
+        load_artifacts(tmp_path / "run" / "artifacts")  # an empty folder
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(NotADirectoryError, match=r"notes.txt is a file, not a folder"):
         load_artifacts(tmp_path / "notes.txt")
