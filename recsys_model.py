@@ -771,7 +771,24 @@ class PhoenixModelConfig(ModelConfigDefaults):
 PhoenixRankingModelConfig = PhoenixModelConfig
 
 
-class PhoenixModel(hk.Module):
+class ModelModule(hk.Module):
+    """What the ranking and retrieval models hold: the transformer, their config and the dtype
+    of the forward. Unnamed, a model takes its class's name in snake case (`phoenix_model`)."""
+
+    def __init__(
+        self,
+        model: Any,
+        config: Any,
+        fprop_dtype: Any = jnp.bfloat16,
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        self.model = model
+        self.config = config
+        self.fprop_dtype = fprop_dtype
+
+
+class PhoenixModel(ModelModule):
     """Ranking model: logits [B, C, A] (and, second release, continuous predictions [B, C, Nc])
     for every candidate.
 
@@ -782,17 +799,7 @@ class PhoenixModel(hk.Module):
       only the candidate fields of the batch and embeddings.
     """
 
-    def __init__(
-        self,
-        model: Any,
-        config: PhoenixModelConfig,
-        fprop_dtype: Any = jnp.bfloat16,
-        name: str | None = None,
-    ):
-        super().__init__(name=name or "phoenix_model")
-        self.model = model
-        self.config = config
-        self.fprop_dtype = fprop_dtype
+    config: PhoenixModelConfig
 
     def _validate(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> None:
         validate_inputs(batch, embeddings, self.config, self.config.num_actions)

@@ -21,6 +21,7 @@ from grok import TransformerConfig, matmul_2d
 from recsys_model import (
     HashConfig,
     ModelConfigDefaults,
+    ModelModule,
     RecsysBatch,
     RecsysEmbeddings,
     build_context_inputs,
@@ -114,20 +115,10 @@ class PhoenixRetrievalModelConfig(ModelConfigDefaults):
         )
 
 
-class PhoenixRetrievalModel(hk.Module):
+class PhoenixRetrievalModel(ModelModule):
     """Two-tower retrieval: user tower (transformer), candidate tower (MLP), top-K search."""
 
-    def __init__(
-        self,
-        model: Any,
-        config: PhoenixRetrievalModelConfig,
-        fprop_dtype: Any = jnp.bfloat16,
-        name: str | None = None,
-    ):
-        super().__init__(name=name or "phoenix_retrieval_model")
-        self.model = model
-        self.config = config
-        self.fprop_dtype = fprop_dtype
+    config: PhoenixRetrievalModelConfig
 
     def _validate(self, batch: RecsysBatch, embeddings: RecsysEmbeddings) -> None:
         validate_inputs(batch, embeddings, self.config)
