@@ -7,7 +7,9 @@ transformer with candidate isolation and maps each candidate's output to `num_ac
 Both published releases are built here. A config made as the published guides show builds the
 first release's model, unchanged. `PhoenixModelConfig(..., release=2)` builds the second's: a
 history item also carries its dwell time, a candidate its post age (bucketed from two
-timestamps), and a continuous head predicts `num_continuous_actions` values per candidate.
+timestamps), and a continuous head predicts `num_continuous_actions` values per candidate. In a
+process run with `PHOENIX_RELEASE=2`, every config that leaves `release` out builds the second
+release's model, as the second release itself does: code written for it runs unchanged.
 Right-anchored rotary positions (`right_anchored_rope=True`), which make a candidate's score
 independent of its slot, and IP hashes (`HashConfig.num_ip_hashes`) add no parameters and work
 with either release.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -711,6 +714,22 @@ def build_context_inputs(
 
 
 RELEASES = (1, 2)
+# The release of a config that does not name one: 1 unless this environment variable says 2.
+RELEASE_VARIABLE = "PHOENIX_RELEASE"
+
+
+def default_release() -> int:
+    """The release a config built without `release` takes: `PHOENIX_RELEASE` (1 or 2), read when
+    the config is built, or 1 when it is unset or empty. Any other value is a ValueError."""
+    value = os.environ.get(RELEASE_VARIABLE, "").strip()
+    if not value:
+        return 1
+    if value not in {str(r) for r in RELEASES}:
+        raise ValueError(
+            f"{RELEASE_VARIABLE}={value!r}: expected one of {', '.join(map(str, RELEASES))} "
+            "(the published release a config without `release` builds)"
+        )
+    return int(value)
 
 
 @dataclasses.dataclass
@@ -719,9 +738,11 @@ class PhoenixModelConfig(ModelConfigDefaults):
 
     `emb_size` defaults to the transformer's width and `num_actions` to the 19 published
     actions (the published ranking guide leaves both out). The fields after
-    `product_surface_vocab_size` are the second release's; `release` (1 by default, the model
-    the published guides describe) chooses which published ranker to build: 2 adds the dwell-time
-    and post-age inputs and the continuous head, with their parameters. `use_ip_address` and
+    `product_surface_vocab_size` are the second release's; `release` chooses which published
+    ranker to build: 1, the model the published guides describe, or 2, which adds the dwell-time
+    and post-age inputs and the continuous head, with their parameters. Left out (None), it is
+    `default_release()`: 1, or 2 in a process run with `PHOENIX_RELEASE=2` (so that code written
+    for the second release, which always builds its ranker, runs unchanged). `use_ip_address` and
     `mask_neg_feedback_on_negatives` are accepted as published and read by nothing here; the
     loss fields of `continuous_action_config` are read by training, not by the model.
     """
@@ -742,10 +763,12 @@ class PhoenixModelConfig(ModelConfigDefaults):
     use_ip_address: bool = False
     right_anchored_rope: bool = False
     mask_neg_feedback_on_negatives: bool = True
-    release: int = 1
+    release: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
+        if self.release is None:
+            self.release = default_release()
         if self.num_actions is None:
             self.num_actions = len(ACTIONS)
         if self.continuous_action_config is None:

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import checkpoint
 import recsys_model
 import runners
 from conftest import (
@@ -666,6 +667,33 @@ def test_right_anchored_logits_do_not_depend_on_slot(
     cached_after = np.asarray(ranker.rank(*moved).scores)[:, back]
     np.testing.assert_allclose(cached_after, cached_before, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(cached_before, 1 / (1 + np.exp(-dense_before)), atol=1e-5)
+
+
+def test_a_process_run_for_the_second_release_builds_it_from_configs_that_leave_release_out(
+    monkeypatch,
+):
+    """With PHOENIX_RELEASE=2, a config built as the published guides show builds the second
+    release's ranker (its parameters, its continuous head); a config that names its release
+    keeps it, and so does a copy made by dataclasses.replace once the variable is gone."""
+    transformer = SETUP.transformer_config()
+    names = set(checkpoint.param_shapes(PhoenixModelConfig(transformer))["phoenix_model"])
+    for value in ("", " "):
+        monkeypatch.setenv(recsys_model.RELEASE_VARIABLE, value)
+        assert PhoenixModelConfig(transformer).release == 1
+    monkeypatch.setenv(recsys_model.RELEASE_VARIABLE, "2")
+    config = PhoenixModelConfig(transformer, emb_size=SETUP.emb_size)
+    assert (config.release, PhoenixModelConfig(transformer, release=1).release) == (2, 1)
+    second = set(checkpoint.param_shapes(config)["phoenix_model"])
+    assert second - names == {
+        "history_dwell_time_proj1", "history_dwell_time_proj2", "post_age_embedding_table",
+        "continuous_unembeddings",
+    }  # fmt: skip
+    monkeypatch.delenv(recsys_model.RELEASE_VARIABLE)
+    assert dataclasses.replace(config, history_seq_len=4).release == 2
+    assert PhoenixModelConfig(transformer).release == 1
+    monkeypatch.setenv(recsys_model.RELEASE_VARIABLE, "second")
+    with pytest.raises(ValueError, match=r"PHOENIX_RELEASE='second': expected one of 1, 2 \("):
+        PhoenixModelConfig(transformer)
 
 
 def test_release_and_continuous_sizes_are_checked():
