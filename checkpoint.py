@@ -181,7 +181,13 @@ def _umask() -> int:
 
 @contextlib.contextmanager
 def _atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary sibling of `path` to write to, renamed to `path` only if writing succeeds."""
+    """A temporary sibling of `path` to write to, renamed to `path` only if writing succeeds.
+    A symbolic link is written through (its target is replaced, the link kept); a device, pipe
+    or socket at `path` is refused before anything is written."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not target.is_file():
+        raise ValueError(f"{path} is not a file (a folder, device, pipe or socket); choose a file")
+    path = target
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)

@@ -54,10 +54,21 @@ def count(n: int, noun: str) -> str:
     return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
+def not_a_regular_file(path: os.PathLike) -> str | None:
+    """Why a file written at `path` would replace something that is not one: `path` (or what
+    its links point to) is a device, a pipe or a socket. None for a file, a folder or nothing."""
+    target = Path(os.path.realpath(path))
+    if target.exists() and not (target.is_file() or target.is_dir()):
+        return f"{path} is a device, pipe or socket, not a file: choose a file name"
+    return None
+
+
 def file_in_a_folder(path: os.PathLike) -> str | None:
-    """Why a file or folder could not be written at `path`: the first of its parents that
-    exists is not a folder, or (unless `path` is a folder already) it cannot be written in;
-    None when it could (as far as that goes)."""
+    """Why a file or folder could not be written at `path`: it is a device, pipe or socket, the
+    first of its parents that exists is not a folder, or (unless `path` is a folder already) it
+    cannot be written in; None when it could (as far as that goes)."""
+    if problem := not_a_regular_file(path):
+        return problem
     path = Path(os.path.abspath(path))
     for parent in path.parents:
         if parent.exists():

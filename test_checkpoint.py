@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import stat
 import warnings
 import zipfile
 
@@ -172,6 +173,21 @@ def test_an_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
         write_npz({"a": np.ones(3)}, path)
     assert path.read_bytes() == before  # the old file untouched
     assert os.listdir(tmp_path) == ["model_params.npz"]  # no partial file left behind
+
+
+def test_a_link_is_written_through_and_a_pipe_is_refused(tmp_path):
+    """A save to a symbolic link replaces the file it points to and keeps the link; a save to
+    a pipe (or a device) is refused before anything is written, leaving it as it was."""
+    write_npz({"a": np.zeros(3)}, tmp_path / "target.npz")
+    (tmp_path / "link.npz").symlink_to("target.npz")
+    write_npz({"a": np.ones(3)}, tmp_path / "link.npz")
+    assert (tmp_path / "link.npz").is_symlink()
+    np.testing.assert_array_equal(read_npz(tmp_path / "target.npz")["a"], np.ones(3))
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match=r"pipe is not a file \(a folder, device, pipe or socket"):
+        write_npz({"a": np.ones(3)}, tmp_path / "pipe")
+    assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["link.npz", "pipe", "target.npz"]
 
 
 def test_a_full_disk_names_the_file_it_was_writing(tmp_path, monkeypatch):
