@@ -555,8 +555,22 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     assert "ranker_log.json: not a readable training log" in refused(
         [*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"]
     )
+    (run / "state" / "ranker_log.json").write_text("[1, 2]")
+    assert "ranker_log.json: entry 0 is not step 1's figures (an object of numbers" in refused(
+        [*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"]
+    )
     with pytest.raises(ValueError, match=r"ranker\.npz: not a demo checkpoint \(its meta has no"):
         T.load_demo_checkpoint(run / "state" / "ranker.npz")
+    state = read_npz(run / "state" / "ranker.npz")
+    for meta in ("[1, 2]", "{"):  # damaged: not an object, not JSON
+        write_npz({**state, "meta": np.array(meta)}, run / "state" / "ranker.npz")
+        assert "ranker.npz: not a training state of this project (its meta is no object)" in (
+            refused([*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"])
+        )
+    write_npz({**state, ".step": np.array(-5, np.int32)}, run / "state" / "ranker.npz")
+    assert "ranker.npz: step is -5; a saved state's step is >= 0" in refused(
+        [*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"]
+    )
     (run / "state" / "ranker.npz").write_bytes(b"not a zip file")
     assert "ranker.npz" in refused([*RANKER_ONLY, "--out", str(run), "--resume"])
     assert "--steps: expected an integer >= 1" in refused(

@@ -715,7 +715,12 @@ def load_state(
     arrays = read_npz(path)
     if "meta" not in arrays:
         raise ValueError(f"{path}: not a training state of this project (no meta entry)")
-    saved = json.loads(str(arrays.pop("meta")))
+    try:
+        saved = json.loads(str(arrays.pop("meta")))
+    except ValueError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{path}: not a training state of this project (its meta is no object)")
     difference = _first_difference(saved, meta)
     if difference:
         raise ValueError(
@@ -730,7 +735,10 @@ def load_state(
                 f"{path}: {key} is missing or of another shape; not this model's state"
             )
         leaves.append(jnp.asarray(arrays[key], dtype=jnp.result_type(leaf)))
-    return jax.tree.unflatten(jax.tree.structure(template), leaves), saved
+    state = jax.tree.unflatten(jax.tree.structure(template), leaves)
+    if state.step is not None and int(state.step) < 0:
+        raise ValueError(f"{path}: step is {int(state.step)}; a saved state's step is >= 0")
+    return state, saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1153,6 +1161,16 @@ def _read_log(state_dir: Path, kind: str, steps: int) -> list[dict]:
         raise ValueError(f"{log_path}: not a readable training log ({error})") from None
     if not isinstance(log, list) or len(log) < steps:
         raise ValueError(f"{log_path}: not the training log of {kind}.npz ({steps} steps)")
+    for i, entry in enumerate(log[:steps]):
+        if not (
+            isinstance(entry, dict)
+            and entry.get("step") == i + 1
+            and all(is_number(v) for v in entry.values())
+        ):
+            raise ValueError(
+                f"{log_path}: entry {i} is not step {i + 1}'s figures (an object of numbers "
+                f'with "step": {i + 1}), got {str(entry)[:60]}'
+            )
     return log[:steps]
 
 
