@@ -168,6 +168,17 @@ def read_history(
     return user_id, posts, authors, actions, (dwell if has_dwell else None)
 
 
+def history_post_ids(sequence: Mapping[str, Any]) -> np.ndarray:
+    """[H] int64: the post id of every item of a sequence's history, beyond the first S too
+    (what a request with a time is not served again)."""
+    ids = np.zeros(len(sequence["history"]), np.int64)
+    for i, item in enumerate(sequence["history"]):
+        if not isinstance(item, dict):
+            raise ValueError(f"history item {i} must be an object, got {item!r}")
+        ids[i] = _positive_int(item.get("post_id"), f"history item {i}: post_id")
+    return ids
+
+
 def read_request_time(sequence: Mapping[str, Any]) -> int | None:
     """The sequence's "request_time" (unix seconds), if it has one."""
     value = sequence.get("request_time")
@@ -265,7 +276,7 @@ class Pipeline:
         user = self.retriever.encode_user(batch, embeddings)  # dispatched, not awaited:
         ranker_history = self._history_inputs(ranker, history)  # the host works meanwhile
         user = np.asarray(user, np.float32)
-        unservable = self._unservable(history[1], request_time)
+        unservable = self._unservable(sequence, request_time)
         excluded = int(np.count_nonzero(unservable))
         # With posts left out, searched wider: by a margin of the same size for every request
         # (one compiled search), then, if too many of those were left out, by all of them.
@@ -339,19 +350,18 @@ class Pipeline:
             excluded,
         )
 
-    def _unservable(self, history_posts: np.ndarray, request_time: int | None) -> np.ndarray:
+    def _unservable(self, sequence: Mapping[str, Any], request_time: int | None) -> np.ndarray:
         """[N] which posts of the corpus a request at `request_time` cannot serve: those
-        created after it (when the corpus has creation times) and those of its history that
-        the models read (the first S items). For a sequence without a request time none: as
-        published, every post can be served."""
+        created after it (when the corpus has creation times) and every post of its history
+        (beyond the S items the models read too). For a sequence without a request time none:
+        as published, every post can be served."""
         corpus = self.artifacts.corpus
         unservable = np.zeros(len(corpus.post_ids), bool)
         if request_time is None:
             return unservable
         if corpus.creation_times is not None:
             unservable |= np.asarray(corpus.creation_times) > request_time
-        seen = history_posts[history_posts != 0]
-        return unservable | np.isin(np.asarray(corpus.post_ids), seen)
+        return unservable | np.isin(np.asarray(corpus.post_ids), history_post_ids(sequence))
 
 
 # ---------------------------------------------------------------------------------------------

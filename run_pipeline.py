@@ -23,6 +23,7 @@ from pipeline import (
     Pipeline,
     describe_feed,
     feed_to_json,
+    history_post_ids,
     read_history,
     read_request_time,
     write_example,
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     try:  # what the sequence holds, before any work, naming its file
         history_len = artifacts.retrieval.config.history_seq_len
         read_history(artifacts.sequence, history_len, artifacts.ranker.config.num_actions)
-        read_request_time(artifacts.sequence)
+        if read_request_time(artifacts.sequence) is not None:
+            history_post_ids(artifacts.sequence)  # not served again: every item's, not S only
     except ValueError as error:
         raise ValueError(f"{sequence_file}: {error}") from None
     pipeline = Pipeline(artifacts)

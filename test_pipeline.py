@@ -96,7 +96,8 @@ def test_our_folders_weight_the_actions_by_name(folder):
 
 def test_a_request_with_a_time_is_not_served_later_posts_or_its_history(folder):
     """The best posts by retrieval score among those created by the request time and not in
-    its history, and only those; with no post left, one line."""
+    its history (every item, beyond the S the models read too), and only those; with no post
+    left, one line."""
     artifacts = load_artifacts(folder, fprop_dtype=jnp.float32)
     pipeline, corpus = Pipeline(artifacts), artifacts.corpus
     n = len(corpus.post_ids)
@@ -104,7 +105,8 @@ def test_a_request_with_a_time_is_not_served_later_posts_or_its_history(folder):
     assert everything.retrieved == n and everything.not_served == 0  # as published
     retrieval_score = {item.post_id: item.retrieval_score for item in everything.items}
     when = int(np.median(corpus.creation_times))
-    seen = {item["post_id"] for item in artifacts.sequence["history"][:HISTORY]}
+    seen = {item["post_id"] for item in artifacts.sequence["history"]}
+    assert len(seen - {i["post_id"] for i in artifacts.sequence["history"][:HISTORY]}) == 2
     servable = [
         int(post)
         for post, created in zip(corpus.post_ids, corpus.creation_times, strict=True)
