@@ -447,16 +447,21 @@ def _read_json(path: str | os.PathLike) -> Any:
 
 
 def read_config_json(path: Path) -> dict:
-    data = _read_json(path)
+    return check_config_json(_read_json(path), path)
+
+
+def check_config_json(data: Any, where: str | os.PathLike) -> dict:
+    """`data` if it is a model's `config.json` that a model can be built from; else ValueError
+    naming `where` and the first problem (and a warning naming the keys it does not know)."""
     missing = [key for key in _REQUIRED_KEYS if not isinstance(data, dict) or key not in data]
     if missing:
-        raise ValueError(f"{path}: lacks {', '.join(missing)}")
+        raise ValueError(f"{where}: lacks {', '.join(missing)}")
     problem = _config_problem(data)
     if problem:
-        raise ValueError(f"{path}: {problem}")
+        raise ValueError(f"{where}: {problem}")
     unknown = sorted(set(data) - _KNOWN_KEYS)
     if unknown:  # a misspelt key of ours would otherwise go unnoticed
-        warnings.warn(f"{path}: ignored keys it does not know: {', '.join(unknown)}", stacklevel=2)
+        warnings.warn(f"{where}: ignored keys it does not know: {', '.join(unknown)}", stacklevel=3)
     return data
 
 

@@ -421,6 +421,17 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
     big = {**models, "ranker": dataclasses.replace(models["ranker"], params=params)}
     T.save_demo_checkpoint(tmp_path / "big.npz", world_config, big)
     _, again = T.load_demo_checkpoint(tmp_path / "big.npz")
+    # A world of other histories than its models', or a model config that is not one: refused.
+    longer = dataclasses.replace(world_config, history_len=world_config.history_len + 1)
+    T.save_demo_checkpoint(tmp_path / "big.npz", longer, models)
+    with pytest.raises(ValueError, match=r"big.npz: its ranker's history_seq_len \(8\) does"):
+        T.load_demo_checkpoint(tmp_path / "big.npz")
+    arrays = read_npz(tmp_path / "big.npz")
+    meta = json.loads(str(arrays["meta"]))
+    meta["configs"]["ranker"] = {}
+    write_npz({**arrays, "meta": np.array(json.dumps(meta))}, tmp_path / "big.npz")
+    with pytest.raises(ValueError, match=r"big.npz: its ranker config: lacks emb_size, "):
+        T.load_demo_checkpoint(tmp_path / "big.npz")
     (tmp_path / "big.npz").unlink()  # not a run's output: the run below would refuse the folder
     np.testing.assert_array_equal(
         again["ranker"].params["phoenix_model"]["unembeddings"],

@@ -50,6 +50,7 @@ from checkpoint import (
     LOG_TEMPERATURE,
     Corpus,
     ModelArtifacts,
+    check_config_json,
     check_params,
     config_to_json,
     configs_from_json,
@@ -1640,6 +1641,8 @@ def load_demo_checkpoint(
         raise ValueError(f"{path}: not a demo checkpoint (its meta has no {error})") from None
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path}: not a demo checkpoint ({error})") from None
+    for kind in MODELS:
+        check_config_json(meta["configs"][kind], f"{path}: its {kind} config")
     models = {}
     parts: dict[str, dict] = {kind: {"params": {}, "tables": {}} for kind in MODELS}
     for (kind, part, name), value in zip(keys, arrays.values(), strict=True):
@@ -1667,6 +1670,12 @@ def load_demo_checkpoint(
         world_config = world_lib.WorldConfig.from_json(meta["world"])
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path}: its world config: {error}") from None
+    for kind, model in models.items():
+        if model.config.history_seq_len != world_config.history_len:
+            raise ValueError(
+                f"{path}: its {kind}'s history_seq_len ({model.config.history_seq_len}) does not "
+                f"fit its world's histories of {world_config.history_len}"
+            )
     return world_config, models
 
 
