@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -350,11 +351,49 @@ def test_a_count_below_its_minimum_or_not_a_whole_number_is_refused(field, value
             dict(actions={**W.default_action_models(), "reply_score": W.ActionModel(0, 1, 1, 1)}),
             r"actions: reply_score's base_rate must be in \(0, 1\), got 0",
         ),
+        # These built a world of infinite dwell times, or overflowed in building it.
+        (dict(activity_sigma=1e300), r"activity_sigma must be at most 10 in size, got 1e\+300"),
+        (dict(topic_weight=-1e308), r"topic_weight must be at most 100 in size, got -1e\+308"),
+        (dict(dwell_median_seconds=1e308), "dwell_median_seconds must be at most 100000 in size"),
+        (dict(dwell_media_offsets=(0, 0, 4.0)), r"dwell_media_offsets must be 3 numbers in \[-3"),
+        (
+            dict(
+                actions={**W.default_action_models(), "reply_score": W.ActionModel(0.1, 1e3, 0, 0)}
+            ),
+            r"actions: reply_score's slopes must be numbers in \[-100, 100\], got \(1000.0",
+        ),
+        (dict(start_time=2**70), r"start_time \(1180591620717411303424\) \+ span_days \(10.0\)"),
     ],
-)
+)  # fmt: skip
 def test_a_number_outside_its_range_is_refused_by_name(change, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         dataclasses.replace(W.WorldConfig.tiny(), **change)
+
+
+def test_a_world_at_the_limits_of_its_numbers_is_finite():
+    """Every weight, slope and spread at its limit at once: no overflow, every figure finite,
+    and the median dwell at most its cap."""
+    tiny = W.WorldConfig.tiny()
+    steep = W.ActionModel(0.1, taste_slope=100.0, quality_slope=-100.0, freshness_slope=100.0)
+    limits = {name: limit for name, limit in W.MAGNITUDE_LIMITS.items() if name in {
+        "author_output_sigma", "activity_sigma", "topic_weight", "favourite_author_weight",
+        "dwell_taste_slope", "dwell_quality_slope", "dwell_freshness_slope",
+        "dwell_median_seconds",
+    }}  # fmt: skip
+    config = dataclasses.replace(
+        tiny, **limits, dwell_media_offsets=(3.0, 3.0, 3.0),
+        actions=dict.fromkeys(tiny.actions, steep),
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow warns
+        world = W.build_world(config)
+        examples = world.ranking_train
+        for name, value in dataclasses.asdict(examples).items():
+            if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+                assert np.isfinite(value).all(), name
+        users, posts = examples.user_ids[:, None], examples.candidate_post_ids
+        median = world.median_dwell(users, posts, examples.request_times[:, None])
+    assert np.isfinite(median).all() and median.max() == pytest.approx(W.MAX_MEDIAN_DWELL_SECONDS)
 
 
 def test_users_without_favourite_authors_make_a_world():

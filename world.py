@@ -161,6 +161,22 @@ REAL_FIELDS = (
     "dwell_freshness_slope",
 )  # fmt: skip
 
+# Beyond these sizes the world's numbers overflow (lognormal draws, exponentials of logits and
+# dwell times) or mean nothing more (a logit slope of 100 already saturates every probability).
+MAGNITUDE_LIMITS = {
+    **dict.fromkeys(POSITIVE_FIELDS + ("warmup_days",), 1e6),
+    **dict.fromkeys(("topic_popularity_exponent", "author_output_sigma", "activity_sigma"), 10.0),
+    **dict.fromkeys(("topic_weight", "favourite_author_weight"), 100.0),
+    **dict.fromkeys(("dwell_taste_slope", "dwell_quality_slope", "dwell_freshness_slope"), 3.0),
+    "dwell_median_seconds": 1e5,
+}
+ACTION_SLOPE_LIMIT, DWELL_OFFSET_LIMIT = 100.0, 3.0
+# The median dwell is at most this (about 115 days, far above every dwell threshold allowed): a
+# world of extreme slopes would otherwise draw dwell times beyond float32.
+MAX_MEDIAN_DWELL_SECONDS = 1e7
+# Every time of the world is a date before the year 10000, which Python's datetime can show.
+LAST_TIME = 253_402_300_800
+
 
 def _real(value) -> bool:
     """A finite real number (not a bool)."""
@@ -179,13 +195,21 @@ def _range_problem(config: WorldConfig) -> str | None:
             value = getattr(config, name)
             if not (_real(value) and ok(value)):
                 return f"{name} must be {wanted}, got {value!r}"
+    for name, limit in MAGNITUDE_LIMITS.items():
+        if abs(getattr(config, name)) > limit:
+            return f"{name} must be at most {limit:g} in size, got {getattr(config, name)!r}"
+    if config.start_time + config.span_days * SECONDS_PER_DAY >= LAST_TIME:
+        return (
+            f"start_time ({config.start_time}) + span_days ({config.span_days}) must end before "
+            f"the year 10000 (unix time {LAST_TIME})"
+        )
     media, offsets = config.media_probabilities, config.dwell_media_offsets
     if not (len(media) == 3 and all(_real(p) and p >= 0 for p in media)) or not math.isclose(
         sum(media), 1.0, abs_tol=1e-9
     ):
         return f"media_probabilities must be 3 numbers >= 0 that sum to 1, got {media!r}"
-    if not (len(offsets) == 3 and all(map(_real, offsets))):
-        return f"dwell_media_offsets must be 3 finite numbers, got {offsets!r}"
+    if not (len(offsets) == 3 and all(_real(x) and abs(x) <= DWELL_OFFSET_LIMIT for x in offsets)):
+        return f"dwell_media_offsets must be 3 numbers in [-3, 3], got {offsets!r}"
     if config.warmup_days >= config.span_days:
         return f"warmup_days ({config.warmup_days}) must be below span_days ({config.span_days})"
     for name, model in config.actions.items():
@@ -194,8 +218,8 @@ def _range_problem(config: WorldConfig) -> str | None:
         if not (_real(model.base_rate) and 0 < model.base_rate < 1):
             return f"actions: {name}'s base_rate must be in (0, 1), got {model.base_rate!r}"
         slopes = (model.taste_slope, model.quality_slope, model.freshness_slope)
-        if not all(map(_real, slopes)):
-            return f"actions: {name}'s slopes must be finite numbers, got {slopes!r}"
+        if not all(_real(x) and abs(x) <= ACTION_SLOPE_LIMIT for x in slopes):
+            return f"actions: {name}'s slopes must be numbers in [-100, 100], got {slopes!r}"
     return None
 
 
@@ -513,12 +537,13 @@ class World:
         drivers = np.stack([np.ones_like(taste), taste, quality, freshness], axis=-1)
         logits = drivers @ self._coefficients  # [..., A]
         probs = expit(logits) * self._media_gate[self.post_media[p]]
-        dwell_mu = (
+        dwell_mu = np.minimum(
             math.log(c.dwell_median_seconds)
             + c.dwell_taste_slope * taste
             + c.dwell_quality_slope * quality
             + c.dwell_freshness_slope * freshness
-            + np.asarray(c.dwell_media_offsets)[self.post_media[p]]
+            + np.asarray(c.dwell_media_offsets)[self.post_media[p]],
+            math.log(MAX_MEDIAN_DWELL_SECONDS),
         )
         # log dwell = mu + spread · Logistic(0, 1), so P(dwell > h) = sigmoid((mu − log h) / spread)
         # exactly: the dwell actions are thresholds on the same dwell that is sampled.
