@@ -34,9 +34,20 @@ class Calibration(NamedTuple):
     count: np.ndarray
 
 
+def _array(value, name: str) -> np.ndarray:
+    """`value` as a numpy array, or ValueError naming the argument: a masked array (whose mask
+    numpy would drop) and nested lists of unequal lengths are not arrays of examples."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise ValueError(f"{name} is a masked array; pass the kept elements (x.compressed())")
+    try:
+        return np.asarray(value)
+    except ValueError as error:  # ragged nesting
+        raise ValueError(f"{name} is not an array of numbers ({error})") from None
+
+
 def _examples(labels, values, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Checks labels and per-example values; returns both flattened to float64 [N]."""
-    labels, values = np.asarray(labels), np.asarray(values)
+    labels, values = _array(labels, "labels"), _array(values, name)
     if labels.shape != values.shape:
         raise ValueError(
             f"labels has shape {labels.shape} and {name} has shape {values.shape}; they must match"
@@ -46,6 +57,11 @@ def _examples(labels, values, name: str) -> tuple[np.ndarray, np.ndarray]:
     for arg, array in (("labels", labels), (name, values)):
         if array.dtype != bool and array.dtype.kind not in "iuf":
             raise ValueError(f"{arg} must be bool or real numbers, got dtype {array.dtype}")
+    if values.dtype.kind == "f" and values.dtype.itemsize > 8:
+        raise ValueError(
+            f"{name} is {values.dtype}, wider than the float64 these metrics compute in (which "
+            "could tie distinct values); pass float64, or their ranks"
+        )
     if values.dtype.kind in "iu" and values.size:
         low, high = values.min(), values.max()
         # Beyond ±2**53, float64 may merge neighbouring integers (and so tie them).
@@ -153,6 +169,9 @@ def calibration(labels, probabilities, num_bins: int = 10) -> Calibration:
     y, p = _probabilities(labels, probabilities)
     if isinstance(num_bins, bool) or not isinstance(num_bins, int | np.integer) or num_bins < 1:
         raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+    # More bins than examples leave the extra ones empty: the same non-empty bins come from
+    # one bin per rank.
+    num_bins = min(int(num_bins), len(p))
     ordered = np.sort(p)
     first, last = np.searchsorted(ordered, p, "left"), np.searchsorted(ordered, p, "right") - 1
     index = ((first + last) * num_bins // (2 * len(p))).astype(np.int64)  # middle rank's bin
@@ -169,7 +188,7 @@ def calibration(labels, probabilities, num_bins: int = 10) -> Calibration:
 
 def _target_ranks(ranked, targets, k) -> np.ndarray:
     """0-based rank [Q] of each target among the first k of its row of `ranked`; k if absent."""
-    ranked, targets = np.asarray(ranked), np.asarray(targets)
+    ranked, targets = _array(ranked, "ranked"), _array(targets, "targets")
     if ranked.ndim != 2 or ranked.shape[0] == 0 or ranked.shape[1] == 0:
         raise ValueError(f"ranked must be a non-empty [Q, R] array of item ids, got {ranked.shape}")
     if targets.shape != ranked.shape[:1]:

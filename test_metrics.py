@@ -165,6 +165,12 @@ def test_calibration_hand_computed():
     np.testing.assert_allclose(result.mean_predicted, [0.1, 0.2, 0.9])
     np.testing.assert_array_equal(result.observed_rate, [0.0, 0.5, 1.0])
     np.testing.assert_array_equal(result.count, [2, 2, 2])
+    # More bins than examples: one per distinct prediction (its tied group), nothing allocated
+    # for the empty ones.
+    for many in (6, 7, 10**11, 2**62):
+        result = calibration([0, 0, 0, 1, 1, 1], [0.1, 0.1, 0.2, 0.2, 0.9, 0.9], num_bins=many)
+        np.testing.assert_allclose(result.mean_predicted, [0.1, 0.2, 0.9])
+        np.testing.assert_array_equal(result.count, [2, 2, 2])
 
 
 def test_calibration_of_a_calibrated_rare_action():
@@ -260,7 +266,15 @@ RANKING_CASES = [
     (ndcg_at_k, (RANKED, TARGETS[:2], 1), r"targets must have shape \(3,\)"),
     (recall_at_k, (RANKED.astype(float), TARGETS, 1), "ranked must hold integer item ids"),
     (recall_at_k, (RANKED, TARGETS.astype(float), 1), "targets must hold integer item ids"),
-]
+    # numpy would drop the mask, or raise its own words about an inhomogeneous shape.
+    (auroc, ([1, 0], np.ma.masked_array([0.9, 0.1], mask=[0, 1])), "scores is a masked array"),
+    (auroc, ([[1, 0], [1]], [0.5, 0.5]), "labels is not an array of numbers"),
+    (recall_at_k, ([[1, 2], [3]], TARGETS[:2], 1), "ranked is not an array of numbers"),
+    pytest.param(
+        auroc, ([1, 0], np.array([1 + 1e-18, 1], np.longdouble)), "scores is float128, wider",
+        marks=pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="no wider float"),
+    ),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("metric", "args", "message"), RANKING_CASES)
