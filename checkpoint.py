@@ -503,7 +503,7 @@ def _config_problem(data: dict) -> str | None:
             return f"hash_params.{entity}_modulus must be an int64 integer >= 2, got {modulus!r}"
     problem = _continuous_problem(data.get("continuous_action_config", {}))
     if problem:
-        return f"continuous_action_config.{problem}"
+        return problem
     names = data.get("action_names")
     if names is not None and not (
         isinstance(names, list)
@@ -518,33 +518,36 @@ def _config_problem(data: dict) -> str | None:
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
+CAC = "continuous_action_config"
+
+
 def _continuous_problem(data: Any) -> str | None:
     """The first value of a `continuous_action_config` object that does not fit the dataclass."""
     if not isinstance(data, dict):
-        return f"must be an object, got {data!r}"
+        return f"{CAC} must be an object, got {data!r}"
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(ContinuousActionConfig)})
     if unknown:
-        return f"has keys ContinuousActionConfig does not: {', '.join(unknown)}"
+        return f"{CAC} has keys ContinuousActionConfig does not: {', '.join(unknown)}"
     for key, check, expected in (
         ("loss_weight", lambda v: is_number(v) and 0 <= v < math.inf, "a number >= 0"),
         ("loss_type", lambda v: v in CONTINUOUS_LOSS_TYPES, f"one of {CONTINUOUS_LOSS_TYPES}"),
         ("tweedie_power", lambda v: is_number(v) and 1 < v < 2, "a number in (1, 2)"),
     ):
         if key in data and not check(data[key]):
-            return f"{key} must be {expected}, got {data[key]!r}"
+            return f"{CAC}.{key} must be {expected}, got {data[key]!r}"
     norm = data.get("norm_config")
     if norm is None:
         return None
     if not isinstance(norm, dict):
-        return f"norm_config must be an object or null, got {norm!r}"
+        return f"{CAC}.norm_config must be an object or null, got {norm!r}"
     unknown = sorted(set(norm) - {f.name for f in dataclasses.fields(NormConfig)})
     if unknown:
-        return f"norm_config has keys NormConfig does not: {', '.join(unknown)}"
+        return f"{CAC}.norm_config has keys NormConfig does not: {', '.join(unknown)}"
     scale = norm.get("norm_scale", NormConfig.norm_scale)
     if not (is_number(scale) and FLOAT32_TINY <= scale <= FLOAT32_MAX):
-        return f"norm_config.norm_scale must be a positive float32 number, got {scale!r}"
+        return f"{CAC}.norm_config.norm_scale must be a positive float32 number, got {scale!r}"
     if not isinstance(norm.get("use_log", False), bool):
-        return f"norm_config.use_log must be true or false, got {norm['use_log']!r}"
+        return f"{CAC}.norm_config.use_log must be true or false, got {norm['use_log']!r}"
     return None
 
 
@@ -553,7 +556,7 @@ def _continuous_config(data: Mapping[str, Any]) -> ContinuousActionConfig:
     fields = dict(data.get("continuous_action_config", {}))
     problem = _continuous_problem(fields)
     if problem:
-        raise ValueError(f"continuous_action_config.{problem}")
+        raise ValueError(problem)
     if fields.get("norm_config") is not None:
         fields["norm_config"] = NormConfig(**fields["norm_config"])
     return ContinuousActionConfig(**fields)
@@ -694,6 +697,13 @@ def load_corpus(path: str | os.PathLike, emb_size: int) -> Corpus:
             raise ValueError(f"{path}: lacks {key}")
     corpus = Corpus(**{k: arrays[k] for k in arrays if k in Corpus.__dataclass_fields__})
     n = len(corpus.post_ids)
+    if n == 0:
+        raise ValueError(f"{path}: holds no post (post_ids is empty)")
+    if corpus.candidate_representations.dtype.kind != "f":
+        raise ValueError(
+            f"{path}: candidate_representations must be floats, got "
+            f"{corpus.candidate_representations.dtype}"
+        )
     if corpus.candidate_representations.shape != (n, emb_size):
         raise ValueError(
             f"{path}: candidate_representations is {list(corpus.candidate_representations.shape)},"

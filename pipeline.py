@@ -68,7 +68,7 @@ def score_weights(ranker: ModelArtifacts) -> dict[str, tuple[int, float]]:
         missing = [name for name in NAMED_WEIGHTS if name not in names]
         if missing:
             raise ValueError(
-                f"the ranker's config.json lists action_names without {', '.join(missing)}, "
+                f"ranker/config.json lists action_names without {', '.join(missing)}, "
                 "which the feed's score weights"
             )
         return {name: (list(names).index(name), w) for name, w in NAMED_WEIGHTS.items()}
@@ -454,7 +454,8 @@ def write_example(
     )
     say(
         f"Drawing both models' weights and tables of {vocab_size:,} rows, then encoding "
-        f"{corpus_size:,} posts with the retrieval model's candidate tower ..."
+        f"{corpus_size:,} post{'s' * (corpus_size != 1)} with the retrieval model's candidate "
+        "tower ..."
     )
     vocab = {"user": vocab_size, "item": vocab_size, "author": vocab_size}
     models = {}

@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(describe_feed(feed)))
     if args.output_json is not None:
         write_json(feed_to_json(feed), args.output_json)
-        print(f"\nWrote every score of the {len(feed.items)} posts to {args.output_json}")
+        print(f"\nWrote every score of {count(len(feed.items), 'post')} to {args.output_json}")
     return 0
 
 

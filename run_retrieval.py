@@ -91,7 +91,7 @@ def trained_demo(args) -> int:
     taste = world.in_taste(user, found)
 
     print(
-        f"\nThe {k} posts closest to the user vector among the {len(posts):,} of the "
+        f"\nThe {count(k, 'post')} closest to the user vector among the {len(posts):,} of the "
         f"{world.config.serving_window_hours:g} hours before the request that the user has not "
         "engaged with (encoded by the candidate tower; * = a liked topic or favourite author):"
     )
@@ -116,7 +116,8 @@ def trained_demo(args) -> int:
             f"{ORACLE_DEPTH} (the world's own ranking of what the user favorites next)."
         )
     else:
-        print(f"(--top-k {args.top_k}: the window holds only {len(posts)} posts; all are ranked.)")
+        held = count(len(posts), "post")
+        print(f"(--top-k {args.top_k}: the window holds only {held}; all are ranked.)")
     return 0
 
 

@@ -320,6 +320,26 @@ DAMAGES = {
         "ranker/config.json: continuous_action_config.norm_config has keys NormConfig does not: "
         "norm_scal",
     ),
+    "config.json with a continuous config that is not an object": (
+        lambda f: _edit_json(f / RANKER_JSON, continuous_action_config=[1]),
+        r"ranker/config.json: continuous_action_config must be an object, got \[1\]",
+    ),
+    "config.json with dwell in logs as text": (
+        lambda f: _edit_json(
+            f / RANKER_JSON, continuous_action_config={"norm_config": {"use_log": "no"}}
+        ),
+        "ranker/config.json: continuous_action_config.norm_config.use_log must be true or false",
+    ),
+    "a corpus of no posts": (
+        lambda f: _replace_corpus(f, lambda arrays: {k: v[:0] for k, v in arrays.items()}),
+        "sports_corpus.npz: holds no post",
+    ),
+    "a corpus of integer vectors": (
+        lambda f: _replace_corpus(
+            f, lambda a: {**a, "candidate_representations": a["candidate_representations"] > 0}
+        ),
+        "sports_corpus.npz: candidate_representations must be floats, got bool",
+    ),
     "config.json not JSON": (
         lambda f: (f / RANKER_JSON).write_text("{"),
         "ranker/config.json: not valid JSON",
@@ -370,11 +390,20 @@ def test_a_missing_file_is_named_before_any_model_is_read(example_folder, tmp_pa
         load_artifacts(folder)
 
 
+def _replace_corpus(folder, change):
+    """Rewrites the corpus as `change(its arrays)` returns them."""
+    path = folder / "sports_corpus.npz"
+    write_npz(change({k: np.array(v) for k, v in read_npz(path).items()}), path)
+
+
 def _edit_corpus(folder, key, index, value):
     """Sets entry `index` of the corpus's `key` to `value(the array)`."""
-    corpus = {k: np.array(v) for k, v in read_npz(folder / "sports_corpus.npz").items()}
-    corpus[key][index] = value(corpus[key])
-    write_npz(corpus, folder / "sports_corpus.npz")
+
+    def edit(corpus):
+        corpus[key][index] = value(corpus[key])
+        return corpus
+
+    _replace_corpus(folder, edit)
 
 
 def _edit_hash(path, **changes):

@@ -1706,8 +1706,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a tiny world and few steps (both models: 30 steps, batches of 32, table learning "
         "rate 3e-2, evaluated every 15; the defaults in brackets are the default world's)",
     )
-    parser.add_argument("--users", type=positive_int, help="users of the world")
-    parser.add_argument("--posts", type=positive_int, help="posts of the world")
+    default = world_lib.WorldConfig()
+    parser.add_argument(
+        "--users", type=positive_int, help=f"users of the world ({default.num_users:,})"
+    )
+    parser.add_argument(
+        "--posts", type=positive_int, help=f"posts of the world ({default.num_posts:,})"
+    )
     parser.add_argument("--batch-size", type=positive_int, help="(ranker 64, retrieval 256)")
     parser.add_argument("--eval-every", type=positive_int, help="(ranker 250, retrieval 125)")
     parser.add_argument("--learning-rate", type=positive_float, help="of the model (5e-3)")
