@@ -732,11 +732,26 @@ def load_corpus(path: str | os.PathLike, emb_size: int) -> Corpus:
     return corpus
 
 
+# What a user sequence and its history items hold: the published keys, and ours (a request
+# time, dwell times).
+SEQUENCE_KEYS = frozenset({"user_id", "history", "request_time"})
+HISTORY_ITEM_KEYS = frozenset({"post_id", "author_id", "actions", "dwell_time"})
+
+
 def read_sequence(path: str | os.PathLike) -> dict:
-    """A user sequence file: {"user_id", "history": [{"post_id", "author_id", "actions"}]}."""
+    """A user sequence file: {"user_id", "history": [{"post_id", "author_id", "actions"}]}.
+    Keys it does not know are named in a warning (a misspelt "request_time" would otherwise
+    serve posts of the future)."""
     sequence = _read_json(path)
     if not isinstance(sequence, dict) or "user_id" not in sequence or "history" not in sequence:
         raise ValueError(f'{path}: expected an object with "user_id" and "history"')
+    unknown = set(sequence) - SEQUENCE_KEYS
+    if isinstance(sequence["history"], list):
+        items = [item for item in sequence["history"] if isinstance(item, dict)]
+        unknown |= {f"history[].{key}" for item in items for key in set(item) - HISTORY_ITEM_KEYS}
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        warnings.warn(f"{path}: ignored keys it does not know: {names}", stacklevel=2)
     return sequence
 
 

@@ -23,6 +23,7 @@ from checkpoint import (
     load_model_params,
     param_shapes,
     read_npz,
+    read_sequence,
     save_model_params,
     write_npz,
 )
@@ -427,6 +428,19 @@ def test_keys_a_config_json_does_not_know_are_named(example_folder, tmp_path):
         UserWarning, match="ranker/config.json: ignored keys it does not know: foo, num_layer$"
     ):
         load_artifacts(folder)
+
+
+def test_keys_a_sequence_does_not_know_are_named(example_folder, tmp_path):
+    sequence = json.loads((example_folder / "example_sequence.json").read_text())
+    sequence["request_tme"] = 1_700_000_000  # request_time misspelt: every post would be served
+    sequence["history"][1]["dwel_time"] = 3.0
+    (tmp_path / "sequence.json").write_text(json.dumps(sequence))
+    with pytest.warns(UserWarning) as caught:
+        assert read_sequence(tmp_path / "sequence.json") == sequence
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'sequence.json'}: ignored keys it does not know: history[].dwel_time, "
+        "request_tme"
+    ]
 
 
 def test_writing_into_an_existing_folder_is_refused(example_folder):
