@@ -407,6 +407,7 @@ def config_to_json(config: ModelConfig, hashing: Hashing) -> dict:
         "post_age_granularity_mins": getattr(config, "post_age_granularity_mins", 60),
         **hashing.to_json(),
         # Ours.
+        "model": "ranker" if isinstance(config, PhoenixModelConfig) else "retrieval",
         "num_kv_heads": t.num_kv_heads,
         "widening_factor": t.widening_factor,
         "attn_output_multiplier": t.attn_output_multiplier,
@@ -430,7 +431,7 @@ _REQUIRED_KEYS = (
 
 # Keys of ours in config.json, which the published pipeline ignores.
 _OUR_KEYS = (
-    "num_kv_heads", "widening_factor", "attn_output_multiplier", "action_names",
+    "model", "num_kv_heads", "widening_factor", "attn_output_multiplier", "action_names",
     "right_anchored_rope", "continuous_action_config",
 )  # fmt: skip
 _KNOWN_KEYS = frozenset(
@@ -446,16 +447,22 @@ def _read_json(path: str | os.PathLike) -> Any:
         raise ValueError(f"{path}: not valid JSON ({error})") from None
 
 
-def read_config_json(path: Path) -> dict:
-    return check_config_json(_read_json(path), path)
+def read_config_json(path: Path, kind: str) -> dict:
+    return check_config_json(_read_json(path), path, kind)
 
 
-def check_config_json(data: Any, where: str | os.PathLike) -> dict:
-    """`data` if it is a model's `config.json` that a model can be built from; else ValueError
-    naming `where` and the first problem (and a warning naming the keys it does not know)."""
+def check_config_json(data: Any, where: str | os.PathLike, kind: str) -> dict:
+    """`data` if it is the `config.json` of a `kind` model ("ranker" or "retrieval") that a
+    model can be built from; else ValueError naming `where` and the first problem (and a
+    warning naming the keys it does not know). Ours say which model they describe; a published
+    one does not."""
     missing = [key for key in _REQUIRED_KEYS if not isinstance(data, dict) or key not in data]
     if missing:
         raise ValueError(f"{where}: lacks {', '.join(missing)}")
+    if data.get("model", kind) != kind:
+        raise ValueError(
+            f'{where}: describes a {data["model"]!r} model (its "model"), not {kind!r}'
+        )
     problem = _config_problem(data)
     if problem:
         raise ValueError(f"{where}: {problem}")
@@ -783,7 +790,7 @@ def load_artifacts(
             require_file(folder / name)
     require_file(corpus_file)
     require_file(sequence_file)
-    jsons = {name: read_config_json(folder / CONFIG_FILE) for name, folder in folders.items()}
+    jsons = {name: read_config_json(folder / CONFIG_FILE, name) for name, folder in folders.items()}
     params = {name: load_model_params(folder / PARAMS_FILE) for name, folder in folders.items()}
     retrieval_config, ranker_config = configs_from_json(
         jsons["retrieval"], jsons["ranker"], params["ranker"], fprop_dtype

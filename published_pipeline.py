@@ -45,7 +45,9 @@ def _load(path: Path) -> dict[str, Any]:
 class PublishedPipeline:
     def __init__(self, directory: str | Path, corpus_file: str | Path | None = None, dtype=None):
         directory = Path(directory)
-        jsons = {m: read_config_json(directory / m / CONFIG_FILE) for m in ("retrieval", "ranker")}
+        jsons = {
+            m: read_config_json(directory / m / CONFIG_FILE, m) for m in ("retrieval", "ranker")
+        }
         params = {
             m: jax.tree.map(jnp.array, unflatten_params(_load(directory / m / PARAMS_FILE)))
             for m in ("retrieval", "ranker")

@@ -341,6 +341,16 @@ DAMAGES = {
         ),
         "sports_corpus.npz: candidate_representations must be floats, got bool",
     ),
+    "the two config.json swapped": (
+        lambda f: [
+            (f / a).write_text(text)
+            for a, text in (
+                (RANKER_JSON, (f / RETRIEVAL_JSON).read_text()),
+                (RETRIEVAL_JSON, (f / RANKER_JSON).read_text()),
+            )
+        ],
+        "retrieval/config.json: describes a 'ranker' model",
+    ),
     "config.json not JSON": (
         lambda f: (f / RANKER_JSON).write_text("{"),
         "ranker/config.json: not valid JSON",

@@ -1642,7 +1642,7 @@ def load_demo_checkpoint(
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path}: not a demo checkpoint ({error})") from None
     for kind in MODELS:
-        check_config_json(meta["configs"][kind], f"{path}: its {kind} config")
+        check_config_json(meta["configs"][kind], f"{path}: its {kind} config", kind)
     models = {}
     parts: dict[str, dict] = {kind: {"params": {}, "tables": {}} for kind in MODELS}
     for (kind, part, name), value in zip(keys, arrays.values(), strict=True):
