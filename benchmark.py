@@ -193,7 +193,11 @@ def dense_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> floa
 
 def bench_ranking(counts, budget: float, eager_limit: int, rate: float) -> list[RankingRow]:
     config = PhoenixModelConfig(
-        MINI_TRANSFORMER, history_seq_len=HISTORY_LEN, candidate_seq_len=64, fprop_dtype=jnp.float32
+        MINI_TRANSFORMER,
+        history_seq_len=HISTORY_LEN,
+        candidate_seq_len=64,
+        fprop_dtype=jnp.float32,
+        release=1,
     )
     runner = runners.ModelRunner(config)
     runner.initialize()

@@ -43,6 +43,7 @@ from grok import TransformerConfig
 from recsys_model import (
     ACTIONS,
     CONTINUOUS_LOSS_TYPES,
+    RELEASE_VARIABLE,
     ContinuousActionConfig,
     HashConfig,
     NormConfig,
@@ -328,9 +329,11 @@ def _hint(got: dict, want: dict, expected: hk.Params, params: hk.Params) -> str:
         return f" (the parameters have {_layer_count(got)} layers, the model {_layer_count(want)})"
     if "phoenix_model" in params and release_of(params) != release_of(expected):
         release = release_of(params)
+        variable = os.environ.get(RELEASE_VARIABLE, "").strip()
+        why = f"; {RELEASE_VARIABLE}={variable} made it the default" if variable else ""
         return (
             f" (these are parameters of the published release {release} ranker: build the "
-            f"config with release={release})"
+            f"config with release={release}{why})"
         )
     return ""
 
@@ -407,7 +410,7 @@ def config_to_json(config: ModelConfig, hashing: Hashing) -> dict:
         "post_age_granularity_mins": getattr(config, "post_age_granularity_mins", 60),
         **hashing.to_json(),
         # Ours.
-        "model": "ranker" if isinstance(config, PhoenixModelConfig) else "retrieval",
+        "kind": "ranker" if isinstance(config, PhoenixModelConfig) else "retrieval",
         "num_kv_heads": t.num_kv_heads,
         "widening_factor": t.widening_factor,
         "attn_output_multiplier": t.attn_output_multiplier,
@@ -431,7 +434,7 @@ _REQUIRED_KEYS = (
 
 # Keys of ours in config.json, which the published pipeline ignores.
 _OUR_KEYS = (
-    "model", "num_kv_heads", "widening_factor", "attn_output_multiplier", "action_names",
+    "kind", "num_kv_heads", "widening_factor", "attn_output_multiplier", "action_names",
     "right_anchored_rope", "continuous_action_config",
 )  # fmt: skip
 _KNOWN_KEYS = frozenset(
@@ -454,14 +457,15 @@ def read_config_json(path: Path, kind: str) -> dict:
 def check_config_json(data: Any, where: str | os.PathLike, kind: str) -> dict:
     """`data` if it is the `config.json` of a `kind` model ("ranker" or "retrieval") that a
     model can be built from; else ValueError naming `where` and the first problem (and a
-    warning naming the keys it does not know). Ours say which model they describe; a published
-    one does not."""
+    warning naming the keys it does not know). Ours say which model they describe ("kind"); a
+    published one does not."""
     missing = [key for key in _REQUIRED_KEYS if not isinstance(data, dict) or key not in data]
     if missing:
         raise ValueError(f"{where}: lacks {', '.join(missing)}")
-    if data.get("model", kind) != kind:
+    if data.get("kind", kind) != kind:
         raise ValueError(
-            f'{where}: describes a {data["model"]!r} model (its "model"), not {kind!r}'
+            f'{where}: is the config.json of a {data["kind"]} model (its "kind"), where the '
+            f"{kind}'s belongs"
         )
     problem = _config_problem(data)
     if problem:
@@ -780,7 +784,7 @@ def load_artifacts(
         where = (
             f"a training run's artifacts are in {directory / 'artifacts'}"
             if (directory / "artifacts").is_dir()
-            else "an artifacts folder holds both, a corpus .npz and a user sequence .json"
+            else "an artifacts folder holds retrieval/, ranker/, a corpus .npz and a user sequence"
         )
         raise FileNotFoundError(f"{directory} holds no retrieval/ or ranker/ folder; {where}")
     corpus_file = Path(corpus_file or directory / DEFAULT_CORPUS_FILE)

@@ -59,7 +59,7 @@ def not_a_regular_file(path: os.PathLike) -> str | None:
     its links point to) is a device, a pipe or a socket. None for a file, a folder or nothing."""
     target = Path(os.path.realpath(path))
     if target.exists() and not (target.is_file() or target.is_dir()):
-        return f"{path} is a device, pipe or socket, not a file: choose a file name"
+        return f"{path} is a device, pipe or socket, not a file: choose another name"
     return None
 
 
@@ -69,7 +69,7 @@ def file_in_a_folder(path: os.PathLike) -> str | None:
     cannot be written in; None when it could (as far as that goes)."""
     if problem := not_a_regular_file(path):
         return problem
-    path = Path(os.path.abspath(path))
+    path = Path(os.path.realpath(path))  # a link is written through: where it points counts
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():

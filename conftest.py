@@ -32,7 +32,14 @@ import train
 import world as world_lib
 from cli import reuse_freed_memory, run_main
 from grok import TransformerConfig
-from recsys_model import ACTIONS, HashConfig, PhoenixModelConfig, RecsysBatch, RecsysEmbeddings
+from recsys_model import (
+    ACTIONS,
+    RELEASE_VARIABLE,
+    HashConfig,
+    PhoenixModelConfig,
+    RecsysBatch,
+    RecsysEmbeddings,
+)
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from search import INF
 
@@ -44,9 +51,6 @@ from search import INF
 # with the newer emitters). JAX reads the flags when it starts its backend, at the first
 # computation, after these imports; child processes (pytest's two workers, the notebook's
 # kernel, the multi-device runs) inherit them.
-# The suite tests each release by naming it; a configuration that leaves it out is the first's,
-# whatever the shell that runs the suite has set (the notebook and child processes inherit this).
-os.environ.pop("PHOENIX_RELEASE", None)
 for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
     if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}"
@@ -86,6 +90,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 # Hashes are drawn from [1, TABLE_SIZE); 0 is padding.
 TABLE_SIZE = 50
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def first_release_unless_named(request):
+    """This suite names the release each test builds: in a session of its tests alone, a config
+    that leaves it out is the first's, whatever the shell has set (the notebook's kernel and
+    the child processes a test starts inherit this). A session that also runs tests of other
+    folders, such as code written for the second release run with PHOENIX_RELEASE=2, keeps the
+    variable."""
+    ours = all(Path(item.path).resolve().parent == HERE for item in request.session.items)
+    with pytest.MonkeyPatch.context() as patch:
+        if ours:
+            patch.delenv(RELEASE_VARIABLE, raising=False)
+        yield
+
+
 # Two float32 computations of the same quantity (dense vs cached, jit vs vmap) agree to this.
 RTOL = 1e-5
 ATOL = 1e-6

@@ -337,9 +337,13 @@ DAMAGES = {
     ),
     "a corpus of integer vectors": (
         lambda f: _replace_corpus(
-            f, lambda a: {**a, "candidate_representations": a["candidate_representations"] > 0}
+            f,
+            lambda a: {
+                **a,
+                "candidate_representations": a["candidate_representations"].astype(np.int32),
+            },
         ),
-        "sports_corpus.npz: candidate_representations must be floats, got bool",
+        "sports_corpus.npz: candidate_representations must be floats, got int32",
     ),
     "the two config.json swapped": (
         lambda f: [
@@ -349,7 +353,7 @@ DAMAGES = {
                 (RETRIEVAL_JSON, (f / RANKER_JSON).read_text()),
             )
         ],
-        "retrieval/config.json: describes a 'ranker' model",
+        "retrieval/config.json: is the config.json of a ranker model",
     ),
     "config.json not JSON": (
         lambda f: (f / RANKER_JSON).write_text("{"),
@@ -530,9 +534,9 @@ def test_a_folder_that_is_not_an_artifacts_folder_is_named_as_such(tmp_path):
         load_artifacts(tmp_path / "missing")
 
 
-def test_a_checkpoint_of_the_other_release_names_the_config_that_takes_it(tmp_path):
+def test_a_checkpoint_of_the_other_release_names_the_config_that_takes_it(tmp_path, monkeypatch):
     """Into a first-release runner, a second-release checkpoint is refused with the config that
-    would take it, and the reverse."""
+    would take it, and the reverse (naming PHOENIX_RELEASE when it chose the release)."""
     first = Setup(num_layers=2)
     save_model_params(ranking_params(SECOND), tmp_path / "second.npz")
     save_model_params(ranking_params(first), tmp_path / "first.npz")
@@ -545,3 +549,7 @@ def test_a_checkpoint_of_the_other_release_names_the_config_that_takes_it(tmp_pa
     loaded = runner2.load_or_init(*fixed_example(), checkpoint_path=tmp_path / "second.npz")
     want = ranking_params(SECOND)["phoenix_model"]["proj_mat_3"]
     np.testing.assert_array_equal(loaded.params["phoenix_model"]["proj_mat_3"], want)
+    monkeypatch.setenv("PHOENIX_RELEASE", "2")
+    runner3 = runners.ModelRunner(dataclasses.replace(first.ranking_config(), release=None))
+    with pytest.raises(ValueError, match="with release=1; PHOENIX_RELEASE=2 made it the default"):
+        runner3.load_or_init(*fixed_example(), checkpoint_path=tmp_path / "first.npz")

@@ -2,6 +2,7 @@
 input ending in one line `prog: error: ...` with exit status 2, before any work."""
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -331,6 +332,25 @@ def test_help_groups_the_flags_the_trained_demo_refuses(main, flags, capsys):
         value = "float32" if flag == "--dtype" else "3"
         status, _, err = run_script(main, [flag, value], capsys)
         assert status == 2 and f"{flag}: only with --random-weights" in err, err
+
+
+def test_a_pipe_or_a_link_into_a_read_only_folder_is_no_place_to_write(tmp_path, monkeypatch):
+    """A file written at a device or pipe would replace it; one written at a link replaces what
+    it points to, so the folder that counts is the target's."""
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "link").symlink_to(tmp_path / "pipe")
+    for name in ("pipe", "link"):
+        assert cli.not_a_regular_file(tmp_path / name) == (
+            f"{tmp_path / name} is a device, pipe or socket, not a file: choose another name"
+        )
+        assert cli.file_in_a_folder(tmp_path / name) == cli.not_a_regular_file(tmp_path / name)
+    assert cli.not_a_regular_file(tmp_path) is None  # a folder: for the caller to judge
+    assert cli.not_a_regular_file(tmp_path / "new.json") is None
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    (tmp_path / "feed.json").symlink_to(locked / "feed.json")
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != locked)  # read-only
+    assert cli.file_in_a_folder(tmp_path / "feed.json").startswith(f"cannot write in {locked}")
 
 
 def test_the_writing_probe_leaves_the_folder_as_it_was(tmp_path):

@@ -271,7 +271,8 @@ RANKING_CASES = [
     (auroc, ([[1, 0], [1]], [0.5, 0.5]), "labels is not an array of numbers"),
     (recall_at_k, ([[1, 2], [3]], TARGETS[:2], 1), "ranked is not an array of numbers"),
     pytest.param(
-        auroc, ([1, 0], np.array([1 + 1e-18, 1], np.longdouble)), "scores is float128, wider",
+        auroc, ([1, 0], np.longdouble(1) + [np.longdouble(2) ** -60, 0]),  # distinct in float128
+        "scores is float128, wider",
         marks=pytest.mark.skipif(np.dtype(np.longdouble).itemsize <= 8, reason="no wider float"),
     ),
 ]  # fmt: skip

@@ -676,6 +676,7 @@ def test_a_process_run_for_the_second_release_builds_it_from_configs_that_leave_
     release's ranker (its parameters, its continuous head); a config that names its release
     keeps it, and so does a copy made by dataclasses.replace once the variable is gone."""
     transformer = SETUP.transformer_config()
+    monkeypatch.delenv(recsys_model.RELEASE_VARIABLE, raising=False)
     names = set(checkpoint.param_shapes(PhoenixModelConfig(transformer))["phoenix_model"])
     for value in ("", " "):
         monkeypatch.setenv(recsys_model.RELEASE_VARIABLE, value)

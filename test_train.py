@@ -575,9 +575,8 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     state = read_npz(run / "state" / "ranker.npz")
     for meta in ("[1, 2]", "{"):  # damaged: not an object, not JSON
         write_npz({**state, "meta": np.array(meta)}, run / "state" / "ranker.npz")
-        assert "ranker.npz: not a training state of this project (its meta is no object)" in (
-            refused([*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"])
-        )
+        message = refused([*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"])
+        assert "ranker.npz: not a training state of this project (its meta is not a JSON" in message
     write_npz({**state, ".step": np.array(-5, np.int32)}, run / "state" / "ranker.npz")
     assert "ranker.npz: step is -5; a saved state's step is >= 0" in refused(
         [*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"]

@@ -721,7 +721,9 @@ def load_state(
     except ValueError:
         saved = None
     if not isinstance(saved, dict):
-        raise ValueError(f"{path}: not a training state of this project (its meta is no object)")
+        raise ValueError(
+            f"{path}: not a training state of this project (its meta is not a JSON object)"
+        )
     difference = _first_difference(saved, meta)
     if difference:
         raise ValueError(

@@ -17,8 +17,9 @@ The engagement model, for user u, post p shown at time t:
     freshness  = exp(−age / freshness_timescale), age = t − created(p), in [0, 1]
     logit_a    = logit(base_rate_a) + taste_slope_a · taste + quality_slope_a · quality(p)
                  + freshness_slope_a · freshness                      (every action but dwell)
-    log dwell  = log(dwell_median) + dwell slopes · (taste, quality, freshness) + media offset
-                 + dwell_spread · Logistic(0, 1)
+    log dwell  = mu + dwell_spread · Logistic(0, 1), where the median dwell exp(mu) =
+                 dwell_median · exp(dwell slopes · (taste, quality, freshness) + media offset),
+                 capped at MAX_MEDIAN_DWELL_SECONDS (which only extreme configs reach)
 Positive actions have positive slopes and negative feedback negative ones; `photo_expand_score`
 is 0 except on photos and `vqv_score` is 0 except on videos. Dwell is log-logistic, so the two
 dwell actions, "dwell above a threshold", have exact sigmoid probabilities. The other 17 actions
@@ -196,9 +197,13 @@ def _range_problem(config: WorldConfig) -> str | None:
             if not (_real(value) and ok(value)):
                 return f"{name} must be {wanted}, got {value!r}"
     for name, limit in MAGNITUDE_LIMITS.items():
-        if abs(getattr(config, name)) > limit:
-            return f"{name} must be at most {limit:g} in size, got {getattr(config, name)!r}"
-    if config.start_time + config.span_days * SECONDS_PER_DAY >= LAST_TIME:
+        value = getattr(config, name)
+        if abs(value) > limit:
+            wanted = f"in [-{limit:,g}, {limit:,g}]" if name in REAL_FIELDS else f"<= {limit:,g}"
+            return f"{name} must be {wanted}, got {value!r}"
+    if config.start_time >= LAST_TIME or (
+        config.start_time + config.span_days * SECONDS_PER_DAY >= LAST_TIME
+    ):
         return (
             f"start_time ({config.start_time}) + span_days ({config.span_days}) must end before "
             f"the year 10000 (unix time {LAST_TIME})"
@@ -209,7 +214,8 @@ def _range_problem(config: WorldConfig) -> str | None:
     ):
         return f"media_probabilities must be 3 numbers >= 0 that sum to 1, got {media!r}"
     if not (len(offsets) == 3 and all(_real(x) and abs(x) <= DWELL_OFFSET_LIMIT for x in offsets)):
-        return f"dwell_media_offsets must be 3 numbers in [-3, 3], got {offsets!r}"
+        limit = f"[-{DWELL_OFFSET_LIMIT:g}, {DWELL_OFFSET_LIMIT:g}]"
+        return f"dwell_media_offsets must be 3 numbers in {limit}, got {offsets!r}"
     if config.warmup_days >= config.span_days:
         return f"warmup_days ({config.warmup_days}) must be below span_days ({config.span_days})"
     for name, model in config.actions.items():
@@ -219,7 +225,8 @@ def _range_problem(config: WorldConfig) -> str | None:
             return f"actions: {name}'s base_rate must be in (0, 1), got {model.base_rate!r}"
         slopes = (model.taste_slope, model.quality_slope, model.freshness_slope)
         if not all(_real(x) and abs(x) <= ACTION_SLOPE_LIMIT for x in slopes):
-            return f"actions: {name}'s slopes must be numbers in [-100, 100], got {slopes!r}"
+            limit = f"[-{ACTION_SLOPE_LIMIT:g}, {ACTION_SLOPE_LIMIT:g}]"
+            return f"actions: {name}'s slopes must be numbers in {limit}, got {slopes!r}"
     return None
 
 
@@ -583,8 +590,8 @@ class World:
         return self._expected_dwell(self._dwell_mu(user_ids, post_ids, times))
 
     def median_dwell(self, user_ids, post_ids, times) -> np.ndarray:
-        """The true median dwell in seconds, exp(mu), [...] float64 (shapes as in
-        `true_probabilities`)."""
+        """The true median dwell in seconds, exp(mu) (at most MAX_MEDIAN_DWELL_SECONDS), [...]
+        float64 (shapes as in `true_probabilities`)."""
         return np.exp(self._dwell_mu(user_ids, post_ids, times))
 
     def _dwell_mu(self, user_ids, post_ids, times) -> np.ndarray:
