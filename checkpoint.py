@@ -529,36 +529,36 @@ def _config_problem(data: dict) -> str | None:
 FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
 
 
-CAC = "continuous_action_config"
+_CONTINUOUS = "continuous_action_config"
 
 
 def _continuous_problem(data: Any) -> str | None:
     """The first value of a `continuous_action_config` object that does not fit the dataclass."""
     if not isinstance(data, dict):
-        return f"{CAC} must be an object, got {data!r}"
+        return f"{_CONTINUOUS} must be an object, got {data!r}"
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(ContinuousActionConfig)})
     if unknown:
-        return f"{CAC} has keys ContinuousActionConfig does not: {', '.join(unknown)}"
+        return f"{_CONTINUOUS} has keys ContinuousActionConfig does not: {', '.join(unknown)}"
     for key, check, expected in (
         ("loss_weight", lambda v: is_number(v) and 0 <= v < math.inf, "a number >= 0"),
         ("loss_type", lambda v: v in CONTINUOUS_LOSS_TYPES, f"one of {CONTINUOUS_LOSS_TYPES}"),
         ("tweedie_power", lambda v: is_number(v) and 1 < v < 2, "a number in (1, 2)"),
     ):
         if key in data and not check(data[key]):
-            return f"{CAC}.{key} must be {expected}, got {data[key]!r}"
-    norm = data.get("norm_config")
+            return f"{_CONTINUOUS}.{key} must be {expected}, got {data[key]!r}"
+    norm, where = data.get("norm_config"), f"{_CONTINUOUS}.norm_config"
     if norm is None:
         return None
     if not isinstance(norm, dict):
-        return f"{CAC}.norm_config must be an object or null, got {norm!r}"
+        return f"{where} must be an object or null, got {norm!r}"
     unknown = sorted(set(norm) - {f.name for f in dataclasses.fields(NormConfig)})
     if unknown:
-        return f"{CAC}.norm_config has keys NormConfig does not: {', '.join(unknown)}"
+        return f"{where} has keys NormConfig does not: {', '.join(unknown)}"
     scale = norm.get("norm_scale", NormConfig.norm_scale)
     if not (is_number(scale) and FLOAT32_TINY <= scale <= FLOAT32_MAX):
-        return f"{CAC}.norm_config.norm_scale must be a positive float32 number, got {scale!r}"
+        return f"{where}.norm_scale must be a positive float32 number, got {scale!r}"
     if not isinstance(norm.get("use_log", False), bool):
-        return f"{CAC}.norm_config.use_log must be true or false, got {norm['use_log']!r}"
+        return f"{where}.use_log must be true or false, got {norm['use_log']!r}"
     return None
 
 

@@ -130,16 +130,13 @@ def read_history(
     carry "dwell_time" (seconds), which the second release's ranker reads.
     """
     user_id = _positive_int(sequence.get("user_id"), "user_id")
-    history = sequence.get("history")
-    if not isinstance(history, list):
-        raise ValueError(f'"history" must be a list of items, got {type(history).__name__}')
     posts, authors = np.zeros(history_len, np.int64), np.zeros(history_len, np.int64)
+    ids = history_post_ids(sequence, history_len)  # checks that each item is an object
+    posts[: len(ids)] = ids
     actions = np.zeros((history_len, num_actions), np.float32)
     dwell = np.zeros(history_len, np.float32)
+    history = sequence["history"]
     for i, item in enumerate(history[:history_len]):
-        if not isinstance(item, dict):
-            raise ValueError(f"history item {i} must be an object, got {item!r}")
-        posts[i] = _positive_int(item.get("post_id"), f"history item {i}: post_id")
         authors[i] = _positive_int(item.get("author_id"), f"history item {i}: author_id")
         item_actions = item.get("actions", {})
         if not isinstance(item_actions, dict):
@@ -168,11 +165,16 @@ def read_history(
     return user_id, posts, authors, actions, (dwell if has_dwell else None)
 
 
-def history_post_ids(sequence: Mapping[str, Any]) -> np.ndarray:
-    """[H] int64: the post id of every item of a sequence's history, beyond the first S too
-    (what a request with a time is not served again)."""
-    ids = np.zeros(len(sequence["history"]), np.int64)
-    for i, item in enumerate(sequence["history"]):
+def history_post_ids(sequence: Mapping[str, Any], count: int | None = None) -> np.ndarray:
+    """[H] int64: the post ids of the first `count` items of a sequence's history, or of every
+    item (what a request with a time is not served again), each item checked to be an object
+    with a positive integer post id."""
+    history = sequence.get("history")
+    if not isinstance(history, list):
+        raise ValueError(f'"history" must be a list of items, got {type(history).__name__}')
+    items = history[:count]
+    ids = np.zeros(len(items), np.int64)
+    for i, item in enumerate(items):
         if not isinstance(item, dict):
             raise ValueError(f"history item {i} must be an object, got {item!r}")
         ids[i] = _positive_int(item.get("post_id"), f"history item {i}: post_id")
