@@ -245,7 +245,7 @@ class RotaryEmbedding(hk.Module):
             self.base_exponent ** (jnp.arange(0, self.dim, 2, dtype=jnp.float32) / self.dim)
         )
         seq_len = x.shape[seq_dim]
-        if const_position is not None:
+        if const_position:  # as in Grok-1, 0 (or None) means no constant position
             t = jnp.full((1, seq_len), const_position, dtype=jnp.float32)
         elif t is None:
             offset = jnp.reshape(jnp.asarray(offset, jnp.float32), (-1, 1))

@@ -518,6 +518,17 @@ def test_rotary_embedding_default_and_explicit_positions():
     assert_close(apply({}, None, jnp.asarray(x), jnp.asarray(positions)), ref_rope(x, positions))
 
 
+@pytest.mark.parametrize("const_position, expected", [(5, [5] * 7), (0, range(3, 10))])
+def test_rotary_embedding_constant_position(const_position, expected):
+    """Every position at the constant; as in Grok-1, a constant of 0 means none (positions from
+    the offset)."""
+    x = np.random.default_rng(0).standard_normal((2, 7, 3, 8)).astype(np.float32)
+    f = hk.transform(
+        lambda x: grok.RotaryEmbedding(8)(x, seq_dim=1, offset=3, const_position=const_position)
+    )
+    assert_close(f.apply({}, None, jnp.asarray(x)), ref_rope(x, np.asarray([expected])))
+
+
 def test_grouped_query_attention_matches_reference():
     b, t, d_model, heads, kv_heads, key_size, multiplier = 2, 6, 12, 4, 2, 6, 0.7
     rng = np.random.default_rng(0)
@@ -773,7 +784,16 @@ def flat_params(params):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", CASES)
+# The second release's inputs and options: dwell time, post age, the continuous head, IP
+# embeddings, right-anchored positions (the history of row 1 has a hole, not left-aligned).
+SECOND_RELEASE_CASES = [
+    Case(release=2),
+    Case(release=2, anchored=True, Hip=2, granularity=30, D=8, d=4, H=2, K=1, L=1, A=3),
+    Case(release=1, anchored=True, Hip=1, L=1),
+]
+
+
+@pytest.mark.parametrize("case", CASES + SECOND_RELEASE_CASES)
 def test_ranker_logits_match_reference(case):
     np_batch, np_emb = make_inputs(case)
     batch, emb = to_model_inputs(np_batch, np_emb)
@@ -788,20 +808,6 @@ def test_ranker_logits_match_reference(case):
         assert_close(out.continuous_preds, continuous)
     else:
         assert out.continuous_preds is None
-
-
-# The second release's inputs and options: dwell time, post age, the continuous head, IP
-# embeddings, right-anchored positions (the history of row 1 has a hole, not left-aligned).
-SECOND_RELEASE_CASES = [
-    Case(release=2),
-    Case(release=2, anchored=True, Hip=2, granularity=30, D=8, d=4, H=2, K=1, L=1, A=3),
-    Case(release=1, anchored=True, Hip=1, L=1),
-]
-
-
-@pytest.mark.parametrize("case", SECOND_RELEASE_CASES)
-def test_second_release_outputs_match_reference(case):
-    test_ranker_logits_match_reference(case)
 
 
 # ---------------------------------------------------------------------------------------------
