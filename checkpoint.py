@@ -428,7 +428,8 @@ def config_to_json(config: ModelConfig, hashing: Hashing) -> dict:
 _REQUIRED_KEYS = (
     "emb_size", "history_seq_len", "candidate_seq_len", "num_user_hashes", "num_item_hashes",
     "num_author_hashes", "product_surface_vocab_size", "key_size", "num_heads", "num_layers",
-    "num_actions", "post_age_granularity_mins", "hash_params",
+    "num_actions", "user_vocab_size", "item_vocab_size", "author_vocab_size",
+    "post_age_granularity_mins", "hash_params",
 )  # fmt: skip
 
 
@@ -437,9 +438,7 @@ _OUR_KEYS = (
     "kind", "num_kv_heads", "widening_factor", "attn_output_multiplier", "action_names",
     "right_anchored_rope", "continuous_action_config",
 )  # fmt: skip
-_KNOWN_KEYS = frozenset(
-    {*_REQUIRED_KEYS, *_OUR_KEYS, *(f"{entity}_vocab_size" for entity in ENTITIES)}
-)
+_KNOWN_KEYS = frozenset({*_REQUIRED_KEYS, *_OUR_KEYS})
 
 
 def _read_json(path: str | os.PathLike) -> Any:
@@ -479,7 +478,7 @@ def check_config_json(data: Any, where: str | os.PathLike, kind: str) -> dict:
 def _config_problem(data: dict) -> str | None:
     """The first value of a config.json that no model could be built from, in words."""
     counts = [k for k in _REQUIRED_KEYS if k != "hash_params"]
-    counts += [k for k in ("num_kv_heads", *(f"{e}_vocab_size" for e in ENTITIES)) if k in data]
+    counts += ["num_kv_heads"] if "num_kv_heads" in data else []
     for key in counts:
         if not (is_integer(data[key]) and data[key] >= 1):
             return f"{key} must be a positive integer, got {data[key]!r}"

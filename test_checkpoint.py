@@ -263,6 +263,10 @@ DAMAGES = {
         lambda f: _edit_json(f / RETRIEVAL_JSON, drop="hash_params"),
         "retrieval/config.json: lacks hash_params",
     ),
+    "config.json without a vocabulary size": (
+        lambda f: _edit_json(f / RANKER_JSON, drop="user_vocab_size"),
+        "ranker/config.json: lacks user_vocab_size",
+    ),
     "a table of another size": (
         lambda f: _edit_json(f / RANKER_JSON, item_vocab_size=51),
         r"item_embeddings is \[50, 8\] float32, config.json asks for \[51, 8\]",
