@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = time.perf_counter() - start
     ranker = artifacts.ranker.config
     positions = "right-anchored" if ranker.right_anchored_rope else "in chunks, as published"
-    print(
+    say(
         f"Loaded {args.artifacts_dir} in {loaded:.1f} s: {len(artifacts.corpus.post_ids):,} "
         f"posts; ranker release {ranker.release}, {ranker.model.num_layers} layers, D "
         f"{ranker.emb_size}, {args.dtype}; candidates ranked {positions}."
@@ -149,18 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     history = count(feed.history_length, "history item") + (
         f" (the first of the {given:,} given)" if given > feed.history_length else ""
     )
-    print(
+    say(
         f"User {feed.user_id}, {history}: retrieved "
         f"{feed.retrieved:,}{note}, ranked them, showing {len(feed.items)} ({timings}; "
         "the first call compiles)."
     )
     weights = " + ".join(f"{w} * {label} (output {i})" for label, (i, w) in feed.weights.items())
-    print(f"Score = {weights}\n")
-    print("\n".join(describe_feed(feed)))
+    say(f"Score = {weights}")
+    print("\n".join(describe_feed(feed)), flush=True)
     if args.output_json is not None:
         write_json(feed_to_json(feed), args.output_json)
-        print(f"\nWrote every score of {count(len(feed.items), 'post')} to {args.output_json}")
+        say(f"Wrote every score of {count(len(feed.items), 'post')} to {args.output_json}")
     return 0
+
+
+def say(line: str) -> None:
+    """An account of the run, on stderr: as published, the table alone goes to stdout."""
+    print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -218,8 +218,9 @@ def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
     ]
     status, out, err = run(argv, capsys)
     assert status == 0, err
-    assert "retrieved 150 (the whole corpus), ranked them" in out  # fewer than --top_k_retrieval
-    table = [line for line in out.splitlines() if line[:4].strip().isdigit()]
+    assert "retrieved 150 (the whole corpus), ranked them" in err  # fewer than --top_k_retrieval
+    header, rule, *table = out.splitlines()  # as published, the table alone goes to stdout
+    assert header.split()[:2] == ["rank", "post"] and set(rule) == {"-"}
     assert [int(line.split()[0]) for line in table] == [1, 2, 3, 4, 5]
     feed = json.loads(feed_json.read_text())
     assert [item["rank"] for item in feed["items"]] == [1, 2, 3, 4, 5]
