@@ -38,11 +38,11 @@ import checkpoint
 import runners
 import train
 import world
-from cli import ArgumentParser, non_negative_int, reuse_freed_memory
+from cli import ArgumentParser, ms, non_negative_int, print_table, reuse_freed_memory
 from grok import ffn_size
 from pipeline import MINI_TRANSFORMER
 from recsys_model import ACTIONS, PhoenixModelConfig
-from search import auto_search_method, sharded_top_k_search, top_k_search
+from search import auto_search_method, sharded_top_k_search, top_k_search, usable_cores
 
 HISTORY_LEN = 128
 RANK_COUNTS = (32, 256, 1024, 4096)
@@ -81,21 +81,6 @@ def measure(fns: dict[str, Callable[[], object]], budget: float) -> dict[str, fl
             if round_index < repeats[name]:
                 times[name].append(timed_call(fn))
     return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def print_table(rows: list, columns: dict[str, Callable[[object], str]]) -> None:
-    """Rows (records) as a right-aligned table, one column per (header, formatter)."""
-    cells = [[fmt(row) for fmt in columns.values()] for row in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(columns)]
-    line = "  ".join(h.rjust(w) for h, w in zip(columns, widths, strict=True))
-    print(line + "\n" + "-" * len(line))
-    for c in cells:
-        print("  ".join(x.rjust(w) for x, w in zip(c, widths, strict=True)))
-    print()
-
-
-def ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
 def ratio(value: float | None) -> str:
@@ -402,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
     sections = args.only or SECTIONS
     budget = 0.3 if args.quick else 2.0
     start = time.perf_counter()
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    usable = usable_cores()
     machine = platform.processor() or platform.machine()
     print(f"{machine}, {usable} usable cores, Python {platform.python_version()}")
     print(f"jax {jax.__version__}, devices {jax.devices()}")

@@ -28,9 +28,8 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from benchmark import ms, print_table
 from checkpoint import load_artifacts, load_corpus
-from cli import ArgumentParser
+from cli import ArgumentParser, ms, print_table
 from pipeline import Pipeline, example_sequence, write_example
 from published_pipeline import PublishedPipeline
 

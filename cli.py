@@ -403,3 +403,18 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, float]:
         fn()
         times.append(time.perf_counter() - start)
     return result, first, statistics.median(times)
+
+
+def print_table(rows: list, columns: dict[str, Callable[[object], str]]) -> None:
+    """Rows (records) as a right-aligned table, one column per (header, formatter)."""
+    cells = [[fmt(row) for fmt in columns.values()] for row in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(columns)]
+    line = "  ".join(h.rjust(w) for h, w in zip(columns, widths, strict=True))
+    print(line + "\n" + "-" * len(line))
+    for c in cells:
+        print("  ".join(x.rjust(w) for x, w in zip(c, widths, strict=True)))
+    print()
+
+
+def ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"

@@ -209,7 +209,7 @@ def _blocked_top_k(
 def _search_shards(queries, corpus, corpus_mask, k, mesh, axis):
     # Devices of this host share its cores: each shard's kernel gets its part of them.
     here = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    threads = max(1, _usable_cores() // here) if here > 1 else 0
+    threads = max(1, usable_cores() // here) if here > 1 else 0
 
     def local(queries, corpus, corpus_mask):
         scores, indices = top_k_search(
@@ -229,7 +229,8 @@ def _search_shards(queries, corpus, corpus_mask, k, mesh, axis):
     )(queries, corpus, corpus_mask)
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
+    """The cores this process may run on."""
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
