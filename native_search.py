@@ -11,7 +11,7 @@ The kernel is compiled with the machine's C++ compiler (`c++`, or `$CXX`) agains
 headers shipped with jaxlib, the first time it is needed, and cached under
 `$XDG_CACHE_HOME/phoenix-jax` (default `~/.cache/phoenix-jax`), keyed by the source, the jaxlib
 version and the CPU. Without a compiler, or with `PHOENIX_NATIVE_SEARCH=0`, `available()` is
-False and `recsys_retrieval_model.top_k_search` uses its XLA path, which finds the same posts
+False and `search.top_k_search` uses its XLA path, which finds the same posts
 (scores equal to float32 rounding: the two sum the products in different orders).
 """
 

@@ -1,7 +1,7 @@
 """The published pipeline's procedure, re-enacted step by step, to measure ours against.
 
-Not part of the library: `benchmark.py` runs it beside `pipeline.Pipeline` on the same folder,
-and `test_pipeline.py` checks that both serve the same feed. It does what the published
+Not part of the library: `benchmark_pipeline.py` runs it beside `pipeline.Pipeline` on the
+same folder, and `test_pipeline.py` checks that both serve the same feed. It does what the published
 `run_pipeline.py` does, in its order: load every file whole (`np.load`), copy the three tables
 of each model into one unified table (users from row 65, items after the users, authors after
 the items), hash ids in a Python double loop, compute the user vector with the retrieval

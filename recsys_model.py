@@ -65,10 +65,10 @@ ACTIONS = [
 ]
 
 
-# Post ages are bucketed up to this many minutes; older posts share the last bucket.
 # The continuous actions' column that holds the dwell time (in seconds), in the history's
 # inputs and the continuous head's outputs alike.
 DWELL_TIME_COLUMN = 1
+# Post ages are bucketed up to this many minutes; older posts share the last bucket.
 POST_AGE_MAX_MINUTES = 4800
 
 
@@ -831,8 +831,8 @@ class PhoenixModel(ModelModule):
     def _second_release(self) -> bool:
         return self.config.release >= 2
 
-    # The published model's helpers, kept for notebooks that call them (the user's guide shows
-    # them); the model itself calls the module-level functions.
+    # The published model's helpers, kept because the published package's guide has notebooks
+    # call them; the model itself calls the module-level functions.
     def _get_action_embeddings(self, actions: jax.Array) -> jax.Array:
         return action_embeddings(actions, self.config.emb_size, self.fprop_dtype)
 

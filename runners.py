@@ -86,8 +86,11 @@ CONTINUOUS_ACTIONS = [
     "reserved_5",
     "reserved_6",
 ]
-# Indices in ACTIONS of the negative feedback: not interested, block, mute, report.
-NEGATIVE_FEEDBACK_INDICES = [14, 15, 16, 17]
+# Indices in ACTIONS of the negative feedback.
+NEGATIVE_FEEDBACK_INDICES = [
+    ACTIONS.index(name)
+    for name in ("not_interested_score", "block_author_score", "mute_author_score", "report_score")
+]
 
 RankingOutput = NamedTuple(
     "RankingOutput",

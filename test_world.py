@@ -400,7 +400,8 @@ def test_a_world_at_the_limits_of_its_numbers_is_finite():
 
 def test_users_without_favourite_authors_make_a_world():
     world = W.build_world(dataclasses.replace(W.WorldConfig.tiny(), favourite_authors_per_user=0))
-    assert len(world.ranking_train) > 0
+    assert len(world.ranking_train) > 0 and not world.user_favourite_authors.any()
+    assert "favourite authors: none;" in world.describe_user(1)
 
 
 def _array_bytes(value, seen) -> int:

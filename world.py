@@ -760,6 +760,7 @@ class World:
         authors = ", ".join(
             self.author_name(a + 1) for a in np.flatnonzero(self.user_favourite_authors[u])
         )
+        authors = authors or "none"
         return (
             f"user {u + 1} likes {topics}; favourite authors: {authors}; "
             f"activity {self.user_activity[u]:.2f}"
