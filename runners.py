@@ -148,10 +148,11 @@ def create_example_batch(
     include_continuous_actions: bool = False,
     include_timestamps: bool = False,
     num_continuous_actions: int = 8,
-    seed: int = 0,
+    seed: int | None = 0,
 ) -> tuple[RecsysBatch, RecsysEmbeddings]:
-    """A random, seeded batch: hashes in [1, table size), a random tail of each history padded
-    with 0, about 30 % of action bits set, standard-normal embeddings (zero where padded).
+    """A random batch, drawn from `seed` (None: numpy's fresh entropy): hashes in [1, table
+    size), a random tail of each history padded with 0, about 30 % of action bits set,
+    standard-normal embeddings (zero where padded).
 
     Second-release inputs on request: continuous actions [B, S, Nc] (exponential, mean 10;
     column 1 is the dwell time in seconds; zero where padded), and candidate impression and
@@ -165,7 +166,7 @@ def create_example_batch(
         num_user_embeddings=num_user_embeddings, num_post_embeddings=num_post_embeddings,
         num_author_embeddings=num_author_embeddings,
         num_continuous_actions=num_continuous_actions if include_continuous_actions else 2,
-        seed=0 if seed is None else seed,  # None: numpy's fresh entropy
+        seed=0 if seed is None else seed,  # (None is checked as 0)
     )  # fmt: skip
     for name, value in sizes.items():
         low = EXAMPLE_SIZE_LOWS.get(name, 1)
