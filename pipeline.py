@@ -277,18 +277,8 @@ class Pipeline:
         start = time.perf_counter()
         user = self.retriever.encode_user(batch, embeddings)  # dispatched, not awaited:
         ranker_history = self._history_inputs(ranker, history)  # the host works meanwhile
-        user = np.asarray(user, np.float32)
         unservable = self._unservable(sequence, request_time)
-        excluded = int(np.count_nonzero(unservable))
-        # With posts left out, searched wider: by a margin of the same size for every request
-        # (one compiled search), then, if too many of those were left out, by all of them.
-        widths = (top_k_retrieval, 2 * top_k_retrieval + 64, top_k_retrieval + excluded)
-        for k in widths if excluded else widths[:1]:
-            retrieval_scores, indices = (x[0] for x in self.index.search(user, min(n, k)))
-            kept = ~unservable[indices]
-            if kept.sum() >= min(top_k_retrieval, n - excluded):
-                break
-        retrieval_scores, indices = (x[kept][:top_k_retrieval] for x in (retrieval_scores, indices))
+        retrieval_scores, indices = self._retrieve(user, unservable, top_k_retrieval)
         if not len(indices):
             raise ValueError(
                 f"no post of the corpus can be served at request_time {request_time}: all "
@@ -297,6 +287,62 @@ class Pipeline:
         seconds["retrieve"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        candidates, probabilities, continuous = self._rank(ranker_history, indices, request_time)
+        dwell = None
+        if continuous is not None:
+            norm = ranker.config.continuous_action_config
+            dwell = np.asarray(denormalize_continuous_value(continuous[:, DWELL_TIME_COLUMN], norm))
+        seconds["rank"] = time.perf_counter() - start
+
+        weighted = sum(w * probabilities[:, i] for i, w in self.weights.values())
+        order = np.argsort(-weighted, kind="stable")[:top_k_display]
+        topics = corpus.topics
+        items = [
+            FeedItem(
+                rank=rank,
+                post_id=int(candidates[0][c]),
+                author_id=int(candidates[1][c]),
+                topic=None if topics is None else str(topics[indices[c]]),
+                retrieval_score=float(retrieval_scores[c]),
+                score=float(weighted[c]),
+                probabilities=dict(zip(self.output_names, probabilities[c].tolist(), strict=True)),
+                continuous=None
+                if continuous is None
+                else dict(zip(runners.CONTINUOUS_ACTIONS, continuous[c].tolist(), strict=False)),
+                dwell_seconds=None if dwell is None else float(dwell[c]),
+            )
+            for rank, c in enumerate(order, start=1)
+        ]
+        return Feed(
+            history[0],
+            int(np.count_nonzero(history[1])),
+            items,
+            self.weights,
+            seconds,
+            len(indices),
+            int(np.count_nonzero(unservable)),
+        )
+
+    def _retrieve(self, user, unservable: np.ndarray, top_k: int) -> tuple:
+        """(retrieval scores, corpus rows) [K] of the best `top_k` servable posts for the user
+        vector [1, D] (fewer if fewer are servable), best first."""
+        user = np.asarray(user, np.float32)
+        n, excluded = len(unservable), int(np.count_nonzero(unservable))
+        # With posts left out, searched wider: by a margin of the same size for every request
+        # (one compiled search), then, if too many of those were left out, by all of them.
+        widths = (top_k, 2 * top_k + 64, top_k + excluded)
+        for k in widths if excluded else widths[:1]:
+            scores, indices = (x[0] for x in self.index.search(user, min(n, k)))
+            kept = ~unservable[indices]
+            if kept.sum() >= min(top_k, n - excluded):
+                break
+        return scores[kept][:top_k], indices[kept][:top_k]
+
+    def _rank(self, ranker_history, indices: np.ndarray, request_time: int | None) -> tuple:
+        """((post ids, author ids) [K], probabilities [K, A], continuous outputs [K, Nc] or
+        None) of the corpus rows `indices`, ranked all at once with the ranker's history
+        inputs."""
+        corpus, ranker = self.artifacts.corpus, self.artifacts.ranker
         candidates = (np.asarray(corpus.post_ids)[indices], np.asarray(corpus.author_ids)[indices])
         times = None
         if request_time is not None and corpus.creation_times is not None:
@@ -307,50 +353,10 @@ class Pipeline:
         if not ranker.config.right_anchored_rope:
             slots = np.arange(len(indices)) % ranker.config.candidate_seq_len
         ranking = self.ranker.rank(batch, embeddings, candidate_slots=slots)
-        probabilities = np.asarray(ranking.scores)[0]  # [K, A]
+        probabilities = np.asarray(ranking.scores)[0]
         continuous = ranking.continuous_preds
-        continuous = None if continuous is None else np.asarray(continuous)[0]  # [K, Nc]
-        dwell = None
-        if continuous is not None:
-            norm = ranker.config.continuous_action_config
-            dwell = denormalize_continuous_value(continuous[:, DWELL_TIME_COLUMN], norm)
-            dwell = np.asarray(dwell)
-        seconds["rank"] = time.perf_counter() - start
-
-        weighted = sum(w * probabilities[:, i] for i, w in self.weights.values())
-        order = np.argsort(-weighted, kind="stable")[:top_k_display]
-        items = []
-        for rank, c in enumerate(order, start=1):
-            items.append(
-                FeedItem(
-                    rank=rank,
-                    post_id=int(candidates[0][c]),
-                    author_id=int(candidates[1][c]),
-                    topic=None if corpus.topics is None else str(corpus.topics[indices[c]]),
-                    retrieval_score=float(retrieval_scores[c]),
-                    score=float(weighted[c]),
-                    probabilities={
-                        a: float(p)
-                        for a, p in zip(self.output_names, probabilities[c], strict=True)
-                    },
-                    continuous=None
-                    if continuous is None
-                    else {
-                        name: float(v)
-                        for name, v in zip(runners.CONTINUOUS_ACTIONS, continuous[c], strict=False)
-                    },
-                    dwell_seconds=None if dwell is None else float(dwell[c]),
-                )
-            )
-        return Feed(
-            history[0],
-            int(np.count_nonzero(history[1])),
-            items,
-            self.weights,
-            seconds,
-            len(indices),
-            excluded,
-        )
+        continuous = None if continuous is None else np.asarray(continuous)[0]
+        return candidates, probabilities, continuous
 
     def _unservable(self, sequence: Mapping[str, Any], request_time: int | None) -> np.ndarray:
         """[N] which posts of the corpus a request at `request_time` cannot serve: those
