@@ -89,20 +89,23 @@ def _member_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -
     it is checked by streaming reads and returned memory-mapped, so that only the rows used
     later are ever in memory; compressed, it is read whole."""
     with archive.open(info) as f:
-        version = np.lib.format.read_magic(f)
-        read_header = _HEADER_READERS.get(version)
-        if read_header is None or info.compress_type != zipfile.ZIP_STORED:
-            f.seek(0)
-            try:
+        try:  # a damaged magic string or header is named with its file
+            version = np.lib.format.read_magic(f)
+            read_header = _HEADER_READERS.get(version)
+            if read_header is None or info.compress_type != zipfile.ZIP_STORED:
+                f.seek(0)
                 array = np.lib.format.read_array(f, allow_pickle=False)
-            except ValueError as error:
-                raise ValueError(f"{path}: {info.filename}: {error}") from None
-            _check_number_type(path, info, array.dtype)
-            if array.dtype.kind in "fc" and not np.isfinite(array).all():
-                raise ValueError(f"{path}: {info.filename[:-4]} holds NaN or infinite values")
-            return array
-        shape, fortran, dtype = read_header(f)
-        header_size = f.tell()
+            else:
+                array = None
+                shape, fortran, dtype = read_header(f)
+                header_size = f.tell()
+        except ValueError as error:
+            raise ValueError(f"{path}: {info.filename}: {error}") from None
+    if array is not None:
+        _check_number_type(path, info, array.dtype)
+        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+            raise ValueError(f"{path}: {info.filename[:-4]} holds NaN or infinite values")
+        return array
     if dtype.hasobject:
         raise ValueError(f"{path}: {info.filename} holds Python objects; expected numbers")
     _check_number_type(path, info, dtype)

@@ -130,6 +130,9 @@ def _corrupt(path, how):
         path.write_bytes(bytes(data))
     elif how == "not a zip":
         path.write_bytes(b"this is not an npz file")
+    elif how.startswith("header"):  # the member's own .npy header, of the same length
+        old, new = {"header, magic": (b"NUMPY", b"NUMQY"), "header, dtype": (b"<f4", b"<q4")}[how]
+        path.write_bytes(bytes(data).replace(old, new, 1))
 
 
 @pytest.mark.parametrize(
@@ -140,13 +143,16 @@ def _corrupt(path, how):
         ("flipped byte", "is corrupt \\(its checksum does not match\\)"),
         ("flipped byte, large", "is corrupt \\(its checksum does not match\\)"),
         ("not a zip", "not a readable .npz file"),
+        ("header, magic", "layer/w.npy: the magic string is not correct"),
+        ("header, dtype", "layer/w.npy: descr is not a valid dtype descriptor"),
         ("nan", "w holds NaN or infinite values"),
         ("objects", "holds Python objects"),
     ],
 )
 def test_bad_files_are_refused_with_one_line_naming_the_file(tmp_path, how, message):
     path = tmp_path / "model_params.npz"
-    rows = 4096 if how.endswith("large") else 64  # zipfile checks a small member itself
+    # zipfile checks the checksum of a small member itself, before its header is read
+    rows = 4096 if how.endswith("large") or how.startswith("header") else 64
     arrays = {"layer/w": np.random.default_rng(1).standard_normal((rows, 8), np.float32)}
     if how == "nan":
         arrays["layer/w"][3, 2] = np.nan
