@@ -768,6 +768,24 @@ def read_sequence(path: str | os.PathLike) -> dict:
     return sequence
 
 
+def artifact_files(
+    directory: str | os.PathLike,
+    corpus_file: str | os.PathLike | None = None,
+    sequence_file: str | os.PathLike | None = None,
+) -> list[Path]:
+    """Every file `load_artifacts` reads, with the published defaults for the corpus and the
+    sequence."""
+    directory = Path(directory)
+    files = [
+        directory / model / name
+        for model in ("retrieval", "ranker")
+        for name in (CONFIG_FILE, PARAMS_FILE, TABLES_FILE)
+    ]
+    files.append(Path(corpus_file or directory / DEFAULT_CORPUS_FILE))
+    files.append(Path(sequence_file or directory / DEFAULT_SEQUENCE_FILE))
+    return files
+
+
 def load_artifacts(
     directory: str | os.PathLike,
     sequence_file: str | os.PathLike | None = None,
@@ -789,13 +807,10 @@ def load_artifacts(
             else "an artifacts folder holds retrieval/, ranker/, a corpus .npz and a user sequence"
         )
         raise FileNotFoundError(f"{directory} holds no retrieval/ or ranker/ folder; {where}")
+    for path in artifact_files(directory, corpus_file, sequence_file):  # before any is read
+        require_file(path)
     corpus_file = Path(corpus_file or directory / DEFAULT_CORPUS_FILE)
     sequence_file = Path(sequence_file or directory / DEFAULT_SEQUENCE_FILE)
-    for folder in folders.values():  # every file there, before any is read
-        for name in (CONFIG_FILE, PARAMS_FILE, TABLES_FILE):
-            require_file(folder / name)
-    require_file(corpus_file)
-    require_file(sequence_file)
     jsons = {name: read_config_json(folder / CONFIG_FILE, name) for name, folder in folders.items()}
     params = {name: load_model_params(folder / PARAMS_FILE) for name, folder in folders.items()}
     retrieval_config, ranker_config = configs_from_json(
@@ -812,6 +827,13 @@ def load_artifacts(
     ranker = _load_model(folders["ranker"], ranker_config, jsons["ranker"], params["ranker"], {})
     corpus = load_corpus(corpus_file, retrieval_config.emb_size)
     sequence = read_sequence(sequence_file)
+    if "request_time" in sequence and corpus.creation_times is None:
+        warnings.warn(
+            f"{sequence_file}: its request_time leaves out the posts created after it only with "
+            f"the corpus's creation_times, which {corpus_file} does not hold: every post can be "
+            "served, and the ranker is given no post ages",
+            stacklevel=2,
+        )
     return Artifacts(retrieval, ranker, corpus, sequence)
 
 
@@ -871,7 +893,7 @@ def write_artifacts(
     and attention multiplier other than the published mini model's are written in our keys of
     `config.json`, which our loading reads and the published pipeline does not. The folder is
     read back by `load_artifacts` before it is renamed: one it would refuse (NaN parameters,
-    tables of the wrong shape, duplicate post ids, a sequence without a history) is not
+    tables of the wrong shape, duplicate post ids, a sequence without a "history" key) is not
     written, and the error names the file and the problem."""
     directory = check_new_folder(directory)
     problem = _folder_problem(retrieval.config, ranker.config)

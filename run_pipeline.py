@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from checkpoint import DEFAULT_SEQUENCE_FILE, load_artifacts, write_json
+from checkpoint import DEFAULT_SEQUENCE_FILE, artifact_files, load_artifacts, write_json
 from cli import ArgumentParser, count, file_in_a_folder, positive_int, run_main, seed_int
 from pipeline import (
     Pipeline,
@@ -61,8 +61,14 @@ def parse_args(argv: list[str] | None = None):
         "--vocab-size", type=positive_int, default=10_000, help="rows per embedding table (10,000)"
     )
     args = parser.parse_args(argv)
-    if args.output_json is not None and args.output_json.is_dir():
-        parser.error(f"--output-json: {args.output_json} is a folder, not a file name")
+    if args.output_json is not None:
+        if str(args.output_json) == "-":
+            parser.error("--output-json -: stdout holds the table; name a file")
+        if args.output_json.is_dir():
+            parser.error(f"--output-json: {args.output_json} is a folder, not a file name")
+        read = artifact_files(args.artifacts_dir, args.corpus_file, args.sequence_file)
+        if args.output_json.resolve() in {path.resolve() for path in read}:
+            parser.error(f"--output-json {args.output_json}: a file this run reads; name another")
     for flag, path in (
         ("--output-json", args.output_json),
         ("--write-example", args.write_example),
@@ -152,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     say(
         f"User {feed.user_id}, {history}: retrieved "
         f"{feed.retrieved:,}{note}, ranked them, showing {len(feed.items)} ({timings}; "
-        "the first call compiles)."
+        "the first call of a process compiles, or reads what it compiled from the cache)."
     )
     weights = " + ".join(f"{w} * {label} (output {i})" for label, (i, w) in feed.weights.items())
     say(f"Score = {weights}")

@@ -467,6 +467,21 @@ def test_keys_a_sequence_does_not_know_are_named(example_folder, tmp_path):
     ]
 
 
+def test_a_request_time_without_creation_times_is_named(example_folder, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(example_folder, folder)
+    corpus = read_npz(folder / "sports_corpus.npz")
+    del corpus["creation_times"]
+    write_npz(corpus, folder / "sports_corpus.npz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no request time: nothing to say
+        load_artifacts(folder)
+    sequence = json.loads((folder / "example_sequence.json").read_text())
+    (folder / "example_sequence.json").write_text(json.dumps({**sequence, "request_time": 5}))
+    with pytest.warns(UserWarning, match="sports_corpus.npz does not hold: every post can be"):
+        load_artifacts(folder)
+
+
 def test_writing_into_an_existing_folder_is_refused(example_folder):
     with pytest.raises(ValueError, match="already exists; choose a new folder"):
         write_example(example_folder, corpus_size=10, vocab_size=10)
