@@ -827,11 +827,11 @@ def load_artifacts(
     ranker = _load_model(folders["ranker"], ranker_config, jsons["ranker"], params["ranker"], {})
     corpus = load_corpus(corpus_file, retrieval_config.emb_size)
     sequence = read_sequence(sequence_file)
-    if "request_time" in sequence and corpus.creation_times is None:
+    if sequence.get("request_time") is not None and corpus.creation_times is None:
         warnings.warn(
-            f"{sequence_file}: its request_time leaves out the posts created after it only with "
-            f"the corpus's creation_times, which {corpus_file} does not hold: every post can be "
-            "served, and the ranker is given no post ages",
+            f"{sequence_file}: its request_time leaves out the posts created after it, and ages "
+            f"the rest, only with the corpus's creation_times, which {corpus_file} does not "
+            "hold: only the history's posts are left out, and the ranker is given no post ages",
             stacklevel=2,
         )
     return Artifacts(retrieval, ranker, corpus, sequence)

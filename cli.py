@@ -56,8 +56,11 @@ def count(n: int, noun: str) -> str:
 
 def not_a_regular_file(path: os.PathLike) -> str | None:
     """Why a file written at `path` would replace something that is not one: `path` (or what
-    its links point to) is a device, a pipe or a socket. None for a file, a folder or nothing."""
+    its links point to) is a device, a pipe or a socket, or its links loop. None for a file, a
+    folder or nothing."""
     target = Path(os.path.realpath(path))
+    if target.is_symlink():  # realpath stops where links loop
+        return f"{path} is a symbolic link that loops, not a file: choose another name"
     if target.exists() and not (target.is_file() or target.is_dir()):
         return f"{path} is a device, pipe or socket, not a file: choose another name"
     return None

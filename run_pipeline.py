@@ -11,6 +11,7 @@ pipeline reads it; the flags before --output-json are the published pipeline's.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -61,20 +62,6 @@ def parse_args(argv: list[str] | None = None):
         "--vocab-size", type=positive_int, default=10_000, help="rows per embedding table (10,000)"
     )
     args = parser.parse_args(argv)
-    if args.output_json is not None:
-        if str(args.output_json) == "-":
-            parser.error("--output-json -: stdout holds the table; name a file")
-        if args.output_json.is_dir():
-            parser.error(f"--output-json: {args.output_json} is a folder, not a file name")
-        read = artifact_files(args.artifacts_dir, args.corpus_file, args.sequence_file)
-        if args.output_json.resolve() in {path.resolve() for path in read}:
-            parser.error(f"--output-json {args.output_json}: a file this run reads; name another")
-    for flag, path in (
-        ("--output-json", args.output_json),
-        ("--write-example", args.write_example),
-    ):
-        if path is not None and (problem := file_in_a_folder(path)):
-            parser.error(f"{flag} {path}: {problem}")
     if args.write_example is not None:
         serving = [f for f in SERVING_FLAGS if getattr(args, f) != parser.get_default(f)]
         if serving:
@@ -88,6 +75,21 @@ def parse_args(argv: list[str] | None = None):
             parser.error(
                 f"{flag} is for --write-example; serving reads the folder's weights and corpus"
             )
+    if args.output_json is not None:
+        if str(args.output_json) == "-":
+            parser.error("--output-json -: stdout holds the table; name a file")
+        if args.output_json.is_dir():
+            parser.error(f"--output-json: {args.output_json} is a folder, not a file name")
+        read = artifact_files(args.artifacts_dir, args.corpus_file, args.sequence_file)
+        # realpath, not resolve: a symbolic link that loops is a path like any other here
+        if os.path.realpath(args.output_json) in {os.path.realpath(path) for path in read}:
+            parser.error(f"--output-json {args.output_json}: a file this run reads; name another")
+    for flag, path in (
+        ("--output-json", args.output_json),
+        ("--write-example", args.write_example),
+    ):
+        if path is not None and (problem := file_in_a_folder(path)):
+            parser.error(f"{flag} {path}: {problem}")
     if args.write_example is not None and args.vocab_size < 2:
         parser.error("--vocab-size must be at least 2 (row 0 is padding)")
     return args

@@ -478,7 +478,7 @@ def test_a_request_time_without_creation_times_is_named(example_folder, tmp_path
         load_artifacts(folder)
     sequence = json.loads((folder / "example_sequence.json").read_text())
     (folder / "example_sequence.json").write_text(json.dumps({**sequence, "request_time": 5}))
-    with pytest.warns(UserWarning, match="sports_corpus.npz does not hold: every post can be"):
+    with pytest.warns(UserWarning, match="sports_corpus.npz does not hold: only the history's"):
         load_artifacts(folder)
 
 

@@ -246,6 +246,7 @@ def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
         (["--artifacts_dir", "A_FILE"], "something is a file, not a folder"),
         (["--output-json", "A_PIPE"], "pipe is a device, pipe or socket, not a file"),
         (["--output-json", "-"], "--output-json -: stdout holds the table; name a file"),
+        (["--output-json", "A_LOOP"], "loop is a symbolic link that loops, not a file"),
         (["--artifacts_dir", "EXISTING", "--output-json", "ITS_SEQUENCE"],
          "example_sequence.json: a file this run reads; name another"),
         (["--corpus_file", "A_FILE", "--output-json", "A_FILE"],
@@ -255,6 +256,8 @@ def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
 def test_the_command_line_refuses_bad_flags_in_one_line(argv, message, capsys, tmp_path):
     paths = {"EXISTING": tmp_path, "NEW": tmp_path / "new", "A_PIPE": tmp_path / "pipe"}
     paths["ITS_SEQUENCE"] = tmp_path / "example_sequence.json"  # not there yet: read all the same
+    paths["A_LOOP"] = tmp_path / "loop"
+    os.symlink("loop", tmp_path / "loop")
     argv = [str(paths.get(a, a)).replace("A_FILE", str(tmp_path / "something")) for a in argv]
     (tmp_path / "something").write_text("")
     os.mkfifo(tmp_path / "pipe")

@@ -532,6 +532,18 @@ def test_optimiser_flags_reach_both_models_training_configs():
     assert defaults["ranker"] == T.TrainConfig.for_model("ranker")
 
 
+def test_a_state_is_held_to_the_settings_its_model_reads_alone(world):
+    def meta(kind, **changes):
+        return T.make_job(kind, world, dataclasses.replace(QUICK, **changes)).meta
+
+    assert meta("ranker", negatives=7) == meta("ranker")
+    assert meta("retrieval", dwell_loss="mae") == meta("retrieval")
+    assert meta("retrieval", negatives=7)["train"]["negatives"] == 7
+    assert meta("ranker", dwell_loss="mae")["train"]["dwell_loss"] == "mae"
+    flags = ["--out", "x", "--negatives", "7"]
+    assert {t.negatives for t in T.run_configs(T.parse_args(flags))[1].values()} == {7}
+
+
 def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     def refused(argv) -> str:
         status, _, err = run_script(T.main, argv, capsys)
@@ -588,6 +600,9 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     )
     assert "--learning-rate: expected a finite number > 0, got nan" in refused(
         [*RANKER_ONLY, "--out", "x", "--learning-rate", "nan"]
+    )
+    assert "--negatives: expected an integer >= 0, got -1" in refused(
+        [*RANKER_ONLY, "--out", "x", "--negatives", "-1"]
     )
     assert "--table-optimizer: invalid choice: 'sgd'" in refused(
         [*RANKER_ONLY, "--out", "x", "--table-optimizer", "sgd"]
