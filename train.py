@@ -1420,6 +1420,24 @@ def goal_checks(report: dict) -> list[tuple[str, bool]]:
     return checks
 
 
+def print_goals(report: dict, default_world: bool) -> bool:
+    """Prints `goal_checks` (with recent popularity beside them); whether all were met."""
+    checks = goal_checks(report)
+    if checks:
+        print("\ngoals" + (":" if default_world else " (set for the default world, not this one):"))
+        for text, met in checks:
+            print(f"  [{'x' if met else ' '}] {text}")
+        recall = report.get("retrieval", {}).get("recall@100")
+        if recall and recall["recent_popularity"]:
+            m, o, r = recall["model"], recall["oracle"], recall["recent_popularity"]
+            print(
+                "  (popularity ranks the whole corpus; recent popularity puts the serving window "
+                f"first,\n   as the model and the oracle do: {r:.3f}, the model {m / r:.2f}x that, "
+                f"the oracle {o / r:.2f}x)"
+            )
+    return all(met for _, met in checks)
+
+
 def report_lines(report: dict) -> list[str]:
     """eval.json as a table."""
     lines = []
@@ -1925,21 +1943,8 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
     }
     for line in report_lines(report):
         print(line)
-    checks = goal_checks(report)
-    if checks:
-        default = world_config == world_lib.WorldConfig(seed=world_config.seed)
-        print("\ngoals" + (":" if default else " (set for the default world, not this one):"))
-        for text, met in checks:
-            print(f"  [{'x' if met else ' '}] {text}")
-        recall = report.get("retrieval", {}).get("recall@100")
-        if recall and recall["recent_popularity"]:
-            m, o, r = recall["model"], recall["oracle"], recall["recent_popularity"]
-            print(
-                "  (popularity ranks the whole corpus; recent popularity puts the serving window "
-                f"first,\n   as the model and the oracle do: {r:.3f}, the model {m / r:.2f}x that, "
-                f"the oracle {o / r:.2f}x)"
-            )
-    report["goals_met"] = all(met for _, met in checks)
+    default_world = world_config == world_lib.WorldConfig(seed=world_config.seed)
+    report["goals_met"] = print_goals(report, default_world)
     write_npz({**predictions, "actions": np.array(ACTIONS)}, out / "eval_predictions.npz")
     written = ["eval.json", "eval_predictions.npz", "state/"]
     if not args.no_export:
