@@ -807,10 +807,10 @@ def load_artifacts(
             else "an artifacts folder holds retrieval/, ranker/, a corpus .npz and a user sequence"
         )
         raise FileNotFoundError(f"{directory} holds no retrieval/ or ranker/ folder; {where}")
-    for path in artifact_files(directory, corpus_file, sequence_file):  # before any is read
+    files = artifact_files(directory, corpus_file, sequence_file)
+    for path in files:  # every one, before any is read
         require_file(path)
-    corpus_file = Path(corpus_file or directory / DEFAULT_CORPUS_FILE)
-    sequence_file = Path(sequence_file or directory / DEFAULT_SEQUENCE_FILE)
+    corpus_file, sequence_file = files[-2:]
     jsons = {name: read_config_json(folder / CONFIG_FILE, name) for name, folder in folders.items()}
     params = {name: load_model_params(folder / PARAMS_FILE) for name, folder in folders.items()}
     retrieval_config, ranker_config = configs_from_json(

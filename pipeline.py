@@ -278,7 +278,8 @@ class Pipeline:
         user = self.retriever.encode_user(batch, embeddings)  # dispatched, not awaited:
         ranker_history = self._history_inputs(ranker, history)  # the host works meanwhile
         unservable = self._unservable(sequence, request_time)
-        retrieval_scores, indices = self._retrieve(user, unservable, top_k_retrieval)
+        excluded = int(np.count_nonzero(unservable))
+        retrieval_scores, indices = self._retrieve(user, unservable, excluded, top_k_retrieval)
         if not len(indices):
             raise ValueError(
                 f"no post of the corpus can be served at request_time {request_time}: all "
@@ -320,14 +321,15 @@ class Pipeline:
             self.weights,
             seconds,
             len(indices),
-            int(np.count_nonzero(unservable)),
+            excluded,
         )
 
-    def _retrieve(self, user, unservable: np.ndarray, top_k: int) -> tuple:
+    def _retrieve(self, user, unservable: np.ndarray, excluded: int, top_k: int) -> tuple:
         """(retrieval scores, corpus rows) [K] of the best `top_k` servable posts for the user
-        vector [1, D] (fewer if fewer are servable), best first."""
+        vector [1, D] (fewer if fewer are servable: `excluded` of `unservable` [N] are not),
+        best first."""
         user = np.asarray(user, np.float32)
-        n, excluded = len(unservable), int(np.count_nonzero(unservable))
+        n = len(unservable)
         # With posts left out, searched wider: by a margin of the same size for every request
         # (one compiled search), then, if too many of those were left out, by all of them.
         widths = (top_k, 2 * top_k + 64, top_k + excluded)
