@@ -201,24 +201,28 @@ def test_the_environment_variable_turns_the_kernel_off(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("width", [5, 64])
+@pytest.mark.parametrize("width", [5, 64, 96])
 def test_int8_kernel_scores_the_rounded_query_against_the_codes_exactly(threads, width):
     """Each query rounded to steps of max|q| / query_levels(D), one integer dot product per row,
-    scaled: the kernel's top k equals that computed in integers, ties (the duplicated rows)
-    to the lower row."""
+    scaled by the query's step and the row's scale: the kernel's top k equals that computed in
+    integers, ties (the duplicated rows) to the lower row. Widths of 32s take the vector path
+    where there is one, 16 rows at a time, and a width of 5 the row-by-row one; the threads'
+    ranges end inside a block of 16."""
     rng = np.random.default_rng(width)
     codes = rng.integers(-127, 128, (70_000, width)).astype(np.int8)
-    scales = np.full(70_000, 0.01, np.float32)
+    scales = rng.uniform(0.005, 0.015, 70_000).astype(np.float32)
     queries = rng.standard_normal((3, width)).astype(np.float32)
     # Query 0's best 101 rows, tied, on both sides of the threads' split.
-    codes[[*range(500, 600), 40_000]] = np.sign(queries[0]) * 127
+    tied = [*range(500, 600), 40_000]
+    codes[tied] = np.sign(queries[0]) * 127
+    scales[tied] = 0.02
     step = np.abs(queries).max(axis=1, keepdims=True) / native_search.query_levels(width)
     rounded = np.rint(queries / step).astype(np.int64)
     sums = rounded @ codes.T.astype(np.int64)  # exact
     assert np.abs(sums).max() < 2**31
-    expected = sums.astype(np.float32) * (step.astype(np.float32) * np.float32(0.01))
+    expected = sums.astype(np.float32) * (step.astype(np.float32) * scales)
     want = jax.lax.top_k(expected, 150)
     result = native_search.top_k_int8(
         jnp.asarray(queries), jnp.asarray(codes), jnp.asarray(scales), 150, threads
     )
-    assert_same_top_k(result, want, atol=1e-6)
+    assert_same_top_k(result, want, atol=0)
