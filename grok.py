@@ -174,7 +174,20 @@ def matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
     copies the gradient into a transposed layout, elementwise work fused into the copy (a
     ranker training step of the demo configuration spent a fifth of its time in those)."""
     flat = x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
-    return jnp.dot(flat, w).reshape(*x.shape[:-1], w.shape[-1])
+    return dot(flat, w).reshape(*x.shape[:-1], w.shape[-1])
+
+
+def dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.dot(x, w)`, with inputs narrower than float32 (bfloat16) asked for float32 sums
+    rounded once at the end: the arithmetic `jnp.dot` does with them on every backend, said
+    explicitly. XLA on the CPU has no bfloat16 product of its own and otherwise widens the
+    inputs and runs a float32 product, with a conversion before and after; asked this way, its
+    CPU library multiplies bfloat16 directly where the processor can (a bfloat16 ranking pass
+    took 5.7 ms instead of 7.2). The values differ only by the order of the float32 sums."""
+    dtype = jnp.result_type(x, w)
+    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+        return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(dtype)
+    return jnp.dot(x, w)
 
 
 class Linear(hk.Linear):

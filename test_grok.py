@@ -262,6 +262,27 @@ def test_rotary_cos_sin_equal_jnp_bit_for_bit_non_finite_included():
     np.testing.assert_array_equal(sin, jax.jit(jnp.sin)(phase))
 
 
+@pytest.mark.parametrize("shape", [(64,), (3, 64), (2, 5, 64)])
+def test_bfloat16_products_are_float32_sums_rounded_once(shape):
+    """Integers small enough that every float32 sum is exact, in any order, but too large for
+    bfloat16 (sums near 1,000, more than its 8 significant bits hold): a bfloat16 product is
+    the exact sum rounded once to bfloat16, not sums rounded along the way; float32 inputs
+    give jnp.dot's values bit for bit."""
+    rng = np.random.default_rng(len(shape))
+    x = rng.integers(0, 9, shape).astype(np.float32)
+    w = rng.integers(0, 9, (64, 24)).astype(np.float32)
+    exact = x.reshape(-1, 64) @ w
+    got = jax.jit(grok.matmul_2d)(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16 and got.shape == (*shape[:-1], 24)
+    np.testing.assert_array_equal(
+        np.asarray(got, np.float32).reshape(-1, 24),
+        np.asarray(jnp.asarray(exact).astype(jnp.bfloat16), np.float32),
+    )
+    assert not np.array_equal(exact, np.asarray(jnp.asarray(exact).astype(jnp.bfloat16)))
+    x32, w32 = normal(1, shape), normal(2, (64, 24))
+    np.testing.assert_array_equal(jax.jit(grok.matmul_2d)(x32, w32), jax.jit(jnp.dot)(x32, w32))
+
+
 def _small_attention(batch: int) -> tuple[hk.Transformed, np.ndarray, hk.Params]:
     """Self-attention of 2 heads of 8 over 5 positions, an input [batch, 5, 16], parameters."""
     mask = jnp.ones((1, 1, 5, 5))
