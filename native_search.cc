@@ -469,7 +469,9 @@ struct Int8Problem {
 void ScanInt8RowsOneByOne(const Int8Problem& p, int64_t begin, int64_t end, Lists& lists) {
   for (int64_t row = begin; row < end; ++row) {
     const int8_t* x = p.codes + row * p.d;
-    for (int64_t offset = 0; offset < p.d; offset += 64) __builtin_prefetch(x + 16 * p.d + offset);
+    for (int64_t offset = 0; offset < p.d; offset += 64) {
+      __builtin_prefetch(x + 16 * p.d + offset);
+    }
     for (int64_t q = 0; q < p.num_queries; ++q) {
       const int16_t* y = p.queries + q * p.d;
       int32_t sum = 0;
@@ -534,7 +536,8 @@ void ScanInt8Rows(const Int8Problem& p, int64_t begin, int64_t end, Lists& lists
         const int8_t* x = block + r * d;
         __m512i sum = _mm512_setzero_si512();
         for (int64_t j = 0; j < d; j += 32) {
-          __m512i codes = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j)));
+          __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + j));
+          __m512i codes = _mm512_cvtepi8_epi16(packed);
           sum = MultiplyAdd(sum, codes, _mm512_loadu_si512(y + j));
         }
         sums[r] = sum;

@@ -206,14 +206,14 @@ def test_int8_kernel_scores_the_rounded_query_against_the_codes_exactly(threads,
     """Each query rounded to steps of max|q| / query_levels(D), one integer dot product per row,
     scaled by the query's step and the row's scale: the kernel's top k equals that computed in
     integers, ties (the duplicated rows) to the lower row. Widths of 32s take the vector path
-    where there is one, 16 rows at a time, and a width of 5 the row-by-row one; the threads'
-    ranges end inside a block of 16."""
+    where there is one, 16 rows at a time (the last 3 rows one by one), and a width of 5 the
+    row-by-row one."""
     rng = np.random.default_rng(width)
-    codes = rng.integers(-127, 128, (70_000, width)).astype(np.int8)
-    scales = rng.uniform(0.005, 0.015, 70_000).astype(np.float32)
+    codes = rng.integers(-127, 128, (70_003, width)).astype(np.int8)
+    scales = rng.uniform(0.005, 0.015, 70_003).astype(np.float32)
     queries = rng.standard_normal((3, width)).astype(np.float32)
-    # Query 0's best 101 rows, tied, on both sides of the threads' split.
-    tied = [*range(500, 600), 40_000]
+    # Query 0's best 102 rows, tied, on both sides of the threads' split and among the last 3.
+    tied = [*range(500, 600), 40_000, 70_001]
     codes[tied] = np.sign(queries[0]) * 127
     scales[tied] = 0.02
     step = np.abs(queries).max(axis=1, keepdims=True) / native_search.query_levels(width)
