@@ -262,23 +262,25 @@ def test_rotary_cos_sin_equal_jnp_bit_for_bit_non_finite_included():
     np.testing.assert_array_equal(sin, jax.jit(jnp.sin)(phase))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("shape", [(64,), (3, 64), (2, 5, 64)])
-def test_bfloat16_products_are_float32_sums_rounded_once(shape):
+def test_narrow_products_are_float32_sums_rounded_once(shape, dtype):
     """Integers small enough that every float32 sum is exact, in any order, but too large for
-    bfloat16 (sums near 1,000, more than its 8 significant bits hold): a bfloat16 product is
-    the exact sum rounded once to bfloat16, not sums rounded along the way; float32 inputs
-    give jnp.dot's values bit for bit."""
+    the narrow type (sums of a few thousand, more than bfloat16's 8 or float16's 11 significant
+    bits hold): the product is the exact sum rounded once, not sums rounded along the way, and
+    the traced program asks for float32 sums (which lets XLA on the CPU multiply bfloat16
+    directly rather than widen both inputs); float32 inputs give jnp.dot's values bit for bit."""
     rng = np.random.default_rng(len(shape))
-    x = rng.integers(0, 9, shape).astype(np.float32)
-    w = rng.integers(0, 9, (64, 24)).astype(np.float32)
+    x = rng.integers(0, 13, shape).astype(np.float32)
+    w = rng.integers(0, 13, (64, 24)).astype(np.float32)
     exact = x.reshape(-1, 64) @ w
-    got = jax.jit(grok.matmul_2d)(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16))
-    assert got.dtype == jnp.bfloat16 and got.shape == (*shape[:-1], 24)
-    np.testing.assert_array_equal(
-        np.asarray(got, np.float32).reshape(-1, 24),
-        np.asarray(jnp.asarray(exact).astype(jnp.bfloat16), np.float32),
-    )
-    assert not np.array_equal(exact, np.asarray(jnp.asarray(exact).astype(jnp.bfloat16)))
+    rounded = np.asarray(jnp.asarray(exact).astype(dtype), np.float32)
+    assert not np.array_equal(exact, rounded)
+    narrow = jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+    got = jax.jit(grok.matmul_2d)(*narrow)
+    assert got.dtype == dtype and got.shape == (*shape[:-1], 24)
+    np.testing.assert_array_equal(np.asarray(got, np.float32).reshape(-1, 24), rounded)
+    assert "preferred_element_type=float32" in str(jax.make_jaxpr(grok.matmul_2d)(*narrow))
     x32, w32 = normal(1, shape), normal(2, (64, 24))
     np.testing.assert_array_equal(jax.jit(grok.matmul_2d)(x32, w32), jax.jit(jnp.dot)(x32, w32))
 
