@@ -178,14 +178,17 @@ def matmul_2d(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """`jnp.dot(x, w)`, with inputs narrower than float32 (bfloat16) asked for float32 sums
-    rounded once at the end: the arithmetic `jnp.dot` does with them on every backend, said
-    explicitly. XLA on the CPU has no bfloat16 product of its own and otherwise widens the
-    inputs and runs a float32 product, with a conversion before and after; asked this way, its
-    CPU library multiplies bfloat16 directly where the processor can (a bfloat16 ranking pass
-    took 5.7 ms instead of 7.2). The values differ only by the order of the float32 sums."""
+    """`jnp.dot(x, w)`. On the CPU, inputs narrower than float32 (bfloat16) are asked for
+    float32 sums rounded once at the end: the arithmetic `jnp.dot` does with them on every
+    backend, said explicitly. XLA on the CPU has no bfloat16 product of its own and otherwise
+    widens both inputs around a float32 product, converting every weight on every call; asked
+    this way, its CPU library multiplies bfloat16 directly where the processor can (a bfloat16
+    ranking pass took 5.7 ms instead of 7.2). The values differ only by the order of the
+    float32 sums. Other backends multiply bfloat16 natively already, and are left as they are:
+    asked there, the products of the backward pass would mix float32 and bfloat16."""
     dtype = jnp.result_type(x, w)
-    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32:
+    narrow = jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+    if narrow and jax.default_backend() == "cpu":
         return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(dtype)
     return jnp.dot(x, w)
 
