@@ -175,7 +175,12 @@ def add_trained_demo_flags(parser: ArgumentParser, checkpoint: str, what: str) -
         "--random-weights", action="store_true", help=f"random weights and {what} (no training)"
     )
     parser.add_argument("--checkpoint", default=checkpoint, help="the trained model")
-    parser.add_argument("--user", type=positive_int, help="the user to show (a chosen one)")
+    parser.add_argument(
+        "--user",
+        type=positive_int,
+        help="the world's user to show, 1 to its number of users (the first with two clear tastes "
+        "and a full history)",
+    )
 
 
 # Flags that only the trained demos read.

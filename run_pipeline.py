@@ -40,13 +40,19 @@ EXAMPLE_FLAGS = ("seed", "corpus_size", "vocab_size")
 
 def parse_args(argv: list[str] | None = None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--artifacts_dir", default="./artifacts", help="(./artifacts)")
+    parser.add_argument(
+        "--artifacts_dir", default="./artifacts", help="the artifacts folder (./artifacts)"
+    )
     parser.add_argument(
         "--sequence_file", help="a user sequence .json (<artifacts_dir>/example_sequence.json)"
     )
     parser.add_argument("--corpus_file", help="a corpus .npz (<artifacts_dir>/sports_corpus.npz)")
-    parser.add_argument("--top_k_retrieval", type=positive_int, default=200, help="(200)")
-    parser.add_argument("--top_k_display", type=positive_int, default=30, help="(30)")
+    parser.add_argument(
+        "--top_k_retrieval", type=positive_int, default=200, help="posts retrieved and ranked (200)"
+    )
+    parser.add_argument(
+        "--top_k_display", type=positive_int, default=30, help="posts shown, the best ranked (30)"
+    )
     parser.add_argument("--output-json", type=Path, help="also write the ranked posts, every score")
     parser.add_argument(
         "--dtype",
