@@ -15,6 +15,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import metrics
@@ -106,6 +107,33 @@ def test_rowwise_adagrad_divides_each_row_by_its_accumulated_mean_square():
     np.testing.assert_allclose(second, [[0, 0], [1, 1]], rtol=1e-6)
     np.testing.assert_allclose(state, [12.5, 1.0])
     assert np.isfinite(first).all()  # row 1, never seen (accumulator 0), stays where it is
+
+
+def test_clip_or_skip_equals_optax_clipping_and_skipping_with_its_state():
+    """The same updates and state as `apply_if_finite(chain(clip_by_global_norm, inner))` for
+    gradients above and below the clipping norm and for NaN ones; a finite gradient whose
+    norm overflows is skipped too, where optax would clip it to nothing."""
+    params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
+    ours = T.clip_or_skip(optax.sgd(0.1, momentum=0.9), 1.0, 2)
+    reference = optax.apply_if_finite(
+        optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9)), 2
+    )
+    state, ref_state = ours.init(params), reference.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    nan = {"a": jnp.array([1.0, jnp.nan, 0.0]), "b": jnp.zeros((2, 2))}
+    for scale in (3.0, 0.5, 0.1, None, None, None, 2.0):  # norms 7.9, 1.3, 0.26, NaN, 5.3
+        grads = nan if scale is None else jax.tree.map(lambda p, s=scale: s * p, params)
+        updates, state = jax.jit(ours.update)(grads, state)
+        want, ref_state = jax.jit(reference.update)(grads, ref_state)
+        got, expected = jax.tree.leaves((updates, state)), jax.tree.leaves((want, ref_state))
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+    # The third NaN in a row (more than 2) was applied by both, as optax does.
+    assert int(state.total_notfinite) == 3 and int(state.notfinite_count) == 0
+    huge = {"a": jnp.full(3, 1e20), "b": jnp.zeros((2, 2))}
+    updates, skipped = ours.update(huge, ours.init(params))
+    assert int(skipped.notfinite_count) == 1 and not bool(skipped.last_finite)
+    assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
 
 
 def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run(world, tmp_path):

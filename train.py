@@ -565,13 +565,53 @@ def optimiser(train: TrainConfig) -> optax.GradientTransformation:
     def labels(params):
         return {part: jax.tree.map(lambda _, part=part: part, v) for part, v in params.items()}
 
-    return optax.apply_if_finite(
-        optax.chain(
-            optax.clip_by_global_norm(train.clip_norm),
-            optax.multi_transform({"model": dense, "tables": tables}, labels),
-        ),
-        max_consecutive_errors=MAX_SKIPPED_IN_A_ROW,
+    both = optax.multi_transform({"model": dense, "tables": tables}, labels)
+    return clip_or_skip(both, train.clip_norm, MAX_SKIPPED_IN_A_ROW)
+
+
+def clip_or_skip(
+    inner: optax.GradientTransformation, max_norm: float, max_skipped: int
+) -> optax.GradientTransformation:
+    """`optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(max_norm), inner))`, with
+    its state, from one global norm of the gradients: the update is skipped when that norm is
+    not finite (a gradient not finite, or one so large that its square overflows, where optax's
+    clipping would scale it to zero), instead of checking every gradient apart, and the norm is
+    the one the step reports (the same expression, which XLA computes once), not a second pass
+    inside the update."""
+    reference = optax.apply_if_finite(
+        optax.chain(optax.clip_by_global_norm(max_norm), inner), max_skipped
     )
+
+    def update(grads, state, params=None):
+        norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(norm)
+        in_a_row = jnp.where(finite, 0, _increment(state.notfinite_count))
+        clip, inner_state = state.inner_state
+
+        def apply(_):
+            scale = lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm)  # noqa: E731
+            updates, new_state = inner.update(jax.tree.map(scale, grads), inner_state, params)
+            return updates, (clip, new_state)
+
+        def skip(_):
+            return optax.tree.zeros_like(grads), state.inner_state
+
+        updates, new_inner = jax.lax.cond(finite | (in_a_row > max_skipped), apply, skip, None)
+        return updates, optax.ApplyIfFiniteState(
+            notfinite_count=in_a_row,
+            last_finite=finite,
+            total_notfinite=jnp.where(
+                finite, state.total_notfinite, _increment(state.total_notfinite)
+            ),
+            inner_state=new_inner,
+        )
+
+    return optax.GradientTransformation(reference.init, update)
+
+
+def _increment(count: jax.Array) -> jax.Array:
+    """count + 1, held at the largest value of its dtype."""
+    return jnp.where(count < jnp.iinfo(count.dtype).max, count + 1, count)
 
 
 def initial_state(kind: str, config, hashing: Hashing, train: TrainConfig) -> TrainState:
