@@ -375,11 +375,17 @@ class MultiHeadAttention(hk.Module):
         mask: jax.Array,  # [B or 1, 1, T or 1, S], nonzero = may attend
         positions: jax.Array,  # [B or 1, T]
     ) -> jax.Array:  # [B, T, model]
-        q = self._grouped_queries(query, positions)
-        logits = self._capped_logits(q, keys, "btkgd,bskd->bkgts")
+        q = self._grouped_queries(query, positions)  # [B, T, K, G, d]
+        b, t, kv, g, d = q.shape
+        # Head-major ([B, K, G * T, d] by [B, K, S, d]): the layout XLA's batched products take
+        # as it is, so that each tensor is transposed once and not again in every product.
+        q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
+        keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
+        logits = self._capped_logits(q, keys, "bkqd,bksd->bkqs").reshape(b, kv, g, t, -1)
         logits = jnp.where(mask[:, :, None, :, :], logits, MASKED_LOGIT)
         weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)  # softmax in float32
-        return self._output(jnp.einsum("bkgts,bskd->btkgd", weights, values))
+        attn = jnp.einsum("bkqs,bksd->bkqd", weights.reshape(b, kv, g * t, -1), values)
+        return self._output(attn.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4))
 
     def attend_candidates(
         self,

@@ -15,9 +15,10 @@ import pytest
 import cli
 import run_pipeline
 from checkpoint import load_artifacts
-from conftest import Setup, run_script
+from conftest import SCALE_SETUP, Setup, example, ranking_forward, ranking_params, run_script
+from grok import MultiHeadAttention
 from pipeline import Pipeline, read_history, read_request_time, write_example
-from published_pipeline import PublishedPipeline
+from published_pipeline import PublishedPipeline, published_attention
 from recsys_model import ACTIONS, NormConfig
 
 SETUP = Setup(num_layers=2, hashes=(2, 2, 2))
@@ -71,6 +72,22 @@ def test_the_feed_equals_the_published_procedure(folder, tmp_path):
     for item in feed.items:
         weighted = sum(w * item.probabilities[label] for label, (_, w) in feed.weights.items())
         assert item.score == pytest.approx(weighted, abs=1e-6)
+
+
+def test_the_published_attention_layout_gives_the_same_logits_and_is_undone_after():
+    """The layout the re-enactment and the benchmark's dense baselines time (Grok-1's einsums)
+    and the library's head-major one agree to float32 rounding, grouped queries included."""
+    forward, params = ranking_forward(SCALE_SETUP), ranking_params(SCALE_SETUP)
+    batch, emb = example(SCALE_SETUP, 2, 6, 5, seed=3)
+    ours = MultiHeadAttention.attend
+    logits = np.asarray(forward.apply(params, None, batch, emb).logits)
+    with published_attention():
+        assert MultiHeadAttention.attend is not ours
+        published = np.asarray(forward.apply(params, None, batch, emb).logits)
+    np.testing.assert_allclose(published, logits, rtol=1e-5, atol=1e-6)
+    with pytest.raises(KeyError), published_attention():
+        raise KeyError("a failure inside")
+    assert MultiHeadAttention.attend is ours
 
 
 def test_our_folders_weight_the_actions_by_name(folder):
