@@ -11,13 +11,14 @@ the end.
 
 Ranking: the published mini configuration (D 128, 4 layers, 4 heads of 32, widening 2) with a
 history of 128, float32, random parameters, one user. *eager*: the dense masked forward as the
-published runner runs it (`hk.transform(...).apply`, not compiled); *jit*: the same compiled;
-*cached*: `RecsysInferenceRunner.rank`; *2nd release*: the same for the second release's ranker
-with right-anchored positions, dwell times and post ages; *bound*: the cached path's matrix FLOPs
-at the measured float32 matmul rate. Retrieval: the top 100 of a unit-norm corpus [N, 128] for
-B users; *ours*: `sharded_top_k_search` (by the method `top_k_search` picks), *xla*:
-`method="xla"`, *naive*: compiled `lax.top_k(queries @ corpus.T)`, *read*: one pass over the
-corpus (a compiled sum). Training: one ranker step of `train.py` on the default world against
+published runner runs it (`hk.transform(...).apply`, not compiled, its attention in the
+published layout); *jit*: the same compiled; *cached*: `RecsysInferenceRunner.rank`; *2nd
+release*: the same for the second release's ranker with right-anchored positions, dwell times and
+post ages; *bound*: the cached path's matrix FLOPs at the measured float32 matmul rate.
+Retrieval: the top 100 of a unit-norm corpus [N, 128] for B users; *ours*:
+`sharded_top_k_search` (by the method `top_k_search` picks), *xla*: `method="xla"`, *naive*:
+compiled `lax.top_k(queries @ corpus.T)`, *read*: one pass over the corpus (a compiled sum).
+Training: one ranker step of `train.py` on the default world against
 the dense forward's matrix FLOPs, three times over for forward and backward.
 """
 
@@ -178,8 +179,8 @@ def dense_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> floa
 
 
 def published(fn: Callable, *args):
-    """`fn(*args)` with attention in the published layout: the dense baselines time the
-    published code's computation."""
+    """`fn(*args)` with attention in the published layout, as the dense baselines run it
+    (`dense_jit` is only ever called here, so it is traced, and compiled, in that layout)."""
     with published_attention():
         return fn(*args)
 

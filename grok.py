@@ -378,14 +378,15 @@ class MultiHeadAttention(hk.Module):
         q = self._grouped_queries(query, positions)  # [B, T, K, G, d]
         b, t, kv, g, d = q.shape
         # Head-major ([B, K, G * T, d] by [B, K, S, d]): the layout XLA's batched products take
-        # as it is, so that each tensor is transposed once and not again in every product.
+        # as it is, so that each tensor is transposed once and not again in every product (nor in
+        # every gradient).
         q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
         keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
         logits = self._capped_logits(q, keys, "bkqd,bksd->bkqs").reshape(b, kv, g, t, -1)
         logits = jnp.where(mask[:, :, None, :, :], logits, MASKED_LOGIT)
         weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)  # softmax in float32
         attn = jnp.einsum("bkqs,bksd->bkqd", weights.reshape(b, kv, g * t, -1), values)
-        return self._output(attn.reshape(b, kv, g, t, d).transpose(0, 3, 1, 2, 4))
+        return self._output(attn.reshape(b, kv, g, t, -1).transpose(0, 3, 1, 2, 4))
 
     def attend_candidates(
         self,

@@ -55,7 +55,12 @@ def _published_attend(self, query, keys, values, mask, positions):
 @contextlib.contextmanager
 def published_attention() -> Iterator[None]:
     """Within it, the models' dense attention runs in the published layout, so that timing a
-    forward times the published code's computation (functions traced within it keep it)."""
+    forward times the published attention (the other rewrites of `grok` apply as to ours).
+
+    It swaps a method of the class for the whole process (not thread-safe), and it reaches only
+    functions first traced within it: JAX keeps a function's trace by the function, so a
+    function already traced for these shapes (even under a new `jax.jit`) keeps the layout it
+    was traced with, inside or out, and one traced inside keeps the published layout after."""
     ours = MultiHeadAttention.attend
     MultiHeadAttention.attend = _published_attend
     try:
@@ -155,12 +160,12 @@ class PublishedPipeline:
         return batch, embeddings
 
     def feed(self, sequence: dict, top_k_retrieval: int = 200, top_k_display: int = 30):
-        with published_attention():
+        """[(post id, weighted score)] of the best `top_k_display`, and every probability
+        [K, A] of the retrieved posts in retrieval order."""
+        with published_attention():  # its forwards are uncompiled: traced afresh every call
             return self._feed(sequence, top_k_retrieval, top_k_display)
 
     def _feed(self, sequence: dict, top_k_retrieval: int, top_k_display: int):
-        """[(post id, weighted score)] of the best `top_k_display`, and every probability
-        [K, A] of the retrieved posts in retrieval order."""
         retrieval, ranker = self.configs["retrieval"], self.configs["ranker"]
         s, c = retrieval.history_seq_len, retrieval.candidate_seq_len
         items = sequence["history"][:s]

@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 
+import haiku as hk
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -74,17 +76,31 @@ def test_the_feed_equals_the_published_procedure(folder, tmp_path):
         assert item.score == pytest.approx(weighted, abs=1e-6)
 
 
-def test_the_published_attention_layout_gives_the_same_logits_and_is_undone_after():
+def test_the_published_attention_layout_gives_the_same_values_and_is_undone_after():
     """The layout the re-enactment and the benchmark's dense baselines time (Grok-1's einsums)
-    and the library's head-major one agree to float32 rounding, grouped queries included."""
+    and the library's head-major one agree to float32 rounding: a model's logits (grouped
+    queries) and an attention whose values are wider than its keys."""
     forward, params = ranking_forward(SCALE_SETUP), ranking_params(SCALE_SETUP)
     batch, emb = example(SCALE_SETUP, 2, 6, 5, seed=3)
+    attention = hk.without_apply_rng(
+        hk.transform(lambda x, mask: MultiHeadAttention(4, 2, 6, value_size=10)(x, x, x, mask))
+    )
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 7, 16)), jnp.float32)
+    mask = jnp.tril(jnp.ones((7, 7), bool))[None, None]
+    weights = attention.init(jax.random.PRNGKey(0), x, mask)
+
+    def both():
+        logits = forward.apply(params, None, batch, emb).logits
+        return logits, attention.apply(weights, x, mask).embeddings
+
     ours = MultiHeadAttention.attend
-    logits = np.asarray(forward.apply(params, None, batch, emb).logits)
+    program = str(jax.make_jaxpr(lambda: both())())  # a fresh function: traced afresh
+    values = both()
     with published_attention():
-        assert MultiHeadAttention.attend is not ours
-        published = np.asarray(forward.apply(params, None, batch, emb).logits)
-    np.testing.assert_allclose(published, logits, rtol=1e-5, atol=1e-6)
+        assert str(jax.make_jaxpr(lambda: both())()) != program  # the published products ran
+        published = both()
+    for got, want in zip(published, values, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(KeyError), published_attention():
         raise KeyError("a failure inside")
     assert MultiHeadAttention.attend is ours
