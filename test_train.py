@@ -111,29 +111,46 @@ def test_rowwise_adagrad_divides_each_row_by_its_accumulated_mean_square():
 
 def test_clip_or_skip_equals_optax_clipping_and_skipping_with_its_state():
     """The same updates and state as `apply_if_finite(chain(clip_by_global_norm, inner))` for
-    gradients above and below the clipping norm and for NaN ones; a finite gradient whose
-    norm overflows is skipped too, where optax would clip it to nothing."""
+    gradients above and below the clipping norm, NaN and infinite ones, and the update optax
+    applies after too many skips in a row; finite gradients whose squared norm overflows are
+    skipped too, where optax would clip them to zero."""
     params = {"a": jnp.ones(3), "b": jnp.ones((2, 2))}
-    ours = T.clip_or_skip(optax.sgd(0.1, momentum=0.9), 1.0, 2)
-    reference = optax.apply_if_finite(
-        optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9)), 2
-    )
+    inner = optax.sgd(0.1, momentum=0.9)
+    ours = T.clip_or_skip(inner, 1.0, 2)
+    reference = optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(1.0), inner), 2)
     state, ref_state = ours.init(params), reference.init(params)
     assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    update, ref_update = jax.jit(ours.update), jax.jit(reference.update)
     nan = {"a": jnp.array([1.0, jnp.nan, 0.0]), "b": jnp.zeros((2, 2))}
-    for scale in (3.0, 0.5, 0.1, None, None, None, 2.0):  # norms 7.9, 1.3, 0.26, NaN, 5.3
-        grads = nan if scale is None else jax.tree.map(lambda p, s=scale: s * p, params)
-        updates, state = jax.jit(ours.update)(grads, state)
-        want, ref_state = jax.jit(reference.update)(grads, ref_state)
+    inf = {"a": jnp.zeros(3), "b": jnp.array([[0.0, -jnp.inf], [1.0, 0.0]])}
+    counts = []
+
+    def assert_same(x, y):
+        for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    # Norms 7.9, 1.3 and 0.26, two skips, 5.3, then three skips in a row: the third applied.
+    for grads in (3.0, 0.5, 0.1, nan, inf, 2.0, inf, nan, nan):
+        if isinstance(grads, float):
+            grads = jax.tree.map(lambda p, s=grads: s * p, params)
+        before = state.inner_state
+        updates, state = update(grads, state)
+        want, ref_state = ref_update(grads, ref_state)
         got, expected = jax.tree.leaves((updates, state)), jax.tree.leaves((want, ref_state))
         for a, b in zip(got, expected, strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6)
-    # The third NaN in a row (more than 2) was applied by both, as optax does.
-    assert int(state.total_notfinite) == 3 and int(state.notfinite_count) == 0
+        counts.append(int(state.notfinite_count))
+        if 0 < counts[-1] <= 2:  # skipped: no update, the momentum as it was
+            assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+            assert_same(state.inner_state, before)
+    assert counts == [0, 0, 0, 1, 2, 0, 1, 2, 3] and int(state.total_notfinite) == 5
+    assert np.isnan(np.asarray(updates["a"])).any()  # the third in a row was applied
     huge = {"a": jnp.full(3, 1e20), "b": jnp.zeros((2, 2))}
-    updates, skipped = ours.update(huge, ours.init(params))
-    assert int(skipped.notfinite_count) == 1 and not bool(skipped.last_finite)
+    start = ours.init(params)
+    updates, skipped = ours.update(huge, start)
+    assert int(skipped.notfinite_count) == 1 and int(skipped.total_notfinite) == 1
     assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+    assert_same(skipped.inner_state, start.inner_state)
 
 
 def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run(world, tmp_path):
@@ -151,7 +168,8 @@ def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run
         np.testing.assert_array_equal(got, want)
     bad = dataclasses.replace(bad, train=dataclasses.replace(job.train, steps=20))
     message = (
-        r"ranker: 10 updates in a row had non-finite gradients \(the last at step 10\); "
+        r"ranker: 10 updates in a row had gradients whose norm is not finite \(the last at step "
+        r"10\); "
         "stopping, before any state was saved"
     )
     with pytest.raises(ValueError, match=message):

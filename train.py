@@ -10,8 +10,8 @@ the dwell time (the second release's continuous head, loss as `ContinuousActionC
 the retrieval model learns a softmax over in-batch and sampled global negatives with log-Q
 correction and a learned temperature, the positive being the post the user favorited next.
 Embedding tables are parameters, looked up with the published hash functions. Optax AdamW with
-warmup, cosine decay and clipping; updates with non-finite gradients are skipped and counted
-(ten in a row stop the run);
+warmup, cosine decay and clipping; updates whose gradient norm is not finite are skipped and
+counted (ten in a row stop the run);
 one jitted step, data-parallel over the devices of a mesh. The state (parameters, optimiser,
 step) is saved as npz beside the run, so that `--resume` continues exactly where it stopped.
 
@@ -537,8 +537,8 @@ TABLE_OPTIMIZERS = {
         scale_by_rowwise_adagrad(), optax.scale_by_learning_rate(lr)
     ),
 }
-# Updates with non-finite gradients skipped in a row before a run stops (optax would apply the
-# next one).
+# Updates skipped in a row (their gradient norm not finite) before a run stops (`clip_or_skip`,
+# as optax, would apply the next one).
 MAX_SKIPPED_IN_A_ROW = 10
 
 
@@ -574,10 +574,11 @@ def clip_or_skip(
 ) -> optax.GradientTransformation:
     """`optax.apply_if_finite(optax.chain(optax.clip_by_global_norm(max_norm), inner))`, with
     its state, from one global norm of the gradients: the update is skipped when that norm is
-    not finite (a gradient not finite, or one so large that its square overflows, where optax's
-    clipping would scale it to zero), instead of checking every gradient apart, and the norm is
-    the one the step reports (the same expression, which XLA computes once), not a second pass
-    inside the update."""
+    not finite, instead of checking every gradient apart, and the norm is the one the step
+    reports (the same expression, which XLA computes once), not a second pass inside the update.
+    The one difference: finite gradients whose squared norm overflows are skipped too, where
+    optax would clip them to zero and still run `inner` (Adam's moments and count, AdamW's weight
+    decay and the schedule would move on)."""
     reference = optax.apply_if_finite(
         optax.chain(optax.clip_by_global_norm(max_norm), inner), max_skipped
     )
@@ -585,7 +586,7 @@ def clip_or_skip(
     def update(grads, state, params=None):
         norm = optax.tree.norm(grads)
         finite = jnp.isfinite(norm)
-        in_a_row = jnp.where(finite, 0, _increment(state.notfinite_count))
+        in_a_row = jnp.where(finite, 0, optax.safe_increment(state.notfinite_count))
         clip, inner_state = state.inner_state
 
         def apply(_):
@@ -601,17 +602,12 @@ def clip_or_skip(
             notfinite_count=in_a_row,
             last_finite=finite,
             total_notfinite=jnp.where(
-                finite, state.total_notfinite, _increment(state.total_notfinite)
+                finite, state.total_notfinite, optax.safe_increment(state.total_notfinite)
             ),
             inner_state=new_inner,
         )
 
     return optax.GradientTransformation(reference.init, update)
-
-
-def _increment(count: jax.Array) -> jax.Array:
-    """count + 1, held at the largest value of its dtype."""
-    return jnp.where(count < jnp.iinfo(count.dtype).max, count + 1, count)
 
 
 def initial_state(kind: str, config, hashing: Hashing, train: TrainConfig) -> TrainState:
@@ -668,7 +664,8 @@ def _step(train: TrainConfig, loss_fn: Callable) -> Callable:
 # On the CPU, XLA hands YNNPACK its matrix products together with the work fused around them,
 # and its reductions; a training step runs faster with YNNPACK given the products alone and the
 # rest left to XLA's own loops (the same values to float32 rounding). Inference is faster as it
-# is, so only the step asks for it.
+# is, so only the step asks for it. The option is experimental in the pinned jaxlib: a release
+# that renames it would refuse to compile the step, and this is the line to change.
 CPU_STEP_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
 
 
@@ -1164,13 +1161,14 @@ def fit(
         state, stats = step_fn(state, place_batch(arrays, mesh))
         stats = {k: float(v) for k, v in stats.items()}  # waits for the step
         times.append(time.perf_counter() - t0)
-        # optax's own count of skips in a row, saved with the state: a resumed run goes on with
-        # it, and stops before optax would apply an update, however the run was split.
+        # The count of skips in a row kept in the optimiser state, saved with it: a resumed run
+        # goes on with it, and stops before `clip_or_skip` would apply an update, however the run
+        # was split.
         in_a_row = int(state.opt_state.notfinite_count)
         if in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise ValueError(
-                f"{job.kind}: {in_a_row} updates in a row had non-finite gradients (the last at "
-                f"step {step + 1}); stopping, "
+                f"{job.kind}: {in_a_row} updates in a row had gradients whose norm is not "
+                f"finite (the last at step {step + 1}); stopping, "
                 + (
                     "before any state was saved"
                     if saved_at is None
