@@ -579,9 +579,10 @@ def clip_or_skip(
     The one difference: finite gradients whose squared norm overflows are skipped too, where
     optax would clip them to zero and still run `inner` (Adam's moments and count, AdamW's weight
     decay and the schedule would move on)."""
-    reference = optax.apply_if_finite(
+    # The state is optax's, so that states saved before load and resume.
+    init = optax.apply_if_finite(
         optax.chain(optax.clip_by_global_norm(max_norm), inner), max_skipped
-    )
+    ).init
 
     def update(grads, state, params=None):
         norm = optax.tree.norm(grads)
@@ -589,9 +590,11 @@ def clip_or_skip(
         in_a_row = jnp.where(finite, 0, optax.safe_increment(state.notfinite_count))
         clip, inner_state = state.inner_state
 
+        def clipped(g):  # as optax.clip_by_global_norm
+            return jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm)
+
         def apply(_):
-            scale = lambda g: jnp.where(norm < max_norm, g, g / norm.astype(g.dtype) * max_norm)  # noqa: E731
-            updates, new_state = inner.update(jax.tree.map(scale, grads), inner_state, params)
+            updates, new_state = inner.update(jax.tree.map(clipped, grads), inner_state, params)
             return updates, (clip, new_state)
 
         def skip(_):
@@ -607,7 +610,7 @@ def clip_or_skip(
             inner_state=new_inner,
         )
 
-    return optax.GradientTransformation(reference.init, update)
+    return optax.GradientTransformation(init, update)
 
 
 def initial_state(kind: str, config, hashing: Hashing, train: TrainConfig) -> TrainState:
