@@ -296,6 +296,64 @@ def _cos_sin_once(phase: jax.Array) -> tuple[jax.Array, jax.Array]:
     return jax.lax.cond(jnp.isfinite(phase).all(), _cos_sin_plain, _cos_sin_plain, phase)
 
 
+# The attention's two batched products, with their gradients written out. Autodiff takes the
+# keys' and the values' gradients as products that sum over the first of the two matrix axes of
+# both operands ([B, K, T, S] by [B, K, T, d], over T), which XLA on the CPU hands to a slow
+# general kernel instead of its matrix library; here the operand summed over is first
+# transposed into a copy of its own, so that every product of the gradient runs in the library's
+# layout. The gradients sum the same terms: on the project's CPU both demo models' parameters
+# after 20 training steps were the same bit for bit either way, and the steps 4 % (ranker) and
+# 7 % (retrieval) shorter (medians of 48 and 24 steps, in alternation in one process).
+
+
+@jax.custom_vjp
+def query_key_products(q: jax.Array, k: jax.Array) -> jax.Array:
+    """[..., T, d] by [..., S, d] -> [..., T, S]: each query's products with every key."""
+    return jnp.einsum("...td,...sd->...ts", q, k)
+
+
+def _query_key_forward(q: jax.Array, k: jax.Array):
+    return query_key_products(q, k), (q, k)
+
+
+def _query_key_backward(saved, grad: jax.Array):
+    q, k = saved
+    return weighted_values(grad, k), weighted_values(_swapped_copy(grad), q)
+
+
+@jax.custom_vjp
+def weighted_values(w: jax.Array, v: jax.Array) -> jax.Array:
+    """[..., T, S] by [..., S, d] -> [..., T, d]: the values summed with each query's weights."""
+    return jnp.einsum("...ts,...sd->...td", w, v)
+
+
+def _weighted_values_forward(w: jax.Array, v: jax.Array):
+    return weighted_values(w, v), (w, v)
+
+
+def _weighted_values_backward(saved, grad: jax.Array):
+    w, v = saved
+    return query_key_products(grad, v), weighted_values(_swapped_copy(w), grad)
+
+
+query_key_products.defvjp(_query_key_forward, _query_key_backward)
+weighted_values.defvjp(_weighted_values_forward, _weighted_values_backward)
+
+
+def _swapped_copy(x: jax.Array) -> jax.Array:
+    """`x` with its last two axes swapped: on the CPU a copy that XLA may not fold back into the
+    product that reads it; elsewhere a plain transpose, which the matrix libraries take as is."""
+    return jax.lax.platform_dependent(x, cpu=_swapped_apart, default=_swapped)
+
+
+def _swapped(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _swapped_apart(x: jax.Array) -> jax.Array:
+    return jax.lax.optimization_barrier(_swapped(x))
+
+
 def _attention_mask(
     mask: jax.Array,  # [B, T], True = valid (not padding)
     candidate_start_offset: int | None = None,
@@ -341,9 +399,8 @@ class MultiHeadAttention(hk.Module):
     def _rotate(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         return RotaryEmbedding(self.key_size)(x, seq_dim=1, offset=0, t=positions)
 
-    def _capped_logits(self, q: jax.Array, k: jax.Array, pattern: str) -> jax.Array:
-        logits = jnp.einsum(pattern, q, k).astype(jnp.float32)
-        logits = logits * self.attn_output_multiplier
+    def _capped_logits(self, products: jax.Array) -> jax.Array:
+        logits = products.astype(jnp.float32) * self.attn_output_multiplier
         return MAX_ATTN_LOGIT * jnp.tanh(logits / MAX_ATTN_LOGIT)
 
     def _grouped_queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -382,10 +439,10 @@ class MultiHeadAttention(hk.Module):
         # every gradient).
         q = q.transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, d)
         keys, values = keys.transpose(0, 2, 1, 3), values.transpose(0, 2, 1, 3)
-        logits = self._capped_logits(q, keys, "bkqd,bksd->bkqs").reshape(b, kv, g, t, -1)
+        logits = self._capped_logits(query_key_products(q, keys)).reshape(b, kv, g, t, -1)
         logits = jnp.where(mask[:, :, None, :, :], logits, MASKED_LOGIT)
         weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)  # softmax in float32
-        attn = jnp.einsum("bkqs,bksd->bkqd", weights.reshape(b, kv, g * t, -1), values)
+        attn = weighted_values(weights.reshape(b, kv, g * t, -1), values)
         return self._output(attn.reshape(b, kv, g, t, -1).transpose(0, 3, 1, 2, 4))
 
     def attend_candidates(
@@ -411,11 +468,12 @@ class MultiHeadAttention(hk.Module):
         kv, d = self.num_kv_heads, self.key_size
         g = self.num_q_heads // kv
         q = self._grouped_queries(x, positions)  # [B, C, K, G, d]
-        self_logits = self._capped_logits(q, keys, "bckgd,bckd->bckg")
+        self_logits = self._capped_logits(jnp.einsum("bckgd,bckd->bckg", q, keys))
         self_logits = jnp.where(mask[:, :, None, None], self_logits, MASKED_LOGIT)
         self_logits = self_logits.transpose(0, 2, 1, 3).reshape(b, kv, c * g)  # [B, K, C * G]
         q = q.transpose(0, 2, 1, 3, 4).reshape(b, kv, c * g, d)  # [B, K, C * G, d]
-        ctx_logits = self._capped_logits(q, context_keys, "bkqd,bpkd->bkqp")  # [B, K, C*G, P]
+        # Each query against the context: [B, K, C * G, P].
+        ctx_logits = self._capped_logits(jnp.einsum("bkqd,bpkd->bkqp", q, context_keys))
         ctx_logits = jnp.where(context_mask[:, None, None, :], ctx_logits, MASKED_LOGIT)
         # softmax(concat(ctx, self)) as in jax.nn.softmax: exp(x - max) / sum, in float32.
         top = jnp.maximum(jnp.max(ctx_logits, axis=-1, initial=MASKED_LOGIT), self_logits)

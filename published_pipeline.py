@@ -46,7 +46,7 @@ def _published_attend(self, query, keys, values, mask, positions):
     [B, T, K, G, d] queries, which XLA transposes for each product (the same values to float32
     rounding)."""
     q = self._grouped_queries(query, positions)
-    logits = self._capped_logits(q, keys, "btkgd,bskd->bkgts")
+    logits = self._capped_logits(jnp.einsum("btkgd,bskd->bkgts", q, keys))
     logits = jnp.where(mask[:, :, None, :, :], logits, MASKED_LOGIT)
     weights = jax.nn.softmax(logits, axis=-1).astype(query.dtype)
     return self._output(jnp.einsum("bkgts,bskd->btkgd", weights, values))

@@ -2,6 +2,7 @@
 cached path against the dense forward, and the published constructor signatures."""
 
 import inspect
+import re
 
 import haiku as hk
 import jax
@@ -309,6 +310,69 @@ def test_attention_gradient_computes_cos_once_per_rotation_on_the_cpu():
     # Once for the queries' positions and once for the keys': not again in each consumer.
     assert hlo.count(" cosine(") <= 2
     assert hlo.count(" sine(") <= 2
+
+
+def _plain_products(q, k, w, v):
+    return jnp.einsum("...td,...sd->...ts", q, k), jnp.einsum("...ts,...sd->...td", w, v)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)  # compiles per example
+@given(
+    batch=st.lists(st.integers(1, 3), min_size=0, max_size=2),
+    t=st.integers(1, 7),
+    s=st.integers(1, 7),
+    d=st.integers(1, 9),
+    dtype=st.sampled_from([jnp.float32, jnp.bfloat16]),
+    seed=SEEDS,
+)
+def test_attention_products_and_their_gradients_equal_autodiff(batch, t, s, d, dtype, seed):
+    """The written-out gradients of the attention's two products sum the same terms as
+    autodiff's (in an order the matrix kernel picks): values and gradients equal to rounding,
+    compiled, in float32 and bfloat16."""
+    q, k, w, v, up_logits, up_values = (
+        normal(seed + i, (*batch, *shape)).astype(dtype)
+        for i, shape in enumerate([(t, d), (s, d), (t, s), (s, d), (t, s), (t, d)])
+    )
+
+    def products(q, k, w, v):
+        return grok.query_key_products(q, k), grok.weighted_values(w, v)
+
+    def pulled_back(fn):
+        outputs, pull = jax.vjp(fn, q, k, w, v)
+        return outputs, pull((up_logits, up_values))
+
+    got, want = (
+        jax.jit(pulled_back, static_argnums=0)(products),
+        jax.jit(pulled_back, static_argnums=0)(_plain_products),
+    )
+    for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        tolerance = 1e-5 if dtype == jnp.float32 else 2e-2
+        np.testing.assert_allclose(
+            np.asarray(g, np.float32), np.asarray(e, np.float32), tolerance, tolerance
+        )
+
+
+def test_attention_gradient_products_sum_over_the_last_axis_of_their_first_operand_on_the_cpu():
+    """Autodiff's gradients of the attention products sum over the first matrix axis of both
+    operands, which XLA on the CPU leaves to a slow general kernel; written out, every batched
+    product of the compiled gradient sums over its first operand's last axis."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the transposed copies are made on the CPU only")
+    attention, x, params = _small_attention(batch=3)
+
+    def loss(params):
+        return jnp.sum(jnp.square(attention.apply(params, None, x)))
+
+    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    batched = re.findall(
+        r"= f32\[([\d,]*)\]\S* dot\(.*lhs_batch_dims=\{[\d,]*\}, "
+        r"lhs_contracting_dims=\{(\d+)\}",
+        hlo,
+    )
+    assert len(batched) >= 6  # forward and gradient of both products
+    for shape, contracted in batched:
+        assert int(contracted) == shape.count(",")  # the last of rank-many axes
 
 
 def test_uncompiled_attention_compiles_nothing_once_warm():
