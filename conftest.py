@@ -369,13 +369,17 @@ def train_briefly(folder, steps: int = 3) -> dict[str, np.ndarray]:
     """The parameters of both models, by model and path, after a few steps at the quick run's
     settings on the tiny world (but 62 global negatives for retrieval, which no even number of
     devices splits: every device holds them all), over every device of this process
-    (`train.data_mesh`); in the test process, with the ranker's step other tests compiled."""
+    (`train.data_mesh`); in the test process, with the ranker's step other tests compiled.
+    Without a folder, the parameters they start from."""
     world = world_lib.build_world(world_lib.WorldConfig.tiny())
     params = {}
     for kind in train.MODELS:
         settings = dataclasses.replace(train.TrainConfig.quick(), steps=steps, negatives=62)
         job = train.make_job(kind, world, settings)
-        state, _ = train.fit(job, Path(folder) / kind, quiet=True)
+        if folder is None:
+            state = train.initial_state(kind, job.config, job.hashing, settings)
+        else:
+            state, _ = train.fit(job, Path(folder) / kind, quiet=True)
         leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
         params.update({kind + jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves})
     return params
