@@ -312,8 +312,19 @@ def query_key_products(q: jax.Array, k: jax.Array) -> jax.Array:
     return jnp.einsum("...td,...sd->...ts", q, k)
 
 
-def _query_key_forward(q: jax.Array, k: jax.Array):
-    return query_key_products(q, k), (q, k)
+@jax.custom_vjp
+def weighted_values(w: jax.Array, v: jax.Array) -> jax.Array:
+    """[..., T, S] by [..., S, d] -> [..., T, d]: the values summed with each query's weights."""
+    return jnp.einsum("...ts,...sd->...td", w, v)
+
+
+def _keeping_inputs(product):
+    """The forward pass of a product for `jax.custom_vjp`: its value, and its inputs kept."""
+
+    def forward(a: jax.Array, b: jax.Array):
+        return product(a, b), (a, b)
+
+    return forward
 
 
 def _query_key_backward(saved, grad: jax.Array):
@@ -321,23 +332,13 @@ def _query_key_backward(saved, grad: jax.Array):
     return weighted_values(grad, k), weighted_values(_swapped_copy(grad), q)
 
 
-@jax.custom_vjp
-def weighted_values(w: jax.Array, v: jax.Array) -> jax.Array:
-    """[..., T, S] by [..., S, d] -> [..., T, d]: the values summed with each query's weights."""
-    return jnp.einsum("...ts,...sd->...td", w, v)
-
-
-def _weighted_values_forward(w: jax.Array, v: jax.Array):
-    return weighted_values(w, v), (w, v)
-
-
 def _weighted_values_backward(saved, grad: jax.Array):
     w, v = saved
     return query_key_products(grad, v), weighted_values(_swapped_copy(w), grad)
 
 
-query_key_products.defvjp(_query_key_forward, _query_key_backward)
-weighted_values.defvjp(_weighted_values_forward, _weighted_values_backward)
+query_key_products.defvjp(_keeping_inputs(query_key_products), _query_key_backward)
+weighted_values.defvjp(_keeping_inputs(weighted_values), _weighted_values_backward)
 
 
 def _swapped_copy(x: jax.Array) -> jax.Array:

@@ -296,17 +296,22 @@ def _small_attention(batch: int) -> tuple[hk.Transformed, np.ndarray, hk.Params]
     return attention, x, attention.init(jax.random.PRNGKey(0), x)
 
 
-def test_attention_gradient_computes_cos_once_per_rotation_on_the_cpu():
-    """XLA would fuse the rotation's cos into every consumer: the queries' and keys' rotations
-    and their gradients, each recomputing it per element of every head."""
-    if jax.default_backend() != "cpu":
-        pytest.skip("the fusion boundary is placed on the CPU only")
+def _compiled_attention_gradient() -> str:
+    """The compiled program of a small attention's parameter gradient, as text."""
     attention, x, params = _small_attention(batch=3)
 
     def loss(params):
         return jnp.sum(jnp.square(attention.apply(params, None, x)))
 
-    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    return jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+
+
+def test_attention_gradient_computes_cos_once_per_rotation_on_the_cpu():
+    """XLA would fuse the rotation's cos into every consumer: the queries' and keys' rotations
+    and their gradients, each recomputing it per element of every head."""
+    if jax.default_backend() != "cpu":
+        pytest.skip("the fusion boundary is placed on the CPU only")
+    hlo = _compiled_attention_gradient()
     # Once for the queries' positions and once for the keys': not again in each consumer.
     assert hlo.count(" cosine(") <= 2
     assert hlo.count(" sine(") <= 2
@@ -359,12 +364,7 @@ def test_attention_gradient_products_sum_over_the_last_axis_of_their_first_opera
     product of the compiled gradient sums over its first operand's last axis."""
     if jax.default_backend() != "cpu":
         pytest.skip("the transposed copies are made on the CPU only")
-    attention, x, params = _small_attention(batch=3)
-
-    def loss(params):
-        return jnp.sum(jnp.square(attention.apply(params, None, x)))
-
-    hlo = jax.jit(jax.grad(loss)).lower(params).compile().as_text()
+    hlo = _compiled_attention_gradient()
     batched = re.findall(
         r"= f32\[([\d,]*)\]\S* dot\(.*lhs_batch_dims=\{[\d,]*\}, "
         r"lhs_contracting_dims=\{(\d+)\}",
