@@ -365,24 +365,30 @@ def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, s
     return status, stdout, f"exit status {status}\nstdout:\n{stdout}\nstderr:\n{stderr}"
 
 
-def train_briefly(folder, steps: int = 3) -> dict[str, np.ndarray]:
-    """The parameters of both models, by model and path, after a few steps at the quick run's
-    settings on the tiny world (but 62 global negatives for retrieval, which no even number of
-    devices splits: every device holds them all), over every device of this process
-    (`train.data_mesh`); in the test process, with the ranker's step other tests compiled.
-    Without a folder, the parameters they start from."""
+BRIEF_RESULTS = ("start", "gradient", "trained")
+
+
+def train_briefly(folder) -> dict[str, dict[str, np.ndarray]]:
+    """Both models at the quick run's settings on the tiny world (but 62 global negatives for
+    retrieval, which no even number of devices splits: every device holds them all), over every
+    device of this process (`train.data_mesh`), by `BRIEF_RESULTS`: the parameters they start
+    from, the loss's gradient on the first batch there, and the parameters after 3 steps; each
+    by model and path. In the test process, with the ranker's step other tests compiled."""
     world = world_lib.build_world(world_lib.WorldConfig.tiny())
-    params = {}
+    mesh = train.data_mesh()
+    results = {name: {} for name in BRIEF_RESULTS}
     for kind in train.MODELS:
-        settings = dataclasses.replace(train.TrainConfig.quick(), steps=steps, negatives=62)
+        settings = dataclasses.replace(train.TrainConfig.quick(), steps=3, negatives=62)
         job = train.make_job(kind, world, settings)
-        if folder is None:
-            state = train.initial_state(kind, job.config, job.hashing, settings)
-        else:
-            state, _ = train.fit(job, Path(folder) / kind, quiet=True)
-        leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(state.params))
-        params.update({kind + jax.tree_util.keystr(path): np.asarray(x) for path, x in leaves})
-    return params
+        start = train.initial_state(kind, job.config, job.hashing, settings).params
+        gradient = jax.jit(jax.grad(lambda params, arrays, job=job: job.loss(params, arrays)[0]))(
+            train.place(start, mesh, split=False), train.place_batch(job.batch(0), mesh)
+        )
+        trained, _ = train.fit(job, Path(folder) / kind, quiet=True, mesh=mesh)
+        for name, tree in zip(BRIEF_RESULTS, (start, gradient, trained.params), strict=True):
+            leaves = jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
+            results[name].update({kind + jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})
+    return results
 
 
 @pytest.fixture(scope="session")
