@@ -355,6 +355,17 @@ DAMAGES = {
         ),
         "sports_corpus.npz: candidate_representations must be floats, got int32",
     ),
+    "a corpus whose width is not D": (
+        lambda f: _replace_corpus(
+            f,
+            lambda a: {
+                **a,
+                "candidate_representations": a["candidate_representations"][:, :-1],
+            },
+        ),
+        r"sports_corpus.npz: candidate_representations is \[300, 7\], expected \[300, 8\] "
+        r"\(one row of width D per post\)",
+    ),
     "the two config.json swapped": (
         lambda f: [
             (f / a).write_text(text)
