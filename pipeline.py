@@ -7,7 +7,9 @@ config), left-aligned, with product surface 0; retrieval of the top K by dot pro
 user vector over the whole corpus; every retrieved post ranked; the feed ordered by
 1.0 * favorite + 0.5 * reply + 0.3 * repost + 0.2 * dwell. Where it differs: hashing is
 vectorised, embeddings are read from the split tables (no unified 1.5 GB copy), retrieval is
-`top_k_search`, and ranking is one compiled cached pass over all retrieved posts. A ranker whose
+exact top-K in two passes (`search.TwoPassIndex`: a compact copy of the corpus searched first,
+the best rows rescored in float32), and ranking is one compiled cached pass over all retrieved
+posts. A ranker whose
 `config.json` says it was trained with right-anchored positions ranks every candidate at the
 anchored position; otherwise candidate i sits at slot i mod candidate_seq_len, as in the
 published pipeline's chunks, so the feed is the same.
