@@ -1,4 +1,4 @@
-"""Benchmark: ranking thousands of candidates and retrieving from millions of posts.
+"""Benchmark: ranking thousands of candidates, retrieving from millions of posts, training.
 
     uv run benchmark.py                  # full run, about 3½ minutes on two cores
     uv run benchmark.py --quick          # smoke run, about 1½ minutes
@@ -6,20 +6,10 @@
 
 Every time is a median over repeated calls (compilation and a warm-up call excluded); the
 implementations compared in one row are timed in alternation, so that a change in machine load
-affects them alike. Ratios are printed next to the times, and the README's goals are checked at
-the end.
-
-Ranking: the published mini configuration (D 128, 4 layers, 4 heads of 32, widening 2) with a
-history of 128, float32, random parameters, one user. *eager*: the dense masked forward as the
-published runner runs it (`hk.transform(...).apply`, not compiled, its attention in the
-published layout); *jit*: the same compiled; *cached*: `RecsysInferenceRunner.rank`; *2nd
-release*: the same for the second release's ranker with right-anchored positions, dwell times and
-post ages; *bound*: the cached path's matrix FLOPs at the measured float32 matmul rate.
-Retrieval: the top 100 of a unit-norm corpus [N, 128] for B users; *ours*:
-`sharded_top_k_search` (by the method `top_k_search` picks), *xla*: `method="xla"`, *naive*:
-compiled `lax.top_k(queries @ corpus.T)`, *read*: one pass over the corpus (a compiled sum).
-Training: one ranker step of `train.py` on the default world against
-the dense forward's matrix FLOPs, three times over for forward and backward.
+affects them alike. Ratios are printed next to the times and the README's goals are checked at
+the end. Each FLOP bound is the matrix FLOPs of what it bounds (`ranking_matrix_flops`) at the
+float32 rate of a large compiled product measured in the same run. The README's Benchmark
+section says what each column times.
 """
 
 from __future__ import annotations
@@ -40,10 +30,9 @@ import runners
 import train
 import world
 from cli import ArgumentParser, ms, non_negative_int, print_table, reuse_freed_memory
-from grok import ffn_size
 from pipeline import MINI_TRANSFORMER
 from published_pipeline import published_attention
-from recsys_model import ACTIONS, PhoenixModelConfig
+from recsys_model import ACTIONS, PhoenixModelConfig, ranking_matrix_flops
 from search import auto_search_method, sharded_top_k_search, top_k_search, usable_cores
 
 HISTORY_LEN = 128
@@ -52,41 +41,55 @@ CORPUS_SIZES = (100_000, 1_000_000)
 QUERY_COUNTS = (1, 16, 256)
 TOP_K = 100
 MATMUL_SIZE = 2048
-# (name, row selector, ratio, goal, higher is better): the goals stated in the README.
-GOALS = [
-    ("rank 1,024: uncompiled dense / cached", "rank", "eager_ratio", 15.0, True),
-    ("rank 1,024: compiled dense / cached", "rank", "jit_ratio", 8.0, True),
-    ("rank 1,024: cached / FLOP bound", "rank", "bound_ratio", 3.0, False),
-    ("top-100, 16 users, 1,000,000 posts: search / one read", "search", "read_ratio", 2.5, False),
-    ("ranker training step / FLOP bound", "train", "bound_ratio", 3.0, False),
-]
 SECTIONS = ("ranking", "retrieval", "training")
 
+# Each ratio once, named by its column in the tables.
+RATIOS = {
+    "eager/cached": lambda r: None if r.eager is None else r.eager / r.cached,
+    "jit/cached": lambda r: r.jit / r.cached,
+    "cached/bound": lambda r: r.cached / r.bound,
+    "naive/ours": lambda r: r.naive / r.ours,
+    "xla/ours": lambda r: r.xla / r.ours,
+    "ours/read": lambda r: r.ours / r.read,
+    "step/bound": lambda r: r.step / r.bound,
+}
+# The goals stated in the README: (what, which row, ratio, goal, whether higher is better).
+GOALS = [
+    ("rank 1,024: uncompiled dense / cached", "rank", "eager/cached", 15.0, True),
+    ("rank 1,024: compiled dense / cached", "rank", "jit/cached", 8.0, True),
+    ("rank 1,024: cached / FLOP bound", "rank", "cached/bound", 3.0, False),
+    ("top-100, 16 users, 1,000,000 posts: search / one read", "search", "ours/read", 2.5, False),
+    ("ranker training step / FLOP bound", "train", "step/bound", 3.0, False),
+]
 
-def timed_call(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    return time.perf_counter() - start
+
+def ratio_columns(*names: str) -> dict[str, Callable[[object], str]]:
+    def column(ratio: Callable) -> Callable[[object], str]:
+        return lambda row: "-" if (value := ratio(row)) is None else f"{value:.1f}x"
+
+    return {name: column(RATIOS[name]) for name in names}
 
 
 def measure(fns: dict[str, Callable[[], object]], budget: float) -> dict[str, float]:
     """Median seconds per call of each function after a warm-up call: about `budget` seconds
     of repeats each (3 to 25), interleaved round by round."""
+
+    def seconds(fn: Callable[[], object]) -> float:
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        return time.perf_counter() - start
+
     repeats = {}
     for name, fn in fns.items():
-        first = timed_call(fn)  # compiles, touches memory
-        estimate = first if first > 4 * budget else timed_call(fn)
+        first = seconds(fn)  # compiles, touches memory
+        estimate = first if first > 4 * budget else seconds(fn)
         repeats[name] = max(3, min(25, int(budget / max(estimate, 1e-9))))
     times = {name: [] for name in fns}
     for round_index in range(max(repeats.values())):
         for name, fn in fns.items():
             if round_index < repeats[name]:
-                times[name].append(timed_call(fn))
+                times[name].append(seconds(fn))
     return {name: float(np.median(t)) for name, t in times.items()}
-
-
-def ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f}x"
 
 
 def matmul_rate(budget: float) -> float:
@@ -96,86 +99,15 @@ def matmul_rate(budget: float) -> float:
     return 2 * MATMUL_SIZE**3 / measure({"dot": lambda: dot(a, a)}, budget)["dot"]
 
 
-# ---------------------------------------------------------------------------------------------
-# Ranking
-# ---------------------------------------------------------------------------------------------
-
-
 @dataclasses.dataclass
 class RankingRow:
     count: int  # candidates
     eager: float | None  # seconds per call; None when not measured
     jit: float
     cached: float
+    second: float  # the cached path of the second release's ranker, anchored, all its inputs
     flops: float  # matrix FLOPs of the cached path
     bound: float  # seconds those FLOPs take at the measured matmul rate
-    second: float  # the cached path of the second release's ranker, anchored, all its inputs
-
-    @property
-    def eager_ratio(self) -> float | None:
-        return None if self.eager is None else self.eager / self.cached
-
-    @property
-    def jit_ratio(self) -> float:
-        return self.jit / self.cached
-
-    @property
-    def bound_ratio(self) -> float:
-        return self.cached / self.bound
-
-
-def _token_flops(config: PhoenixModelConfig) -> tuple[float, float]:
-    """Matrix FLOPs (2 per multiply-add) of one token in one layer: (attention and feed-forward
-    projections, one logit and one weighted value against one key in all heads)."""
-    t, d = config.model, config.emb_size
-    hidden = ffn_size(d, t.widening_factor)
-    per_token = 2 * (2 * d * t.num_q_heads + 2 * d * t.num_kv_heads) * t.key_size + 6 * d * hidden
-    return per_token, 4 * t.num_q_heads * t.key_size
-
-
-def _input_widths(config: PhoenixModelConfig) -> tuple[int, int, int]:
-    """How many embeddings of width D the input projections of the user, a history item and a
-    candidate read: hashes, then the action and product surface (history) or the surface
-    (candidate), and in the second release the dwell time (history) and post age (candidate)."""
-    h, second = config.hash_config, int(config.release >= 2)
-    items = h.num_item_hashes + h.num_author_hashes
-    return h.num_user_hashes, items + 2 + second, items + 1 + second
-
-
-def cached_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> float:
-    """Matrix FLOPs of the cached path for one user: input projections, attention projections,
-    logits and weighted values, feed-forward, unembedding. Element-wise work (norms, rotary,
-    soft-cap, softmax, GELU) is not counted: the bound is optimistic."""
-    t, d = config.model, config.emb_size
-    context, s = 1 + config.history_seq_len, config.history_seq_len
-    per_token, pair = _token_flops(config)
-    user, item, candidate = _input_widths(config)
-    context_flops = (
-        2 * user * d * d
-        + 2 * s * (item * d * d + config.num_actions * d)
-        + t.num_layers * (context * per_token + pair * context * (context + 1) / 2)
-    )
-    per_candidate = (
-        2 * candidate * d * d
-        + t.num_layers * (per_token + pair * (context + 1))
-        + 2 * d * config.num_actions
-    )
-    return context_flops + num_candidates * per_candidate
-
-
-def dense_ranking_flops(config: PhoenixModelConfig, num_candidates: int) -> float:
-    """Matrix FLOPs of the dense forward for one user, the whole masked attention square
-    included (as it is computed); the same omissions as `cached_ranking_flops`."""
-    t, d = config.model, config.emb_size
-    s, length = config.history_seq_len, 1 + config.history_seq_len + num_candidates
-    per_token, pair = _token_flops(config)
-    user, item, candidate = _input_widths(config)
-    return (
-        2 * user * d * d
-        + 2 * s * (item * d * d + config.num_actions * d)
-        + 2 * num_candidates * (candidate * d * d + d * config.num_actions)
-        + t.num_layers * (length * per_token + pair * length**2)
-    )
 
 
 def published(fn: Callable, *args):
@@ -187,12 +119,9 @@ def published(fn: Callable, *args):
 
 def bench_ranking(counts, budget: float, eager_limit: int, rate: float) -> list[RankingRow]:
     config = PhoenixModelConfig(
-        MINI_TRANSFORMER,
-        history_seq_len=HISTORY_LEN,
-        candidate_seq_len=64,
-        fprop_dtype=jnp.float32,
-        release=1,
-    )
+        MINI_TRANSFORMER, history_seq_len=HISTORY_LEN, candidate_seq_len=64,
+        fprop_dtype=jnp.float32, release=1,
+    )  # fmt: skip
     runner = runners.ModelRunner(config)
     runner.initialize()
     params = runners.randomize_params(runner.param_shapes(), seed=0)
@@ -204,25 +133,22 @@ def bench_ranking(counts, budget: float, eager_limit: int, rate: float) -> list[
     dense_jit = jax.jit(runner.forward.apply)
     rows = []
     for count in counts:
-        inputs = runners.create_example_batch(1, 128, HISTORY_LEN, count, len(ACTIONS), seed=count)
-        inputs2 = runners.create_example_batch(
-            1, 128, HISTORY_LEN, count, len(ACTIONS), seed=count,
-            include_continuous_actions=True, include_timestamps=True,
-        )  # fmt: skip
+        example = functools.partial(
+            runners.create_example_batch, 1, 128, HISTORY_LEN, count, len(ACTIONS), seed=count
+        )
+        inputs = example()
+        inputs2 = example(include_continuous_actions=True, include_timestamps=True)
         fns = {
             "cached": lambda x=inputs: ranker.rank(*x).scores,
             "jit": lambda x=inputs: published(dense_jit, params, None, *x).logits,
             "second": lambda x=inputs2: ranker2.rank(*x).scores,
         }
-        if count <= eager_limit:
+        if count <= eager_limit:  # the dense forward uncompiled, as the published runner runs it
             fns["eager"] = lambda x=inputs: published(runner.forward.apply, params, None, *x).logits
         times = measure(fns, budget)
-        flops = cached_ranking_flops(config, count)
-        row = RankingRow(
-            count, times.get("eager"), times["jit"], times["cached"], flops, flops / rate,
-            times["second"],
-        )  # fmt: skip
-        rows.append(row)
+        flops = ranking_matrix_flops(config, count, cached=True)
+        measured = [times.get(name) for name in ("eager", "jit", "cached", "second")]
+        rows.append(RankingRow(count, *measured, flops, flops / rate))
         print(f"  ranked {count} candidates", flush=True)
     return rows
 
@@ -235,15 +161,8 @@ RANKING_COLUMNS = {
     "2nd release ms": lambda r: ms(r.second),
     "GFLOP": lambda r: f"{r.flops / 1e9:.3f}",
     "bound ms": lambda r: ms(r.bound),
-    "eager/cached": lambda r: ratio(r.eager_ratio),
-    "jit/cached": lambda r: ratio(r.jit_ratio),
-    "cached/bound": lambda r: ratio(r.bound_ratio),
+    **ratio_columns("eager/cached", "jit/cached", "cached/bound"),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -253,10 +172,6 @@ class TrainingRow:
     step: float  # seconds per training step
     flops: float  # forward and backward matrix FLOPs of a step
     bound: float  # seconds those FLOPs take at the measured matmul rate
-
-    @property
-    def bound_ratio(self) -> float:
-        return self.step / self.bound
 
 
 def bench_training(budget: float, rate: float) -> TrainingRow:
@@ -277,7 +192,7 @@ def bench_training(budget: float, rate: float) -> TrainingRow:
 
     seconds = measure({"step": one_step}, budget)["step"]
     b, c = arrays["candidate_post_hashes"].shape[:2]
-    flops = 3 * b * dense_ranking_flops(job.config, c)
+    flops = 3 * b * ranking_matrix_flops(job.config, c, cached=False)
     return TrainingRow(b, c, seconds, flops, flops / rate)
 
 
@@ -288,13 +203,8 @@ TRAINING_COLUMNS = {
     "requests/s": lambda r: f"{r.batch / r.step:,.0f}",
     "GFLOP": lambda r: f"{r.flops / 1e9:.3f}",
     "bound ms": lambda r: ms(r.bound),
-    "step/bound": lambda r: ratio(r.bound_ratio),
+    **ratio_columns("step/bound"),
 }
-
-
-# ---------------------------------------------------------------------------------------------
-# Retrieval
-# ---------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -307,10 +217,6 @@ class RetrievalRow:
     ours: float
     xla: float
     naive: float
-
-    @property
-    def read_ratio(self) -> float:
-        return self.ours / self.read
 
 
 naive_top_k = jax.jit(lambda q, c: jax.lax.top_k(jnp.dot(q, c.astype(jnp.float32).T), TOP_K))
@@ -357,9 +263,7 @@ RETRIEVAL_COLUMNS = {
     "method": lambda r: r.method,
     "xla ms": lambda r: ms(r.xla),
     "naive ms": lambda r: ms(r.naive),
-    "naive/ours": lambda r: ratio(r.naive / r.ours),
-    "xla/ours": lambda r: ratio(r.xla / r.ours),
-    "ours/read": lambda r: ratio(r.read_ratio),
+    **ratio_columns("naive/ours", "xla/ours", "ours/read"),
 }
 
 
@@ -372,8 +276,8 @@ def print_goals(ranking: list[RankingRow], retrieval: list[RetrievalRow], traini
         ),
     }
     print("Goals:")
-    for name, which, attribute, goal, higher in GOALS:
-        value = None if rows[which] is None else getattr(rows[which], attribute)
+    for name, which, ratio, goal, higher in GOALS:
+        value = None if rows[which] is None else RATIOS[ratio](rows[which])
         if value is None:
             print(f"  [n/a ] {name}: not measured in this run")
             continue

@@ -35,6 +35,7 @@ import numpy as np
 from grok import (
     KVCache,
     TransformerConfig,
+    ffn_size,
     layer_norm,
     matmul_2d,
     right_anchored_rope_positions,
@@ -792,6 +793,30 @@ class PhoenixModelConfig(ModelConfigDefaults):
 
 # The published ranking guide uses this name.
 PhoenixRankingModelConfig = PhoenixModelConfig
+
+
+def ranking_matrix_flops(config: PhoenixModelConfig, num_candidates: int, cached: bool) -> float:
+    """Matrix FLOPs (2 per multiply-add) of ranking `num_candidates` for one user: the input
+    projections, the attention projections, logits and weighted values, the feed-forward and the
+    unembedding. The dense forward (`cached=False`) computes the whole attention square; the
+    cached path attends causally within the context and from each candidate to the context and
+    itself. Element-wise work (norms, rotary, soft-cap, softmax, GELU) and the small products
+    of the product-surface, dwell and post-age inputs and of the continuous head are left out,
+    so a time computed from this is a lower bound."""
+    t, d, h = config.model, config.emb_size, config.hash_config
+    s, c, heads = config.history_seq_len, num_candidates, t.num_q_heads
+    hidden = ffn_size(d, t.widening_factor)
+    per_token = 4 * d * (heads + t.num_kv_heads) * t.key_size + 6 * d * hidden
+    per_pair = 4 * heads * t.key_size  # one logit and one weighted value in every head
+    # Embeddings of width D that each projection reads: the hashes, then the action and
+    # product surface of a history item or the surface of a candidate, then in the second
+    # release a dwell time (history) or a post age (candidate).
+    item, second = h.num_item_hashes + h.num_author_hashes, int(config.release >= 2)
+    inputs = 2 * d * d * (h.num_user_hashes + s * (item + 2 + second) + c * (item + 1 + second))
+    context, tokens = 1 + s, 1 + s + c
+    pairs = context * (context + 1) / 2 + c * (context + 1) if cached else tokens**2
+    actions = 2 * d * config.num_actions * (s + c)  # the history's actions in, the logits out
+    return inputs + actions + t.num_layers * (tokens * per_token + per_pair * pairs)
 
 
 class ModelModule(hk.Module):

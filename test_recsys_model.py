@@ -1,5 +1,5 @@
 """Properties of the ranking model (`recsys_model.py`): candidate isolation, causality,
-padding, slot dependence, pytrees and gradients, and its input checks.
+padding, slot dependence, pytrees and gradients, its input checks and its count of matrix FLOPs.
 
 Equalities are checked in float32, bit for bit where the property is structural (a masked input
 contributes an exact zero), to float32 precision where two different computations should agree.
@@ -7,6 +7,7 @@ contributes an exact zero), to float32 precision where two different computation
 
 import dataclasses
 import functools
+import math
 
 import haiku as hk
 import jax
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.extend import core as jax_core
 
 import checkpoint
 import recsys_model
@@ -40,6 +42,7 @@ from conftest import (
     setups,
 )
 from grok import TransformerConfig
+from pipeline import MINI_TRANSFORMER
 from recsys_model import (
     ACTIONS,
     HashConfig,
@@ -706,3 +709,78 @@ def test_release_and_continuous_sizes_are_checked():
     lone = batch._replace(candidate_impr_ts=np.full((B, C), NOW))
     with pytest.raises(ValueError, match="candidate_impr_ts is given without the other"):
         validate_inputs(lone, emb, SETUP.ranking_config(), SETUP.num_actions)
+
+
+def traced_matrix_flops(jaxpr) -> int:
+    """2 per multiply-add of every `dot_general` in a traced program, the functions it calls
+    and its loops included (a loop's body once per trip; a conditional's costliest branch)."""
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contracted, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += (
+                2 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[i] for i in contracted)
+            )
+        inner = [
+            x.jaxpr if isinstance(x, jax_core.ClosedJaxpr) else x
+            for value in eqn.params.values()
+            for x in (value if isinstance(value, tuple | list) else (value,))
+            if isinstance(x, jax_core.ClosedJaxpr | jax_core.Jaxpr)
+        ]
+        if inner:
+            counts = [traced_matrix_flops(x) for x in inner]
+            trips = eqn.params.get("length", 1)  # a scan's; other loops are not expected here
+            total += max(counts) if eqn.primitive.name == "cond" else trips * sum(counts)
+    return total
+
+
+def test_traced_matrix_flops_counts_products_in_called_functions_and_loops():
+    a, b = jnp.ones((3, 4)), jnp.ones((4, 5))
+
+    def program(a, b):
+        inner = jax.jit(lambda a, b: a @ b)(a, b)  # 2 * 3 * 4 * 5
+        looped = jax.lax.map(lambda row: row @ b, a)  # three trips of 2 * 4 * 5
+        return inner, looped, jnp.einsum("ij,jk->ik", a, b)
+
+    assert traced_matrix_flops(jax.make_jaxpr(program)(a, b).jaxpr) == 120 + 3 * 40 + 120
+
+
+@pytest.mark.parametrize("release", [1, 2])
+@pytest.mark.parametrize("num_candidates", [8, 40])
+def test_matrix_flops_are_the_traced_products_less_what_they_leave_out(release, num_candidates):
+    """Both counts take in the products of the projections, attention and unembedding; they
+    leave out the one-hot products of the product surface (a table of 16 rows) and the second
+    release's small inputs and dwell head, and the cached path's count takes the context's
+    attention as causal where the program computes the whole square. So each is at most the
+    traced count, and within a few percent of it."""
+    config = PhoenixModelConfig(
+        MINI_TRANSFORMER,
+        history_seq_len=16,
+        candidate_seq_len=8,
+        fprop_dtype=jnp.float32,
+        release=release,
+        right_anchored_rope=release == 2,
+    )
+    runner = runners.ModelRunner(config)
+    runner.initialize()
+    params = checkpoint.param_shapes(config)
+    batch, embeddings = runners.create_example_batch(
+        1, 128, 16, num_candidates, len(ACTIONS), seed=0,
+        include_continuous_actions=release == 2, include_timestamps=release == 2,
+    )  # fmt: skip
+    encode, score = runner.make_cached_fns()
+
+    def cached(params, batch, embeddings):
+        context = encode.apply(params, None, batch, embeddings)
+        return score.apply(params, None, context, batch, embeddings, 0, None)
+
+    def dense(params, batch, embeddings):
+        return runner.forward.apply(params, None, batch, embeddings)
+
+    for fn, bound in [
+        (dense, recsys_model.ranking_matrix_flops(config, num_candidates, cached=False)),
+        (cached, recsys_model.ranking_matrix_flops(config, num_candidates, cached=True)),
+    ]:
+        traced = traced_matrix_flops(jax.make_jaxpr(fn)(params, batch, embeddings).jaxpr)
+        assert 0.97 * traced <= bound <= traced, (fn.__name__, bound, traced)
