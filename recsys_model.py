@@ -387,7 +387,8 @@ def _check_values(fields: list[tuple[str, str, Any, int | None]]) -> None:
         found = jax.device_get(_device_summaries(kinds, values))
         summaries = dict(zip([f[0] for f in on_device], found, strict=True))
     for name, kind, value, high in fields:
-        with np.errstate(over="ignore"):  # an overflowing sum is what the check looks for
+        # An overflowing sum (inf, or NaN from inf - inf) is what the check looks for.
+        with np.errstate(over="ignore", invalid="ignore"):
             summary = summaries.get(name) or _summary(kind, np.asarray(value), np)
         if kind == "ids":
             low, top = summary

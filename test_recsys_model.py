@@ -8,6 +8,7 @@ contributes an exact zero), to float32 precision where two different computation
 import dataclasses
 import functools
 import math
+import warnings
 
 import haiku as hk
 import jax
@@ -403,6 +404,12 @@ BAD_INPUTS = [
         _set(1e39, np.float64),
         r"holds 1e\+39 at \[0, 0, 0\]; expected finite float32",
     ),
+    # Every entry so: the float32 sum meets inf - inf.
+    (
+        "user_embeddings",
+        lambda x: x.astype(np.float64) * 1e300,
+        r"holds -?[0-9.]+e\+[0-9]+ at \[0, 0, 0\]; expected finite float32",
+    ),
 ]
 
 
@@ -415,7 +422,8 @@ def with_field(batch, emb, field, mutate):
 @pytest.mark.parametrize("field, mutate, message", BAD_INPUTS)
 def test_bad_input_raises_value_error_naming_the_field(field, mutate, message):
     batch, emb = with_field(*fixed_example(), field, mutate)
-    with pytest.raises(ValueError, match=field) as error:
+    with pytest.raises(ValueError, match=field) as error, warnings.catch_warnings():
+        warnings.simplefilter("error")  # the one line is all that is said
         validate_inputs(batch, emb, SETUP.ranking_config(), SETUP.num_actions)
     assert error.match(message)
 
