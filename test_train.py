@@ -388,12 +388,14 @@ def test_a_resumed_run_starts_a_model_it_had_not_saved_from_step_0(tmp_path, cap
     status, printed, err = run_script(T.main, argv, capsys)
     assert status == 0, err
     assert "ranker: steps 2 to 3" in printed and "retrieval: steps 0 to 3" in printed
+    state = tmp_path / "run" / "state"
+    assert f"retrieval: no state saved in {state} yet; it trains from step 0" in printed
+    assert "ranker: no state saved" not in printed
     status, printed, err = run_script(T.main, argv, capsys)  # again: nothing left to train
     assert status == 0, err
     assert "ranker: already at step 3; nothing to train" in printed
     # Every saved state is read before any model trains: a damaged second one stops the run
     # before the first has moved.
-    state = tmp_path / "run" / "state"
     ranker = (state / "ranker.npz").read_bytes()
     damaged = state / "retrieval.npz"
     damaged.write_bytes(damaged.read_bytes()[:100])

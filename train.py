@@ -1974,6 +1974,8 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
         if kind in kinds and args.resume and (state_dir / f"{kind}.npz").is_file()
     }
     for kind in kinds:
+        if args.resume and kind not in starts:
+            print(f"{kind}: no state saved in {state_dir} yet; it trains from step 0")
         state, logs[kind] = fit(jobs[kind], state_dir, mesh=mesh, start=starts.pop(kind, None))
         params[kind] = jax.device_get(state.params)
 
