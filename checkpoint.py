@@ -103,8 +103,8 @@ def _member_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -
             raise ValueError(f"{path}: {info.filename}: {error}") from None
     if array is not None:
         _check_number_type(path, info, array.dtype)
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
-            raise ValueError(f"{path}: {info.filename[:-4]} holds NaN or infinite values")
+        if problem := _float32_problem(array):
+            raise ValueError(f"{path}: {info.filename[:-4]} {problem}")
         return array
     if dtype.hasobject:
         raise ValueError(f"{path}: {info.filename} holds Python objects; expected numbers")
@@ -118,19 +118,32 @@ def _member_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -
             raise ValueError(f"{path}: {info.filename} is truncated")
         raw.seek(start)
         crc = zlib.crc32(raw.read(header_size))
-        finite = True
+        problem = None
         step = CHUNK_BYTES - CHUNK_BYTES % dtype.itemsize
         for begin in range(header_size, info.file_size, step):
             chunk = raw.read(min(step, info.file_size - begin))
             crc = zlib.crc32(chunk, crc)
-            if dtype.kind in "fc" and finite:
-                finite = bool(np.isfinite(np.frombuffer(chunk, dtype)).all())
+            problem = problem or _float32_problem(np.frombuffer(chunk, dtype))
     if crc != info.CRC:
         raise ValueError(f"{path}: {info.filename} is corrupt (its checksum does not match)")
-    if not finite:
-        raise ValueError(f"{path}: {info.filename[:-4]} holds NaN or infinite values")
+    if problem:
+        raise ValueError(f"{path}: {info.filename[:-4]} {problem}")
     order = "F" if fortran else "C"
     return np.memmap(path, dtype, mode="r", offset=start + header_size, shape=shape, order=order)
+
+
+def _float32_problem(values: np.ndarray) -> str | None:
+    """What makes these values unusable by a model that computes in float32 (or narrower), in
+    words, or None: NaN or infinity, or a magnitude beyond float32's range (float64 files)."""
+    if values.dtype.kind not in "fc":
+        return None
+    if not np.isfinite(values).all():
+        return "holds NaN or infinite values"
+    if values.dtype.itemsize > 4 * (1 + (values.dtype.kind == "c")):
+        largest = float(np.max(np.abs(values), initial=0.0))
+        if largest > float(np.finfo(np.float32).max):
+            return f"holds values beyond float32's range (the largest magnitude is {largest:.3g})"
+    return None
 
 
 def _check_number_type(path: Path, info: zipfile.ZipInfo, dtype: np.dtype) -> None:
@@ -145,9 +158,12 @@ def require_file(path: str | os.PathLike, hint: str = "") -> Path:
     """`path` as a Path if it is a file; else FileNotFoundError saying what is there instead
     (nothing, or a folder), followed by `hint`."""
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(f"{path}: a folder, not a file{hint}")
+    if path.exists() and not path.is_file():
+        raise FileNotFoundError(f"{path}: not a regular file (a device, pipe or socket){hint}")
     if not path.is_file():
-        problem = "a folder, not a file" if path.is_dir() else "no such file"
-        raise FileNotFoundError(f"{path}: {problem}{hint}")
+        raise FileNotFoundError(f"{path}: no such file{hint}")
     return path
 
 
@@ -192,8 +208,11 @@ def _atomic_path(path: Path) -> Iterator[Path]:
     if target.exists() and not target.is_file():
         raise ValueError(f"{path} is not a file (a folder, device, pipe or socket); choose a file")
     path = target
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    except OSError as error:  # named by the file asked for, not by the temporary one
+        raise OSError(error.errno, f"cannot write there: {error.strerror}", str(path)) from None
     os.close(fd)
     os.chmod(scratch, 0o666 & ~_umask())  # as open() would have made it, not mkstemp's 0600
     try:
@@ -282,8 +301,9 @@ def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str,
 
 
 def save_model_params(params: hk.Params, checkpoint_path: str | os.PathLike) -> None:
-    """Writes a parameter tree in the published layout (`module/name` keys), atomically."""
-    write_npz(flatten_params(params), checkpoint_path)
+    """Writes a parameter tree in the published layout (`module/name` keys), atomically;
+    refuses one that `load_model_params` would refuse to read back (NaN, say)."""
+    _write_loadable(flatten_params(params), checkpoint_path)
 
 
 def load_embedding_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -293,7 +313,17 @@ def load_embedding_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_embedding_tables(tables: Mapping[str, Any], path: str | os.PathLike) -> None:
-    write_npz(tables, path)
+    """Writes embedding tables by name, atomically, as `save_model_params` writes parameters."""
+    _write_loadable(tables, path)
+
+
+def _write_loadable(arrays: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """`write_npz`, after checking that `read_npz` would read every array back."""
+    stored = {name: _storable(name, value) for name, value in arrays.items()}
+    for name, x in stored.items():
+        if problem := _float32_problem(x):
+            raise ValueError(f"{path}: {name} {problem}")
+    write_npz(stored, path)
 
 
 def param_shapes(config: ModelConfig, num_actions: int | None = None) -> hk.Params:
@@ -461,7 +491,9 @@ def check_config_json(data: Any, where: str | os.PathLike, kind: str) -> dict:
     model can be built from; else ValueError naming `where` and the first problem (and a
     warning naming the keys it does not know). Ours say which model they describe ("kind"); a
     published one does not."""
-    missing = [key for key in _REQUIRED_KEYS if not isinstance(data, dict) or key not in data]
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected an object of settings, got {str(data)[:40]}")
+    missing = [key for key in _REQUIRED_KEYS if key not in data]
     if missing:
         raise ValueError(f"{where}: lacks {', '.join(missing)}")
     if data.get("kind", kind) != kind:
@@ -812,6 +844,15 @@ def load_artifacts(
         require_file(path)
     corpus_file, sequence_file = files[-2:]
     jsons = {name: read_config_json(folder / CONFIG_FILE, name) for name, folder in folders.items()}
+    for key in ("history_seq_len", "candidate_seq_len"):
+        ranker_value, retrieval_value = (int(jsons[name][key]) for name in ("ranker", "retrieval"))
+        if ranker_value != retrieval_value:  # our writing refuses this; a folder may still hold it
+            warnings.warn(
+                f"{folders['ranker'] / CONFIG_FILE}: {key} {ranker_value} is not used; both "
+                f"models take their batch shapes from {folders['retrieval'] / CONFIG_FILE} "
+                f"({retrieval_value}), as the published pipeline does",
+                stacklevel=2,
+            )
     params = {name: load_model_params(folder / PARAMS_FILE) for name, folder in folders.items()}
     retrieval_config, ranker_config = configs_from_json(
         jsons["retrieval"], jsons["ranker"], params["ranker"], fprop_dtype
@@ -903,17 +944,19 @@ def write_artifacts(
     scratch = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     os.chmod(scratch, 0o777 & ~_umask())
     try:
-        for name, model in (("retrieval", retrieval), ("ranker", ranker)):
-            folder = scratch / name
-            folder.mkdir()
-            params = with_log_temperature(model.params) if name == "retrieval" else model.params
-            save_model_params(params, folder / PARAMS_FILE)
-            save_embedding_tables(model.tables, folder / TABLES_FILE)
-            data = model.json or config_to_json(model.config, model.hashing)
-            write_json(data, folder / CONFIG_FILE)
-        write_npz(corpus.arrays(), scratch / corpus_file)
-        (scratch / sequence_file).write_text(json.dumps(sequence, indent=1) + "\n")
-        try:  # read back as a user would, before the folder gets its name
+        try:  # written, then read back as a user would, before the folder gets its name
+            for name, model in (("retrieval", retrieval), ("ranker", ranker)):
+                folder = scratch / name
+                folder.mkdir()
+                params = model.params
+                if name == "retrieval":
+                    params = with_log_temperature(params)
+                save_model_params(params, folder / PARAMS_FILE)
+                save_embedding_tables(model.tables, folder / TABLES_FILE)
+                data = model.json or config_to_json(model.config, model.hashing)
+                write_json(data, folder / CONFIG_FILE)
+            write_npz(corpus.arrays(), scratch / corpus_file)
+            (scratch / sequence_file).write_text(json.dumps(sequence, indent=1) + "\n")
             load_artifacts(scratch, scratch / sequence_file, scratch / corpus_file)
         except (ValueError, TypeError) as error:
             raise type(error)(

@@ -9,6 +9,7 @@ import shutil
 import stat
 import warnings
 import zipfile
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +25,7 @@ from checkpoint import (
     param_shapes,
     read_npz,
     read_sequence,
+    save_embedding_tables,
     save_model_params,
     write_npz,
 )
@@ -146,6 +148,11 @@ def _corrupt(path, how):
         ("header, magic", "layer/w.npy: the magic string is not correct"),
         ("header, dtype", "layer/w.npy: descr is not a valid dtype descriptor"),
         ("nan", "w holds NaN or infinite values"),
+        (
+            "beyond float32",
+            r"w holds values beyond float32's range \(the largest magnitude is 1e\+300\)",
+        ),
+        ("beyond float32, large", "w holds values beyond float32's range"),
         ("objects", "holds Python objects"),
     ],
 )
@@ -156,6 +163,9 @@ def test_bad_files_are_refused_with_one_line_naming_the_file(tmp_path, how, mess
     arrays = {"layer/w": np.random.default_rng(1).standard_normal((rows, 8), np.float32)}
     if how == "nan":
         arrays["layer/w"][3, 2] = np.nan
+    if how.startswith("beyond float32"):  # finite in the file, infinite as a model holds it
+        arrays["layer/w"] = arrays["layer/w"].astype(np.float64)
+        arrays["layer/w"][-3, 2] = -1e300
     if how == "objects":
         np.savez(path, **{"layer/w": np.array([{"a": 1}], dtype=object)})
     elif how != "missing":
@@ -195,6 +205,37 @@ def test_a_link_is_written_through_and_a_pipe_is_refused(tmp_path):
         write_npz({"a": np.ones(3)}, tmp_path / "pipe")
     assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
     assert sorted(os.listdir(tmp_path)) == ["link.npz", "pipe", "target.npz"]
+
+
+def test_what_is_not_a_regular_file_is_named_so(tmp_path):
+    os.mkfifo(tmp_path / "pipe.npz")  # reading it would wait for a writer forever
+    with pytest.raises(FileNotFoundError, match=r"pipe\.npz: not a regular file \(a device, pipe"):
+        load_model_params(tmp_path / "pipe.npz")
+
+
+def test_a_save_that_would_not_load_back_is_refused(tmp_path):
+    """NaN, or float64 beyond float32's range, in parameters or tables: `load_model_params`
+    and `load_embedding_table` would refuse the file, so it is not written."""
+    path = tmp_path / "params.npz"
+    bad = np.ones((2, 3))
+    bad[1, 2] = np.nan
+    with pytest.raises(ValueError, match=rf"^{path}: m/w holds NaN or infinite values$"):
+        save_model_params({"m": {"w": bad}}, path)
+    bad[1, 2] = 1e300
+    with pytest.raises(ValueError, match=r"item_embeddings holds values beyond float32's range"):
+        save_embedding_tables({"item_embeddings": bad}, path)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_file_in_a_folder_that_cannot_be_written_names_the_file(tmp_path):
+    """Not the temporary file the save would have written first."""
+    target = tmp_path / "read-only" / "params.npz"
+    target.parent.mkdir()
+    target.parent.chmod(0o500)
+    if os.access(target.parent, os.W_OK):  # as root, permissions do not stop a write
+        target = Path("/proc/params.npz")
+    with pytest.raises(OSError, match=rf"cannot write there: .*'{target}'$"):
+        save_model_params({"m": {"w": np.ones(3)}}, target)
 
 
 def test_a_full_disk_names_the_file_it_was_writing(tmp_path, monkeypatch):
@@ -268,6 +309,16 @@ DAMAGES = {
     "config.json without a key": (
         lambda f: _edit_json(f / RETRIEVAL_JSON, drop="hash_params"),
         "retrieval/config.json: lacks hash_params",
+    ),
+    "config.json that is not an object": (
+        lambda f: (f / RANKER_JSON).write_text("[1, 2]"),
+        r"ranker/config.json: expected an object of settings, got \[1, 2\]",
+    ),
+    "a table beyond float32's range": (
+        lambda f: _edit_npz(
+            f / "ranker" / "embedding_tables.npz", "author_embeddings", lambda x: x * 1e300
+        ),
+        "ranker/embedding_tables.npz: author_embeddings holds values beyond float32's range",
     ),
     "config.json without a vocabulary size": (
         lambda f: _edit_json(f / RANKER_JSON, drop="user_vocab_size"),
@@ -448,6 +499,12 @@ def _edit_hash(path, **changes):
     path.write_text(json.dumps(data))
 
 
+def _edit_npz(path, name, change):
+    arrays = dict(read_npz(path))
+    arrays[name] = change(np.asarray(arrays[name], np.float64))
+    write_npz(arrays, path)
+
+
 def _edit_json(path, drop=None, **changes):
     data = json.loads(path.read_text())
     data.update(changes)
@@ -463,6 +520,23 @@ def test_keys_a_config_json_does_not_know_are_named(example_folder, tmp_path):
         UserWarning, match="ranker/config.json: ignored keys it does not know: foo, num_layer$"
     ):
         load_artifacts(folder)
+
+
+def test_a_ranker_batch_shape_that_differs_from_retrievals_is_named(example_folder, tmp_path):
+    """Both models take their batch shapes from the retrieval config, as the published pipeline
+    builds them: the ranker's own values are not used, and a load says so."""
+    folder = tmp_path / "copy"
+    shutil.copytree(example_folder, folder)
+    _edit_json(folder / RANKER_JSON, candidate_seq_len=1)
+    with pytest.warns(UserWarning) as caught:
+        artifacts = load_artifacts(folder)
+    retrieval_seq_len = artifacts.retrieval.config.candidate_seq_len
+    assert artifacts.ranker.config.candidate_seq_len == retrieval_seq_len != 1
+    assert [str(w.message) for w in caught] == [
+        f"{folder / RANKER_JSON}: candidate_seq_len 1 is not used; both models take their batch "
+        f"shapes from {folder / RETRIEVAL_JSON} ({retrieval_seq_len}), as the published "
+        "pipeline does"
+    ]
 
 
 def test_keys_a_sequence_does_not_know_are_named(example_folder, tmp_path):
