@@ -741,6 +741,11 @@ def load_corpus(path: str | os.PathLike, emb_size: int) -> Corpus:
         if key not in arrays:
             raise ValueError(f"{path}: lacks {key}")
     corpus = Corpus(**{k: arrays[k] for k in arrays if k in Corpus.__dataclass_fields__})
+    unknown = sorted(set(arrays) - set(Corpus.__dataclass_fields__))
+    if unknown:  # a misspelt creation_times would otherwise go unnoticed
+        warnings.warn(
+            f"{path}: ignored arrays it does not know: {', '.join(unknown)}", stacklevel=2
+        )
     n = len(corpus.post_ids)
     if n == 0:
         raise ValueError(f"{path}: holds no post (post_ids is empty)")

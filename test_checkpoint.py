@@ -552,6 +552,20 @@ def test_keys_a_sequence_does_not_know_are_named(example_folder, tmp_path):
     ]
 
 
+def test_arrays_a_corpus_does_not_know_are_named(example_folder, tmp_path):
+    corpus = dict(read_npz(example_folder / "sports_corpus.npz"))
+    corpus["creation_time"] = corpus.pop("creation_times")  # misspelt: no post would age
+    write_npz(corpus, tmp_path / "corpus.npz")
+    with pytest.warns(UserWarning) as caught:
+        loaded = checkpoint.load_corpus(
+            tmp_path / "corpus.npz", corpus["candidate_representations"].shape[1]
+        )
+    assert loaded.creation_times is None
+    assert [str(w.message) for w in caught] == [
+        f"{tmp_path / 'corpus.npz'}: ignored arrays it does not know: creation_time"
+    ]
+
+
 def test_a_request_time_without_creation_times_is_named(example_folder, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(example_folder, folder)
