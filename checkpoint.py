@@ -118,14 +118,21 @@ def _member_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -
             raise ValueError(f"{path}: {info.filename} is truncated")
         raw.seek(start)
         crc = zlib.crc32(raw.read(header_size))
+        data_bytes, wanted_bytes = info.file_size - header_size, math.prod(shape) * dtype.itemsize
         problem = None
         step = CHUNK_BYTES - CHUNK_BYTES % dtype.itemsize
         for begin in range(header_size, info.file_size, step):
             chunk = raw.read(min(step, info.file_size - begin))
             crc = zlib.crc32(chunk, crc)
-            problem = problem or _float32_problem(np.frombuffer(chunk, dtype))
+            if dtype.kind in "fc" and data_bytes == wanted_bytes and not problem:
+                problem = _float32_problem(np.frombuffer(chunk, dtype))
     if crc != info.CRC:
         raise ValueError(f"{path}: {info.filename} is corrupt (its checksum does not match)")
+    if data_bytes != wanted_bytes:
+        raise ValueError(
+            f"{path}: {info.filename} holds {data_bytes} bytes of data where its header asks for "
+            f"{list(shape)} {dtype} ({wanted_bytes} bytes)"
+        )
     if problem:
         raise ValueError(f"{path}: {info.filename[:-4]} {problem}")
     order = "F" if fortran else "C"
@@ -134,15 +141,17 @@ def _member_array(path: Path, archive: zipfile.ZipFile, info: zipfile.ZipInfo) -
 
 def _float32_problem(values: np.ndarray) -> str | None:
     """What makes these values unusable by a model that computes in float32 (or narrower), in
-    words, or None: NaN or infinity, or a magnitude beyond float32's range (float64 files)."""
+    words, or None: NaN or infinity, or a magnitude beyond float32's range (float64 files; the
+    real and imaginary parts of complex ones each)."""
     if values.dtype.kind not in "fc":
         return None
     if not np.isfinite(values).all():
         return "holds NaN or infinite values"
-    if values.dtype.itemsize > 4 * (1 + (values.dtype.kind == "c")):
-        largest = float(np.max(np.abs(values), initial=0.0))
+    parts = (values.real, values.imag) if values.dtype.kind == "c" else (values,)
+    if parts[0].dtype.itemsize > 4:
+        largest = max(float(np.max(np.abs(x), initial=0.0)) for x in parts)
         if largest > float(np.finfo(np.float32).max):
-            return f"holds values beyond float32's range (the largest magnitude is {largest:.3g})"
+            return f"holds values beyond float32's range (a magnitude of {largest:.3g})"
     return None
 
 
@@ -155,8 +164,8 @@ def _check_number_type(path: Path, info: zipfile.ZipInfo, dtype: np.dtype) -> No
 
 
 def require_file(path: str | os.PathLike, hint: str = "") -> Path:
-    """`path` as a Path if it is a file; else FileNotFoundError saying what is there instead
-    (nothing, or a folder), followed by `hint`."""
+    """`path` as a Path if it is a regular file; else FileNotFoundError saying what is there
+    instead (nothing, a folder, or a device, pipe or socket), followed by `hint`."""
     path = Path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{path}: a folder, not a file{hint}")
@@ -171,8 +180,9 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Every array of an .npz file, by name, memory-mapped where it is stored uncompressed.
 
     Raises FileNotFoundError if the file is missing and ValueError if it is not a readable
-    npz (truncated, corrupt, holding objects or non-finite floats), naming the file and the
-    first problem. Nothing is returned unless every array passed.
+    npz (truncated, corrupt, holding objects, or floats that are not finite or are beyond
+    float32's range), naming the file and the first problem. Nothing is returned unless every
+    array passed.
     """
     path = require_file(path)
     try:
@@ -208,8 +218,8 @@ def _atomic_path(path: Path) -> Iterator[Path]:
     if target.exists() and not target.is_file():
         raise ValueError(f"{path} is not a file (a folder, device, pipe or socket); choose a file")
     path = target
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     except OSError as error:  # named by the file asked for, not by the temporary one
         raise OSError(error.errno, f"cannot write there: {error.strerror}", str(path)) from None
@@ -302,7 +312,8 @@ def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str,
 
 def save_model_params(params: hk.Params, checkpoint_path: str | os.PathLike) -> None:
     """Writes a parameter tree in the published layout (`module/name` keys), atomically;
-    refuses one that `load_model_params` would refuse to read back (NaN, say)."""
+    refuses values that `load_model_params` would refuse to read back: NaN or infinite floats,
+    or float64 beyond float32's range."""
     _write_loadable(flatten_params(params), checkpoint_path)
 
 
@@ -318,7 +329,7 @@ def save_embedding_tables(tables: Mapping[str, Any], path: str | os.PathLike) ->
 
 
 def _write_loadable(arrays: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """`write_npz`, after checking that `read_npz` would read every array back."""
+    """`write_npz`, after checking that no float is one `read_npz` would refuse."""
     stored = {name: _storable(name, value) for name, value in arrays.items()}
     for name, x in stored.items():
         if problem := _float32_problem(x):
@@ -492,7 +503,9 @@ def check_config_json(data: Any, where: str | os.PathLike, kind: str) -> dict:
     warning naming the keys it does not know). Ours say which model they describe ("kind"); a
     published one does not."""
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected an object of settings, got {str(data)[:40]}")
+        text = json.dumps(data)
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise ValueError(f"{where}: expected an object of settings, got {shown}")
     missing = [key for key in _REQUIRED_KEYS if key not in data]
     if missing:
         raise ValueError(f"{where}: lacks {', '.join(missing)}")
@@ -741,11 +754,6 @@ def load_corpus(path: str | os.PathLike, emb_size: int) -> Corpus:
         if key not in arrays:
             raise ValueError(f"{path}: lacks {key}")
     corpus = Corpus(**{k: arrays[k] for k in arrays if k in Corpus.__dataclass_fields__})
-    unknown = sorted(set(arrays) - set(Corpus.__dataclass_fields__))
-    if unknown:  # a misspelt creation_times would otherwise go unnoticed
-        warnings.warn(
-            f"{path}: ignored arrays it does not know: {', '.join(unknown)}", stacklevel=2
-        )
     n = len(corpus.post_ids)
     if n == 0:
         raise ValueError(f"{path}: holds no post (post_ids is empty)")
@@ -779,6 +787,11 @@ def load_corpus(path: str | os.PathLike, emb_size: int) -> Corpus:
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]
     if len(repeated):
         raise ValueError(f"{path}: post_ids must be distinct, {repeated[0]} appears more than once")
+    unknown = sorted(set(arrays) - set(Corpus.__dataclass_fields__))
+    if unknown:  # a misspelt creation_times would otherwise go unnoticed
+        warnings.warn(
+            f"{path}: ignored arrays it does not know: {', '.join(unknown)}", stacklevel=2
+        )
     return corpus
 
 
@@ -849,15 +862,6 @@ def load_artifacts(
         require_file(path)
     corpus_file, sequence_file = files[-2:]
     jsons = {name: read_config_json(folder / CONFIG_FILE, name) for name, folder in folders.items()}
-    for key in ("history_seq_len", "candidate_seq_len"):
-        ranker_value, retrieval_value = (int(jsons[name][key]) for name in ("ranker", "retrieval"))
-        if ranker_value != retrieval_value:  # our writing refuses this; a folder may still hold it
-            warnings.warn(
-                f"{folders['ranker'] / CONFIG_FILE}: {key} {ranker_value} is not used; both "
-                f"models take their batch shapes from {folders['retrieval'] / CONFIG_FILE} "
-                f"({retrieval_value}), as the published pipeline does",
-                stacklevel=2,
-            )
     params = {name: load_model_params(folder / PARAMS_FILE) for name, folder in folders.items()}
     retrieval_config, ranker_config = configs_from_json(
         jsons["retrieval"], jsons["ranker"], params["ranker"], fprop_dtype
@@ -880,6 +884,15 @@ def load_artifacts(
             "hold: only the history's posts are left out, and the ranker is given no post ages",
             stacklevel=2,
         )
+    for key in ("history_seq_len", "candidate_seq_len"):
+        ranker_value, retrieval_value = (int(jsons[name][key]) for name in ("ranker", "retrieval"))
+        if ranker_value != retrieval_value:  # our writing refuses this; a folder may still hold it
+            warnings.warn(
+                f"{folders['ranker'] / CONFIG_FILE}: {key} {ranker_value} is not used; both "
+                f"models take their batch shapes from {folders['retrieval'] / CONFIG_FILE} "
+                f"({retrieval_value}), as the published pipeline does",
+                stacklevel=2,
+            )
     return Artifacts(retrieval, ranker, corpus, sequence)
 
 

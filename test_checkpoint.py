@@ -3,10 +3,12 @@ bit-exact round trips, every kind of bad file refused with one line, atomic writ
 second release switched on by a checkpoint's own tree."""
 
 import dataclasses
+import io
 import json
 import os
 import shutil
 import stat
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
@@ -150,9 +152,9 @@ def _corrupt(path, how):
         ("nan", "w holds NaN or infinite values"),
         (
             "beyond float32",
-            r"w holds values beyond float32's range \(the largest magnitude is 1e\+300\)",
+            r"w holds values beyond float32's range \(a magnitude of 1e\+300\)",
         ),
-        ("beyond float32, large", "w holds values beyond float32's range"),
+        ("beyond float32, compressed", "w holds values beyond float32's range"),
         ("objects", "holds Python objects"),
     ],
 )
@@ -169,7 +171,7 @@ def test_bad_files_are_refused_with_one_line_naming_the_file(tmp_path, how, mess
     if how == "objects":
         np.savez(path, **{"layer/w": np.array([{"a": 1}], dtype=object)})
     elif how != "missing":
-        write_npz(arrays, path)
+        write_npz(arrays, path, compressed=how.endswith("compressed"))  # compressed: read whole
     _corrupt(path, how)
     error_type = FileNotFoundError if how == "missing" else ValueError
     with pytest.raises(error_type, match=message) as error:
@@ -227,15 +229,44 @@ def test_a_save_that_would_not_load_back_is_refused(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_a_file_in_a_folder_that_cannot_be_written_names_the_file(tmp_path):
+def test_a_file_in_a_folder_that_cannot_be_written_names_the_file(tmp_path, monkeypatch):
     """Not the temporary file the save would have written first."""
-    target = tmp_path / "read-only" / "params.npz"
-    target.parent.mkdir()
-    target.parent.chmod(0o500)
-    if os.access(target.parent, os.W_OK):  # as root, permissions do not stop a write
-        target = Path("/proc/params.npz")
-    with pytest.raises(OSError, match=rf"cannot write there: .*'{target}'$"):
+
+    def refused(*args, dir, **kwargs):
+        raise PermissionError(13, "Permission denied", str(Path(dir) / ".params.npz.x.partial"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", refused)
+    target = tmp_path / "params.npz"
+    with pytest.raises(OSError, match=rf"cannot write there: Permission denied: '{target}'$"):
         save_model_params({"m": {"w": np.ones(3)}}, target)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("bad", [np.nan, 1e300])
+def test_every_chunk_of_a_mapped_array_is_checked(tmp_path, monkeypatch, bad):
+    """A memory-mapped array is checked as it streams past in chunks: a bad value in the last
+    chunk is found as one in the first is."""
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 64)
+    values = np.ones((100, 4))
+    values[-1, -1] = bad
+    write_npz({"w": values}, tmp_path / "w.npz")
+    with pytest.raises(ValueError, match=r"w\.npz: w holds (NaN|values beyond float32's range)"):
+        read_npz(tmp_path / "w.npz")
+
+
+def test_data_of_another_length_than_its_header_says_is_named(tmp_path):
+    """A member whose .npy header asks for more (or fewer) bytes than follow it, with a
+    checksum that matches what is there."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<i8", "fortran_order": False, "shape": (10,)}
+    )
+    with zipfile.ZipFile(tmp_path / "a.npz", "w") as archive:  # stored, not compressed
+        archive.writestr("a.npy", header.getvalue() + np.arange(9, dtype="<i8").tobytes() + b"1234")
+    with pytest.raises(
+        ValueError, match=r"a\.npy holds 76 bytes of data where its header asks for \[10\] int64"
+    ):
+        read_npz(tmp_path / "a.npz")
 
 
 def test_a_full_disk_names_the_file_it_was_writing(tmp_path, monkeypatch):
