@@ -7,7 +7,8 @@
 Every time is a median over repeated calls (compilation and a warm-up call excluded); the
 implementations compared in one row are timed in alternation, so that a change in machine load
 affects them alike. Ratios are printed next to the times and the README's goals are checked at
-the end. Each FLOP bound is the matrix FLOPs of what it bounds (`ranking_matrix_flops`) at the
+the end. A FLOP bound is matrix FLOPs (`ranking_matrix_flops`: of the cached path for ranking;
+of the dense forward three times over, for forward and backward, for a training step) at the
 float32 rate of a large compiled product measured in the same run. The README's Benchmark
 section says what each column times.
 """

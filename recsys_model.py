@@ -802,8 +802,8 @@ def ranking_matrix_flops(config: PhoenixModelConfig, num_candidates: int, cached
     unembedding. The dense forward (`cached=False`) computes the whole attention square; the
     cached path attends causally within the context and from each candidate to the context and
     itself. Element-wise work (norms, rotary, soft-cap, softmax, GELU) and the small products
-    of the product-surface, dwell and post-age inputs and of the continuous head are left out,
-    so a time computed from this is a lower bound."""
+    of the product surface (one-hot), of the dwell-time input and of the continuous head are
+    left out, so a time computed from this is a lower bound."""
     t, d, h = config.model, config.emb_size, config.hash_config
     s, c, heads = config.history_seq_len, num_candidates, t.num_q_heads
     hidden = ffn_size(d, t.widening_factor)
