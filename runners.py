@@ -624,6 +624,14 @@ class RecsysInferenceRunner(BaseInferenceRunner):
                     f"candidate_slots must be >= 0 (0 is the first candidate position), got "
                     f"{candidate_slots[first]} at [{first}]"
                 )
+            # Positions are float32 (as published), whole numbers exactly up to 2**24.
+            highest = 2**24 - 1 - sizes["S"]
+            if c and candidate_slots.max() > highest:
+                first = int(np.argmax(candidate_slots > highest))
+                raise ValueError(
+                    f"candidate_slots must be at most {highest} (positions 1 + S + slot are "
+                    f"float32, exact to 2**24), got {candidate_slots[first]} at [{first}]"
+                )
         if c == 0:
             logits = jnp.zeros((b, 0, config.num_actions), jnp.float32)
             empty = None

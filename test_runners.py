@@ -434,6 +434,11 @@ def test_a_corpus_that_is_not_an_array_is_refused_naming_its_type(retriever):
             np.array([0, 1, -1, 2] + [0] * (C - 4)),
             r"candidate_slots must be >= 0 .* got -1 at \[2\]",
         ),
+        (
+            np.array([0, 1, 2, 10**12] + [0] * (C - 4)),
+            rf"candidate_slots must be at most {2**24 - 1 - S} \(positions 1 \+ S \+ slot are "
+            r"float32, exact to 2\*\*24\), got 1000000000000 at \[3\]",
+        ),
     ],
 )
 def test_candidate_slots_that_are_not_slots_are_refused(guarded, slots, message):
