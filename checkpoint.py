@@ -975,7 +975,9 @@ def write_artifacts(
                 write_json(data, folder / CONFIG_FILE)
             write_npz(corpus.arrays(), scratch / corpus_file)
             (scratch / sequence_file).write_text(json.dumps(sequence, indent=1) + "\n")
-            load_artifacts(scratch, scratch / sequence_file, scratch / corpus_file)
+            with warnings.catch_warnings(record=True) as said:
+                warnings.simplefilter("always")
+                load_artifacts(scratch, scratch / sequence_file, scratch / corpus_file)
         except (ValueError, TypeError) as error:
             raise type(error)(
                 f"{directory} not written: " + str(error).replace(f"{scratch}{os.sep}", "")
@@ -983,6 +985,9 @@ def write_artifacts(
         if directory.exists():
             directory.rmdir()
         os.replace(scratch, directory)
+        for warning in said:  # what loading the folder will say, named by its own path
+            text = str(warning.message).replace(str(scratch), str(directory))
+            warnings.warn(text, warning.category, stacklevel=2)
     finally:
         if scratch.exists():
             shutil.rmtree(scratch)

@@ -563,11 +563,19 @@ def test_a_ranker_batch_shape_that_differs_from_retrievals_is_named(example_fold
         artifacts = load_artifacts(folder)
     retrieval_seq_len = artifacts.retrieval.config.candidate_seq_len
     assert artifacts.ranker.config.candidate_seq_len == retrieval_seq_len != 1
-    assert [str(w.message) for w in caught] == [
+    said = [
         f"{folder / RANKER_JSON}: candidate_seq_len 1 is not used; both models take their batch "
         f"shapes from {folder / RETRIEVAL_JSON} ({retrieval_seq_len}), as the published "
         "pipeline does"
     ]
+    assert [str(w.message) for w in caught] == said
+    # Written again as it was read, the folder says the same, by its own name.
+    again = tmp_path / "again"
+    with pytest.warns(UserWarning) as caught:
+        checkpoint.write_artifacts(
+            again, artifacts.retrieval, artifacts.ranker, artifacts.corpus, artifacts.sequence
+        )
+    assert [str(w.message) for w in caught] == [m.replace(str(folder), str(again)) for m in said]
 
 
 def test_keys_a_sequence_does_not_know_are_named(example_folder, tmp_path):
