@@ -242,9 +242,13 @@ def write_npz(arrays: Mapping[str, Any], path: str | os.PathLike, compressed: bo
     """Writes arrays to `path` atomically, uncompressed (memory-mappable) unless `compressed`.
 
     npz has no bfloat16 (nor the other narrow types of `ml_dtypes`): such floats are written as
-    float32 and such integers as int32, every value exactly. Arrays of Python objects are
-    refused, as `read_npz` would refuse them."""
+    float32 and such integers as int32, every value exactly. What `read_npz` would refuse is
+    not written: arrays of Python objects (TypeError), and floats that are NaN, infinite or
+    float64 beyond float32's range (ValueError naming the file and the array)."""
     stored = {name: _storable(name, value) for name, value in arrays.items()}
+    for name, x in stored.items():
+        if problem := _float32_problem(x):
+            raise ValueError(f"{path}: {name} {problem}")
     save = np.savez_compressed if compressed else np.savez
     with _atomic_path(Path(path)) as scratch, open(scratch, "wb") as f:
         save(f, **stored)
@@ -311,10 +315,9 @@ def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str,
 
 
 def save_model_params(params: hk.Params, checkpoint_path: str | os.PathLike) -> None:
-    """Writes a parameter tree in the published layout (`module/name` keys), atomically;
-    refuses values that `load_model_params` would refuse to read back: NaN or infinite floats,
-    or float64 beyond float32's range."""
-    _write_loadable(flatten_params(params), checkpoint_path)
+    """Writes a parameter tree in the published layout (`module/name` keys) as `write_npz`
+    writes arrays: atomically, refusing floats that loading would refuse."""
+    write_npz(flatten_params(params), checkpoint_path)
 
 
 def load_embedding_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -324,17 +327,8 @@ def load_embedding_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_embedding_tables(tables: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """Writes embedding tables by name, atomically, as `save_model_params` writes parameters."""
-    _write_loadable(tables, path)
-
-
-def _write_loadable(arrays: Mapping[str, Any], path: str | os.PathLike) -> None:
-    """`write_npz`, after checking that no float is one `read_npz` would refuse."""
-    stored = {name: _storable(name, value) for name, value in arrays.items()}
-    for name, x in stored.items():
-        if problem := _float32_problem(x):
-            raise ValueError(f"{path}: {name} {problem}")
-    write_npz(stored, path)
+    """Writes embedding tables by name as `write_npz` writes arrays."""
+    write_npz(tables, path)
 
 
 def param_shapes(config: ModelConfig, num_actions: int | None = None) -> hk.Params:
@@ -966,9 +960,7 @@ def write_artifacts(
             for name, model in (("retrieval", retrieval), ("ranker", ranker)):
                 folder = scratch / name
                 folder.mkdir()
-                params = model.params
-                if name == "retrieval":
-                    params = with_log_temperature(params)
+                params = with_log_temperature(model.params) if name == "retrieval" else model.params
                 save_model_params(params, folder / PARAMS_FILE)
                 save_embedding_tables(model.tables, folder / TABLES_FILE)
                 data = model.json or config_to_json(model.config, model.hashing)
