@@ -1,7 +1,7 @@
 """Benchmark: ranking thousands of candidates, retrieving from millions of posts, training.
 
-    uv run benchmark.py                  # full run, about 3½ minutes on two cores
-    uv run benchmark.py --quick          # smoke run, about 1½ minutes
+    uv run benchmark.py                  # full run, 2 to 3½ minutes on two cores
+    uv run benchmark.py --quick          # smoke run, under 1½ minutes
     uv run benchmark.py --only ranking   # one section: ranking, retrieval or training
 
 Every time is a median over repeated calls (compilation and a warm-up call excluded); the
