@@ -4,13 +4,11 @@
     uv run benchmark.py --quick          # smoke run, under 1½ minutes
     uv run benchmark.py --only ranking   # one section: ranking, retrieval or training
 
-Every time is a median over repeated calls (compilation and a warm-up call excluded); the
-implementations compared in one row are timed in alternation, so that a change in machine load
-affects them alike. Ratios are printed next to the times and the README's goals are checked at
-the end. A FLOP bound is matrix FLOPs (`ranking_matrix_flops`: of the cached path for ranking;
-of the dense forward three times over, for forward and backward, for a training step) at the
-float32 rate of a large compiled product measured in the same run. The README's Benchmark
-section says what each column times.
+Every time is a median over repeated calls, timed in alternation with the others of its row
+(`cli.measure`); ratios are printed beside the times and the README's goals checked at the end.
+A FLOP bound is matrix FLOPs (`ranking_matrix_flops`: of the cached path for ranking; the dense
+forward's three times over, for a training step) at the float32 rate of a large compiled product
+measured in the same run. The README's Benchmark section says what each column times.
 """
 
 from __future__ import annotations
@@ -31,10 +29,14 @@ import runners
 import train
 import world
 from cli import ArgumentParser, ms, non_negative_int, print_table, reuse_freed_memory
+from cli import measure as measure_waiting
 from pipeline import MINI_TRANSFORMER
 from published_pipeline import published_attention
 from recsys_model import ACTIONS, PhoenixModelConfig, ranking_matrix_flops
 from search import auto_search_method, sharded_top_k_search, top_k_search, usable_cores
+
+# Each function timed waits for the arrays it returns.
+measure = functools.partial(measure_waiting, wait=jax.block_until_ready)
 
 HISTORY_LEN = 128
 RANK_COUNTS = (32, 256, 1024, 4096)
@@ -69,28 +71,6 @@ def ratio_columns(*names: str) -> dict[str, Callable[[object], str]]:
         return lambda row: "-" if (value := ratio(row)) is None else f"{value:.1f}x"
 
     return {name: column(RATIOS[name]) for name in names}
-
-
-def measure(fns: dict[str, Callable[[], object]], budget: float) -> dict[str, float]:
-    """Median seconds per call of each function after a warm-up call: about `budget` seconds
-    of repeats each (3 to 25), interleaved round by round."""
-
-    def seconds(fn: Callable[[], object]) -> float:
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        return time.perf_counter() - start
-
-    repeats = {}
-    for name, fn in fns.items():
-        first = seconds(fn)  # compiles, touches memory
-        estimate = first if first > 4 * budget else seconds(fn)
-        repeats[name] = max(3, min(25, int(budget / max(estimate, 1e-9))))
-    times = {name: [] for name in fns}
-    for round_index in range(max(repeats.values())):
-        for name, fn in fns.items():
-            if round_index < repeats[name]:
-                times[name].append(seconds(fn))
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def matmul_rate(budget: float) -> float:

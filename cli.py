@@ -413,6 +413,31 @@ def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, float]:
     return result, first, statistics.median(times)
 
 
+def measure(
+    fns: dict[str, Callable[[], Any]], budget: float, wait: Callable[[Any], Any] = lambda x: x
+) -> dict[str, float]:
+    """Median seconds per call of each function, `wait`ing for what it returns, after a warm-up
+    call: about `budget` seconds of repeats each (3 to 25), interleaved round by round so that a
+    change in the machine's load affects them all alike."""
+
+    def seconds(fn: Callable[[], Any]) -> float:
+        start = time.perf_counter()
+        wait(fn())
+        return time.perf_counter() - start
+
+    repeats = {}
+    for name, fn in fns.items():
+        first = seconds(fn)  # compiles, touches memory
+        estimate = first if first > 4 * budget else seconds(fn)
+        repeats[name] = max(3, min(25, int(budget / max(estimate, 1e-9))))
+    times = {name: [] for name in fns}
+    for round_index in range(max(repeats.values())):
+        for name, fn in fns.items():
+            if round_index < repeats[name]:
+                times[name].append(seconds(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def print_table(rows: list, columns: dict[str, Callable[[object], str]]) -> None:
     """Rows (records) as a right-aligned table, one column per (header, formatter)."""
     cells = [[fmt(row) for fmt in columns.values()] for row in rows]

@@ -362,3 +362,29 @@ def test_the_writing_probe_leaves_the_folder_as_it_was(tmp_path):
         cli.file_in_a_folder(tmp_path / "kept" / "x")
         == f"{tmp_path / 'kept'} is a file, not a folder"
     )
+
+
+def test_measure_alternates_the_functions_and_takes_medians(monkeypatch):
+    """On a clock that only the timed calls move: each function is called once to warm up, once
+    to estimate, then in rounds that alternate them, `budget` seconds' worth (3 to 25 calls);
+    what each returns is waited for, and the result is the median of the timed calls."""
+    clock, calls, waited = [0.0], [], []
+    monkeypatch.setattr(cli.time, "perf_counter", lambda: clock[0])
+
+    def takes(name: str, durations: list[float]):
+        def fn():
+            clock[0] += durations[calls.count(name)]
+            calls.append(name)
+            return name
+
+        return fn
+
+    slow = [1.5, 1.0, 9.0, 1.0, 2.0]  # warm-up, estimate, then three timed calls
+    times = cli.measure(
+        {"slow": takes("slow", slow), "fast": takes("fast", [0.01] * 27)}, 0.5, waited.append
+    )
+    assert times == pytest.approx({"slow": 2.0, "fast": 0.01})
+    assert calls[:4] == ["slow", "slow", "fast", "fast"]  # warm-up and estimate, in turn
+    assert calls[4:10] == ["slow", "fast"] * 3  # slow: 3 calls at the least
+    assert calls[10:] == ["fast"] * 22  # fast: 0.5 / 0.01 capped at 25
+    assert waited == calls
