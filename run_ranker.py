@@ -12,7 +12,6 @@ trained on, prints a user's planted tastes and ranks the posts of the last three
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -75,14 +74,7 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 def trained_demo(args) -> int:
     """A trained ranker on the synthetic world: what it ranks first for a user, beside the truth."""
-    start = time.perf_counter()
-    world, models, note = train.load_demo(args.checkpoint, args.user)
-    model = models["ranker"]
-    user, when = train.demo_request(world, args.user)
-    print(note + f" ({time.perf_counter() - start:.1f} s)")
-    print(f"\n{world.describe_user(user)}")
-    print(f"  {world.describe_history(user, when)}")
-
+    world, model, user, when = train.open_demo(args.checkpoint, args.user, "ranker")
     pool = world.unseen_recent_posts(user, when)
     posts = pool
     if args.candidates is not None and args.candidates < len(pool):

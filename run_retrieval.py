@@ -14,7 +14,6 @@ published demo).
 from __future__ import annotations
 
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -67,18 +66,12 @@ def parse_args(argv: list[str] | None = None):
 
 def trained_demo(args) -> int:
     """A trained two-tower model on the synthetic world: what it retrieves for a user."""
-    start = time.perf_counter()
-    world, models, note = train.load_demo(args.checkpoint, args.user)
-    model = models["retrieval"]
-    user, when = train.demo_request(world, args.user)
+    world, model, user, when = train.open_demo(args.checkpoint, args.user, "retrieval")
     retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(model.config), "retrieval")
     retriever.initialize(model.params)
     posts = world.unseen_recent_posts(user, when)  # the serving window, less the history
     authors = world.post_authors[posts - 1] + 1
     retriever.set_corpus(encode_corpus(retriever, model, posts, authors), posts)
-    print(note + f" ({time.perf_counter() - start:.1f} s)")
-    print(f"\n{world.describe_user(user)}")
-    print(f"  {world.describe_history(user, when)}")
 
     k = min(args.top_k, len(posts))
     if k < 1:

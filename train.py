@@ -2059,6 +2059,21 @@ def load_demo(
     return world, models, note
 
 
+def open_demo(
+    path: str | os.PathLike, user_id: int | None, kind: str
+) -> tuple[world_lib.World, ModelArtifacts, int, int]:
+    """How both demo scripts open: `kind`'s model and its world (`load_demo`), and the user and
+    time of the request shown (`demo_request`), once it has printed what it loaded, in how long,
+    and who the user is. Returns (world, model, user id, time)."""
+    start = time.perf_counter()
+    world, models, note = load_demo(path, user_id)
+    user, when = demo_request(world, user_id)
+    print(note + f" ({time.perf_counter() - start:.1f} s)")
+    print(f"\n{world.describe_user(user)}")
+    print(f"  {world.describe_history(user, when)}")
+    return world, models[kind], user, when
+
+
 if __name__ == "__main__":
     sys.exit(
         run_main(
