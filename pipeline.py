@@ -186,8 +186,11 @@ def history_post_ids(sequence: Mapping[str, Any], count: int | None = None) -> n
 def read_request_time(sequence: Mapping[str, Any]) -> int | None:
     """The sequence's "request_time" (unix seconds), if it has one."""
     value = sequence.get("request_time")
-    if value is not None and not (is_integer(value) and 0 <= value < 2**63):
-        raise ValueError(f"request_time must be an integer of unix seconds >= 0, got {value!r}")
+    if value is not None and not (is_integer(value) and 0 <= value < 2**31):
+        raise ValueError(
+            "request_time must be an integer of unix seconds in [0, 2**31) (the models take "
+            f"times as int32; milliseconds?), got {value!r}"
+        )
     return value
 
 

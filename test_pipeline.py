@@ -219,13 +219,16 @@ def test_bad_sequences_are_refused_in_one_line(sequence, message):
         read_history(sequence, 4, 19)
 
 
-@pytest.mark.parametrize("value", [2**70, -1, "now", 1.7e9, True])
+@pytest.mark.parametrize("value", [2**70, 2**31, 1_700_000_000_000, -1, "now", 1.7e9, True])
 def test_a_request_time_that_is_not_unix_seconds_is_refused(value):
+    """Unix seconds the models can take (int32): milliseconds are refused by name."""
     with pytest.raises(
-        ValueError, match=f"request_time must be an integer of unix seconds >= 0, got {value!r}"
+        ValueError,
+        match=r"request_time must be an integer of unix seconds in \[0, 2\*\*31\) \(the models "
+        rf"take times as int32; milliseconds\?\), got {value!r}$",
     ):
         read_request_time({"request_time": value})
-    assert read_request_time({"request_time": 1_700_000_000}) == 1_700_000_000
+    assert read_request_time({"request_time": 2**31 - 1}) == 2**31 - 1
     assert read_request_time({}) is None
 
 

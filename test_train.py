@@ -753,7 +753,8 @@ def test_training_settings_are_refused_by_name_before_any_work(world, field, val
 
 def test_numpy_numbers_in_configs_are_kept_as_python_numbers():
     """Configs are written as JSON (with a run's state and in eval.json), which takes no numpy
-    scalar: a batch size of np.int64(8) failed at the first save, after training."""
+    value: a batch size of np.int64(8) failed at the first save, after training, and so did
+    media probabilities given as an array."""
     train = dataclasses.replace(QUICK, batch_size=np.int64(8), learning_rate=np.float32(0.5))
     assert type(train.batch_size) is int and train.learning_rate == 0.5
     world = dataclasses.replace(
@@ -761,6 +762,11 @@ def test_numpy_numbers_in_configs_are_kept_as_python_numbers():
     )
     assert type(world.num_users) is int and type(world.media_probabilities[0]) is float
     json.dumps([dataclasses.asdict(train), world.to_json()])
+    # An array or a list where a tuple is declared: a tuple of Python numbers, as from_json gives.
+    for probabilities in (np.array([0.5, 0.3, 0.2]), [0.5, 0.3, 0.2]):
+        world = dataclasses.replace(WorldConfig.tiny(), media_probabilities=probabilities)
+        assert world == WorldConfig.from_json(json.loads(json.dumps(world.to_json())))
+        assert type(world.media_probabilities[0]) is float
 
 
 def test_evaluation_refuses_what_it_cannot_evaluate(world):

@@ -364,6 +364,7 @@ def test_a_count_below_its_minimum_or_not_a_whole_number_is_refused(field, value
         ),
         (dict(start_time=2**70), r"start_time \(1180591620717411303424\) \+ span_days \(10.0\)"),
         (dict(start_time=10**400), r"start_time \(1000000000"),
+        (dict(start_time=2**31 - 10 * 86_400), r"start_time \(2146619648\) \+ .* before 2\*\*31"),
     ],
 )  # fmt: skip
 def test_a_number_outside_its_range_is_refused_by_name(change, message):

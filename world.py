@@ -81,13 +81,14 @@ _ORACLE_CHUNK = 512
 
 
 def plain_numbers(config) -> None:
-    """Replaces, in a frozen dataclass being built, numpy scalars (alone or in tuples) by the
-    Python numbers they hold: a config is written as JSON, which takes no numpy scalar."""
+    """Replaces, in a frozen dataclass being built, numpy scalars (alone or in sequences) by the
+    Python numbers they hold, and lists and arrays by tuples: a config is written as JSON, which
+    takes no numpy value, and read back with tuples."""
 
     def plain(value):
-        if isinstance(value, np.generic):
-            return value.item()
-        return tuple(map(plain, value)) if isinstance(value, tuple) else value
+        if isinstance(value, np.generic | np.ndarray):
+            return plain(value.tolist())
+        return tuple(map(plain, value)) if isinstance(value, tuple | list) else value
 
     for field in dataclasses.fields(config):
         object.__setattr__(config, field.name, plain(getattr(config, field.name)))
@@ -175,8 +176,9 @@ ACTION_SLOPE_LIMIT, DWELL_OFFSET_LIMIT = 100.0, 3.0
 # The median dwell is at most this (about 115 days, far above every dwell threshold allowed): a
 # world of extreme slopes would otherwise draw dwell times beyond float32.
 MAX_MEDIAN_DWELL_SECONDS = 1e7
-# Every time of the world is a date before the year 10000, which Python's datetime can show.
-LAST_TIME = 253_402_300_800
+# Every time of the world comes before 2**31 s (January 2038): the models take times as int32
+# unix seconds.
+LAST_TIME = 2**31
 
 
 def _real(value) -> bool:
@@ -206,7 +208,7 @@ def _range_problem(config: WorldConfig) -> str | None:
     ):
         return (
             f"start_time ({config.start_time}) + span_days ({config.span_days}) must end before "
-            f"the year 10000 (unix time {LAST_TIME})"
+            f"2**31 (January 2038: the models take times as int32 unix seconds)"
         )
     media, offsets = config.media_probabilities, config.dwell_media_offsets
     if not (len(media) == 3 and all(_real(p) and p >= 0 for p in media)) or not math.isclose(
