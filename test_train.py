@@ -781,6 +781,54 @@ def test_evaluation_refuses_what_it_cannot_evaluate(world):
         T.evaluate_retrieval(job, state)
     with pytest.raises(TypeError, match="world must be a World .*, got WorldConfig"):
         T.make_job("ranker", WorldConfig.tiny(), QUICK)
+    # Parameters of the other model, or tables of another hashing (another world's sizes): the
+    # retrieval evaluation returned a report from them, reading NaN rows beyond the tables.
+    ranker = T.make_job("ranker", world, QUICK)
+    other = T.initial_state("ranker", ranker.config, ranker.hashing, QUICK).params
+    with pytest.raises(
+        ValueError, match=r"is missing \(they are parameters of phoenix_model, another model\)"
+    ):
+        T.evaluate_retrieval(job, {"model": other["model"], "tables": params["tables"]})
+    smaller = {k: v[:-1] if k == "item_embeddings" else v for k, v in params["tables"].items()}
+    rows, d = job.hashing.item.vocab_size, job.config.emb_size
+    with pytest.raises(
+        ValueError,
+        match=rf"tables/item_embeddings is \[{rows - 1}, {d}\], its hashing asks for \[{rows}, ",
+    ):
+        T.evaluate_retrieval(job, {"model": params["model"], "tables": smaller})
+    with pytest.raises(ValueError, match="tables/item_embeddings is"):
+        T.model_artifacts(job, {"model": params["model"], "tables": smaller})
+
+
+def test_outputs_gone_to_infinity_are_called_a_divergence(world):
+    """Parameters finite but far too large (a learning rate of 1e30): the evaluation failed in
+    the metrics, on scores that must be finite."""
+    job = T.make_job("ranker", world, QUICK)
+    params = T.initial_state("ranker", job.config, job.hashing, QUICK).params
+    huge = jax.tree.map(lambda x: x * 1e30, params)
+    with pytest.raises(ValueError, match="the ranker's outputs are not finite .* have diverged"):
+        T.evaluate_ranker(job, huge)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**70, 1.5])
+def test_a_training_seed_out_of_range_is_refused_by_name(world, seed):
+    """Each failed deep inside numpy or JAX, at make_job or at the first step."""
+    with pytest.raises(
+        ValueError, match=rf"seed must be an integer in \[0, 1073741824\], got {seed}$"
+    ):
+        T.make_job("ranker", world, dataclasses.replace(QUICK, seed=seed))
+
+
+def test_fit_refuses_what_is_not_a_job_or_a_folder_before_training(world, tmp_path):
+    with pytest.raises(TypeError, match="job must be a Job .make_job., got TrainConfig"):
+        T.fit(QUICK, tmp_path)
+    job = T.make_job("ranker", world, QUICK)
+    (tmp_path / "a_file").write_text("")
+    for where, problem in ((tmp_path / "a_file", "a file, not a folder"),
+                           (tmp_path / "a_file" / "sub", "is a file, not a folder")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"state_dir {where}: .*{problem}"):
+            T.fit(job, where, quiet=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_load_demo_refuses_an_unknown_user_before_building_the_world(monkeypatch):
@@ -790,6 +838,11 @@ def test_load_demo_refuses_an_unknown_user_before_building_the_world(monkeypatch
     monkeypatch.setattr(T.world_lib, "build_world", build_world)
     with pytest.raises(ValueError, match=r"user 1501 is not in the world \(users 1..1500\)"):
         T.load_demo(T.DEMO_CHECKPOINT, 1501)
+    for user in ("3", 2.0, True):  # a string failed deep inside; 2.0 and True showed users 2, 1
+        with pytest.raises(TypeError, match=f"user id must be an integer, got {user!r}"):
+            T.load_demo(T.DEMO_CHECKPOINT, user)
+    with pytest.raises(ValueError, match=r"kind must be one of \('ranker', 'retrieval'\), got 'x'"):
+        T.open_demo(T.DEMO_CHECKPOINT, None, "x")
 
 
 @pytest.mark.parametrize(

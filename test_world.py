@@ -365,11 +365,24 @@ def test_a_count_below_its_minimum_or_not_a_whole_number_is_refused(field, value
         (dict(start_time=2**70), r"start_time \(1180591620717411303424\) \+ span_days \(10.0\)"),
         (dict(start_time=10**400), r"start_time \(1000000000"),
         (dict(start_time=2**31 - 10 * 86_400), r"start_time \(2146619648\) \+ .* before 2\*\*31"),
+        # These failed with a raw TypeError, or asked numpy for terabytes.
+        (dict(actions=None), "actions must be a dict of ActionModel by action name, got None"),
+        (dict(favourite_authors_per_user=10**12),
+         r"favourite_authors_per_user \(1000000000000\) must not exceed num_authors \(24\)"),
     ],
 )  # fmt: skip
 def test_a_number_outside_its_range_is_refused_by_name(change, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         dataclasses.replace(W.WorldConfig.tiny(), **change)
+
+
+@pytest.mark.parametrize("config", [W.WorldConfig.tiny, {"seed": 1}, "tiny"])
+def test_build_world_and_from_json_name_what_is_not_a_config(config):
+    with pytest.raises(TypeError, match="config must be a WorldConfig .or None., got "):
+        W.build_world(config)
+    if not isinstance(config, dict):
+        with pytest.raises(ValueError, match="world config: expected an object of settings, got"):
+            W.WorldConfig.from_json(config)
 
 
 def test_a_world_at_the_limits_of_its_numbers_is_finite():

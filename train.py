@@ -827,7 +827,18 @@ def in_batches(fn: Callable, arrays: dict, batch_size: int) -> list:
 def ranking_predictions(params, config: PhoenixModelConfig, arrays: dict) -> tuple:
     """Probabilities [N, C, A] and predicted dwell seconds [N, C] of every candidate."""
     predict = _predictor(config)
-    return in_batches(lambda a: predict(params, a), arrays, 256)
+    probabilities, dwell = in_batches(lambda a: predict(params, a), arrays, 256)
+    _check_diverged("ranker", probabilities, dwell)
+    return probabilities, dwell
+
+
+def _check_diverged(kind: str, *outputs: np.ndarray) -> None:
+    """Refuses a model's outputs that are not finite: what parameters gone to infinity give."""
+    if not all(np.isfinite(x).all() for x in outputs):
+        raise ValueError(
+            f"the {kind}'s outputs are not finite (NaN or infinite): its parameters have "
+            "diverged; a lower learning rate may help"
+        )
 
 
 @_per_config
@@ -900,10 +911,12 @@ def retrieval_vectors(
     }
     no_post = {k: v[:1] for k, v in posts.items()}
     post_vectors = in_batches(lambda a: encode(params, no_query, a)[1], posts, 1024)
+    _check_diverged("retrieval model", post_vectors)
     if queries is None:
         return None, post_vectors
     fields = {k: v for k, v in queries.items() if k in no_query}
     user_vectors = in_batches(lambda a: encode(params, a, no_post)[0], fields, 256)
+    _check_diverged("retrieval model", user_vectors)
     return user_vectors, post_vectors
 
 
@@ -1002,6 +1015,10 @@ class Job:
         return arrays
 
 
+# Seeds as the command line takes them: the hashing and the initialisation add small offsets.
+MAX_SEED = 2**30
+
+
 def make_job(
     kind: str, world: world_lib.World, train: TrainConfig, config=None, to_train: bool = True
 ) -> Job:
@@ -1013,6 +1030,8 @@ def make_job(
         raise TypeError(f"world must be a World (world.build_world), got {_kind_of(world)}")
     if not isinstance(train, TrainConfig):
         raise TypeError(f"train must be a TrainConfig, got {_kind_of(train)}")
+    if not (is_integer(train.seed) and 0 <= train.seed <= MAX_SEED):
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {train.seed!r}")
     if config is None:
         retrieval, ranker = model_configs(world.config, train)
         config = ranker if kind == "ranker" else retrieval
@@ -1131,7 +1150,14 @@ def fit(
     from step 0, or (`resume`) from the state saved in `state_dir`, or from `start` (that saved
     state and log, already read by `load_progress`); prints progress unless `quiet`; saves the
     state in `state_dir` at every evaluation and at the end. Returns (state, log)."""
+    if not isinstance(job, Job):
+        raise TypeError(f"job must be a Job (make_job), got {_kind_of(job)}")
     train, state_dir = job.train, Path(state_dir)
+    problem = file_in_a_folder(state_dir)
+    if problem is None and state_dir.exists() and not state_dir.is_dir():
+        problem = "a file, not a folder"
+    if problem:
+        raise ValueError(f"state_dir {state_dir}: {problem}")
     mesh = data_mesh() if mesh is None else mesh
     check_batch_split(train, mesh)
     resume = resume or start is not None
@@ -1317,14 +1343,36 @@ def corpus_hashes(job: Job) -> dict:
 
 
 def _check_evaluated(job: Job, params, kind: str) -> None:
-    """Refuses a job of the other model, or parameters that are not a trained state's."""
+    """Refuses a job of the other model, or parameters that are not a trained state's of this
+    job's model and tables (the first that does not fit named)."""
     if not isinstance(job, Job) or job.kind != kind:
         raise TypeError(f"job must be a {kind} Job (make_job), got {_kind_of(job)}")
+    check_job_params(job, params)
+
+
+def check_job_params(job: Job, params) -> None:
+    """Refuses parameters that are not `{'model': ..., 'tables': ...}` of the job's model and of
+    tables of its hashing's sizes, naming the first that does not fit."""
     if not (isinstance(params, dict) and set(params) == {"model", "tables"}):
         raise TypeError(
             "params must be a trained state's parameters, {'model': ..., 'tables': ...} "
             f"(TrainState.params), got {_kind_of(params)}"
         )
+    model = jax.eval_shape(_initializer(job.config, job.kind), jax.random.PRNGKey(0))
+    check_params(params["model"], model)
+    tables = params["tables"]
+    expected = {
+        name: (getattr(job.hashing, entity).vocab_size, job.config.emb_size)
+        for entity, name in TABLE_NAMES.items()
+    }
+    if not isinstance(tables, dict) or set(tables) != set(expected):
+        raise ValueError(f"params['tables'] must hold {sorted(expected)}, got {_kind_of(tables)}")
+    for name, shape in expected.items():
+        if np.shape(tables[name]) != shape:
+            raise ValueError(
+                f"params do not fit the job: tables/{name} is {list(np.shape(tables[name]))}, "
+                f"its hashing asks for {list(shape)} (tables of another world or seed?)"
+            )
 
 
 def _kind_of(value) -> str:
@@ -1634,12 +1682,15 @@ DEMO_COMMAND = "uv run train.py --out runs/default"
 
 
 def model_artifacts(job: Job, params) -> ModelArtifacts:
+    check_job_params(job, params)
     params = jax.device_get(params)
     tables = {k: np.asarray(v, np.float32) for k, v in params["tables"].items()}
     return ModelArtifacts(job.config, params["model"], tables, job.hashing)
 
 
 def check_user(user_id: int, num_users: int) -> None:
+    if not is_integer(user_id):
+        raise TypeError(f"user id must be an integer, got {user_id!r}")
     if not 1 <= user_id <= num_users:
         raise ValueError(f"user {user_id} is not in the world (users 1..{num_users})")
 
@@ -2065,6 +2116,8 @@ def open_demo(
     """How both demo scripts open: `kind`'s model and its world (`load_demo`), and the user and
     time of the request shown (`demo_request`), once it has printed what it loaded, in how long,
     and who the user is. Returns (world, model, user id, time)."""
+    if kind not in MODELS:
+        raise ValueError(f"kind must be one of {MODELS}, got {kind!r}")
     start = time.perf_counter()
     world, models, note = load_demo(path, user_id)
     user, when = demo_request(world, user_id)

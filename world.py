@@ -300,6 +300,10 @@ class WorldConfig:
             if not is_integer(value) or value < least:
                 raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
         expected = set(ACTIONS) - {DWELL_SCORE_ACTION, DWELL_TIME_ACTION}
+        if not isinstance(self.actions, dict):
+            raise ValueError(
+                f"actions must be a dict of ActionModel by action name, got {self.actions!r}"
+            )
         if set(self.actions) != expected:
             raise ValueError(
                 f"actions: got models for {sorted(set(self.actions) ^ expected)} wrongly; "
@@ -309,6 +313,11 @@ class WorldConfig:
             raise ValueError("min_liked_topics <= max_liked_topics <= num_topics must hold")
         if self.num_authors < self.num_topics:
             raise ValueError("num_authors must be >= num_topics (every topic has an author)")
+        if self.favourite_authors_per_user > self.num_authors:
+            raise ValueError(
+                f"favourite_authors_per_user ({self.favourite_authors_per_user}) must not exceed "
+                f"num_authors ({self.num_authors})"
+            )
         if self.min_requests_per_user > self.max_requests_per_user:
             raise ValueError("min_requests_per_user must not exceed max_requests_per_user")
         if self.min_requests_per_user <= self.eval_requests_per_user:
@@ -338,6 +347,8 @@ class WorldConfig:
     @classmethod
     def from_json(cls, data: dict) -> WorldConfig:
         """The config `to_json` wrote; unknown keys are refused by name."""
+        if not isinstance(data, dict):
+            raise ValueError(f"world config: expected an object of settings, got {data!r}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
@@ -975,7 +986,9 @@ def build_world(config: WorldConfig | None = None) -> World:
     Histories hold everything engaged before the request, so a user's later held-out request
     sees the engagements of the earlier one, as it would when served.
     """
-    c = config or WorldConfig()
+    c = WorldConfig() if config is None else config
+    if not isinstance(c, WorldConfig):
+        raise TypeError(f"config must be a WorldConfig (or None), got {type(c).__name__}")
     plant_rng, schedule_rng, serve_rng, action_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(c.seed).spawn(4)
     )
