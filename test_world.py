@@ -234,7 +234,14 @@ def test_oracle_and_popularity_rankings_exclude_the_history(world):
         world.oracle_ranking(examples, -1)  # numpy's "negative dimensions" before
     with pytest.raises(TypeError, match="user_id: ids must be integers, got float64"):
         world.describe_user(1.5)  # was user 1
-    with pytest.raises(ValueError, match=r"times must be integers of the user_ids' shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"user_id must be one id, got an array of shape \(2,\)"):
+        world.describe_user([1, 2])  # numpy's "only 0-dimensional arrays" before
+    with pytest.raises(ValueError, match=r"ids must be in \[1, 40\], got \[18446744073709551615, "):
+        world.describe_user(np.uint64(2**64 - 1))  # was named as -1
+    assert world.in_taste(1, []).shape == (0,)  # was refused as float64 ids
+    with pytest.raises(
+        ValueError, match=r"times must be of the user_ids' shape \(3,\), got \(2,\)"
+    ):
         world.history([1, 2, 3], examples.query_times[:2])
     # The oracle is the brute-force best k of the corpus among posts not in history: the posts
     # servable at the query time first, each group by the true favorite probability then.
@@ -374,6 +381,45 @@ def test_a_count_below_its_minimum_or_not_a_whole_number_is_refused(field, value
 def test_a_number_outside_its_range_is_refused_by_name(change, message):
     with pytest.raises(ValueError, match=f"^{message}"):
         dataclasses.replace(W.WorldConfig.tiny(), **change)
+
+
+@pytest.mark.parametrize(
+    "time, error, message",
+    [
+        # Each was truncated (a float, true), met numpy's NaN or overflow errors, or wrapped.
+        (1_700_000_000.7, TypeError, "must be integers .unix seconds., got float64"),
+        (True, TypeError, "must be integers .unix seconds., got bool"),
+        (np.nan, TypeError, "must be integers .unix seconds., got float64"),
+        (2**63 - 1, ValueError, r"must be unix seconds in \[0, 2\*\*31\), got 9223372036854775807"),
+        (np.uint64(2**64 - 1), ValueError, r"must be unix seconds in \[0, 2\*\*31\), got 1844"),
+        (-1, ValueError, r"must be unix seconds in \[0, 2\*\*31\), got -1$"),
+    ],
+)  # fmt: skip
+def test_a_time_that_is_not_unix_seconds_is_refused_by_every_method(world, time, error, message):
+    calls = {
+        "times": [
+            lambda: world.true_probabilities(1, 1, time),
+            lambda: world.expected_dwell(1, 1, time),
+            lambda: world.median_dwell(1, 1, time),
+            lambda: world.sample_engagement(1, 1, time, np.random.default_rng(0)),
+            lambda: world.servable(1, time),
+            lambda: world.history([1], [time]),
+        ],
+        "query_times": [lambda: world.oracle_scores(1, 1, time)],
+        "time": [
+            lambda: world.describe_post(1, time),
+            lambda: world.recent_posts(time),
+            lambda: world.user_sequence(1, time),
+            lambda: world.describe_history(1, time),
+            lambda: world.unseen_recent_posts(1, time),
+        ],
+    }
+    for name, fns in calls.items():
+        for call in fns:
+            with pytest.raises(error, match=f"^{name} {message}"):
+                call()
+    with pytest.raises(ValueError, match=r"time must be one time, got an array of shape \(2,\)"):
+        world.recent_posts([1, 2])
 
 
 @pytest.mark.parametrize("config", [W.WorldConfig.tiny, {"seed": 1}, "tiny"])

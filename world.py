@@ -181,6 +181,25 @@ MAX_MEDIAN_DWELL_SECONDS = 1e7
 LAST_TIME = 2**31
 
 
+def _times(times, name: str = "times") -> np.ndarray:
+    """Times given to the world, as int64: integers of unix seconds in [0, 2**31), which the
+    models take (a float would be truncated, and beyond int32 a time would wrap)."""
+    times = np.asarray(times)
+    if times.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be integers (unix seconds), got {times.dtype}")
+    if times.size and (times.min() < 0 or times.max() >= LAST_TIME):
+        got = times.ravel()[0] if times.size == 1 else f"[{times.min()}, {times.max()}]"
+        raise ValueError(f"{name} must be unix seconds in [0, 2**31), got {got}")
+    return times.astype(np.int64)
+
+
+def _time(time, name: str = "time") -> np.int64:
+    """One time given to the world (`_times` of a scalar)."""
+    if np.ndim(time):
+        raise ValueError(f"{name} must be one time, got an array of shape {np.shape(time)}")
+    return _times(time, name)[()]
+
+
 def _real(value) -> bool:
     """A finite real number (not a bool)."""
     return is_number(value) and math.isfinite(value)
@@ -517,17 +536,23 @@ class World:
     # ---- ids ---------------------------------------------------------------------------------
 
     def _index(self, ids, size: int, name: str) -> np.ndarray:
+        """0-based indices of ids in [1, size] (an empty list is no ids, whatever its dtype)."""
         ids = np.asarray(ids)
-        if ids.dtype.kind not in "iu":  # a float id would be truncated to another one
+        if ids.dtype.kind not in "iu" and ids.size:  # a float id would be truncated
             raise TypeError(f"{name}: ids must be integers, got {ids.dtype}")
-        ids = ids.astype(np.int64)
-        if ids.size and (ids.min() < 1 or ids.max() > size):
+        if ids.size and (ids.min() < 1 or ids.max() > size):  # before a cast could wrap them
             raise ValueError(f"{name}: ids must be in [1, {size}], got [{ids.min()}, {ids.max()}]")
-        return ids - 1
+        return ids.astype(np.int64) - 1
+
+    def _one(self, id_, size: int, name: str) -> int:
+        """The 0-based index of one id in [1, size]."""
+        if np.ndim(id_):
+            raise ValueError(f"{name} must be one id, got an array of shape {np.shape(id_)}")
+        return int(self._index(id_, size, name))
 
     def author_name(self, author_id: int) -> str:
         """A handle that names the author's home topic, e.g. '@jazz_17'."""
-        a = int(self._index(author_id, self.num_authors, "author_id"))
+        a = self._one(author_id, self.num_authors, "author_id")
         return f"@{self.topic_names[self.author_topics[a]]}_{a + 1}"
 
     # ---- the engagement model ------------------------------------------------------------------
@@ -596,7 +621,7 @@ class World:
         impression times (unix seconds) of any broadcastable shapes [...]."""
         u = self._index(user_ids, self.num_users, "user_ids")
         p = self._index(post_ids, self.num_posts, "post_ids")
-        return self._model(u, p, times)[0]
+        return self._model(u, p, _times(times))[0]
 
     def expected_dwell(self, user_ids, post_ids, times) -> np.ndarray:
         """The true mean dwell in seconds, [...] float64 (shapes as in `true_probabilities`)."""
@@ -610,7 +635,7 @@ class World:
     def _dwell_mu(self, user_ids, post_ids, times) -> np.ndarray:
         u = self._index(user_ids, self.num_users, "user_ids")
         p = self._index(post_ids, self.num_posts, "post_ids")
-        return self._model(u, p, times)[1]
+        return self._model(u, p, _times(times))[1]
 
     def sample_engagement(self, user_ids, post_ids, times, rng) -> tuple[np.ndarray, np.ndarray]:
         """Sample actions [..., A] uint8 and dwell [...] seconds, as the world does when it serves,
@@ -619,7 +644,7 @@ class World:
             raise TypeError(f"rng must be a numpy Generator (np.random.default_rng), got {rng!r}")
         u = self._index(user_ids, self.num_users, "user_ids")
         p = self._index(post_ids, self.num_posts, "post_ids")
-        labels, dwell, _, _ = self._sample(rng, u, p, times)
+        labels, dwell, _, _ = self._sample(rng, u, p, _times(times))
         return labels, dwell
 
     def affinity(self, user_ids, post_ids) -> np.ndarray:
@@ -678,20 +703,17 @@ class World:
     def history(self, user_ids, times) -> History:
         """The last S engagements of each user strictly before each time; user_ids, times [N]."""
         u = self._index(np.atleast_1d(user_ids), self.num_users, "user_ids")
-        times = np.atleast_1d(times)
-        if times.dtype.kind not in "iu" or times.shape != u.shape:
-            raise ValueError(
-                f"times must be integers of the user_ids' shape {u.shape}, got {times.dtype} "
-                f"{times.shape}"
-            )
-        return self._history(u, times.astype(np.int64))
+        times = _times(np.atleast_1d(times))
+        if times.shape != u.shape:
+            raise ValueError(f"times must be of the user_ids' shape {u.shape}, got {times.shape}")
+        return self._history(u, times)
 
     def user_sequence(self, user_id: int, time: int) -> dict:
         """The user's history before `time` in the pipeline's JSON format (oldest first), with
         the request time and each engagement's dwell (the second release's ranker reads both):
         {"user_id", "request_time", "history": [{"post_id", "author_id", "actions": {"<index>":
         1.0}, "dwell_time"}]}."""
-        h = self.history([user_id], [time])
+        h = self.history([user_id], [_time(time)])
         items = []
         for s in np.flatnonzero(h.post_ids[0]):
             actions = {str(int(a)): 1.0 for a in np.flatnonzero(h.actions[0, s])}
@@ -711,7 +733,7 @@ class World:
         """Whether posts could be served at the times (broadcast): created in the serving
         window before them, as `recent_posts` lists them."""
         p = self._index(post_ids, self.num_posts, "post_ids")
-        age = np.asarray(times, dtype=np.int64) - self.post_created[p]
+        age = _times(times) - self.post_created[p]
         return (age > 0) & (age <= self.config.serving_window_hours * SECONDS_PER_HOUR)
 
     def oracle_scores(self, user_ids, post_ids, query_times) -> np.ndarray:
@@ -721,7 +743,7 @@ class World:
         that time; every other post after them, by the same probability."""
         u = self._index(user_ids, self.num_users, "user_ids")
         p = self._index(post_ids, self.num_posts, "post_ids")
-        times = np.asarray(query_times, dtype=np.int64)
+        times = _times(query_times, "query_times")
         probability = self._model(u, p, times)[0][..., FAVORITE]
         return probability + self.servable(post_ids, times)  # probabilities < 1: servable first
 
@@ -766,7 +788,7 @@ class World:
 
     def describe_user(self, user_id: int) -> str:
         """The user's planted taste in words."""
-        u = int(self._index(user_id, self.num_users, "user_id"))
+        u = self._one(user_id, self.num_users, "user_id")
         prefs = self.user_topic_prefs[u]
         liked = sorted(np.flatnonzero(prefs), key=lambda t: -prefs[t])
         topics = ", ".join(f"{self.topic_names[t]} ({prefs[t]:.2f})" for t in liked)
@@ -782,14 +804,14 @@ class World:
     def describe_post(self, post_id: int, time: int | None = None) -> str:
         """The post's topic, author, media, quality and age at `time` (unix seconds), or its
         creation date when no time is given."""
-        p = int(self._index(post_id, self.num_posts, "post_id"))
+        p = self._one(post_id, self.num_posts, "post_id")
         created = int(self.post_created[p])
         if time is None:
             when = datetime.datetime.fromtimestamp(created, datetime.UTC).strftime(
                 "created %Y-%m-%d %H:%M UTC"
             )
         else:
-            hours = (time - created) / SECONDS_PER_HOUR
+            hours = (int(_time(time)) - created) / SECONDS_PER_HOUR
             when = f"{hours:.1f} h old" if abs(hours) < 48 else f"{hours / 24:.1f} days old"
         return (
             f"post {p + 1}: {self.topic_names[self.post_topics[p]]} by "
@@ -799,7 +821,7 @@ class World:
 
     def in_taste(self, user_id: int, post_ids) -> np.ndarray:
         """[...] bool: whether each post is on a topic the user likes or by a favourite author."""
-        u = int(self._index(user_id, self.num_users, "user_id"))
+        u = self._one(user_id, self.num_users, "user_id")
         p = self._index(post_ids, self.num_posts, "post_ids")
         return (self.user_topic_prefs[u, self.post_topics[p]] > 0) | (
             self.user_favourite_authors[u, self.post_authors[p]]
@@ -807,7 +829,7 @@ class World:
 
     def describe_history(self, user_id: int, time: int) -> str:
         """The topics of the user's history before `time`, most frequent first."""
-        ids = self.history([user_id], [time]).post_ids[0]
+        ids = self.history([user_id], [_time(time)]).post_ids[0]
         ids = ids[ids > 0]
         counts = np.bincount(self.post_topics[ids - 1], minlength=len(self.topic_names))
         order = [t for t in np.argsort(-counts, kind="stable") if counts[t]]
@@ -818,10 +840,9 @@ class World:
         """Ids of the posts created in the `hours` (the serving window by default) before
         `time`, oldest first: what a request at `time` is served from."""
         hours = self.config.serving_window_hours if hours is None else hours
-        if not (_real(time) and _real(hours) and hours >= 0):
-            raise ValueError(
-                f"time and hours must be finite numbers, hours >= 0; got {time!r}, {hours!r}"
-            )
+        time = int(_time(time))
+        if not (_real(hours) and hours >= 0):
+            raise ValueError(f"hours must be a finite number >= 0, got {hours!r}")
         end = np.searchsorted(self.post_created, time, side="left")
         start = np.searchsorted(self.post_created, time - hours * SECONDS_PER_HOUR)
         return np.arange(start, end, dtype=np.int64) + 1
