@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import warnings
 import zipfile
@@ -808,6 +809,36 @@ def test_outputs_gone_to_infinity_are_called_a_divergence(world):
     huge = jax.tree.map(lambda x: x * 1e30, params)
     with pytest.raises(ValueError, match="the ranker's outputs are not finite .* have diverged"):
         T.evaluate_ranker(job, huge)
+    job = T.make_job("retrieval", world, QUICK)
+    params = T.initial_state("retrieval", job.config, job.hashing, QUICK).params
+    huge = jax.tree.map(lambda x: x * 1e30, params)
+    with pytest.raises(
+        ValueError, match="the retrieval model's outputs are not finite .* diverged"
+    ):
+        T.evaluate_retrieval(job, huge)
+
+
+def test_a_run_that_diverges_stops_at_its_evaluation_saying_so(world, tmp_path):
+    """A learning rate of 1e30: the run stopped in the metrics, on scores that must be finite."""
+    train = dataclasses.replace(QUICK, learning_rate=1e30, steps=8, decay_steps=8, eval_every=2)
+    job = T.make_job("ranker", world, train)
+    with pytest.raises(T.Diverged) as error:
+        T.fit(job, tmp_path, quiet=True)
+    found = re.fullmatch(
+        r"at step (\d+), the ranker's outputs are not finite \(NaN or infinite\): its parameters "
+        r"have diverged; a lower learning rate may help; stopping, (.*)",
+        str(error.value),
+    )
+    assert found, error.value
+    step, saved = int(found[1]), found[2]
+    if step == 2:
+        assert saved == "before any state was saved"
+    else:
+        assert saved == f"the state saved at step {step - 2} is kept"
+        _, log = T.load_progress(
+            tmp_path, job, T.initial_state("ranker", job.config, job.hashing, train)
+        )
+        assert log[-1]["step"] == step - 2
 
 
 @pytest.mark.parametrize("seed", [-1, 2**70, 1.5])

@@ -238,7 +238,15 @@ def test_oracle_and_popularity_rankings_exclude_the_history(world):
         world.describe_user([1, 2])  # numpy's "only 0-dimensional arrays" before
     with pytest.raises(ValueError, match=r"ids must be in \[1, 40\], got \[18446744073709551615, "):
         world.describe_user(np.uint64(2**64 - 1))  # was named as -1
+    with pytest.raises(
+        ValueError, match=r"ids must be in \[1, 40\], got \[1180591620717411303424, "
+    ):
+        world.describe_user(2**70)  # was "ids must be integers, got object"
+    for one_user in (world.user_sequence, world.describe_history, world.unseen_recent_posts):
+        with pytest.raises(ValueError, match=r"^user_id must be one id, got an array of shape"):
+            one_user([1, 2], int(examples.query_times[0]))  # named the times before
     assert world.in_taste(1, []).shape == (0,)  # was refused as float64 ids
+    assert world.history([], []).post_ids.shape == (0, world.config.history_len)
     with pytest.raises(
         ValueError, match=r"times must be of the user_ids' shape \(3,\), got \(2,\)"
     ):
@@ -393,6 +401,7 @@ def test_a_number_outside_its_range_is_refused_by_name(change, message):
         (2**63 - 1, ValueError, r"must be unix seconds in \[0, 2\*\*31\), got 9223372036854775807"),
         (np.uint64(2**64 - 1), ValueError, r"must be unix seconds in \[0, 2\*\*31\), got 1844"),
         (-1, ValueError, r"must be unix seconds in \[0, 2\*\*31\), got -1$"),
+        (2**64, ValueError, r"must be unix seconds in \[0, 2\*\*31\), got 18446744073709551616$"),
     ],
 )  # fmt: skip
 def test_a_time_that_is_not_unix_seconds_is_refused_by_every_method(world, time, error, message):

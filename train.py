@@ -832,10 +832,13 @@ def ranking_predictions(params, config: PhoenixModelConfig, arrays: dict) -> tup
     return probabilities, dwell
 
 
+class Diverged(ValueError):
+    """A model's outputs are not finite: its parameters have gone to infinity."""
+
+
 def _check_diverged(kind: str, *outputs: np.ndarray) -> None:
-    """Refuses a model's outputs that are not finite: what parameters gone to infinity give."""
     if not all(np.isfinite(x).all() for x in outputs):
-        raise ValueError(
+        raise Diverged(
             f"the {kind}'s outputs are not finite (NaN or infinite): its parameters have "
             "diverged; a lower learning rate may help"
         )
@@ -1194,15 +1197,15 @@ def fit(
         # goes on with it, and stops before `clip_or_skip` would apply an update, however the run
         # was split.
         in_a_row = int(state.opt_state.notfinite_count)
+        stopping = (
+            "stopping, before any state was saved"
+            if saved_at is None
+            else f"stopping, the state saved at step {saved_at} is kept"
+        )
         if in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise ValueError(
                 f"{job.kind}: {in_a_row} updates in a row had gradients whose norm is not "
-                f"finite (the last at step {step + 1}); stopping, "
-                + (
-                    "before any state was saved"
-                    if saved_at is None
-                    else f"the state saved at step {saved_at} is kept"
-                )
+                f"finite (the last at step {step + 1}); {stopping}"
             )
         log.append({"step": step + 1, **stats})
         done = step + 1
@@ -1220,7 +1223,10 @@ def fit(
                 + (f"  ({skipped} updates skipped)" if skipped else "")
             )
         if done % train.eval_every == 0:
-            log[-1].update(quick_eval(job, state))
+            try:
+                log[-1].update(quick_eval(job, state))
+            except Diverged as error:
+                raise Diverged(f"at step {done}, {error}; {stopping}") from None
             say(
                 "  " + "  ".join(f"{k} {v:.4f}" for k, v in log[-1].items() if k.startswith("eval"))
             )

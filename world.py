@@ -181,12 +181,24 @@ MAX_MEDIAN_DWELL_SECONDS = 1e7
 LAST_TIME = 2**31
 
 
+def _integers(values) -> np.ndarray | None:
+    """`values` as an array if they are integers (Python integers beyond numpy's, and no values
+    at all, included; to be range-checked before any cast), else None."""
+    values = np.asarray(values)
+    if values.dtype.kind in "iu" or not values.size:
+        return values
+    if values.dtype == object and all(is_integer(v) for v in values.ravel()):
+        return values
+    return None
+
+
 def _times(times, name: str = "times") -> np.ndarray:
     """Times given to the world, as int64: integers of unix seconds in [0, 2**31), which the
     models take (a float would be truncated, and beyond int32 a time would wrap)."""
-    times = np.asarray(times)
-    if times.dtype.kind not in "iu":
-        raise TypeError(f"{name} must be integers (unix seconds), got {times.dtype}")
+    checked = _integers(times)
+    if checked is None:
+        raise TypeError(f"{name} must be integers (unix seconds), got {np.asarray(times).dtype}")
+    times = checked
     if times.size and (times.min() < 0 or times.max() >= LAST_TIME):
         got = times.ravel()[0] if times.size == 1 else f"[{times.min()}, {times.max()}]"
         raise ValueError(f"{name} must be unix seconds in [0, 2**31), got {got}")
@@ -537,9 +549,10 @@ class World:
 
     def _index(self, ids, size: int, name: str) -> np.ndarray:
         """0-based indices of ids in [1, size] (an empty list is no ids, whatever its dtype)."""
-        ids = np.asarray(ids)
-        if ids.dtype.kind not in "iu" and ids.size:  # a float id would be truncated
-            raise TypeError(f"{name}: ids must be integers, got {ids.dtype}")
+        checked = _integers(ids)
+        if checked is None:  # a float id would be truncated
+            raise TypeError(f"{name}: ids must be integers, got {np.asarray(ids).dtype}")
+        ids = checked
         if ids.size and (ids.min() < 1 or ids.max() > size):  # before a cast could wrap them
             raise ValueError(f"{name}: ids must be in [1, {size}], got [{ids.min()}, {ids.max()}]")
         return ids.astype(np.int64) - 1
@@ -713,7 +726,8 @@ class World:
         the request time and each engagement's dwell (the second release's ranker reads both):
         {"user_id", "request_time", "history": [{"post_id", "author_id", "actions": {"<index>":
         1.0}, "dwell_time"}]}."""
-        h = self.history([user_id], [_time(time)])
+        u = self._one(user_id, self.num_users, "user_id")
+        h = self._history(np.array([u]), np.array([_time(time)]))
         items = []
         for s in np.flatnonzero(h.post_ids[0]):
             actions = {str(int(a)): 1.0 for a in np.flatnonzero(h.actions[0, s])}
@@ -829,7 +843,8 @@ class World:
 
     def describe_history(self, user_id: int, time: int) -> str:
         """The topics of the user's history before `time`, most frequent first."""
-        ids = self.history([user_id], [_time(time)]).post_ids[0]
+        u = self._one(user_id, self.num_users, "user_id")
+        ids = self._history(np.array([u]), np.array([_time(time)])).post_ids[0]
         ids = ids[ids > 0]
         counts = np.bincount(self.post_topics[ids - 1], minlength=len(self.topic_names))
         order = [t for t in np.argsort(-counts, kind="stable") if counts[t]]
@@ -849,8 +864,10 @@ class World:
 
     def unseen_recent_posts(self, user_id: int, time: int) -> np.ndarray:
         """`recent_posts(time)` without the posts in the user's history at `time`."""
+        u = self._one(user_id, self.num_users, "user_id")
         posts = self.recent_posts(time)
-        return posts[~np.isin(posts, self.history([user_id], [time]).post_ids[0])]
+        history = self._history(np.array([u]), np.array([_time(time)]))
+        return posts[~np.isin(posts, history.post_ids[0])]
 
     def corpus(self) -> dict[str, np.ndarray]:
         """Every post, by id: post_ids, author_ids, topics (index into topic_names),
