@@ -251,7 +251,8 @@ def test_retrieval_loss_equals_a_numpy_sampled_softmax(world):
 
 def test_reports_equal_hand_computed_values():
     """Four impressions, favorite labels 1 0 1 0, oracle probabilities .9 .2 .6 .6: AUROC 3.5/4
-    (the tie counts half); cross-entropy against the base rate .5 by hand."""
+    (the tie counts half); PR-AUC 1/2 · 1 + 1/2 · 2/3 (the tied pair enters together);
+    cross-entropy against the base rate .5 by hand."""
     labels = np.zeros((1, 4, len(ACTIONS)), np.uint8)
     labels[0, [0, 2], FAVORITE] = 1
     oracle = np.full((1, 4, len(ACTIONS)), 0.5, np.float32)
@@ -261,6 +262,8 @@ def test_reports_equal_hand_computed_values():
     report = T.ranking_report(labels, model, oracle)["favorite_score"]
     ce = -(math.log(0.9) + math.log(0.8) + math.log(0.6) + math.log(0.4)) / 4
     assert report["auc_oracle"] == 0.875 and report["auc"] == 0.125
+    # The model: .9 (negative), the tie .6 .6, .2: recall 1/2 at precision 1/3, then 1 at 1/2.
+    assert report["pr_auc_oracle"] == round(5 / 6, 6) and report["pr_auc"] == round(5 / 12, 6)
     assert report["rce_oracle"] == pytest.approx(100 * (math.log(2) - ce) / math.log(2), abs=1e-5)
     assert report["positives"] == 2
     model_ce = -(math.log(0.2) + math.log(0.1) + math.log(0.6) + math.log(0.4)) / 4
@@ -276,7 +279,7 @@ def test_reports_equal_hand_computed_values():
         "count": [3, 1],
     }
     empty = T.ranking_report(labels, oracle, oracle)["report_score"]  # no positives at all
-    assert empty["auc"] is None and empty["positives"] == 0
+    assert empty["auc"] is None and empty["pr_auc"] is None and empty["positives"] == 0
     # Without a held-out favorite the goals are unmet, and say why, rather than fail.
     none = T.goal_checks({"ranking": {"actions": T.ranking_report(0 * labels, model, oracle)}})
     assert none == [
@@ -433,6 +436,8 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
         model = predictions["ranking_model"][..., i].ravel()
         if figures["auc"] is not None:
             assert figures["auc"] == pytest.approx(metrics.auroc(labels, model), abs=1e-6)
+            average_precision = metrics.average_precision(labels, model)
+            assert figures["pr_auc"] == pytest.approx(average_precision, abs=1e-6)
         assert figures["positives"] == labels.sum()
         assert figures["ce"] == pytest.approx(metrics.cross_entropy(labels, model), abs=1e-6)
         bins = metrics.calibration(labels, model)

@@ -867,9 +867,10 @@ def ranking_report(
     labels: np.ndarray, model: np.ndarray, oracle: np.ndarray, bins: int = 10
 ) -> dict:
     """Per action, of the model and of the oracle (the world's true probabilities) on the same
-    held-out impressions: AUROC, RCE, cross-entropy and calibration (`metrics.calibration` in
-    `bins` quantile bins); the model's RCE as a fraction of the oracle's; the number of
-    positives. A figure that is not defined (AUROC without positives) is None."""
+    held-out impressions: AUROC, PR-AUC (`metrics.average_precision`), RCE, cross-entropy and
+    calibration (`metrics.calibration` in `bins` quantile bins); the model's RCE as a fraction
+    of the oracle's; the number of positives. A figure that is not defined (AUROC without
+    positives) is None."""
     report = {}
     for i, action in enumerate(ACTIONS):
         y, m, o = labels[..., i].ravel(), model[..., i].ravel(), oracle[..., i].ravel()
@@ -877,6 +878,8 @@ def ranking_report(
         report[action] = {
             "auc": _number(metrics.auroc(y, m)),
             "auc_oracle": _number(metrics.auroc(y, o)),
+            "pr_auc": _number(metrics.average_precision(y, m)),
+            "pr_auc_oracle": _number(metrics.average_precision(y, o)),
             "rce": rce,
             "rce_oracle": rce_oracle,
             "positives": int(y.sum()),
@@ -1545,33 +1548,36 @@ def print_goals(report: dict, default_world: bool) -> bool:
     return all(met for _, met in checks)
 
 
+# The ranking table's columns beside each action's positives: (title, eval.json key, format),
+# in groups of the model's figure and the oracle's.
+TABLE_GROUPS = (
+    (("AUROC", "auc", ".3f"), ("oracle", "auc_oracle", ".3f")),
+    (("PR-AUC", "pr_auc", ".3f"), ("oracle", "pr_auc_oracle", ".3f")),
+    (("RCE", "rce", ".1f"), ("oracle", "rce_oracle", ".1f"), ("ratio", "ratio", ".2f")),
+)
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return "-" if value is None else f"{value:{fmt}}"
+
+
 def report_lines(report: dict) -> list[str]:
     """eval.json as a table."""
     lines = []
     actions = report.get("ranking", {}).get("actions")
     if actions:
-        header = (
-            f"{'action':<26} {'positives':>9}  {'AUROC':>6} {'oracle':>6}  {'RCE':>6} "
-            f"{'oracle':>6} {'ratio':>6}"
+        header = f"{'action':<26} {'positives':>9}" + "".join(
+            "  " + " ".join(f"{title:>6}" for title, _, _ in group) for group in TABLE_GROUPS
         )
         lines += [header, "-" * len(header)]
         for name, a in actions.items():
-            auc, auc_o, rce, rce_o = (a[k] for k in ("auc", "auc_oracle", "rce", "rce_oracle"))
-            ratio = rce / rce_o if rce is not None and rce_o else None
-            cells = [
-                "-" if v is None else f"{v:{w}}"
-                for v, w in (
-                    (auc, ".3f"),
-                    (auc_o, ".3f"),
-                    (rce, ".1f"),
-                    (rce_o, ".1f"),
-                    (ratio, ".2f"),
-                )
-            ]
-            lines.append(
-                f"{name:<26} {a['positives']:>9}  {cells[0]:>6} {cells[1]:>6}  {cells[2]:>6} "
-                f"{cells[3]:>6} {cells[4]:>6}"
+            rce, rce_o = a["rce"], a["rce_oracle"]
+            figures = {**a, "ratio": rce / rce_o if rce is not None and rce_o else None}
+            cells = (
+                " ".join(f"{_cell(figures.get(key), fmt):>6}" for _, key, fmt in group)
+                for group in TABLE_GROUPS
             )
+            lines.append(f"{name:<26} {a['positives']:>9}  " + "  ".join(cells))
         mae, rmse = (report["ranking"][f"dwell_seconds_{e}"] for e in ("mae", "rmse"))
         lines.append(
             f"dwell time: mean absolute error {mae['model']:.2f} s (oracle: the true median, "
