@@ -13,6 +13,7 @@ import hashlib
 import math
 import os
 import platform
+import signal
 import statistics
 import sys
 import tempfile
@@ -351,6 +352,27 @@ def _to_devnull(fd: int) -> None:
     os.close(devnull)
 
 
+# The Ctrl-C handler `quiet_interrupts` installs, which `run_main` replaces by Python's own.
+_while_starting: Callable | None = None
+
+
+def quiet_interrupts(prog: str) -> None:
+    """For a script's first lines, before its slow imports (JAX's take a second or two): a
+    Ctrl-C among them ends the process at once with status 130, saying `interrupted`, as it does
+    within `run_main`, instead of a traceback from inside an import. `run_main` hands Ctrl-C
+    back to Python as it starts."""
+    global _while_starting
+
+    def interrupted(signum, frame) -> None:
+        with contextlib.suppress(OSError):
+            sys.stderr.write(f"\n{prog}: interrupted\n")
+            sys.stderr.flush()
+        os._exit(130)
+
+    _while_starting = interrupted
+    signal.signal(signal.SIGINT, interrupted)
+
+
 def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted") -> int:
     """Runs a script's `main` with its compiled programs kept between runs
     (`keep_compiled_programs`); input it refuses (ValueError, TypeError), a file it cannot read
@@ -358,6 +380,8 @@ def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted
     status 2, as argparse's errors do; warnings print as one line; Ctrl-C ends the process at
     once with status 130, saying `interrupted`. Output piped into a reader that stops early
     (`| head`) is dropped from then on while the work goes on to its end."""
+    if _while_starting is not None and signal.getsignal(signal.SIGINT) is _while_starting:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     keep_compiled_programs()
     warnings.formatwarning = functools.partial(_format_warning, prog)
     streams = sys.stdout, sys.stderr

@@ -11,6 +11,11 @@ pipeline reads it; the flags before --output-json are the published pipeline's.
 
 from __future__ import annotations
 
+import cli  # before the slow imports below, so that a Ctrl-C among them ends quietly
+
+if __name__ == "__main__":
+    cli.quiet_interrupts("run_pipeline.py")
+
 import os
 import sys
 import time

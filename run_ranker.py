@@ -11,6 +11,11 @@ trained on, prints a user's planted tastes and ranks the posts of the last three
 
 from __future__ import annotations
 
+import cli  # before the slow imports below, so that a Ctrl-C among them ends quietly
+
+if __name__ == "__main__":
+    cli.quiet_interrupts("run_ranker.py")
+
 import sys
 
 import jax

@@ -13,6 +13,11 @@ published demo).
 
 from __future__ import annotations
 
+import cli  # before the slow imports below, so that a Ctrl-C among them ends quietly
+
+if __name__ == "__main__":
+    cli.quiet_interrupts("run_retrieval.py")
+
 import sys
 
 import jax

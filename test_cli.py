@@ -4,6 +4,7 @@ input ending in one line `prog: error: ...` with exit status 2, before any work.
 import json
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -254,6 +255,32 @@ def test_an_interrupted_script_ends_at_once_with_status_130(before):
     code = "import cli\ndef main():\n    raise KeyboardInterrupt\ncli.run_main(main, 'demo.py')"
     status, out, report = finish(start_with_devices(before + code, 1))
     assert status == 130 and report.endswith("\ndemo.py: interrupted\n"), report
+
+
+# A script's first lines, its slow imports standing for the sleep.
+STARTING = """
+import cli, signal, time
+cli.quiet_interrupts("demo.py")
+print("importing", flush=True)
+if {reach_main}:
+    def main():
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        raise KeyboardInterrupt
+    cli.run_main(main, "demo.py")
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("reach_main", [False, True], ids=["importing", "in main"])
+def test_a_ctrl_c_while_a_script_imports_ends_it_quietly(reach_main):
+    """Before `run_main`, a Ctrl-C (here while the script sleeps) ends it as `run_main` does,
+    not with a traceback from inside an import; `run_main` hands Ctrl-C back to Python."""
+    process = start_with_devices(STARTING.format(reach_main=reach_main), 1)
+    assert process.stdout.readline() == "importing\n"
+    if not reach_main:
+        process.send_signal(signal.SIGINT)
+    status, _, report = finish(process, timeout=60)
+    assert status == 130 and report.endswith("stderr:\n\ndemo.py: interrupted\n"), report
 
 
 WORK_AFTER_THE_READER_HAS_GONE = """

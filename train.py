@@ -23,6 +23,11 @@ load) and `state/`.
 
 from __future__ import annotations
 
+import cli  # before the slow imports below, so that a Ctrl-C among them ends quietly
+
+if __name__ == "__main__":
+    cli.quiet_interrupts("train.py")
+
 import argparse
 import dataclasses
 import functools
