@@ -422,19 +422,20 @@ def _run(main: Callable[[], int], prog: str, interrupted: str) -> int:
     return 2
 
 
+def _call(fn: Callable[[], Any], wait: Callable[[Any], Any] = lambda x: x) -> tuple[Any, float]:
+    """(what `fn` returns, the seconds it took, `wait`ing for it)."""
+    start = time.perf_counter()
+    result = fn()
+    wait(result)
+    return result, time.perf_counter() - start
+
+
 def timed(fn: Callable[[], Any], repeats: int) -> tuple[Any, float, float]:
     """Runs fn once (compiling it), then `repeats` times: (result, first seconds, median s).
 
     `fn` must wait for its own result (e.g. `jax.block_until_ready`)."""
-    start = time.perf_counter()
-    result = fn()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return result, first, statistics.median(times)
+    result, first = _call(fn)
+    return result, first, statistics.median(_call(fn)[1] for _ in range(repeats))
 
 
 def measure(
@@ -445,9 +446,7 @@ def measure(
     change in the machine's load affects them all alike."""
 
     def seconds(fn: Callable[[], Any]) -> float:
-        start = time.perf_counter()
-        wait(fn())
-        return time.perf_counter() - start
+        return _call(fn, wait)[1]
 
     repeats = {}
     for name, fn in fns.items():

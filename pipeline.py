@@ -9,10 +9,9 @@ user vector over the whole corpus; every retrieved post ranked; the feed ordered
 vectorised, embeddings are read from the split tables (no unified 1.5 GB copy), retrieval is
 exact top-K in two passes (`search.TwoPassIndex`: a compact copy of the corpus searched first,
 the best rows rescored in float32), and ranking is one compiled cached pass over all retrieved
-posts. A ranker whose
-`config.json` says it was trained with right-anchored positions ranks every candidate at the
-anchored position; otherwise candidate i sits at slot i mod candidate_seq_len, as in the
-published pipeline's chunks, so the feed is the same.
+posts. A ranker whose `config.json` says it was trained with right-anchored positions ranks
+every candidate at the anchored position; otherwise candidate i sits at slot i mod
+candidate_seq_len, as in the published pipeline's chunks, so the feed is the same.
 
 The published pipeline picks the four weighted outputs by its own action enum (favorite 1,
 reply 4, quote 5, repost 6, dwell 11, video quality view 13), which is not the order of

@@ -1205,15 +1205,10 @@ def fit(
         # goes on with it, and stops before `clip_or_skip` would apply an update, however the run
         # was split.
         in_a_row = int(state.opt_state.notfinite_count)
-        stopping = (
-            "stopping, before any state was saved"
-            if saved_at is None
-            else f"stopping, the state saved at step {saved_at} is kept"
-        )
         if in_a_row >= MAX_SKIPPED_IN_A_ROW:
             raise ValueError(
                 f"{job.kind}: {in_a_row} updates in a row had gradients whose norm is not "
-                f"finite (the last at step {step + 1}); {stopping}"
+                f"finite (the last at step {step + 1}); {_stopping(saved_at)}"
             )
         log.append({"step": step + 1, **stats})
         done = step + 1
@@ -1234,7 +1229,7 @@ def fit(
             try:
                 log[-1].update(quick_eval(job, state))
             except Diverged as error:
-                raise Diverged(f"at step {done}, {error}; {stopping}") from None
+                raise Diverged(f"at step {done}, {error}; {_stopping(saved_at)}") from None
             say(
                 "  " + "  ".join(f"{k} {v:.4f}" for k, v in log[-1].items() if k.startswith("eval"))
             )
@@ -1243,6 +1238,13 @@ def fit(
     if not log or log[-1]["step"] % train.eval_every:  # not saved at the last step already
         save_progress(state_dir, job, state, log)
     return state, log
+
+
+def _stopping(saved_at: int | None) -> str:
+    """How a run that stops leaves its state folder."""
+    if saved_at is None:
+        return "stopping, before any state was saved"
+    return f"stopping, the state saved at step {saved_at} is kept"
 
 
 def load_progress(state_dir: Path, job: Job, template: TrainState) -> tuple:
