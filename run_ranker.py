@@ -22,26 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import runners
 import train
-from cli import (
-    ArgumentParser,
-    add_demo_flags,
-    add_trained_demo_flags,
-    count,
-    parse_demo_args,
-    run_main,
-    timed,
-)
+from cli import count
 from recsys_model import ACTIONS, PhoenixModelConfig
-from runners import (
-    DEMO_EMB_SIZE,
-    DEMO_HISTORY_LEN,
-    DEMO_NUM_CANDIDATES,
-    ModelRunner,
-    RecsysInferenceRunner,
-    demo_inputs,
-    demo_transformer_config,
-)
 from tables import lookup
 
 TOP_ACTIONS_SHOWN = 3
@@ -50,24 +34,24 @@ RANKS_SHOWN = 10
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = ArgumentParser(prog="run_ranker.py", description=__doc__.splitlines()[0])
-    add_trained_demo_flags(parser, str(train.DEMO_CHECKPOINT), "inputs")
-    add_demo_flags(
+    parser = cli.ArgumentParser(prog="run_ranker.py", description=__doc__.splitlines()[0])
+    cli.add_trained_demo_flags(parser, str(train.DEMO_CHECKPOINT), "inputs")
+    cli.add_demo_flags(
         parser,
-        DEMO_HISTORY_LEN,
-        DEMO_NUM_CANDIDATES,
-        f"posts to rank (every post of the window; {DEMO_NUM_CANDIDATES} per user with "
+        runners.DEMO_HISTORY_LEN,
+        runners.DEMO_NUM_CANDIDATES,
+        f"posts to rank (every post of the window; {runners.DEMO_NUM_CANDIDATES} per user with "
         "--random-weights)",
     )
     # Unset, the trained demo ranks every post of the serving window; --seed draws --candidates
     # of them.
     parser.set_defaults(candidates=None, seed=None)
-    args = parse_demo_args(parser, argv)
+    args = cli.parse_demo_args(parser, argv)
     if not args.random_weights and args.seed is not None and args.candidates is None:
         parser.error("--seed: only with --candidates or --random-weights (it draws the candidates)")
     args.seed = args.seed or 0
     if args.random_weights and args.candidates is None:
-        args.candidates = DEMO_NUM_CANDIDATES
+        args.candidates = runners.DEMO_NUM_CANDIDATES
     return args
 
 
@@ -86,7 +70,7 @@ def trained_demo(args) -> int:
         posts = np.sort(np.random.default_rng(args.seed).choice(pool, args.candidates, False))
     arrays = train.request_arrays(world, model.hashing, model.config, user, when, posts)
     batch = train.ranking_batch(arrays)
-    ranker = RecsysInferenceRunner(ModelRunner(model.config), name="ranker")
+    ranker = runners.RecsysInferenceRunner(runners.ModelRunner(model.config), name="ranker")
     ranker.initialize(model.params)
     output = ranker.rank(batch, lookup(model.tables, batch))
     p_model = np.asarray(output.scores)[0, :, train.FAVORITE]
@@ -125,15 +109,15 @@ def trained_demo(args) -> int:
 def random_weights_demo(args) -> int:
     """The published demo: random weights, random inputs, what the model computes."""
     config = PhoenixModelConfig(
-        model=demo_transformer_config(),
-        emb_size=DEMO_EMB_SIZE,
+        model=runners.demo_transformer_config(),
+        emb_size=runners.DEMO_EMB_SIZE,
         num_actions=len(ACTIONS),
         history_seq_len=args.history_len,
         candidate_seq_len=args.candidates,
         fprop_dtype=jnp.dtype(args.dtype),
     )
-    ranker = RecsysInferenceRunner(ModelRunner(config), name="ranker")
-    batch, embeddings = demo_inputs(
+    ranker = runners.RecsysInferenceRunner(runners.ModelRunner(config), name="ranker")
+    batch, embeddings = runners.demo_inputs(
         ranker, args.seed, args.batch_size, args.history_len, args.candidates
     )
 
@@ -147,7 +131,7 @@ def random_weights_demo(args) -> int:
         f"Weights: RANDOM (seed {args.seed}), not a trained model; the probabilities show the "
         "model's behaviour, not real preferences."
     )
-    output, first, median = timed(
+    output, first, median = cli.timed(
         lambda: jax.block_until_ready(ranker.rank(batch, embeddings)), args.repeats
     )
     print(
@@ -179,4 +163,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, "run_ranker.py"))
+    sys.exit(cli.run_main(main, "run_ranker.py"))

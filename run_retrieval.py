@@ -24,30 +24,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import runners
 import train
-from cli import (
-    RANDOM_ONLY_FLAGS,
-    ArgumentParser,
-    add_demo_flags,
-    add_trained_demo_flags,
-    count,
-    parse_demo_args,
-    positive_int,
-    run_main,
-    timed,
-)
+from cli import count
 from pipeline import encode_corpus
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
-from runners import (
-    DEMO_EMB_SIZE,
-    DEMO_HISTORY_LEN,
-    DEMO_NUM_CANDIDATES,
-    RecsysRetrievalInferenceRunner,
-    RetrievalModelRunner,
-    create_example_corpus,
-    demo_inputs,
-    demo_transformer_config,
-)
 from tables import lookup
 
 USERS_SHOWN = 2
@@ -56,14 +37,16 @@ ORACLE_DEPTH = 100
 
 
 def parse_args(argv: list[str] | None = None):
-    parser = ArgumentParser(prog="run_retrieval.py", description=__doc__.splitlines()[0])
-    add_trained_demo_flags(parser, str(train.DEMO_CHECKPOINT), "corpus")
+    parser = cli.ArgumentParser(prog="run_retrieval.py", description=__doc__.splitlines()[0])
+    cli.add_trained_demo_flags(parser, str(train.DEMO_CHECKPOINT), "corpus")
     # The trained demo retrieves from the world's corpus, for one user, with no candidates.
-    random_only = (*RANDOM_ONLY_FLAGS, "seed", "candidates", "corpus_size")
-    group = add_demo_flags(parser, DEMO_HISTORY_LEN, DEMO_NUM_CANDIDATES, random_only=random_only)
-    group.add_argument("--corpus-size", type=positive_int, default=1000, help="posts (1000)")
-    parser.add_argument("--top-k", type=positive_int, default=10, help="posts per user (10)")
-    args = parse_demo_args(parser, argv, random_only)
+    random_only = (*cli.RANDOM_ONLY_FLAGS, "seed", "candidates", "corpus_size")
+    group = cli.add_demo_flags(
+        parser, runners.DEMO_HISTORY_LEN, runners.DEMO_NUM_CANDIDATES, random_only=random_only
+    )
+    group.add_argument("--corpus-size", type=cli.positive_int, default=1000, help="posts (1000)")
+    parser.add_argument("--top-k", type=cli.positive_int, default=10, help="posts per user (10)")
+    args = cli.parse_demo_args(parser, argv, random_only)
     if args.random_weights and args.top_k > args.corpus_size:
         parser.error(f"--top-k ({args.top_k}) must not exceed --corpus-size ({args.corpus_size})")
     return args
@@ -72,7 +55,9 @@ def parse_args(argv: list[str] | None = None):
 def trained_demo(args) -> int:
     """A trained two-tower model on the synthetic world: what it retrieves for a user."""
     world, model, user, when = train.open_demo(args.checkpoint, args.user, "retrieval")
-    retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(model.config), "retrieval")
+    retriever = runners.RecsysRetrievalInferenceRunner(
+        runners.RetrievalModelRunner(model.config), "retrieval"
+    )
     retriever.initialize(model.params)
     posts = world.unseen_recent_posts(user, when)  # the serving window, less the history
     authors = world.post_authors[posts - 1] + 1
@@ -122,15 +107,19 @@ def trained_demo(args) -> int:
 def random_weights_demo(args) -> int:
     """The published demo: random weights, a random corpus, what the model computes."""
     config = PhoenixRetrievalModelConfig(
-        model=demo_transformer_config(),
-        emb_size=DEMO_EMB_SIZE,
+        model=runners.demo_transformer_config(),
+        emb_size=runners.DEMO_EMB_SIZE,
         history_seq_len=args.history_len,
         candidate_seq_len=args.candidates,
         fprop_dtype=jnp.dtype(args.dtype),
     )
-    corpus, post_ids = create_example_corpus(args.corpus_size, DEMO_EMB_SIZE, seed=args.seed)
-    retriever = RecsysRetrievalInferenceRunner(RetrievalModelRunner(config), name="retrieval")
-    batch, embeddings = demo_inputs(
+    corpus, post_ids = runners.create_example_corpus(
+        args.corpus_size, runners.DEMO_EMB_SIZE, seed=args.seed
+    )
+    retriever = runners.RecsysRetrievalInferenceRunner(
+        runners.RetrievalModelRunner(config), name="retrieval"
+    )
+    batch, embeddings = runners.demo_inputs(
         retriever, args.seed, args.batch_size, args.history_len, args.candidates
     )
     retriever.set_corpus(corpus, post_ids)
@@ -145,7 +134,7 @@ def random_weights_demo(args) -> int:
         f"Weights and corpus: RANDOM (seed {args.seed}), not a trained model; scores show the "
         "model's behaviour, not real relevance."
     )
-    output, first, median = timed(
+    output, first, median = cli.timed(
         lambda: jax.block_until_ready(retriever.retrieve(batch, embeddings, top_k=args.top_k)),
         args.repeats,
     )
@@ -183,4 +172,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_main(main, "run_retrieval.py"))
+    sys.exit(cli.run_main(main, "run_retrieval.py"))
