@@ -4,18 +4,16 @@
     uv run benchmark.py --quick          # smoke run, under 1½ minutes
     uv run benchmark.py --only ranking   # one section: ranking, retrieval or training
 
-Every time is a median over repeated calls, timed in alternation with the others of its row
-(`cli.measure`); ratios are printed beside the times and the README's goals checked at the end.
-A FLOP bound is matrix FLOPs (`ranking_matrix_flops`: of the cached path for ranking; the dense
-forward's three times over, for a training step) at the float32 rate of a large compiled product
-measured in the same run. The README's Benchmark section says what each column times.
+Each time is a median over calls timed in alternation with the others of its row
+(`cli.measure`); the README's goals are checked at the end. A FLOP bound is matrix FLOPs
+(`ranking_matrix_flops`; for a training step the dense forward's, three times over) at the rate
+of a large float32 product measured in the same run. The README's Benchmark section says more.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import platform
 import time
 from collections.abc import Callable
@@ -25,18 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 
 import checkpoint
+import cli
 import runners
 import train
 import world
-from cli import ArgumentParser, ms, non_negative_int, print_table, reuse_freed_memory
-from cli import measure as measure_waiting
 from pipeline import MINI_TRANSFORMER
 from published_pipeline import published_attention
 from recsys_model import ACTIONS, PhoenixModelConfig, ranking_matrix_flops
 from search import auto_search_method, sharded_top_k_search, top_k_search, usable_cores
 
 # Each function timed waits for the arrays it returns.
-measure = functools.partial(measure_waiting, wait=jax.block_until_ready)
+measure = functools.partial(cli.measure, wait=jax.block_until_ready)
 
 HISTORY_LEN = 128
 RANK_COUNTS = (32, 256, 1024, 4096)
@@ -46,17 +43,8 @@ TOP_K = 100
 MATMUL_SIZE = 2048
 SECTIONS = ("ranking", "retrieval", "training")
 
-# Each ratio once, named by its column in the tables.
-RATIOS = {
-    "eager/cached": lambda r: None if r.eager is None else r.eager / r.cached,
-    "jit/cached": lambda r: r.jit / r.cached,
-    "cached/bound": lambda r: r.cached / r.bound,
-    "naive/ours": lambda r: r.naive / r.ours,
-    "xla/ours": lambda r: r.xla / r.ours,
-    "ours/read": lambda r: r.ours / r.read,
-    "step/bound": lambda r: r.step / r.bound,
-}
-# The goals stated in the README: (what, which row, ratio, goal, whether higher is better).
+# The goals stated in the README: (what, which row, the ratio of two of its fields, goal,
+# whether higher is better).
 GOALS = [
     ("rank 1,024: uncompiled dense / cached", "rank", "eager/cached", 15.0, True),
     ("rank 1,024: compiled dense / cached", "rank", "jit/cached", 8.0, True),
@@ -66,11 +54,17 @@ GOALS = [
 ]
 
 
-def ratio_columns(*names: str) -> dict[str, Callable[[object], str]]:
-    def column(ratio: Callable) -> Callable[[object], str]:
-        return lambda row: "-" if (value := ratio(row)) is None else f"{value:.1f}x"
+def ratio(name: str, row) -> float | None:
+    """The ratio `name`, "a/b", of a row's fields a and b; None if either was not measured."""
+    a, b = (getattr(row, field) for field in name.split("/"))
+    return None if a is None or b is None else a / b
 
-    return {name: column(RATIOS[name]) for name in names}
+
+def ratio_columns(*names: str) -> dict[str, Callable[[object], str]]:
+    def column(name: str) -> Callable[[object], str]:
+        return lambda row: "-" if (value := ratio(name, row)) is None else f"{value:.1f}x"
+
+    return {name: column(name) for name in names}
 
 
 def matmul_rate(budget: float) -> float:
@@ -91,11 +85,10 @@ class RankingRow:
     bound: float  # seconds those FLOPs take at the measured matmul rate
 
 
-def published(fn: Callable, *args):
-    """`fn(*args)` with attention in the published layout, as the dense baselines run it
-    (`dense_jit` is only ever called here, so it is traced, and compiled, in that layout)."""
-    with published_attention():
-        return fn(*args)
+def random_ranker(config: PhoenixModelConfig, name: str) -> runners.RecsysInferenceRunner:
+    ranker = runners.RecsysInferenceRunner(runners.ModelRunner(config), name)
+    ranker.initialize(runners.randomize_params(checkpoint.param_shapes(config), seed=0))
+    return ranker
 
 
 def bench_ranking(counts, budget: float, eager_limit: int, rate: float) -> list[RankingRow]:
@@ -103,15 +96,14 @@ def bench_ranking(counts, budget: float, eager_limit: int, rate: float) -> list[
         MINI_TRANSFORMER, history_seq_len=HISTORY_LEN, candidate_seq_len=64,
         fprop_dtype=jnp.float32, release=1,
     )  # fmt: skip
-    runner = runners.ModelRunner(config)
-    runner.initialize()
-    params = runners.randomize_params(runner.param_shapes(), seed=0)
-    ranker = runners.RecsysInferenceRunner(runner, "benchmark")
-    ranker.initialize(params)
-    config2 = dataclasses.replace(config, release=2, right_anchored_rope=True)
-    ranker2 = runners.RecsysInferenceRunner(runners.ModelRunner(config2), "second release")
-    ranker2.initialize(runners.randomize_params(checkpoint.param_shapes(config2), seed=0))
-    dense_jit = jax.jit(runner.forward.apply)
+    ranker = random_ranker(config, "benchmark")
+    ranker2 = random_ranker(
+        dataclasses.replace(config, release=2, right_anchored_rope=True), "second release"
+    )
+    # The dense baselines run attention in the published layout, whose context manager serves
+    # as a decorator here (`dense_jit` is only ever called so: traced and compiled that way).
+    params, eager = ranker.params, published_attention()(ranker.runner.forward.apply)
+    dense_jit = published_attention()(jax.jit(ranker.runner.forward.apply))
     rows = []
     for count in counts:
         example = functools.partial(
@@ -121,11 +113,11 @@ def bench_ranking(counts, budget: float, eager_limit: int, rate: float) -> list[
         inputs2 = example(include_continuous_actions=True, include_timestamps=True)
         fns = {
             "cached": lambda x=inputs: ranker.rank(*x).scores,
-            "jit": lambda x=inputs: published(dense_jit, params, None, *x).logits,
+            "jit": lambda x=inputs: dense_jit(params, None, *x).logits,
             "second": lambda x=inputs2: ranker2.rank(*x).scores,
         }
         if count <= eager_limit:  # the dense forward uncompiled, as the published runner runs it
-            fns["eager"] = lambda x=inputs: published(runner.forward.apply, params, None, *x).logits
+            fns["eager"] = lambda x=inputs: eager(params, None, *x).logits
         times = measure(fns, budget)
         flops = ranking_matrix_flops(config, count, cached=True)
         measured = [times.get(name) for name in ("eager", "jit", "cached", "second")]
@@ -136,12 +128,12 @@ def bench_ranking(counts, budget: float, eager_limit: int, rate: float) -> list[
 
 RANKING_COLUMNS = {
     "C": lambda r: str(r.count),
-    "eager ms": lambda r: ms(r.eager),
-    "jit ms": lambda r: ms(r.jit),
-    "cached ms": lambda r: ms(r.cached),
-    "2nd release ms": lambda r: ms(r.second),
+    "eager ms": lambda r: cli.ms(r.eager),
+    "jit ms": lambda r: cli.ms(r.jit),
+    "cached ms": lambda r: cli.ms(r.cached),
+    "2nd release ms": lambda r: cli.ms(r.second),
     "GFLOP": lambda r: f"{r.flops / 1e9:.3f}",
-    "bound ms": lambda r: ms(r.bound),
+    "bound ms": lambda r: cli.ms(r.bound),
     **ratio_columns("eager/cached", "jit/cached", "cached/bound"),
 }
 
@@ -180,10 +172,10 @@ def bench_training(budget: float, rate: float) -> TrainingRow:
 TRAINING_COLUMNS = {
     "requests": lambda r: str(r.batch),
     "candidates": lambda r: str(r.candidates),
-    "step ms": lambda r: ms(r.step),
+    "step ms": lambda r: cli.ms(r.step),
     "requests/s": lambda r: f"{r.batch / r.step:,.0f}",
     "GFLOP": lambda r: f"{r.flops / 1e9:.3f}",
-    "bound ms": lambda r: ms(r.bound),
+    "bound ms": lambda r: cli.ms(r.bound),
     **ratio_columns("step/bound"),
 }
 
@@ -239,41 +231,40 @@ RETRIEVAL_COLUMNS = {
     "N": lambda r: f"{r.n:,}",
     "B": lambda r: str(r.b),
     "corpus": lambda r: r.dtype,
-    "read ms": lambda r: ms(r.read),
-    "ours ms": lambda r: ms(r.ours),
+    "read ms": lambda r: cli.ms(r.read),
+    "ours ms": lambda r: cli.ms(r.ours),
     "method": lambda r: r.method,
-    "xla ms": lambda r: ms(r.xla),
-    "naive ms": lambda r: ms(r.naive),
+    "xla ms": lambda r: cli.ms(r.xla),
+    "naive ms": lambda r: cli.ms(r.naive),
     **ratio_columns("naive/ours", "xla/ours", "ours/read"),
 }
 
 
 def print_goals(ranking: list[RankingRow], retrieval: list[RetrievalRow], training) -> None:
+    search = (1_000_000, 16, "float32")
     rows = {
         "train": training,
         "rank": next((r for r in ranking if r.count == 1024), None),
-        "search": next(
-            (r for r in retrieval if (r.n, r.b, r.dtype) == (1_000_000, 16, "float32")), None
-        ),
+        "search": next((r for r in retrieval if (r.n, r.b, r.dtype) == search), None),
     }
     print("Goals:")
-    for name, which, ratio, goal, higher in GOALS:
-        value = None if rows[which] is None else RATIOS[ratio](rows[which])
+    for what, row, ratio_name, goal, higher in GOALS:
+        value = None if rows[row] is None else ratio(ratio_name, rows[row])
         if value is None:
-            print(f"  [n/a ] {name}: not measured in this run")
+            print(f"  [n/a ] {what}: not measured in this run")
             continue
         met = value >= goal if higher else value <= goal
-        print(f"  [{'met ' if met else 'MISS'}] {name}: {value:.2f}x (goal {goal}x)")
+        print(f"  [{'met ' if met else 'MISS'}] {what}: {value:.2f}x (goal {goal}x)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    reuse_freed_memory()
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    cli.reuse_freed_memory()
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: fewer sizes, repeats")
     parser.add_argument("--only", choices=SECTIONS, action="append", help="sections to run (all)")
     parser.add_argument(
         "--eager-limit",
-        type=non_negative_int,
+        type=cli.non_negative_int,
         default=4096,
         help="largest candidate count for the uncompiled dense forward (4096; 0: none)",
     )
@@ -281,11 +272,9 @@ def main(argv: list[str] | None = None) -> None:
     sections = args.only or SECTIONS
     budget = 0.3 if args.quick else 2.0
     start = time.perf_counter()
-    usable = usable_cores()
     machine = platform.processor() or platform.machine()
-    print(f"{machine}, {usable} usable cores, Python {platform.python_version()}")
-    print(f"jax {jax.__version__}, devices {jax.devices()}")
-    print(f"load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"{machine}, {usable_cores()} usable cores, Python {platform.python_version()}")
+    print(f"jax {jax.__version__}, devices {jax.devices()}; load average {cli.load_average()}")
     ranking, retrieval, training = [], [], None
     if "ranking" in sections or "training" in sections:
         rate = matmul_rate(budget)
@@ -295,23 +284,22 @@ def main(argv: list[str] | None = None) -> None:
         counts = RANK_COUNTS[:3] if args.quick else RANK_COUNTS
         ranking = bench_ranking(counts, budget, args.eager_limit, rate)
         print()
-        print_table(ranking, RANKING_COLUMNS)
+        cli.print_table(ranking, RANKING_COLUMNS)
     if "retrieval" in sections:
         print(f"Retrieval of the top {TOP_K}, D 128, unit-norm corpus:")
         sizes = CORPUS_SIZES[:1] if args.quick else CORPUS_SIZES
         counts = QUERY_COUNTS[:2] if args.quick else QUERY_COUNTS
         retrieval, recall = bench_retrieval(sizes, counts, budget, with_bf16=not args.quick)
         print()
-        print_table(retrieval, RETRIEVAL_COLUMNS)
+        cli.print_table(retrieval, RETRIEVAL_COLUMNS)
         if recall is not None:
             print(f"bfloat16 corpus, 1,000,000 rows, 16 users: recall@{TOP_K} = {recall:.4f}\n")
     if "training" in sections:
         print("Training: one ranker step of train.py, demo configuration, default world, float32:")
         training = bench_training(budget, rate)
-        print_table([training], TRAINING_COLUMNS)
+        cli.print_table([training], TRAINING_COLUMNS)
     print_goals(ranking, retrieval, training)
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\nload average at end: {load}; total {time.perf_counter() - start:.0f} s")
+    print(f"\nload average at end {cli.load_average()}; total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoint import load_artifacts, load_corpus
-from cli import ArgumentParser, ms, print_table
+from cli import ArgumentParser, load_average, ms, print_table
 from pipeline import Pipeline, example_sequence, write_example
 from published_pipeline import PublishedPipeline
 
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     size, users = (100_000, 4) if args.quick else (GOAL_CORPUS, 25)
     start = time.perf_counter()
+    print(f"load average at start {load_average()}")
     print(f"The published mini model, {size:,} posts, tables of {size:,} rows, {users} users:")
     rows = bench_pipeline(size, size, users, ("bfloat16", "float32"))
     print()
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         met = "n/a "
     print(f"[{met}] per user once loaded, published / ours in bfloat16: {bf16.speedup:.1f}x "
           f"(goal {GOAL_SPEEDUP}x, for {GOAL_CORPUS:,} posts)")  # fmt: skip
-    print(f"total {time.perf_counter() - start:.0f} s")
+    print(f"load average at end {load_average()}; total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -472,5 +472,11 @@ def print_table(rows: list, columns: dict[str, Callable[[object], str]]) -> None
     print()
 
 
+def load_average() -> str:
+    """The machine's load average over 1, 5 and 15 minutes: a benchmark prints it at its start
+    and end, since on a shared machine its times mean little without it."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.2f}"

@@ -415,3 +415,8 @@ def test_measure_alternates_the_functions_and_takes_medians(monkeypatch):
     assert calls[4:10] == ["slow", "fast"] * 3  # slow: 3 calls at the least
     assert calls[10:] == ["fast"] * 22  # fast: 0.5 / 0.01 capped at 25
     assert waited == calls
+
+
+def test_load_average_prints_the_three_figures_to_two_places(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 1.234, 12.0))
+    assert cli.load_average() == "0.50, 1.23, 12.00"
