@@ -498,6 +498,21 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
     T.save_demo_checkpoint(tmp_path / "big.npz", longer, models)
     with pytest.raises(ValueError, match=r"big.npz: its ranker's history_seq_len \(8\) does"):
         T.load_demo_checkpoint(tmp_path / "big.npz")
+    more = dataclasses.replace(world_config, num_posts=world_config.num_posts + 10)
+    T.save_demo_checkpoint(tmp_path / "big.npz", more, models)  # the rows are 8 per post
+    more_message = (
+        "big.npz: its world config does not fit its models: a world of 410 posts trains "
+        "item_embeddings of 3,281 rows; the ranker's has 3,201"
+    )
+    with pytest.raises(ValueError, match=more_message):
+        T.load_demo_checkpoint(tmp_path / "big.npz")
+    T.save_demo_checkpoint(tmp_path / "big.npz", world_config, models)
+    arrays = read_npz(tmp_path / "big.npz")
+    cut = {**arrays, "ranker/tables/user_embeddings": arrays["ranker/tables/user_embeddings"][1:]}
+    write_npz(cut, tmp_path / "big.npz")
+    cut_message = r"its ranker's user_embeddings is \[160, 128\], its hashing asks for \[161, 128\]"
+    with pytest.raises(ValueError, match=cut_message):
+        T.load_demo_checkpoint(tmp_path / "big.npz")
     arrays = read_npz(tmp_path / "big.npz")
     meta = json.loads(str(arrays["meta"]))
     meta["configs"]["ranker"] = {}

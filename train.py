@@ -212,6 +212,7 @@ def model_configs(
 # the most: the newest, seen least in training, are what held-out requests show, and a row
 # they share with an older post carries what was learned of that one.
 TABLE_ROWS_PER_ENTITY = {"user": 4, "item": 8, "author": 4}
+ENTITY_NOUNS = {"user": "users", "item": "posts", "author": "authors"}
 
 
 def hashing_for(world: world_lib.World, hash_config: HashConfig, seed: int) -> Hashing:
@@ -1850,12 +1851,27 @@ def load_demo_checkpoint(
         world_config = world_lib.WorldConfig.from_json(meta["world"])
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path}: its world config: {error}") from None
+    counts = id_counts(world_config)
     for kind, model in models.items():
         if model.config.history_seq_len != world_config.history_len:
             raise ValueError(
                 f"{path}: its {kind}'s history_seq_len ({model.config.history_seq_len}) does not "
                 f"fit its world's histories of {world_config.history_len}"
             )
+        for entity, name in TABLE_NAMES.items():
+            vocab, table = getattr(model.hashing, entity).vocab_size, model.tables[name]
+            if table.shape != (vocab, model.config.emb_size):
+                raise ValueError(
+                    f"{path}: its {kind}'s {name} is {list(table.shape)}, its hashing asks for "
+                    f"{[vocab, model.config.emb_size]}"
+                )
+            rows = counts[entity] * TABLE_ROWS_PER_ENTITY[entity] + 1  # as `hashing_for` has it
+            if vocab != rows:
+                raise ValueError(
+                    f"{path}: its world config does not fit its models: a world of "
+                    f"{counts[entity]:,} {ENTITY_NOUNS[entity]} trains {name} of {rows:,} "
+                    f"rows; the {kind}'s has {vocab:,} (models of another world?)"
+                )
     return world_config, models
 
 
