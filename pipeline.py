@@ -197,6 +197,11 @@ class Pipeline:
     """Serves feeds from loaded artifacts with the library's runners."""
 
     def __init__(self, artifacts: Artifacts):
+        if not isinstance(artifacts, Artifacts):
+            raise TypeError(
+                f"artifacts must be an Artifacts (checkpoint.load_artifacts), got "
+                f"{type(artifacts).__name__}"
+            )
         self.artifacts = artifacts
         retrieval, ranker = artifacts.retrieval, artifacts.ranker
         self.retriever = runners.RecsysRetrievalInferenceRunner(
@@ -541,6 +546,9 @@ def describe_feed(feed: Feed) -> list[str]:
 
 
 def feed_to_json(feed: Feed) -> dict:
+    """A feed as the JSON object `--output-json` writes."""
+    if not isinstance(feed, Feed):
+        raise TypeError(f"feed must be a Feed (Pipeline.feed), got {type(feed).__name__}")
     return {
         "user_id": feed.user_id,
         "history_length": feed.history_length,

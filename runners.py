@@ -256,10 +256,16 @@ def randomize_params(params: hk.Params, seed: int) -> hk.Params:
     model, whose published initialisation (zero norm scales) makes every logit 0."""
     if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    leaves = jax.tree.leaves(params)
+    if not isinstance(params, dict) or not leaves or not all(hasattr(x, "shape") for x in leaves):
+        raise TypeError(
+            "params must be a parameter tree, modules of named arrays (as `param_shapes` or "
+            f"`init` give), got {type(params).__name__}"
+        )
     rng = np.random.default_rng(seed)
 
     def draw(path, x):
-        if path[-1].key == "scale":
+        if getattr(path[-1], "key", None) == "scale":
             return jnp.asarray(1.0 + 0.1 * rng.standard_normal(x.shape), jnp.float32)
         fan_in = x.shape[0] if x.shape else 1  # a scalar (retrieval's log_temperature): N(0, 1)
         return jnp.asarray(rng.standard_normal(x.shape) / math.sqrt(fan_in), jnp.float32)

@@ -73,6 +73,13 @@ SEARCH_METHODS = ("auto", "native", "xla")
 NATIVE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # corpus dtypes of the kernel
 
 
+def require_arrays(**named) -> None:
+    """Raises TypeError naming the first value that is not an array (a list, say)."""
+    for name, x in named.items():
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(f"{name} must be an array (numpy or JAX), got {type(x).__name__}")
+
+
 def top_k_search(
     queries: jax.Array,  # [B, D]
     corpus: jax.Array,  # [N, D], float32 or bfloat16
@@ -103,6 +110,7 @@ def top_k_search(
     """
     if method not in SEARCH_METHODS:
         raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
+    require_arrays(queries=queries, corpus=corpus)
     if jnp.ndim(queries) != 2 or jnp.ndim(corpus) != 2 or queries.shape[1] != corpus.shape[1]:
         raise ValueError(
             f"queries {jnp.shape(queries)} and corpus {jnp.shape(corpus)} must be [B, D] and "
@@ -247,6 +255,7 @@ def sharded_top_k_search(
     Each device searches its own rows; the per-shard top-k are gathered and merged into the
     exact global top-k. Works unchanged across hosts after `jax.distributed.initialize()`.
     """
+    require_arrays(queries=queries, corpus=corpus)
     if np.ndim(corpus) != 2:
         raise ValueError(f"corpus must be [N, D], got shape {np.shape(corpus)}")
     check_top_k(corpus.shape[0], k, corpus_mask, "k")  # against all N rows, not a shard's

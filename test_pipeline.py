@@ -19,7 +19,7 @@ import run_pipeline
 from checkpoint import load_artifacts
 from conftest import SCALE_SETUP, Setup, example, ranking_forward, ranking_params, run_script
 from grok import MultiHeadAttention
-from pipeline import Pipeline, read_history, read_request_time, write_example
+from pipeline import Pipeline, feed_to_json, read_history, read_request_time, write_example
 from published_pipeline import PublishedPipeline, published_attention
 from recsys_model import ACTIONS, NormConfig
 
@@ -337,7 +337,7 @@ def test_what_a_sequence_file_holds_is_refused_naming_the_file(folder, tmp_path,
     assert f"{bad}: history item 1: action 3 is 2, expected 0 or 1" in err
 
 
-def test_retrieving_more_posts_than_the_corpus_holds_is_refused(folder):
+def test_what_a_pipeline_cannot_serve_is_refused_by_name(folder):
     artifacts = load_artifacts(folder, fprop_dtype=jnp.float32)
     pipeline = Pipeline(artifacts)
     with pytest.raises(ValueError, match=r"top_k_retrieval must be an integer in \[1, 400\]"):
@@ -348,3 +348,7 @@ def test_retrieving_more_posts_than_the_corpus_holds_is_refused(folder):
         pipeline.feed(artifacts.sequence, 5, 2.5)
     with pytest.raises(TypeError, match="sequence must be an object .*, got NoneType"):
         pipeline.feed(None)
+    with pytest.raises(TypeError, match=r"artifacts must be an Artifacts \(checkpoint.load_"):
+        Pipeline(artifacts.ranker)  # one model's, not the folder's
+    with pytest.raises(TypeError, match=r"feed must be a Feed \(Pipeline.feed\), got dict"):
+        feed_to_json({"items": []})

@@ -420,6 +420,13 @@ def test_example_inputs_that_cannot_be_made_are_refused_naming_the_argument(call
         call()
 
 
+@pytest.mark.parametrize("params", [None, {}, {"linear": {"w": [1.0, 2.0]}}])
+def test_randomize_params_refuses_what_is_not_a_parameter_tree(params):
+    """None came back as None, and a list leaf ended in an AttributeError."""
+    with pytest.raises(TypeError, match="params must be a parameter tree, modules of named"):
+        runners.randomize_params(params, seed=0)
+
+
 def test_a_corpus_that_is_not_an_array_is_refused_naming_its_type(retriever):
     with pytest.raises(TypeError, match="corpus_embeddings must be an array .* got a list$"):
         retriever.set_corpus(np.zeros((3, SETUP.emb_size)).tolist())

@@ -226,6 +226,11 @@ def test_bad_method_k_and_shapes_are_refused():
         top_k_search(queries, corpus, 3, block_size=0)
     with pytest.raises(ValueError, match="threads must be"):
         top_k_search(queries, corpus, 3, threads=-1)
+    for search in (top_k_search, sharded_top_k_search):  # a list has no shape: refused by name
+        with pytest.raises(TypeError, match="queries must be an array .*, got list"):
+            search(queries.tolist(), corpus, 3)
+        with pytest.raises(TypeError, match="corpus must be an array .*, got list"):
+            search(queries, corpus.tolist(), 3)
     for empty in (np.zeros((0, 4), np.float32), jnp.zeros((0, 4))):  # no users, no work
         assert [x.shape for x in top_k_search(empty, corpus, 3)] == [(0, 3), (0, 3)]
     with pytest.raises(ValueError, match="queries row 1 holds NaN or infinity"):
