@@ -897,22 +897,23 @@ def test_load_demo_refuses_an_unknown_user_before_building_the_world(monkeypatch
 
 
 @pytest.mark.parametrize(
-    "field, value, message",
+    "changes, message",
     [
-        ("num_users", -3, r"its world config: num_users must be a whole number >= 1, got -3$"),
-        ("actions", [1], r"its world config: actions must be an object by action name, got"),
-        ("num_users", 10**9, r"rebuilding its world would need about \d+\.\d GiB of memory"),
+        ({"num_users": -3}, r"its world config: num_users must be a whole number >= 1, got -3$"),
+        ({"actions": [1]}, r"its world config: actions must be an object by action name, got"),
+        ({"num_users": 10**9}, "its world config does not fit its models: a world of "
+         "1,000,000,000 users trains user_embeddings of 4,000,000,001 rows; the ranker's has"),
+        ({"num_candidates": 10**6, "serving_pool_size": 10**6},
+         r"rebuilding its world would need about \d+\.\d GiB of memory"),
     ],
-)
-def test_load_demo_refuses_a_world_config_it_cannot_build(
-    tmp_path, monkeypatch, field, value, message
-):
+)  # fmt: skip
+def test_load_demo_refuses_a_world_config_it_cannot_build(tmp_path, monkeypatch, changes, message):
     def build_world(config):
         raise AssertionError("the world was built")
 
     arrays = read_npz(T.DEMO_CHECKPOINT)
     meta = json.loads(str(arrays["meta"]))
-    meta["world"][field] = value
+    meta["world"].update(changes)
     write_npz({**arrays, "meta": np.array(json.dumps(meta))}, tmp_path / "demo.npz")
     monkeypatch.setattr(T.world_lib, "build_world", build_world)
     with pytest.raises(ValueError, match=r"demo\.npz: " + message):
@@ -927,3 +928,27 @@ def test_demo_request_picks_a_held_out_request_or_names_the_user(world):
     users = rf"\(users 1..{world.num_users}\)"
     with pytest.raises(ValueError, match=rf"user 0 is not in the world {users}"):
         T.demo_request(world, 0)
+
+
+def test_the_printed_table_holds_each_figure_in_its_column():
+    action = {"positives": 12, "auc": 0.75, "auc_oracle": 0.8, "pr_auc": None}
+    action |= {"pr_auc_oracle": 0.5, "rce": 10.0, "rce_oracle": 20.0}  # (no PR-AUC: "-")
+    ranking = {
+        "actions": {"favorite_score": action},
+        "dwell_seconds_mae": {"model": 5.0, "oracle": 4.5},
+        "dwell_seconds_rmse": {"model": 11.0, "oracle": 10.0},
+    }
+    recall = {"model": 0.6, "oracle": 0.8, "popularity": 0.03, "recent_popularity": 0.5}
+    lines = T.report_lines({"ranking": ranking, "retrieval": {"recall@100": recall}})
+
+    def cells(line: str) -> str:  # the line's cells, one space apart
+        return " ".join(line.split())
+
+    assert cells(lines[0]) == "action positives AUROC oracle PR-AUC oracle RCE oracle ratio"
+    assert cells(lines[2]) == "favorite_score 12 0.750 0.800 - 0.500 10.0 20.0 0.50"
+    assert lines[3].startswith("dwell time: mean absolute error 5.00 s (oracle: the true median,")
+    assert cells(lines[-1]) == "recall@100 0.600 0.800 0.030 0.500"
+    assert T.report_lines({"retrieval": {"recall@100": recall}})[-1] == lines[-1]
+    for report, got in (([], "list"), ({"ranking": "x"}, r"a dict of \['ranking'\]")):
+        with pytest.raises(TypeError, match=rf"report must be eval.json's object, .*got {got}$"):
+            T.report_lines(report)

@@ -1570,7 +1570,13 @@ def _cell(value: float | None, fmt: str) -> str:
 
 
 def report_lines(report: dict) -> list[str]:
-    """eval.json as a table."""
+    """eval.json as a table (either part, "ranking" or "retrieval", may be left out)."""
+    parts = ("ranking", "retrieval")
+    if not (isinstance(report, dict) and all(isinstance(report.get(p, {}), dict) for p in parts)):
+        raise TypeError(
+            "report must be eval.json's object, {'ranking': {...}, 'retrieval': {...}}, got "
+            + _kind_of(report)
+        )
     lines = []
     actions = report.get("ranking", {}).get("actions")
     if actions:
