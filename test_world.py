@@ -431,6 +431,21 @@ def test_a_time_that_is_not_unix_seconds_is_refused_by_every_method(world, time,
         world.recent_posts([1, 2])
 
 
+def test_ids_and_times_that_do_not_broadcast_are_refused_naming_each_shape(world):
+    """numpy's own error named arguments 0 and 1, not which of the three was off."""
+    rng = np.random.default_rng(0)
+    for call in (world.true_probabilities, world.expected_dwell, world.median_dwell):
+        with pytest.raises(ValueError, match=r"^user_ids \[3\], post_ids \[4\], times \[\]: sha"):
+            call([1, 2, 3], [1, 2, 3, 4], 100)
+    with pytest.raises(ValueError, match=r"post_ids \[2\], times \[3\]: shapes that do not"):
+        world.sample_engagement([1, 2], [1, 2], [5, 6, 7], rng)
+    with pytest.raises(ValueError, match=r"post_ids \[3\], query_times \[4\]: shapes that"):
+        world.oracle_scores([1, 2, 3], [1, 2, 3], [1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"^user_ids \[2\], post_ids \[3\]: shapes that"):
+        world.affinity([1, 2], [1, 2, 3])
+    assert world.true_probabilities([[1], [2]], [1, 2, 3], 100).shape == (2, 3, len(W.ACTIONS))
+
+
 @pytest.mark.parametrize("config", [W.WorldConfig.tiny, {"seed": 1}, "tiny"])
 def test_build_world_and_from_json_name_what_is_not_a_config(config):
     with pytest.raises(TypeError, match="config must be a WorldConfig .or None., got "):

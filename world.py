@@ -563,6 +563,21 @@ class World:
             raise ValueError(f"{name} must be one id, got an array of shape {np.shape(id_)}")
         return int(self._index(id_, size, name))
 
+    def _requests(self, user_ids, post_ids, times=None, time_name: str = "times") -> tuple:
+        """0-based user and post indices and int64 times (None: none asked for), checked, and
+        checked to broadcast together."""
+        u = self._index(user_ids, self.num_users, "user_ids")
+        p = self._index(post_ids, self.num_posts, "post_ids")
+        named = {"user_ids": u, "post_ids": p}
+        if times is not None:
+            times = named[time_name] = _times(times, time_name)
+        try:
+            np.broadcast_shapes(*(x.shape for x in named.values()))
+        except ValueError:
+            shapes = ", ".join(f"{name} {list(x.shape)}" for name, x in named.items())
+            raise ValueError(f"{shapes}: shapes that do not broadcast together") from None
+        return u, p, times
+
     def author_name(self, author_id: int) -> str:
         """A handle that names the author's home topic, e.g. '@jazz_17'."""
         a = self._one(author_id, self.num_authors, "author_id")
@@ -632,9 +647,7 @@ class World:
     def true_probabilities(self, user_ids, post_ids, times) -> np.ndarray:
         """The true probability of every action, [..., A] float64, for user ids, post ids and
         impression times (unix seconds) of any broadcastable shapes [...]."""
-        u = self._index(user_ids, self.num_users, "user_ids")
-        p = self._index(post_ids, self.num_posts, "post_ids")
-        return self._model(u, p, _times(times))[0]
+        return self._model(*self._requests(user_ids, post_ids, times))[0]
 
     def expected_dwell(self, user_ids, post_ids, times) -> np.ndarray:
         """The true mean dwell in seconds, [...] float64 (shapes as in `true_probabilities`)."""
@@ -646,25 +659,20 @@ class World:
         return np.exp(self._dwell_mu(user_ids, post_ids, times))
 
     def _dwell_mu(self, user_ids, post_ids, times) -> np.ndarray:
-        u = self._index(user_ids, self.num_users, "user_ids")
-        p = self._index(post_ids, self.num_posts, "post_ids")
-        return self._model(u, p, _times(times))[1]
+        return self._model(*self._requests(user_ids, post_ids, times))[1]
 
     def sample_engagement(self, user_ids, post_ids, times, rng) -> tuple[np.ndarray, np.ndarray]:
         """Sample actions [..., A] uint8 and dwell [...] seconds, as the world does when it serves,
         with a numpy Generator `rng` (shapes as in `true_probabilities`)."""
         if not isinstance(rng, np.random.Generator):
             raise TypeError(f"rng must be a numpy Generator (np.random.default_rng), got {rng!r}")
-        u = self._index(user_ids, self.num_users, "user_ids")
-        p = self._index(post_ids, self.num_posts, "post_ids")
-        labels, dwell, _, _ = self._sample(rng, u, p, _times(times))
+        labels, dwell, _, _ = self._sample(rng, *self._requests(user_ids, post_ids, times))
         return labels, dwell
 
     def affinity(self, user_ids, post_ids) -> np.ndarray:
         """A user's planted taste for posts [...]: the favorite logit without freshness and
         without the base rate (monotone in the true favorite probability at any fixed age)."""
-        u = self._index(user_ids, self.num_users, "user_ids")
-        p = self._index(post_ids, self.num_posts, "post_ids")
+        u, p, _ = self._requests(user_ids, post_ids)
         return self._affinity(u, p)
 
     @property
@@ -755,9 +763,7 @@ class World:
         the world knows about the next favorite. Posts the world could serve then (created in
         the serving window before the query) come first, by their true favorite probability at
         that time; every other post after them, by the same probability."""
-        u = self._index(user_ids, self.num_users, "user_ids")
-        p = self._index(post_ids, self.num_posts, "post_ids")
-        times = _times(query_times, "query_times")
+        u, p, times = self._requests(user_ids, post_ids, query_times, "query_times")
         probability = self._model(u, p, times)[0][..., FAVORITE]
         return probability + self.servable(post_ids, times)  # probabilities < 1: servable first
 
