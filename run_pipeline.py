@@ -148,10 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     loaded = time.perf_counter() - start
     ranker = artifacts.ranker.config
     positions = "right-anchored" if ranker.right_anchored_rope else "in chunks, as published"
+    posts = count(len(artifacts.corpus.post_ids), "post")
     say(
-        f"Loaded {args.artifacts_dir} in {loaded:.1f} s: {len(artifacts.corpus.post_ids):,} "
-        f"posts; ranker release {ranker.release}, {ranker.model.num_layers} layers, D "
-        f"{ranker.emb_size}, {args.dtype}; candidates ranked {positions}."
+        f"Loaded {args.artifacts_dir} in {loaded:.1f} s: {posts}; ranker release "
+        f"{ranker.release}, {ranker.model.num_layers} layers, D {ranker.emb_size}, {args.dtype}; "
+        f"candidates ranked {positions}."
     )
     top_k = min(args.top_k_retrieval, len(artifacts.corpus.post_ids))
     feed = pipeline.feed(artifacts.sequence, top_k, args.top_k_display)
@@ -159,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     if feed.not_served:
         servable = len(artifacts.corpus.post_ids) - feed.not_served
         note = (
-            f" of the {servable:,} posts it can be served ({feed.not_served:,} created after the "
-            "request or in the history are not)"
+            f" of the {count(servable, 'post')} it can be served ({feed.not_served:,} created "
+            "after the request or in the history are not)"
         )
     else:
         note = " (the whole corpus)" if top_k < args.top_k_retrieval else ""
