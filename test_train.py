@@ -188,7 +188,7 @@ def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run
 
 
 def test_batches_that_do_not_split_over_the_devices_are_refused(world, tmp_path):
-    four = types.SimpleNamespace(size=4)  # a mesh of four devices: only its size is read
+    four = types.SimpleNamespace(size=4, devices=np.arange(4))  # only its size is read
     job = T.make_job("ranker", world, dataclasses.replace(QUICK, batch_size=30))
     message = r"batch_size \(30\) does not split over the 4 devices; use a multiple of 4"
     with pytest.raises(ValueError, match=message):
@@ -952,3 +952,74 @@ def test_the_printed_table_holds_each_figure_in_its_column():
     for report, got in (([], "list"), ({"ranking": "x"}, r"a dict of \['ranking'\]")):
         with pytest.raises(TypeError, match=rf"report must be eval.json's object, .*got {got}$"):
             T.report_lines(report)
+
+
+def test_export_takes_a_new_folder_or_an_artifacts_folder_and_models_of_its_world(world, tmp_path):
+    """Export replaces its folder whole: given a file, or a folder of other things (a home
+    folder, say), it replaced it; given a world the models were not trained on, it wrote a
+    folder whose corpus they could not serve."""
+    models = {}
+    for kind in T.MODELS:
+        job = T.make_job(kind, world, QUICK)
+        models[kind] = T.model_artifacts(
+            job, T.initial_state(kind, job.config, job.hashing, QUICK).params
+        )
+    out = str(tmp_path / "artifacts")  # a string will do
+    T.export_artifacts(out, world, models["retrieval"], models["ranker"])
+    T.export_artifacts(out, world, models["retrieval"], models["ranker"])  # replaced whole
+    assert load_artifacts(out).corpus.post_ids.shape == (world.num_posts,)
+    (tmp_path / "notes.txt").write_text("mine")
+    for path, problem in (
+        (tmp_path, r"holds what an artifacts folder does not \(artifacts, notes"),
+        (tmp_path / "notes.txt", "a file, not a folder"),
+    ):
+        with pytest.raises(ValueError, match=rf"{problem}.*; export to a new folder"):
+            T.export_artifacts(path, world, models["retrieval"], models["ranker"])
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(
+        TypeError,
+        match="the retrieval must be a retrieval model's ModelArtifacts, got PhoenixModelConfig",
+    ):
+        T.export_artifacts(out, world, models["ranker"], models["retrieval"])
+    with pytest.raises(TypeError, match="world must be a World"):
+        T.export_artifacts(out, world.config, models["retrieval"], models["ranker"])
+    bigger = build_world(dataclasses.replace(world.config, num_users=world.num_users + 1))
+    with pytest.raises(
+        ValueError,
+        match="the world config does not fit its models: a world of "
+        "41 users trains user_embeddings of 165 rows; the retrieval's has 161",
+    ):
+        T.export_artifacts(out, bigger, models["retrieval"], models["ranker"])
+    with pytest.raises(TypeError, match="world_config must be a WorldConfig, got World"):
+        T.save_demo_checkpoint(tmp_path / "demo.npz", world, models)
+    with pytest.raises(TypeError, match=r"models must be .*, got a dict of \['ranker'\]"):
+        T.save_demo_checkpoint(tmp_path / "demo.npz", world.config, {"ranker": models["ranker"]})
+
+
+def test_training_helpers_refuse_arguments_of_the_wrong_kind(world, tmp_path):
+    retrieval_config = T.model_configs(world.config, QUICK)[0]
+    with pytest.raises(
+        TypeError,
+        match="config must be a PhoenixModelConfig for the ranker, got PhoenixRetrievalModelConfig",
+    ):
+        T.make_job("ranker", world, QUICK, config=retrieval_config)
+    job = T.make_job("ranker", world, QUICK)
+    with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh \(data_mesh\), got str"):
+        T.fit(job, tmp_path / "state", mesh="cpu")
+    with pytest.raises(TypeError, match="start must be .state, log. as load_progress gives"):
+        T.fit(job, tmp_path / "state", start=(None, None))
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        T.batch_indices(10, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"batch_size \(11\) exceeds the 10 examples"):
+        T.batch_indices(10, 11, 0, 0)
+    log = [{"step": 1, "loss": 0.5}]
+    with pytest.raises(ValueError, match="a picture's file name, with its format's suffix"):
+        T.plot_curves({"ranker": log}, tmp_path)  # a folder: matplotlib wrote the folder + ".png"
+    with pytest.raises(TypeError, match="logs must be training logs by model"):
+        T.plot_curves({"ranker": [{"step": 1}]}, tmp_path / "curves.png")
+    with pytest.raises(TypeError, match="actions must be eval.json's ranking actions, got"):
+        T.plot_auroc({"favorite_score": {}}, tmp_path / "auroc.png")
+    with pytest.raises(TypeError, match=r"predictions must be evaluate_ranker's predictions"):
+        T.plot_calibration({}, tmp_path / "calibration.png")
+    T.plot_curves({"ranker": log}, tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -52,6 +52,8 @@ from jax.sharding import PartitionSpec as P
 import metrics
 import world as world_lib
 from checkpoint import (
+    DEFAULT_CORPUS_FILE,
+    DEFAULT_SEQUENCE_FILE,
     LOG_TEMPERATURE,
     Corpus,
     ModelArtifacts,
@@ -99,6 +101,7 @@ from runners import check_memory
 from tables import TABLE_NAMES, Hashing, init_tables, lookup
 
 MODELS = ("ranker", "retrieval")
+MODEL_CONFIGS = {"ranker": PhoenixModelConfig, "retrieval": PhoenixRetrievalModelConfig}
 FAVORITE = ACTIONS.index("favorite_score")
 # A temperature of 0.05 for unit vectors, as HSTU and the forks use; learned from there, kept
 # within [0.01, 1].
@@ -301,6 +304,11 @@ def retrieval_arrays(examples: world_lib.RetrievalExamples, hashing: Hashing) ->
 def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     """The examples of step `step`: epochs of a fresh permutation each, from the seed alone,
     so that a resumed run draws exactly the batches an uninterrupted one would."""
+    for name, value, least in (("n", n, 1), ("batch_size", batch_size, 1), ("step", step, 0)):
+        if not is_integer(value) or value < least:
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+    if batch_size > n:
+        raise ValueError(f"batch_size ({batch_size}) exceeds the {n} examples")
     per_epoch = max(1, n // batch_size)
     epoch, position = divmod(step, per_epoch)
     return _epoch_order(n, seed, epoch)[position * batch_size : (position + 1) * batch_size]
@@ -1047,6 +1055,11 @@ def make_job(
     if config is None:
         retrieval, ranker = model_configs(world.config, train)
         config = ranker if kind == "ranker" else retrieval
+    elif not isinstance(config, MODEL_CONFIGS[kind]):
+        raise TypeError(
+            f"config must be a {MODEL_CONFIGS[kind].__name__} for the {kind}, got "
+            f"{type(config).__name__}"
+        )
     if config.history_seq_len != world.config.history_len:
         raise ValueError(
             f"the model's history_seq_len ({config.history_seq_len}) does not fit the world's "
@@ -1171,6 +1184,12 @@ def fit(
     if problem:
         raise ValueError(f"state_dir {state_dir}: {problem}")
     mesh = data_mesh() if mesh is None else mesh
+    if not (hasattr(mesh, "size") and hasattr(mesh, "devices")):  # a Mesh, or one like it
+        raise TypeError(f"mesh must be a jax.sharding.Mesh (data_mesh), got {_kind_of(mesh)}")
+    if start is not None and not (
+        isinstance(start, tuple) and len(start) == 2 and isinstance(start[0], TrainState)
+    ):
+        raise TypeError(f"start must be (state, log) as load_progress gives, got {_kind_of(start)}")
     check_batch_split(train, mesh)
     resume = resume or start is not None
     if not resume and (state_dir / f"{job.kind}.npz").exists():
@@ -1468,8 +1487,19 @@ RECALL_OVER_POPULARITY = 2  # recall@100 against popularity's
 ORACLE_RECALL_OVER_POPULARITY = 3
 
 
+def _check_report(report) -> None:
+    """Refuses what is not eval.json's object (either part may be left out)."""
+    parts = ("ranking", "retrieval")
+    if not (isinstance(report, dict) and all(isinstance(report.get(p, {}), dict) for p in parts)):
+        raise TypeError(
+            "report must be eval.json's object, {'ranking': {...}, 'retrieval': {...}}, got "
+            + _kind_of(report)
+        )
+
+
 def goal_checks(report: dict) -> list[tuple[str, bool]]:
     """The project's quality goals on the default world, each with whether this run met it."""
+    _check_report(report)
     checks = []
     actions = report.get("ranking", {}).get("actions")
     fav = (actions or {}).get("favorite_score", {})
@@ -1571,12 +1601,7 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def report_lines(report: dict) -> list[str]:
     """eval.json as a table (either part, "ranking" or "retrieval", may be left out)."""
-    parts = ("ranking", "retrieval")
-    if not (isinstance(report, dict) and all(isinstance(report.get(p, {}), dict) for p in parts)):
-        raise TypeError(
-            "report must be eval.json's object, {'ranking': {...}, 'retrieval': {...}}, got "
-            + _kind_of(report)
-        )
+    _check_report(report)
     lines = []
     actions = report.get("ranking", {}).get("actions")
     if actions:
@@ -1626,9 +1651,29 @@ def _pyplot():
     return plt
 
 
-def plot_curves(logs: dict[str, list[dict]], path: Path) -> None:
+def _check_plot(path: str | os.PathLike, what: str, value, ok: bool, expected: str) -> Path:
+    """Refuses a figure's input (`ok` False: `what` is not `expected`) or a path that cannot be
+    a picture (an existing folder, or no suffix to name its format); returns the path."""
+    if not ok:
+        raise TypeError(f"{what} must be {expected}, got {_kind_of(value)}")
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        raise ValueError(f"{path}: a picture's file name, with its format's suffix (.png)")
+    return path
+
+
+def plot_curves(logs: dict[str, list[dict]], path: str | os.PathLike) -> None:
     """Training loss (a running median, raw behind it) and the held-out figures watched while
     training, per model."""
+    ok = (
+        isinstance(logs, dict)
+        and logs
+        and all(
+            isinstance(log, list) and log and all({"step", "loss"} <= set(e) for e in log)
+            for log in logs.values()
+        )
+    )
+    path = _check_plot(path, "logs", logs, ok, "training logs by model, {kind: fit's log}")
     plt = _pyplot()
     fig, axes = plt.subplots(2, len(logs), figsize=(5.5 * len(logs), 6.5), squeeze=False)
     for column, (kind, log) in enumerate(logs.items()):
@@ -1658,8 +1703,14 @@ def plot_curves(logs: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_auroc(actions: dict, path: Path) -> None:
+def plot_auroc(actions: dict, path: str | os.PathLike) -> None:
     """Per-action AUROC of the model beside the oracle's."""
+    ok = (
+        isinstance(actions, dict)
+        and actions
+        and all(isinstance(a, dict) and {"auc", "auc_oracle"} <= set(a) for a in actions.values())
+    )
+    path = _check_plot(path, "actions", actions, ok, "eval.json's ranking actions")
     plt = _pyplot()
     names = [name.removesuffix("_score") for name in actions]
     x = np.arange(len(names))
@@ -1677,8 +1728,14 @@ def plot_auroc(actions: dict, path: Path) -> None:
 CALIBRATION_ACTIONS = ("favorite_score", "reply_score", "vqv_score", "not_interested_score")
 
 
-def plot_calibration(predictions: dict, path: Path, bins: int = 10) -> None:
+def plot_calibration(predictions: dict, path: str | os.PathLike, bins: int = 10) -> None:
     """Observed rate against mean predicted probability in quantile bins, model and oracle."""
+    fields = ("ranking_labels", "ranking_model", "ranking_oracle")
+    ok = isinstance(predictions, dict) and all(
+        np.shape(predictions.get(f))[-1:] == (len(ACTIONS),) for f in fields
+    )
+    expected = f"evaluate_ranker's predictions ({', '.join(fields)}: [..., {len(ACTIONS)}])"
+    path = _check_plot(path, "predictions", predictions, ok, expected)
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(CALIBRATION_ACTIONS), figsize=(4 * len(CALIBRATION_ACTIONS), 4))
     for ax, action in zip(axes, CALIBRATION_ACTIONS, strict=True):
@@ -1738,12 +1795,63 @@ def demo_request(world: world_lib.World, user_id: int | None = None) -> tuple[in
     return int(examples.user_ids[n]), int(examples.request_times[n])
 
 
+# What an artifacts folder holds, as `write_artifacts` writes it.
+ARTIFACT_NAMES = frozenset({*MODELS, DEFAULT_CORPUS_FILE, DEFAULT_SEQUENCE_FILE})
+
+
+def check_models_fit(world_config: world_lib.WorldConfig, models: dict, where: str = "") -> None:
+    """Refuses models that are not of their kind or were not trained on a world of this config:
+    histories of another length, tables other than their hashing's, hashings sized for another
+    world's ids (rows per entity as `hashing_for` has them). `where` begins each message."""
+    counts = id_counts(world_config)
+    for kind, model in models.items():
+        config = getattr(model, "config", model)
+        if not (isinstance(model, ModelArtifacts) and isinstance(config, MODEL_CONFIGS[kind])):
+            got = type(config).__name__
+            raise TypeError(f"{where}{kind} must be a {kind} model's ModelArtifacts, got {got}")
+        if model.config.history_seq_len != world_config.history_len:
+            raise ValueError(
+                f"{where}{kind}'s history_seq_len ({model.config.history_seq_len}) does not "
+                f"fit its world's histories of {world_config.history_len}"
+            )
+        for entity, name in TABLE_NAMES.items():
+            vocab, table = getattr(model.hashing, entity).vocab_size, model.tables[name]
+            if np.shape(table) != (vocab, model.config.emb_size):
+                raise ValueError(
+                    f"{where}{kind}'s {name} is {list(np.shape(table))}, its hashing asks for "
+                    f"{[vocab, model.config.emb_size]}"
+                )
+            rows = counts[entity] * TABLE_ROWS_PER_ENTITY[entity] + 1  # as `hashing_for` has it
+            if vocab != rows:
+                raise ValueError(
+                    f"{where}world config does not fit its models: a world of "
+                    f"{counts[entity]:,} {ENTITY_NOUNS[entity]} trains {name} of {rows:,} "
+                    f"rows; the {kind}'s has {vocab:,} (models of another world?)"
+                )
+
+
 def export_artifacts(
-    directory: Path, world: world_lib.World, retrieval: ModelArtifacts, ranker: ModelArtifacts
+    directory: str | os.PathLike,
+    world: world_lib.World,
+    retrieval: ModelArtifacts,
+    ranker: ModelArtifacts,
 ) -> Path:
     """The published artifacts layout: both models, the world's corpus encoded by the trained
     candidate tower (with topic names and creation times), and the demo user's sequence at
-    their held-out request. Replaces `directory` whole, never leaving half of one."""
+    their held-out request. Replaces `directory` whole, never leaving half of one: it may be
+    new, empty or an artifacts folder, nothing else."""
+    directory = Path(directory)
+    if not isinstance(world, world_lib.World):
+        raise TypeError(f"world must be a World (world.build_world), got {_kind_of(world)}")
+    check_models_fit(world.config, {"retrieval": retrieval, "ranker": ranker}, "the ")
+    problem = file_in_a_folder(directory)
+    if problem is None and directory.exists():
+        if not directory.is_dir():
+            problem = "a file, not a folder"
+        elif others := sorted({p.name for p in directory.iterdir()} - ARTIFACT_NAMES):
+            problem = f"holds what an artifacts folder does not ({', '.join(others[:5])})"
+    if problem:
+        raise ValueError(f"{directory}: {problem}; export to a new folder")
     corpus = world.corpus()
     ids = {"post_hashes": retrieval.hashing.item(corpus["post_ids"])}
     ids["author_hashes"] = retrieval.hashing.author(corpus["author_ids"])
@@ -1786,6 +1894,12 @@ def save_demo_checkpoint(
     `run_ranker.py` and `run_retrieval.py` load. Table rows that no id of the world hashes to,
     which no lookup in that world reaches (row 0, padding, is read and masked), are stored as
     zeros, and the file compressed."""
+    if not isinstance(world_config, world_lib.WorldConfig):
+        raise TypeError(f"world_config must be a WorldConfig, got {_kind_of(world_config)}")
+    if not (isinstance(models, dict) and set(models) == set(MODELS)):
+        raise TypeError(
+            f"models must be {{kind: ModelArtifacts}} of {MODELS}, got {_kind_of(models)}"
+        )
     counts = id_counts(world_config)
     arrays, configs = {}, {}
     for kind, model in models.items():
@@ -1857,27 +1971,7 @@ def load_demo_checkpoint(
         world_config = world_lib.WorldConfig.from_json(meta["world"])
     except (ValueError, TypeError) as error:
         raise ValueError(f"{path}: its world config: {error}") from None
-    counts = id_counts(world_config)
-    for kind, model in models.items():
-        if model.config.history_seq_len != world_config.history_len:
-            raise ValueError(
-                f"{path}: its {kind}'s history_seq_len ({model.config.history_seq_len}) does not "
-                f"fit its world's histories of {world_config.history_len}"
-            )
-        for entity, name in TABLE_NAMES.items():
-            vocab, table = getattr(model.hashing, entity).vocab_size, model.tables[name]
-            if table.shape != (vocab, model.config.emb_size):
-                raise ValueError(
-                    f"{path}: its {kind}'s {name} is {list(table.shape)}, its hashing asks for "
-                    f"{[vocab, model.config.emb_size]}"
-                )
-            rows = counts[entity] * TABLE_ROWS_PER_ENTITY[entity] + 1  # as `hashing_for` has it
-            if vocab != rows:
-                raise ValueError(
-                    f"{path}: its world config does not fit its models: a world of "
-                    f"{counts[entity]:,} {ENTITY_NOUNS[entity]} trains {name} of {rows:,} "
-                    f"rows; the {kind}'s has {vocab:,} (models of another world?)"
-                )
+    check_models_fit(world_config, models, f"{path}: its ")
     return world_config, models
 
 
