@@ -112,6 +112,21 @@ class ContinuousActionConfig:
     norm_config: NormConfig | None = None
 
 
+def _norm_config(config: NormConfig | ContinuousActionConfig | None) -> NormConfig:
+    """The normalisation a config asks for (None: the defaults), checked."""
+    if isinstance(config, ContinuousActionConfig):
+        config = config.norm_config
+    config = NormConfig() if config is None else config
+    if not isinstance(config, NormConfig):
+        raise TypeError(
+            f"config must be a NormConfig, a ContinuousActionConfig or None, got "
+            f"{type(config).__name__}"
+        )
+    if not (is_number(config.norm_scale) and 0 < config.norm_scale < np.inf):
+        raise ValueError(f"norm_scale must be a finite number > 0, got {config.norm_scale!r}")
+    return config
+
+
 def normalize_continuous_value(
     values: jax.typing.ArrayLike, config: NormConfig | ContinuousActionConfig | None = None
 ) -> jax.Array:
@@ -120,9 +135,7 @@ def normalize_continuous_value(
     `config` is a `NormConfig`, or a `ContinuousActionConfig` whose `norm_config` is used;
     None means the defaults (scale 30, linear).
     """
-    if isinstance(config, ContinuousActionConfig):
-        config = config.norm_config
-    config = NormConfig() if config is None else config
+    config = _norm_config(config)
     x = jnp.clip(jnp.asarray(values, jnp.float32), 0.0, config.norm_scale)
     if config.use_log:
         return jnp.log1p(x) / jnp.log1p(jnp.float32(config.norm_scale))
@@ -134,9 +147,7 @@ def denormalize_continuous_value(
 ) -> jax.Array:
     """The inverse of `normalize_continuous_value` on [0, scale]: a value in [0, 1] (such as a
     continuous head's output) back in the original unit, in float32."""
-    if isinstance(config, ContinuousActionConfig):
-        config = config.norm_config
-    config = NormConfig() if config is None else config
+    config = _norm_config(config)
     y = jnp.asarray(normalized, jnp.float32)
     if config.use_log:
         return jnp.expm1(y * jnp.log1p(jnp.float32(config.norm_scale)))
@@ -153,6 +164,7 @@ def compute_post_age_bucket(
     Bucket 1 + floor(age in minutes / granularity), at most POST_AGE_MAX_MINUTES // granularity
     + 1; bucket 0 when either timestamp is 0 (absent) or the post is younger than 0.
     """
+    _check_count("granularity_mins", granularity_mins, low=1)
     impr = jnp.asarray(impr_ts_sec)
     created = jnp.asarray(post_creation_ts_sec)
     age = impr - created
@@ -186,6 +198,12 @@ class ModelConfigDefaults:
     the order of its published signature)."""
 
     def __post_init__(self):
+        if not isinstance(self.model, TransformerConfig):
+            raise TypeError(f"model must be a TransformerConfig, got {type(self.model).__name__}")
+        for field in dataclasses.fields(self):  # switches: "no" would read as true
+            value = getattr(self, field.name)
+            if field.type == "bool" and not isinstance(value, bool | np.bool_):
+                raise TypeError(f"{field.name} must be True or False, got {value!r}")
         if self.hash_config is None:
             self.hash_config = HashConfig()
         if self.emb_size is None:

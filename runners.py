@@ -331,6 +331,13 @@ def attention_bytes(config: Any, batch_size: int, queries: int, keys: int) -> fl
 # ---------------------------------------------------------------------------------------------
 
 
+def _required(value, kind: type, name: str):
+    """`value`, if it is a `kind`; else TypeError naming what it is."""
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
 class BaseModelRunner:
     """Holds a model configuration and builds its Haiku forward function."""
 
@@ -362,7 +369,7 @@ class ModelRunner(BaseModelRunner):
 
     def __init__(self, model: PhoenixModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42):
         super().__init__(bs_per_device, rng_seed)
-        self.model = model
+        self.model = _required(model, PhoenixModelConfig, "model")
 
     def make_forward_fn(self) -> hk.Transformed:
         """The dense forward: (batch, embeddings) -> RecsysModelOutput."""
@@ -416,7 +423,7 @@ class RetrievalModelRunner(BaseModelRunner):
         self, model: PhoenixRetrievalModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42
     ):
         super().__init__(bs_per_device, rng_seed)
-        self.model = model
+        self.model = _required(model, PhoenixRetrievalModelConfig, "model")
 
     def make_forward_fn(self) -> hk.Transformed:
         """(batch, embeddings, corpus_embeddings, top_k, corpus_mask=None) -> RetrievalOutput.
@@ -559,7 +566,7 @@ class RecsysInferenceRunner(BaseInferenceRunner):
             raise ValueError(
                 f"candidate_block_size must be an integer >= 1, got {candidate_block_size!r}"
             )
-        self.runner = runner
+        self.runner = _required(runner, ModelRunner, "runner")
         self.candidate_block_size = candidate_block_size
 
     def _param_shapes(self, params: hk.Params) -> hk.Params:
@@ -674,7 +681,7 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
 
     def __init__(self, runner: RetrievalModelRunner, name: str):
         super().__init__(name)
-        self.runner = runner
+        self.runner = _required(runner, RetrievalModelRunner, "runner")
         self.corpus_embeddings: jax.Array | None = None
         self.corpus_post_ids: np.ndarray | None = None
 

@@ -529,6 +529,34 @@ def test_configs_refuse_sizes_no_model_has(build, message):
         build()
 
 
+NORM = recsys_model.NormConfig
+
+
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        (lambda: PhoenixModelConfig(None), TypeError, "model must be a TransformerConfig, got "),
+        (lambda: PhoenixModelConfig(SETUP.transformer_config(), right_anchored_rope="no"),
+         TypeError, "right_anchored_rope must be True or False, got 'no'"),
+        (lambda: dataclasses.replace(SETUP.retrieval_config(), enable_linear_proj=0),
+         TypeError, "enable_linear_proj must be True or False, got 0"),
+        (lambda: recsys_model.normalize_continuous_value(1.0, "log"),
+         TypeError, "config must be a NormConfig, a ContinuousActionConfig or None, got str"),
+        (lambda: recsys_model.normalize_continuous_value(1.0, NORM(norm_scale=0)),
+         ValueError, "norm_scale must be a finite number > 0, got 0"),
+        (lambda: recsys_model.denormalize_continuous_value(0.5, NORM(norm_scale=math.nan)),
+         ValueError, "norm_scale must be a finite number > 0, got nan"),
+        (lambda: recsys_model.compute_post_age_bucket(NOW, NOW - 60, 0),
+         ValueError, "granularity_mins must be an integer >= 1, got 0"),
+    ],
+)  # fmt: skip
+def test_settings_of_the_wrong_kind_are_refused_by_name(build, error, message):
+    """Each of these gave an AttributeError, a ZeroDivisionError or NaN, or (a switch given as
+    "no") the second release's positions."""
+    with pytest.raises(error, match=message):
+        build()
+
+
 # ---------------------------------------------------------------------------------------------
 # The second release: post age, continuous values, IP, slot invariance.
 # ---------------------------------------------------------------------------------------------

@@ -720,3 +720,17 @@ def test_multi_device_equals_one_device(multi_device_run, part):
     status, stdout, report = multi_device_run
     assert f"PASS {part}" in stdout.splitlines(), report
     assert status == 0, report
+
+
+def test_runners_refuse_a_config_or_runner_of_the_other_model():
+    """A ranker's runner built on a retrieval runner ended in an AttributeError at its first
+    call, and a ModelRunner took a retrieval config without complaint."""
+    ranking, retrieval = SETUP.ranking_config(), SETUP.retrieval_config()
+    with pytest.raises(TypeError, match="model must be a PhoenixModelConfig, got PhoenixRetr"):
+        runners.ModelRunner(retrieval)
+    with pytest.raises(TypeError, match="model must be a PhoenixRetrievalModelConfig, got Phoe"):
+        runners.RetrievalModelRunner(ranking)
+    with pytest.raises(TypeError, match="runner must be a ModelRunner, got RetrievalModelRunner"):
+        runners.RecsysInferenceRunner(runners.RetrievalModelRunner(retrieval), "ranker")
+    with pytest.raises(TypeError, match="runner must be a RetrievalModelRunner, got NoneType"):
+        runners.RecsysRetrievalInferenceRunner(None, "retrieval")
