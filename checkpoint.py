@@ -284,6 +284,13 @@ def flatten_params(params: hk.Params) -> dict[str, Any]:
             "params must be a Haiku parameter tree, a dict of modules each a dict of arrays, "
             f"got {type(params).__name__}"
         )
+    for module, leaves in params.items():
+        for name in leaves:
+            if not isinstance(name, str) or "/" in name:
+                raise ValueError(
+                    f"params: {module}'s parameter name {name!r} must be a string without '/' "
+                    "(the layout splits each key at its last '/')"
+                )
     return {f"{m}/{n}" if m else n: v for m, leaves in params.items() for n, v in leaves.items()}
 
 
@@ -317,7 +324,12 @@ def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str,
 def save_model_params(params: hk.Params, checkpoint_path: str | os.PathLike) -> None:
     """Writes a parameter tree in the published layout (`module/name` keys) as `write_npz`
     writes arrays: atomically, refusing floats that loading would refuse."""
-    write_npz(flatten_params(params), checkpoint_path)
+    flat = flatten_params(params)
+    for name, value in flat.items():
+        dtype = np.asarray(value).dtype
+        if not (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_):
+            raise TypeError(f"{name}: a parameter must be an array of numbers, got {dtype}")
+    write_npz(flat, checkpoint_path)
 
 
 def load_embedding_table(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -182,6 +182,8 @@ def _take(table, hashes, name: str):
     checked to be rows of the table; traced ones cannot be, and a row beyond it reads NaN."""
     if not isinstance(hashes, jax.core.Tracer):
         values = np.asarray(hashes)
+        if values.dtype.kind not in "iu":
+            raise TypeError(f"{name}: hashes must be integers, got {values.dtype}")
         rows = np.shape(table)[0]
         if values.size and (values.min() < 0 or values.max() >= rows):
             raise ValueError(
@@ -196,6 +198,15 @@ def _take(table, hashes, name: str):
 def lookup(tables: Mapping[str, Any], batch: RecsysBatch) -> RecsysEmbeddings:
     """The embeddings of a batch's hashes, from split tables (`user_embeddings`,
     `item_embeddings`, `author_embeddings`)."""
+    if not isinstance(batch, RecsysBatch):
+        raise TypeError(f"batch must be a RecsysBatch, got {type(batch).__name__}")
+    names = tuple(TABLE_NAMES.values())
+    if not isinstance(tables, Mapping):
+        raise TypeError(
+            f"tables must be a mapping of {', '.join(names)}, got {type(tables).__name__}"
+        )
+    if missing := [n for n in names if n not in tables]:
+        raise ValueError(f"tables lacks {', '.join(missing)}; it holds {sorted(map(str, tables))}")
     users, items, authors = (TABLE_NAMES[e] for e in ENTITIES)
     return RecsysEmbeddings(
         user_embeddings=_take(tables[users], batch.user_hashes, users),

@@ -96,6 +96,16 @@ def test_lookup_from_split_tables_equals_the_unified_table():
             ValueError, match=r"user_embeddings: hashes from \d+ to \d+ are not all rows of it"
         ):
             lookup(small, batch)
+    # Arguments of the wrong kind: a KeyError, an AttributeError, an IndexError from float hashes.
+    with pytest.raises(ValueError, match=r"tables lacks item_embeddings; it holds \['author_emb"):
+        lookup({k: v for k, v in tables.items() if k != "item_embeddings"}, batch)
+    with pytest.raises(TypeError, match="tables must be a mapping of user_embeddings, .*got list"):
+        lookup(list(tables.values()), batch)
+    with pytest.raises(TypeError, match="batch must be a RecsysBatch, got dict"):
+        lookup(tables, batch._asdict())
+    floats = batch._replace(user_hashes=batch.user_hashes.astype(np.float32))
+    with pytest.raises(TypeError, match="user_embeddings: hashes must be integers, got float32"):
+        lookup(tables, floats)
 
 
 def test_expected_random_rows_by_hand():
