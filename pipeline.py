@@ -64,6 +64,7 @@ NAMED_WEIGHTS = {"favorite_score": 1.0, "reply_score": 0.5, "repost_score": 0.3,
 
 def score_weights(ranker: ModelArtifacts) -> dict[str, tuple[int, float]]:
     """{label: (output index, weight)} of the feed's weighted score."""
+    _check_kind(ranker, ModelArtifacts, "ranker")
     names = (ranker.json or {}).get("action_names")
     if names:
         missing = [name for name in NAMED_WEIGHTS if name not in names]
@@ -80,6 +81,7 @@ def output_names(ranker: ModelArtifacts) -> list[str]:
     """A name for each of the ranker's outputs: its config.json's `action_names`, or, for a
     folder without them, the published pipeline's enum names where it has one and
     `output_<i>` elsewhere (what the other outputs mean, such a folder does not say)."""
+    _check_kind(ranker, ModelArtifacts, "ranker")
     names = (ranker.json or {}).get("action_names")
     if names:
         return list(names)
@@ -114,6 +116,19 @@ class Feed:
     not_served: int  # posts of the corpus the request could not be served (`_unservable`)
 
 
+def _check_sequence(sequence: Any) -> None:
+    if not isinstance(sequence, Mapping):
+        raise TypeError(
+            'sequence must be an object with "user_id" and "history", got '
+            f"{type(sequence).__name__}"
+        )
+
+
+def _check_kind(value: Any, kind: type, name: str) -> None:
+    if not isinstance(value, kind):
+        raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+
+
 def _positive_int(value: Any, what: str) -> int:
     """An id of a sequence: a positive integer that int64 holds (X's ids are)."""
     if not (is_integer(value) and 1 <= value < 2**63):
@@ -130,6 +145,7 @@ def read_history(
     Action values must be 0 or 1 and indices in [0, num_actions); a history item may also
     carry "dwell_time" (seconds), which the second release's ranker reads.
     """
+    _check_sequence(sequence)
     user_id = _positive_int(sequence.get("user_id"), "user_id")
     posts, authors = np.zeros(history_len, np.int64), np.zeros(history_len, np.int64)
     ids = history_post_ids(sequence, history_len)  # checks that each item is an object
@@ -170,6 +186,7 @@ def history_post_ids(sequence: Mapping[str, Any], count: int | None = None) -> n
     """[H] int64: the post ids of the first `count` items of a sequence's history, or of every
     item (what a request with a time is not served again), each item checked to be an object
     with a positive integer post id."""
+    _check_sequence(sequence)
     history = sequence.get("history")
     if not isinstance(history, list):
         raise ValueError(f'"history" must be a list of items, got {type(history).__name__}')
@@ -184,6 +201,7 @@ def history_post_ids(sequence: Mapping[str, Any], count: int | None = None) -> n
 
 def read_request_time(sequence: Mapping[str, Any]) -> int | None:
     """The sequence's "request_time" (unix seconds), if it has one."""
+    _check_sequence(sequence)
     value = sequence.get("request_time")
     if value is not None and not (is_integer(value) and 0 <= value < 2**31):
         raise ValueError(
@@ -261,11 +279,7 @@ class Pipeline:
         is a ValueError)."""
         corpus: Corpus = self.artifacts.corpus
         n = len(corpus.post_ids)
-        if not isinstance(sequence, Mapping):
-            raise TypeError(
-                'sequence must be an object with "user_id" and "history", got '
-                f"{type(sequence).__name__}"
-            )
+        _check_sequence(sequence)
         if not (is_integer(top_k_retrieval) and 1 <= top_k_retrieval <= n):
             raise ValueError(
                 f"top_k_retrieval must be an integer in [1, {n}] (the corpus), got "
@@ -428,6 +442,17 @@ def encode_corpus(
 ) -> np.ndarray:
     """Candidate-tower vectors [N, D] float32 of posts, `chunk` posts (or all, if fewer) per
     compiled call."""
+    _check_kind(retriever, runners.RecsysRetrievalInferenceRunner, "retriever")
+    _check_kind(model, ModelArtifacts, "model")
+    post_ids, author_ids = np.asarray(post_ids), np.asarray(author_ids)
+    for name, ids in (("post_ids", post_ids), ("author_ids", author_ids)):
+        if ids.ndim != 1 or ids.shape != post_ids.shape or ids.dtype.kind not in "iu":
+            raise ValueError(
+                f"{name} must be integers [N] as many as post_ids ({len(post_ids)}), got "
+                f"{list(ids.shape)} {ids.dtype}"
+            )
+        if ids.size and ids.min() < 1:  # 0 is padding
+            raise ValueError(f"{name} must be ids >= 1 (0 is padding), got {ids.min()}")
     chunk = max(1, min(chunk, len(post_ids)))
     out = np.empty((len(post_ids), model.config.emb_size), np.float32)
     no_history = np.zeros((1, 1), np.int64)  # the candidate tower reads only the candidates
@@ -526,6 +551,7 @@ def example_sequence(corpus: Corpus, history_length: int, rng: np.random.Generat
 
 def describe_feed(feed: Feed) -> list[str]:
     """The feed as the lines of a table."""
+    _check_kind(feed, Feed, "feed")
     widths = {label: max(8, len(label)) for label in feed.weights}
     header = (
         f"{'rank':>4}  {'post id':>19}  {'author id':>13}  {'topic':<12}  {'score':>6}  "
@@ -547,8 +573,7 @@ def describe_feed(feed: Feed) -> list[str]:
 
 def feed_to_json(feed: Feed) -> dict:
     """A feed as the JSON object `--output-json` writes."""
-    if not isinstance(feed, Feed):
-        raise TypeError(f"feed must be a Feed (Pipeline.feed), got {type(feed).__name__}")
+    _check_kind(feed, Feed, "feed")
     return {
         "user_id": feed.user_id,
         "history_length": feed.history_length,

@@ -19,7 +19,18 @@ import run_pipeline
 from checkpoint import load_artifacts
 from conftest import SCALE_SETUP, Setup, example, ranking_forward, ranking_params, run_script
 from grok import MultiHeadAttention
-from pipeline import Pipeline, feed_to_json, read_history, read_request_time, write_example
+from pipeline import (
+    Pipeline,
+    describe_feed,
+    encode_corpus,
+    feed_to_json,
+    history_post_ids,
+    output_names,
+    read_history,
+    read_request_time,
+    score_weights,
+    write_example,
+)
 from published_pipeline import PublishedPipeline, published_attention
 from recsys_model import ACTIONS, NormConfig
 
@@ -350,5 +361,23 @@ def test_what_a_pipeline_cannot_serve_is_refused_by_name(folder):
         pipeline.feed(None)
     with pytest.raises(TypeError, match=r"artifacts must be an Artifacts \(checkpoint.load_"):
         Pipeline(artifacts.ranker)  # one model's, not the folder's
-    with pytest.raises(TypeError, match=r"feed must be a Feed \(Pipeline.feed\), got dict"):
-        feed_to_json({"items": []})
+    for fn in (feed_to_json, describe_feed):
+        with pytest.raises(TypeError, match="feed must be a Feed, got dict"):
+            fn({"items": []})
+    for fn in (read_request_time, history_post_ids, lambda s: read_history(s, 4, 19)):
+        with pytest.raises(TypeError, match='sequence must be an object with "user_id" and "hi'):
+            fn(None)
+    for fn in (score_weights, output_names):
+        with pytest.raises(TypeError, match="ranker must be a ModelArtifacts, got PhoenixModelC"):
+            fn(artifacts.ranker.config)
+    posts = artifacts.corpus.post_ids[:3]
+    for ids, message in (
+        (
+            (posts, posts[:2]),
+            r"author_ids must be integers \[N\] as many as post_ids \(3\), got \[2\]",
+        ),
+        ((posts.astype(float), posts), r"post_ids must be integers \[N\] .*got \[3\] float64"),
+        ((posts * 0, posts), r"post_ids must be ids >= 1 \(0 is padding\), got 0"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            encode_corpus(pipeline.retriever, artifacts.retrieval, *ids)
