@@ -546,3 +546,29 @@ def test_servable_means_created_within_the_window_before(world):
     assert recent == [False, True, True, False]
     with pytest.raises(ValueError, match=r"post_ids: ids must be in \[1, "):
         world.servable(0, created)
+
+
+def test_rankings_refuse_what_they_cannot_rank(world):
+    """k = -1 gave 9 columns and k = 0 none, silently; the rest ended in AttributeError,
+    IndexError or OverflowError."""
+    scores, history = np.zeros((2, 10)), np.array([[1, 0], [3, 4]])
+    for k in (-1, 0, 11, 2.0):
+        with pytest.raises(ValueError, match=rf"k must be an integer in \[1, 10\], got {k}"):
+            W.top_k_unseen(scores.copy(), history, k)
+    with pytest.raises(
+        TypeError, match=r"scores must be a float array \[Q, P\], got \[2, 10\] int"
+    ):
+        W.top_k_unseen(scores.astype(int), history, 3)
+    with pytest.raises(
+        ValueError, match=r"history_ids must be integers \[Q=2, S\], got \[\] object"
+    ):
+        W.top_k_unseen(scores, None, 3)
+    with pytest.raises(ValueError, match=r"history_ids must be post ids in \[0, 10\] \(0: padding"):
+        W.top_k_unseen(scores, history + 10, 3)
+    top = W.top_k_unseen(scores.copy(), history, 1)  # k = 1 is the least: the history left out
+    assert top[0, 0] != 1 and top[1, 0] not in (3, 4)
+    for rank in (world.oracle_ranking, world.popularity_ranking):
+        with pytest.raises(TypeError, match="examples must be RetrievalExamples, got NoneType"):
+            rank(None)
+    with pytest.raises(ValueError, match="media_probabilities must be 3 numbers, got None"):
+        W.WorldConfig(media_probabilities=None)

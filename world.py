@@ -242,6 +242,9 @@ def _range_problem(config: WorldConfig) -> str | None:
             f"2**31 (January 2038: the models take times as int32 unix seconds)"
         )
     media, offsets = config.media_probabilities, config.dwell_media_offsets
+    for name, value in (("media_probabilities", media), ("dwell_media_offsets", offsets)):
+        if not isinstance(value, tuple | list):
+            return f"{name} must be 3 numbers, got {value!r}"
     if not (len(media) == 3 and all(_real(p) and p >= 0 for p in media)) or not math.isclose(
         sum(media), 1.0, abs_tol=1e-9
     ):
@@ -770,6 +773,8 @@ class World:
     def _rank(self, examples: RetrievalExamples, k: int, scores) -> np.ndarray:
         """Post ids [N, k] by `scores(user_ids [n, 1], post_ids [1, P], times [n, 1])`, best
         first, each query's history excluded; k capped at P − S."""
+        if not isinstance(examples, RetrievalExamples):
+            raise TypeError(f"examples must be RetrievalExamples, got {type(examples).__name__}")
         if not is_integer(k) or k < 1:
             raise ValueError(f"k must be an integer >= 1, got {k!r}")
         k = min(k, self.num_posts - examples.history.post_ids.shape[1])
@@ -963,12 +968,34 @@ def top_k_unseen(scores: np.ndarray, history_ids: np.ndarray, k: int) -> np.ndar
     """Post ids [Q, k] (post id = column + 1) of the k best `scores` [Q, P] of each query, best
     first (ties: the stable order of `argpartition`'s picks), the query's history ids [Q, S]
     (0 = padding) excluded. Writes -inf into `scores` at the history."""
+    if not (isinstance(scores, np.ndarray) and scores.ndim == 2 and scores.dtype.kind == "f"):
+        raise TypeError(f"scores must be a float array [Q, P], got {_described(scores)}")
+    history_ids = np.asarray(history_ids)
+    if (
+        history_ids.ndim != 2
+        or len(history_ids) != len(scores)
+        or history_ids.dtype.kind not in "iu"
+    ):
+        raise ValueError(
+            f"history_ids must be integers [Q={len(scores)}, S], got {_described(history_ids)}"
+        )
+    if history_ids.size and (history_ids.min() < 0 or history_ids.max() > scores.shape[1]):
+        raise ValueError(f"history_ids must be post ids in [0, {scores.shape[1]}] (0: padding)")
+    if not (is_integer(k) and 1 <= k <= scores.shape[1]):
+        raise ValueError(f"k must be an integer in [1, {scores.shape[1]}], got {k!r}")
     rows = np.broadcast_to(np.arange(len(scores))[:, None], history_ids.shape)
     seen = history_ids > 0
     scores[rows[seen], history_ids[seen] - 1] = -np.inf
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
     return np.take_along_axis(top, order, axis=1) + 1
+
+
+def _described(value) -> str:
+    """An argument's kind, and its shape and dtype if it is an array."""
+    if isinstance(value, np.ndarray):
+        return f"{list(value.shape)} {value.dtype}"
+    return type(value).__name__
 
 
 def _schedule(world: World, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
