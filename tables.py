@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recsys_model import HashConfig, RecsysBatch, RecsysEmbeddings, is_integer
+from recsys_model import HashConfig, RecsysBatch, RecsysEmbeddings, is_integer, is_number
 from search import read_rows
 
 ENTITIES = ("user", "item", "author")
@@ -107,6 +107,15 @@ class Hashing:
         as many distinct rows. A linear hash of consecutive ids can fall far short of that
         (for some scales, 3,000 posts with two hashes each land on 1,900 of 6,000 rows where
         random hashes reach 3,800), and posts that share rows share what the model learns."""
+        if not isinstance(hash_config, HashConfig):
+            raise TypeError(f"hash_config must be a HashConfig, got {type(hash_config).__name__}")
+        if not isinstance(vocab_sizes, Mapping) or any(
+            not is_integer(vocab_sizes.get(e)) for e in ENTITIES
+        ):
+            raise ValueError(
+                f"vocab_sizes: expected an integer keyed by each of {list(ENTITIES)}, got "
+                f"{vocab_sizes!r}"
+            )
         rng = np.random.default_rng(seed)
         counts = {
             "user": hash_config.num_user_hashes,
@@ -153,21 +162,32 @@ class Hashing:
     @classmethod
     def from_json(cls, config: Mapping[str, Any]) -> Hashing:
         """From a published `config.json` (its `hash_params` and `*_vocab_size` keys)."""
-        params = config["hash_params"]
+        params = config.get("hash_params") if isinstance(config, Mapping) else None
+        if not isinstance(params, Mapping):
+            raise ValueError(
+                f"config must be a config.json object with hash_params, got {config!r}"
+            )
         kinds = {}
         for entity in ENTITIES:
-            kinds[entity] = EntityHash(
-                tuple(int(v) for v in params[f"{entity}_hash_scales"]),
-                tuple(int(v) for v in params[f"{entity}_biases"]),
-                int(params[f"{entity}_modulus"]),
-                int(config[f"{entity}_vocab_size"]),
-            )
+            try:
+                kinds[entity] = EntityHash(
+                    tuple(int(v) for v in params[f"{entity}_hash_scales"]),
+                    tuple(int(v) for v in params[f"{entity}_biases"]),
+                    int(params[f"{entity}_modulus"]),
+                    int(config[f"{entity}_vocab_size"]),
+                )
+            except KeyError as missing:
+                raise ValueError(f"config lacks {missing} (the {entity} hash)") from None
         return cls(**kinds)
 
 
 def init_tables(hashing: Hashing, emb_size: int, seed: int, scale: float = 1.0) -> dict:
     """Embedding tables {user,item,author}_embeddings [V, D] float32, normal with standard
     deviation `scale` (row 0, padding, included: masks keep it out)."""
+    if not isinstance(hashing, Hashing):
+        raise TypeError(f"hashing must be a Hashing, got {type(hashing).__name__}")
+    if not (is_number(scale) and 0 <= scale < np.inf):
+        raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
     rng = np.random.default_rng(seed)
     return {
         TABLE_NAMES[e]: scale

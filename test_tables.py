@@ -138,3 +138,25 @@ def test_random_hashes_redrawn_until_they_spread_the_ids(monkeypatch):
     monkeypatch.setattr(tables, "MAX_HASH_DRAWS", 1)
     with pytest.raises(ValueError, match=r"item: none of 1 draws of hashes spreads ids 1..3000"):
         Hashing.random(HashConfig(), vocab, seed=10, num_ids={"item": 3000})
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: Hashing.random(None, {}, 0), TypeError, "hash_config must be a HashConfig"),
+        (lambda: Hashing.random(HashConfig(), {"user": 5}, 0), ValueError,
+         r"vocab_sizes: expected an integer keyed by each of \['user', 'item', 'author'\]"),
+        (lambda: Hashing.random(HashConfig(), {"user": 5, "item": 11.7, "author": 5}, 0),
+         ValueError, "vocab_sizes: expected an integer"),  # 11.7 was truncated to 11
+        (lambda: Hashing.from_json({}), ValueError, "config must be a config.json object with"),
+        (lambda: Hashing.from_json({"hash_params": {}}), ValueError,
+         "config lacks 'user_hash_scales' .the user hash."),
+        (lambda: init_tables(None, 4, 0), TypeError, "hashing must be a Hashing, got NoneType"),
+        (lambda: init_tables(Hashing.random(HashConfig(), dict.fromkeys(("user", "item",
+         "author"), 5), 0), 4, 0, scale=float("nan")), ValueError, "scale must be a finite"),
+    ],
+)  # fmt: skip
+def test_hashing_and_tables_refuse_arguments_of_the_wrong_kind(call, error, message):
+    """Each ended in an AttributeError or a KeyError, or went on with a truncated or NaN value."""
+    with pytest.raises(error, match=message):
+        call()
