@@ -728,3 +728,29 @@ def test_a_checkpoint_of_the_other_release_names_the_config_that_takes_it(tmp_pa
     runner3 = runners.ModelRunner(dataclasses.replace(first.ranking_config(), release=None))
     with pytest.raises(ValueError, match="with release=1; PHOENIX_RELEASE=2 made it the default"):
         runner3.load_or_init(*fixed_example(), checkpoint_path=tmp_path / "first.npz")
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: checkpoint.configs_from_json({}, {}, {}), ValueError,
+         r"a config.json lacks 'emb_size' \(check_config_json checks one\)"),
+        (lambda: checkpoint.configs_from_json(None, {}, {}), TypeError,
+         "retrieval_json must be a dict, got NoneType"),
+        (lambda: checkpoint.save_embedding_tables([1], "x.npz"), TypeError,
+         "tables must be a dict, got list"),
+        (lambda: checkpoint.unflatten_params(None), TypeError, "flat must be a dict, got None"),
+        (lambda: checkpoint.release_of(None), TypeError, "params must be a dict, got NoneType"),
+        (lambda: checkpoint.with_log_temperature([]), TypeError, "params must be a dict, got li"),
+        (lambda: checkpoint.config_to_json(None, None), TypeError,
+         "config must be a PhoenixModelConfig or PhoenixRetrievalModelConfig, got NoneType"),
+        (lambda: checkpoint.param_shapes(Setup().ranking_config(), num_actions=0), ValueError,
+         "num_actions must be an integer >= 1 or None, got 0"),  # it took 19
+        (lambda: checkpoint.write_artifacts("x", None, None, None, None), TypeError,
+         "retrieval must be a ModelArtifacts, got NoneType"),
+    ],
+)  # fmt: skip
+def test_functions_of_the_layout_refuse_arguments_of_the_wrong_kind(call, error, message):
+    """Each ended in an AttributeError or a KeyError from inside, or (num_actions 0) went on."""
+    with pytest.raises(error, match=message):
+        call()
