@@ -491,6 +491,8 @@ def write_example(
     `say` is told what it is doing once the memory it needs is checked."""
     check_new_folder(directory)  # before any work
     retrieval_config, ranker_config = configs or mini_configs()
+    _check_kind(retrieval_config, PhoenixRetrievalModelConfig, "configs[0]")
+    _check_kind(ranker_config, PhoenixModelConfig, "configs[1]")
     runners.check_memory(
         4 * 3 * vocab_size * (retrieval_config.emb_size + ranker_config.emb_size)
         + (4 * retrieval_config.emb_size + EXAMPLE_BYTES_PER_POST) * corpus_size,

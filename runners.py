@@ -749,6 +749,11 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         ids = np.arange(n) if corpus_post_ids is None else np.asarray(corpus_post_ids)
         if ids.shape != (n,):
             raise ValueError(f"corpus_post_ids has shape {ids.shape}, expected [N={n}]")
+        if ids.dtype.kind not in "iu":
+            raise TypeError(f"corpus_post_ids must be integers, got {ids.dtype}")
+        unique, counts = np.unique(ids, return_counts=True)
+        if len(unique) < n:  # a post found twice would fill two places of a top-K
+            raise ValueError(f"corpus_post_ids holds {unique[counts > 1][0]} more than once")
         if not isinstance(corpus_embeddings, jax.Array):
             corpus_embeddings = jnp.asarray(corpus_embeddings)
         self.corpus_embeddings = corpus_embeddings

@@ -348,7 +348,7 @@ def test_what_a_sequence_file_holds_is_refused_naming_the_file(folder, tmp_path,
     assert f"{bad}: history item 1: action 3 is 2, expected 0 or 1" in err
 
 
-def test_what_a_pipeline_cannot_serve_is_refused_by_name(folder):
+def test_what_a_pipeline_cannot_serve_is_refused_by_name(folder, tmp_path):
     artifacts = load_artifacts(folder, fprop_dtype=jnp.float32)
     pipeline = Pipeline(artifacts)
     with pytest.raises(ValueError, match=r"top_k_retrieval must be an integer in \[1, 400\]"):
@@ -370,6 +370,9 @@ def test_what_a_pipeline_cannot_serve_is_refused_by_name(folder):
     for fn in (score_weights, output_names):
         with pytest.raises(TypeError, match="ranker must be a ModelArtifacts, got PhoenixModelC"):
             fn(artifacts.ranker.config)
+    swapped = (artifacts.ranker.config, artifacts.retrieval.config)  # a KeyError from inside
+    with pytest.raises(TypeError, match="configs.0. must be a PhoenixRetrievalModelConfig, got Ph"):
+        write_example(tmp_path / "example", configs=swapped)
     posts = artifacts.corpus.post_ids[:3]
     for ids, message in (
         (

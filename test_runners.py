@@ -430,6 +430,13 @@ def test_randomize_params_refuses_what_is_not_a_parameter_tree(params):
 def test_a_corpus_that_is_not_an_array_is_refused_naming_its_type(retriever):
     with pytest.raises(TypeError, match="corpus_embeddings must be an array .* got a list$"):
         retriever.set_corpus(np.zeros((3, SETUP.emb_size)).tolist())
+    corpus = np.ones((3, SETUP.emb_size), np.float32)
+    with pytest.raises(ValueError, match=r"corpus_post_ids has shape \(2,\), expected \[N=3\]"):
+        retriever.set_corpus(corpus, [1, 2])
+    with pytest.raises(TypeError, match="corpus_post_ids must be integers, got <U1"):
+        retriever.set_corpus(corpus, ["a", "b", "c"])  # (and NaN ids: float64)
+    with pytest.raises(ValueError, match="corpus_post_ids holds 7 more than once"):
+        retriever.set_corpus(corpus, [7, 3, 7])
 
 
 @pytest.mark.parametrize(
