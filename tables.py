@@ -237,6 +237,17 @@ def lookup(tables: Mapping[str, Any], batch: RecsysBatch) -> RecsysEmbeddings:
     )
 
 
+# hash_batch's id and action arguments, by name, with their dimensions.
+HASH_BATCH_RANKS = {
+    "user_ids": 1,
+    "history_post_ids": 2,
+    "history_author_ids": 2,
+    "history_actions": 3,
+    "candidate_post_ids": 2,
+    "candidate_author_ids": 2,
+}
+
+
 def hash_batch(
     hashing: Hashing,
     user_ids: Any,  # [B]
@@ -250,6 +261,28 @@ def hash_batch(
     """A `RecsysBatch` from ids (0 = padding): every id hashed, product surfaces 0. Keyword
     arguments pass second-release fields through (`history_continuous_actions`,
     `candidate_impr_ts`, `candidate_post_creation_ts`)."""
+    if not isinstance(hashing, Hashing):
+        raise TypeError(f"hashing must be a Hashing, got {type(hashing).__name__}")
+    args = (user_ids, history_post_ids, history_author_ids, history_actions)
+    args += (candidate_post_ids, candidate_author_ids)
+    shapes = dict(zip(HASH_BATCH_RANKS, map(np.shape, args), strict=True))
+    for name, rank in HASH_BATCH_RANKS.items():
+        if len(shapes[name]) != rank:
+            raise ValueError(f"{name} has shape {list(shapes[name])}; expected {rank} dimensions")
+    (b, s), c = shapes["history_post_ids"], shapes["candidate_post_ids"][1]
+    wanted = dict(
+        zip(
+            HASH_BATCH_RANKS,
+            ((b,), (b, s), (b, s), (b, s, shapes["history_actions"][2]), (b, c), (b, c)),
+            strict=True,
+        )
+    )
+    for name, shape in wanted.items():
+        if shapes[name] != shape:
+            raise ValueError(
+                f"{name} has shape {list(shapes[name])}, expected {list(shape)} (users B and "
+                "history S of history_post_ids, candidates C of candidate_post_ids)"
+            )
     history_post_ids = np.asarray(history_post_ids)
     candidate_post_ids = np.asarray(candidate_post_ids)
     return RecsysBatch(

@@ -160,3 +160,26 @@ def test_hashing_and_tables_refuse_arguments_of_the_wrong_kind(call, error, mess
     """Each ended in an AttributeError or a KeyError, or went on with a truncated or NaN value."""
     with pytest.raises(error, match=message):
         call()
+
+
+def test_hash_batch_refuses_ids_of_another_shape():
+    """They went into the batch as given, for the model to refuse or misread later."""
+    hashing = Hashing.random(HashConfig(), dict.fromkeys(("user", "item", "author"), 9), seed=0)
+    history, candidates = np.ones((2, 3), int), np.ones((2, 4), int)
+    ids = dict(
+        user_ids=[1, 2], history_post_ids=history, history_author_ids=history,
+        history_actions=np.zeros((2, 3, 19)), candidate_post_ids=candidates,
+        candidate_author_ids=candidates,
+    )  # fmt: skip
+    assert hash_batch(hashing, **ids).candidate_post_hashes.shape[:2] == (2, 4)
+    for name, value, message in (
+        ("history_actions", None, r"history_actions has shape \[\]; expected 3 dimensions"),
+        ("user_ids", [1, 2, 3], r"user_ids has shape \[3\], expected \[2\] \(users B and hist"),
+        (
+            "candidate_author_ids",
+            np.ones((2, 5), int),
+            r"candidate_author_ids .* expected \[2, 4\]",
+        ),
+    ):
+        with pytest.raises(ValueError, match=message):
+            hash_batch(hashing, **{**ids, name: value})
