@@ -819,6 +819,9 @@ def test_evaluation_refuses_what_it_cannot_evaluate(world):
         T.evaluate_retrieval(job, {"model": params["model"], "tables": smaller})
     with pytest.raises(ValueError, match="tables/item_embeddings is"):
         T.model_artifacts(job, {"model": params["model"], "tables": smaller})
+    as_lists = {k: np.asarray(v).tolist() for k, v in params["tables"].items()}
+    with pytest.raises(TypeError, match=r"params\['tables'\]\['user_embeddings'\] must be a flo"):
+        T.evaluate_retrieval(job, {"model": params["model"], "tables": as_lists})
 
 
 def test_outputs_gone_to_infinity_are_called_a_divergence(world):

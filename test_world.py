@@ -572,3 +572,20 @@ def test_rankings_refuse_what_they_cannot_rank(world):
             rank(None)
     with pytest.raises(ValueError, match="media_probabilities must be 3 numbers, got None"):
         W.WorldConfig(media_probabilities=None)
+
+
+def test_take_rows_refuses_an_index_that_is_not_rows(world):
+    """A float or string index ended in numpy's IndexError, one out of range too, and None
+    added an axis to every field."""
+    history = world.ranking_eval.history
+    n = len(history.post_ids)
+    assert W.take_rows(history, [0, -1]).post_ids.shape[0] == 2
+    for index in (None, 1.5, "a", np.ones(3, bool)):
+        with pytest.raises(
+            TypeError, match=rf"index must be integers, a slice or a boolean mask \[{n}\]"
+        ):
+            W.take_rows(history, index)
+    with pytest.raises(ValueError, match=rf"index must be rows in \[-{n}, {n}\), got \[0, {n}\]"):
+        W.take_rows(history, [0, n])
+    with pytest.raises(TypeError, match="examples must be a History or examples, got dict"):
+        W.take_rows({}, 0)

@@ -1404,6 +1404,11 @@ def check_job_params(job: Job, params) -> None:
     if not isinstance(tables, dict) or set(tables) != set(expected):
         raise ValueError(f"params['tables'] must hold {sorted(expected)}, got {_kind_of(tables)}")
     for name, shape in expected.items():
+        dtype = getattr(tables[name], "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(
+                f"params['tables'][{name!r}] must be a float array, got {_kind_of(tables[name])}"
+            )
         if np.shape(tables[name]) != shape:
             raise ValueError(
                 f"params do not fit the job: tables/{name} is {list(np.shape(tables[name]))}, "

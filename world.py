@@ -483,6 +483,19 @@ class RetrievalExamples:
 def take_rows(examples, index):
     """Rows `index` (an int array, slice or boolean mask) of examples, a `History` or any of the
     example dataclasses above; nested fields are taken too."""
+    if not dataclasses.is_dataclass(examples):
+        raise TypeError(f"examples must be a History or examples, got {type(examples).__name__}")
+    if not isinstance(index, slice):
+        index = np.asarray(index)
+        n = len(getattr(examples, dataclasses.fields(examples)[0].name))
+        if index.dtype.kind not in "iub" or (index.dtype.kind == "b" and index.shape != (n,)):
+            raise TypeError(
+                f"index must be integers, a slice or a boolean mask [{n}], got {_described(index)}"
+            )
+        if index.dtype.kind in "iu" and index.size and not -n <= index.min() <= index.max() < n:
+            raise ValueError(
+                f"index must be rows in [-{n}, {n}), got [{index.min()}, {index.max()}]"
+            )
     values = {}
     for field in dataclasses.fields(examples):
         value = getattr(examples, field.name)
