@@ -51,6 +51,7 @@ from recsys_model import (
     dummy_inputs,
     is_integer,
     is_number,
+    require_kind,
 )
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from tables import ENTITIES, TABLE_NAMES, Hashing
@@ -277,14 +278,6 @@ def write_json(data: Any, path: str | os.PathLike) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _require(value: Any, kind: Any, name: str) -> None:
-    """TypeError naming `name` unless `value` is a `kind` (a class, a union or a tuple)."""
-    if not isinstance(value, kind):
-        kinds = getattr(kind, "__args__", None) or (kind,)
-        expected = " or ".join("dict" if k is Mapping else k.__name__ for k in kinds)
-        raise TypeError(f"{name} must be a {expected}, got {type(value).__name__}")
-
-
 def flatten_params(params: hk.Params) -> dict[str, Any]:
     """{"module/name": array} of a Haiku parameter tree (module -> name -> array)."""
     if not isinstance(params, Mapping) or not all(isinstance(v, Mapping) for v in params.values()):
@@ -305,7 +298,7 @@ def flatten_params(params: hk.Params) -> dict[str, Any]:
 def unflatten_params(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The published rule: each key splits at its last "/" into module path and parameter
     name; a key without "/" goes under module ""."""
-    _require(flat, Mapping, "flat")
+    require_kind(flat, Mapping, "flat")
     params: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         module, _, name = key.rpartition("/")
@@ -337,7 +330,7 @@ def save_model_params(params: hk.Params, checkpoint_path: str | os.PathLike) -> 
     for name, value in flat.items():
         dtype = np.asarray(value).dtype
         if not (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_):
-            raise TypeError(f"{name}: a parameter must be an array of numbers, got {dtype}")
+            raise ValueError(f"{name}: a parameter must be an array of numbers, got {dtype}")
     write_npz(flat, checkpoint_path)
 
 
@@ -349,14 +342,14 @@ def load_embedding_table(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_embedding_tables(tables: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Writes embedding tables by name as `write_npz` writes arrays."""
-    _require(tables, Mapping, "tables")
+    require_kind(tables, Mapping, "tables")
     write_npz(tables, path)
 
 
 def param_shapes(config: ModelConfig, num_actions: int | None = None) -> hk.Params:
     """Shapes and dtypes of the parameters a model of `config` creates (nothing is computed).
     The retrieval config does not fix the number of actions: `num_actions` (default 19)."""
-    _require(config, ModelConfig, "config")
+    require_kind(config, ModelConfig, "config")
     if num_actions is not None and not (is_integer(num_actions) and num_actions >= 1):
         raise ValueError(f"num_actions must be an integer >= 1 or None, got {num_actions!r}")
     num_actions = num_actions or getattr(config, "num_actions", None) or len(ACTIONS)
@@ -376,7 +369,7 @@ def param_shapes(config: ModelConfig, num_actions: int | None = None) -> hk.Para
 def release_of(params: hk.Params) -> int:
     """Which published ranker release a ranking parameter tree belongs to (2: it holds the
     dwell-time projections)."""
-    _require(params, Mapping, "params")
+    require_kind(params, Mapping, "params")
     return 2 if "history_dwell_time_proj1" in params.get("phoenix_model", {}) else 1
 
 
@@ -458,8 +451,8 @@ def _finite_flags(values: list[jax.Array]) -> jax.Array:
 def config_to_json(config: ModelConfig, hashing: Hashing) -> dict:
     """A model's `config.json`: the published keys, then ours (ignored by the published
     pipeline) that rebuild exactly this config."""
-    _require(config, ModelConfig, "config")
-    _require(hashing, Hashing, "hashing")
+    require_kind(config, ModelConfig, "config")
+    require_kind(hashing, Hashing, "hashing")
     t, h = config.model, config.hash_config
     data = {
         "emb_size": config.emb_size,
@@ -653,9 +646,9 @@ def configs_from_json(
     otherwise), batch shapes of both from the retrieval config, the ranker's release and
     continuous-head sizes from its own parameters, its dwell time's scale from our
     `continuous_action_config` (the default without it)."""
-    _require(retrieval_json, Mapping, "retrieval_json")
-    _require(ranker_json, Mapping, "ranker_json")
-    _require(ranker_params, Mapping, "ranker_params")
+    require_kind(retrieval_json, Mapping, "retrieval_json")
+    require_kind(ranker_json, Mapping, "ranker_json")
+    require_kind(ranker_params, Mapping, "ranker_params")
     try:
         return _configs_from_json(retrieval_json, ranker_json, ranker_params, fprop_dtype)
     except KeyError as missing:  # `check_config_json` names every key it needs, and where
@@ -931,7 +924,7 @@ def load_artifacts(
 def with_log_temperature(params: hk.Params, value: float = 0.0) -> hk.Params:
     """The retrieval tree with the top-level `log_temperature` the published pipeline requires
     (kept if present)."""
-    _require(params, Mapping, "params")
+    require_kind(params, Mapping, "params")
     module, name = LOG_TEMPERATURE
     if name in params.get(module, {}):
         return params
@@ -993,7 +986,7 @@ def write_artifacts(
         (corpus, Corpus, "corpus"),
         (sequence, dict, "sequence"),
     ):
-        _require(value, kind, name)
+        require_kind(value, kind, name)
     directory = check_new_folder(directory)
     problem = _folder_problem(retrieval.config, ranker.config)
     if problem:

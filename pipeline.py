@@ -50,6 +50,7 @@ from recsys_model import (
     denormalize_continuous_value,
     is_integer,
     is_number,
+    require_kind,
 )
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from search import TwoPassIndex, read_rows
@@ -64,7 +65,7 @@ NAMED_WEIGHTS = {"favorite_score": 1.0, "reply_score": 0.5, "repost_score": 0.3,
 
 def score_weights(ranker: ModelArtifacts) -> dict[str, tuple[int, float]]:
     """{label: (output index, weight)} of the feed's weighted score."""
-    _check_kind(ranker, ModelArtifacts, "ranker")
+    require_kind(ranker, ModelArtifacts, "ranker")
     names = (ranker.json or {}).get("action_names")
     if names:
         missing = [name for name in NAMED_WEIGHTS if name not in names]
@@ -81,7 +82,7 @@ def output_names(ranker: ModelArtifacts) -> list[str]:
     """A name for each of the ranker's outputs: its config.json's `action_names`, or, for a
     folder without them, the published pipeline's enum names where it has one and
     `output_<i>` elsewhere (what the other outputs mean, such a folder does not say)."""
-    _check_kind(ranker, ModelArtifacts, "ranker")
+    require_kind(ranker, ModelArtifacts, "ranker")
     names = (ranker.json or {}).get("action_names")
     if names:
         return list(names)
@@ -122,11 +123,6 @@ def _check_sequence(sequence: Any) -> None:
             'sequence must be an object with "user_id" and "history", got '
             f"{type(sequence).__name__}"
         )
-
-
-def _check_kind(value: Any, kind: type, name: str) -> None:
-    if not isinstance(value, kind):
-        raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
 
 
 def _positive_int(value: Any, what: str) -> int:
@@ -442,8 +438,8 @@ def encode_corpus(
 ) -> np.ndarray:
     """Candidate-tower vectors [N, D] float32 of posts, `chunk` posts (or all, if fewer) per
     compiled call."""
-    _check_kind(retriever, runners.RecsysRetrievalInferenceRunner, "retriever")
-    _check_kind(model, ModelArtifacts, "model")
+    require_kind(retriever, runners.RecsysRetrievalInferenceRunner, "retriever")
+    require_kind(model, ModelArtifacts, "model")
     post_ids, author_ids = np.asarray(post_ids), np.asarray(author_ids)
     for name, ids in (("post_ids", post_ids), ("author_ids", author_ids)):
         if ids.ndim != 1 or ids.shape != post_ids.shape or ids.dtype.kind not in "iu":
@@ -491,8 +487,8 @@ def write_example(
     `say` is told what it is doing once the memory it needs is checked."""
     check_new_folder(directory)  # before any work
     retrieval_config, ranker_config = configs or mini_configs()
-    _check_kind(retrieval_config, PhoenixRetrievalModelConfig, "configs[0]")
-    _check_kind(ranker_config, PhoenixModelConfig, "configs[1]")
+    require_kind(retrieval_config, PhoenixRetrievalModelConfig, "configs[0]")
+    require_kind(ranker_config, PhoenixModelConfig, "configs[1]")
     runners.check_memory(
         4 * 3 * vocab_size * (retrieval_config.emb_size + ranker_config.emb_size)
         + (4 * retrieval_config.emb_size + EXAMPLE_BYTES_PER_POST) * corpus_size,
@@ -553,7 +549,7 @@ def example_sequence(corpus: Corpus, history_length: int, rng: np.random.Generat
 
 def describe_feed(feed: Feed) -> list[str]:
     """The feed as the lines of a table."""
-    _check_kind(feed, Feed, "feed")
+    require_kind(feed, Feed, "feed")
     widths = {label: max(8, len(label)) for label in feed.weights}
     header = (
         f"{'rank':>4}  {'post id':>19}  {'author id':>13}  {'topic':<12}  {'score':>6}  "
@@ -575,7 +571,7 @@ def describe_feed(feed: Feed) -> list[str]:
 
 def feed_to_json(feed: Feed) -> dict:
     """A feed as the JSON object `--output-json` writes."""
-    _check_kind(feed, Feed, "feed")
+    require_kind(feed, Feed, "feed")
     return {
         "user_id": feed.user_id,
         "history_length": feed.history_length,

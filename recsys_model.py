@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -186,6 +186,15 @@ def is_number(value: Any) -> bool:
     """Whether a value (read from JSON, or given in Python) is a real number: true and false are
     not, numpy's numbers are."""
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def require_kind(value: Any, kind: Any, name: str) -> None:
+    """TypeError naming `name` and what it got, unless `value` is a `kind` (a class or a union
+    of classes; a `Mapping` is called a dict)."""
+    if not isinstance(value, kind):
+        kinds = getattr(kind, "__args__", None) or (kind,)
+        expected = " or ".join("dict" if k is Mapping else k.__name__ for k in kinds)
+        raise TypeError(f"{name} must be a {expected}, got {type(value).__name__}")
 
 
 def _check_count(name: str, value: Any, low: int) -> None:

@@ -42,6 +42,7 @@ from recsys_model import (
     dummy_inputs,
     is_integer,
     map_candidates,
+    require_kind,
     validate_inputs,
 )
 from recsys_retrieval_model import PhoenixRetrievalModelConfig, RetrievalOutput
@@ -331,13 +332,6 @@ def attention_bytes(config: Any, batch_size: int, queries: int, keys: int) -> fl
 # ---------------------------------------------------------------------------------------------
 
 
-def _required(value, kind: type, name: str):
-    """`value`, if it is a `kind`; else TypeError naming what it is."""
-    if not isinstance(value, kind):
-        raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
-    return value
-
-
 class BaseModelRunner:
     """Holds a model configuration and builds its Haiku forward function."""
 
@@ -369,7 +363,8 @@ class ModelRunner(BaseModelRunner):
 
     def __init__(self, model: PhoenixModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42):
         super().__init__(bs_per_device, rng_seed)
-        self.model = _required(model, PhoenixModelConfig, "model")
+        require_kind(model, PhoenixModelConfig, "model")
+        self.model = model
 
     def make_forward_fn(self) -> hk.Transformed:
         """The dense forward: (batch, embeddings) -> RecsysModelOutput."""
@@ -423,7 +418,8 @@ class RetrievalModelRunner(BaseModelRunner):
         self, model: PhoenixRetrievalModelConfig, bs_per_device: float = 2.0, rng_seed: int = 42
     ):
         super().__init__(bs_per_device, rng_seed)
-        self.model = _required(model, PhoenixRetrievalModelConfig, "model")
+        require_kind(model, PhoenixRetrievalModelConfig, "model")
+        self.model = model
 
     def make_forward_fn(self) -> hk.Transformed:
         """(batch, embeddings, corpus_embeddings, top_k, corpus_mask=None) -> RetrievalOutput.
@@ -566,7 +562,8 @@ class RecsysInferenceRunner(BaseInferenceRunner):
             raise ValueError(
                 f"candidate_block_size must be an integer >= 1, got {candidate_block_size!r}"
             )
-        self.runner = _required(runner, ModelRunner, "runner")
+        require_kind(runner, ModelRunner, "runner")
+        self.runner = runner
         self.candidate_block_size = candidate_block_size
 
     def _param_shapes(self, params: hk.Params) -> hk.Params:
@@ -681,7 +678,8 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
 
     def __init__(self, runner: RetrievalModelRunner, name: str):
         super().__init__(name)
-        self.runner = _required(runner, RetrievalModelRunner, "runner")
+        require_kind(runner, RetrievalModelRunner, "runner")
+        self.runner = runner
         self.corpus_embeddings: jax.Array | None = None
         self.corpus_post_ids: np.ndarray | None = None
 
@@ -750,7 +748,7 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         if ids.shape != (n,):
             raise ValueError(f"corpus_post_ids has shape {ids.shape}, expected [N={n}]")
         if ids.dtype.kind not in "iu":
-            raise TypeError(f"corpus_post_ids must be integers, got {ids.dtype}")
+            raise ValueError(f"corpus_post_ids must be integers, got {ids.dtype}")
         unique, counts = np.unique(ids, return_counts=True)
         if len(unique) < n:  # a post found twice would fill two places of a top-K
             raise ValueError(f"corpus_post_ids holds {unique[counts > 1][0]} more than once")

@@ -20,7 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recsys_model import HashConfig, RecsysBatch, RecsysEmbeddings, is_integer, is_number
+from recsys_model import (
+    HashConfig,
+    RecsysBatch,
+    RecsysEmbeddings,
+    is_integer,
+    is_number,
+    require_kind,
+)
 from search import read_rows
 
 ENTITIES = ("user", "item", "author")
@@ -107,8 +114,7 @@ class Hashing:
         as many distinct rows. A linear hash of consecutive ids can fall far short of that
         (for some scales, 3,000 posts with two hashes each land on 1,900 of 6,000 rows where
         random hashes reach 3,800), and posts that share rows share what the model learns."""
-        if not isinstance(hash_config, HashConfig):
-            raise TypeError(f"hash_config must be a HashConfig, got {type(hash_config).__name__}")
+        require_kind(hash_config, HashConfig, "hash_config")
         if not isinstance(vocab_sizes, Mapping) or any(
             not is_integer(vocab_sizes.get(e)) for e in ENTITIES
         ):
@@ -184,8 +190,7 @@ class Hashing:
 def init_tables(hashing: Hashing, emb_size: int, seed: int, scale: float = 1.0) -> dict:
     """Embedding tables {user,item,author}_embeddings [V, D] float32, normal with standard
     deviation `scale` (row 0, padding, included: masks keep it out)."""
-    if not isinstance(hashing, Hashing):
-        raise TypeError(f"hashing must be a Hashing, got {type(hashing).__name__}")
+    require_kind(hashing, Hashing, "hashing")
     if not (is_number(scale) and 0 <= scale < np.inf):
         raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
     rng = np.random.default_rng(seed)
@@ -203,7 +208,7 @@ def _take(table, hashes, name: str):
     if not isinstance(hashes, jax.core.Tracer):
         values = np.asarray(hashes)
         if values.dtype.kind not in "iu":
-            raise TypeError(f"{name}: hashes must be integers, got {values.dtype}")
+            raise ValueError(f"{name}: hashes must be integers, got {values.dtype}")
         rows = np.shape(table)[0]
         if values.size and (values.min() < 0 or values.max() >= rows):
             raise ValueError(
@@ -218,8 +223,7 @@ def _take(table, hashes, name: str):
 def lookup(tables: Mapping[str, Any], batch: RecsysBatch) -> RecsysEmbeddings:
     """The embeddings of a batch's hashes, from split tables (`user_embeddings`,
     `item_embeddings`, `author_embeddings`)."""
-    if not isinstance(batch, RecsysBatch):
-        raise TypeError(f"batch must be a RecsysBatch, got {type(batch).__name__}")
+    require_kind(batch, RecsysBatch, "batch")
     names = tuple(TABLE_NAMES.values())
     if not isinstance(tables, Mapping):
         raise TypeError(
@@ -261,8 +265,7 @@ def hash_batch(
     """A `RecsysBatch` from ids (0 = padding): every id hashed, product surfaces 0. Keyword
     arguments pass second-release fields through (`history_continuous_actions`,
     `candidate_impr_ts`, `candidate_post_creation_ts`)."""
-    if not isinstance(hashing, Hashing):
-        raise TypeError(f"hashing must be a Hashing, got {type(hashing).__name__}")
+    require_kind(hashing, Hashing, "hashing")
     args = (user_ids, history_post_ids, history_author_ids, history_actions)
     args += (candidate_post_ids, candidate_author_ids)
     shapes = dict(zip(HASH_BATCH_RANKS, map(np.shape, args), strict=True))

@@ -433,7 +433,7 @@ def test_a_corpus_that_is_not_an_array_is_refused_naming_its_type(retriever):
     corpus = np.ones((3, SETUP.emb_size), np.float32)
     with pytest.raises(ValueError, match=r"corpus_post_ids has shape \(2,\), expected \[N=3\]"):
         retriever.set_corpus(corpus, [1, 2])
-    with pytest.raises(TypeError, match="corpus_post_ids must be integers, got <U1"):
+    with pytest.raises(ValueError, match="corpus_post_ids must be integers, got <U1"):
         retriever.set_corpus(corpus, ["a", "b", "c"])  # (and NaN ids: float64)
     with pytest.raises(ValueError, match="corpus_post_ids holds 7 more than once"):
         retriever.set_corpus(corpus, [7, 3, 7])

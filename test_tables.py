@@ -104,7 +104,7 @@ def test_lookup_from_split_tables_equals_the_unified_table():
     with pytest.raises(TypeError, match="batch must be a RecsysBatch, got dict"):
         lookup(tables, batch._asdict())
     floats = batch._replace(user_hashes=batch.user_hashes.astype(np.float32))
-    with pytest.raises(TypeError, match="user_embeddings: hashes must be integers, got float32"):
+    with pytest.raises(ValueError, match="user_embeddings: hashes must be integers, got float32"):
         lookup(tables, floats)
 
 

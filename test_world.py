@@ -556,7 +556,7 @@ def test_rankings_refuse_what_they_cannot_rank(world):
         with pytest.raises(ValueError, match=rf"k must be an integer in \[1, 10\], got {k}"):
             W.top_k_unseen(scores.copy(), history, k)
     with pytest.raises(
-        TypeError, match=r"scores must be a float array \[Q, P\], got \[2, 10\] int"
+        ValueError, match=r"scores must be a float array \[Q, P\], got \[2, 10\] int"
     ):
         W.top_k_unseen(scores.astype(int), history, 3)
     with pytest.raises(
@@ -580,9 +580,10 @@ def test_take_rows_refuses_an_index_that_is_not_rows(world):
     history = world.ranking_eval.history
     n = len(history.post_ids)
     assert W.take_rows(history, [0, -1]).post_ids.shape[0] == 2
+    assert W.take_rows(history, []).post_ids.shape[0] == 0  # (an empty list is float64)
     for index in (None, 1.5, "a", np.ones(3, bool)):
         with pytest.raises(
-            TypeError, match=rf"index must be integers, a slice or a boolean mask \[{n}\]"
+            ValueError, match=rf"index must be integers, a slice or a boolean mask \[{n}\]"
         ):
             W.take_rows(history, index)
     with pytest.raises(ValueError, match=rf"index must be rows in \[-{n}, {n}\), got \[0, {n}\]"):

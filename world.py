@@ -487,9 +487,11 @@ def take_rows(examples, index):
         raise TypeError(f"examples must be a History or examples, got {type(examples).__name__}")
     if not isinstance(index, slice):
         index = np.asarray(index)
+        if index.size == 0 and index.dtype.kind == "f":  # [] is no rows
+            index = index.astype(np.int64)
         n = len(getattr(examples, dataclasses.fields(examples)[0].name))
         if index.dtype.kind not in "iub" or (index.dtype.kind == "b" and index.shape != (n,)):
-            raise TypeError(
+            raise ValueError(
                 f"index must be integers, a slice or a boolean mask [{n}], got {_described(index)}"
             )
         if index.dtype.kind in "iu" and index.size and not -n <= index.min() <= index.max() < n:
@@ -981,8 +983,10 @@ def top_k_unseen(scores: np.ndarray, history_ids: np.ndarray, k: int) -> np.ndar
     """Post ids [Q, k] (post id = column + 1) of the k best `scores` [Q, P] of each query, best
     first (ties: the stable order of `argpartition`'s picks), the query's history ids [Q, S]
     (0 = padding) excluded. Writes -inf into `scores` at the history."""
-    if not (isinstance(scores, np.ndarray) and scores.ndim == 2 and scores.dtype.kind == "f"):
-        raise TypeError(f"scores must be a float array [Q, P], got {_described(scores)}")
+    if not isinstance(scores, np.ndarray):  # it is written into
+        raise TypeError(f"scores must be a numpy array [Q, P], got {type(scores).__name__}")
+    if scores.ndim != 2 or scores.dtype.kind != "f":
+        raise ValueError(f"scores must be a float array [Q, P], got {_described(scores)}")
     history_ids = np.asarray(history_ids)
     if (
         history_ids.ndim != 2
