@@ -688,6 +688,11 @@ def _configs_from_json(retrieval_json, ranker_json, ranker_params, fprop_dtype):
     release = release_of(ranker_params)
     extra = {}
     if release == 2:
+        if "continuous_unembeddings" not in model:  # (history_dwell_time_proj1 made it 2)
+            raise ValueError(
+                "ranker_params: phoenix_model lacks continuous_unembeddings, which the second "
+                "release's ranker has"
+            )
         extra = dict(
             num_continuous_actions=int(np.shape(model["continuous_unembeddings"])[1]),
             continuous_action_hidden_dim=int(np.shape(model["history_dwell_time_proj1"])[1]),

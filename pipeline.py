@@ -442,13 +442,15 @@ def encode_corpus(
     require_kind(model, ModelArtifacts, "model")
     post_ids, author_ids = np.asarray(post_ids), np.asarray(author_ids)
     for name, ids in (("post_ids", post_ids), ("author_ids", author_ids)):
-        if ids.ndim != 1 or ids.shape != post_ids.shape or ids.dtype.kind not in "iu":
-            raise ValueError(
-                f"{name} must be integers [N] as many as post_ids ({len(post_ids)}), got "
-                f"{list(ids.shape)} {ids.dtype}"
-            )
+        if ids.ndim != 1 or (ids.dtype.kind not in "iu" and ids.size):  # ([] is float64)
+            raise ValueError(f"{name} must be integers [N], got {list(ids.shape)} {ids.dtype}")
         if ids.size and ids.min() < 1:  # 0 is padding
             raise ValueError(f"{name} must be ids >= 1 (0 is padding), got {ids.min()}")
+    if author_ids.shape != post_ids.shape:
+        raise ValueError(
+            f"author_ids {list(author_ids.shape)} must be one per post, as post_ids "
+            f"{list(post_ids.shape)}"
+        )
     chunk = max(1, min(chunk, len(post_ids)))
     out = np.empty((len(post_ids), model.config.emb_size), np.float32)
     no_history = np.zeros((1, 1), np.int64)  # the candidate tower reads only the candidates

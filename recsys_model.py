@@ -124,6 +124,8 @@ def _norm_config(config: NormConfig | ContinuousActionConfig | None) -> NormConf
         )
     if not (is_number(config.norm_scale) and 0 < config.norm_scale < np.inf):
         raise ValueError(f"norm_scale must be a finite number > 0, got {config.norm_scale!r}")
+    if not isinstance(config.use_log, bool | np.bool_):  # "no" would read as true
+        raise TypeError(f"use_log must be True or False, got {config.use_log!r}")
     return config
 
 

@@ -24,7 +24,6 @@ import numpy as np
 
 import runners
 import train
-from cli import count
 from recsys_model import ACTIONS, PhoenixModelConfig
 from tables import lookup
 
@@ -80,7 +79,7 @@ def trained_demo(args) -> int:
 
     fewer = args.candidates is not None and args.candidates > len(pool)
     print(
-        f"\nRanking {count(len(posts), 'post')} of the last "
+        f"\nRanking {cli.count(len(posts), 'post')} of the last "
         f"{world.config.serving_window_hours:.0f} hours "
         "they have not seen"
         + (f" (all there are, fewer than --candidates {args.candidates})" if fewer else "")
@@ -124,8 +123,8 @@ def random_weights_demo(args) -> int:
     print(
         f"Phoenix ranking: D={config.emb_size}, {config.model.num_layers} layers, "
         f"{config.model.num_q_heads} heads of {config.model.key_size}, history "
-        f"{args.history_len}, {count(args.candidates, 'candidate')}, "
-        f"{count(args.batch_size, 'user')}, {args.dtype}"
+        f"{args.history_len}, {cli.count(args.candidates, 'candidate')}, "
+        f"{cli.count(args.batch_size, 'user')}, {args.dtype}"
     )
     print(
         f"Weights: RANDOM (seed {args.seed}), not a trained model; the probabilities show the "
@@ -136,14 +135,14 @@ def random_weights_demo(args) -> int:
     )
     print(
         f"First call (compile + run): {first:.2f} s; ranking: median {median * 1e3:.2f} ms "
-        f"over {count(args.repeats, 'run')}"
+        f"over {cli.count(args.repeats, 'run')}"
     )
 
     scores = np.asarray(output.scores)
     ranked = np.asarray(output.ranked_indices)
     history_lengths = (np.asarray(batch.history_post_hashes)[:, :, 0] != 0).sum(axis=1)
     for user in range(min(args.batch_size, USERS_SHOWN)):
-        print(f"\nUser {user} ({count(int(history_lengths[user]), 'history item')})")
+        print(f"\nUser {user} ({cli.count(int(history_lengths[user]), 'history item')})")
         print(f"  {'rank':>4}  {'cand':>4}  {'p(fav)':>6}  top actions")
         for position, candidate in enumerate(ranked[user][:RANKS_SHOWN], start=1):
             probabilities = scores[user, candidate]
@@ -153,7 +152,7 @@ def random_weights_demo(args) -> int:
         if args.candidates > RANKS_SHOWN:
             print(f"  ... {args.candidates - RANKS_SHOWN} more")
     if args.batch_size > USERS_SHOWN:
-        print(f"\n({count(args.batch_size - USERS_SHOWN, 'more user')} ranked, not shown)")
+        print(f"\n({cli.count(args.batch_size - USERS_SHOWN, 'more user')} ranked, not shown)")
     return 0
 
 

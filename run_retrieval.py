@@ -26,7 +26,6 @@ import numpy as np
 
 import runners
 import train
-from cli import count
 from pipeline import encode_corpus
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
 from tables import lookup
@@ -74,7 +73,7 @@ def trained_demo(args) -> int:
     taste = world.in_taste(user, found)
 
     print(
-        f"\nThe {count(k, 'post')} closest to the user vector among the {len(posts):,} of the "
+        f"\nThe {cli.count(k, 'post')} closest to the user vector among the {len(posts):,} of the "
         f"{world.config.serving_window_hours:g} hours before the request that the user has not "
         "engaged with (encoded by the candidate tower; * = a liked topic or favourite author):"
     )
@@ -99,7 +98,7 @@ def trained_demo(args) -> int:
             f"{ORACLE_DEPTH} (the world's own ranking of what the user favorites next)."
         )
     else:
-        held = count(len(posts), "post")
+        held = cli.count(len(posts), "post")
         print(f"(--top-k {args.top_k}: the window holds only {held}; all are ranked.)")
     return 0
 
@@ -126,8 +125,8 @@ def random_weights_demo(args) -> int:
 
     print(
         f"Phoenix retrieval: D={config.emb_size}, {config.model.num_layers} layers, history "
-        f"{args.history_len}, {count(args.batch_size, 'user')}, corpus of "
-        f"{count(args.corpus_size, 'post')}, "
+        f"{args.history_len}, {cli.count(args.batch_size, 'user')}, corpus of "
+        f"{cli.count(args.corpus_size, 'post')}, "
         f"top {args.top_k}, {args.dtype}"
     )
     print(
@@ -141,7 +140,7 @@ def random_weights_demo(args) -> int:
     candidates = np.asarray(retriever.encode_candidates(batch, embeddings))
     print(
         f"First call (compile + run): {first:.2f} s; retrieval: median {median * 1e3:.2f} ms "
-        f"over {count(args.repeats, 'run')}"
+        f"over {cli.count(args.repeats, 'run')}"
     )
     user = np.asarray(output.user_representation, np.float32)
     indices = np.asarray(output.top_k_indices)

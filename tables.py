@@ -191,8 +191,10 @@ def init_tables(hashing: Hashing, emb_size: int, seed: int, scale: float = 1.0) 
     """Embedding tables {user,item,author}_embeddings [V, D] float32, normal with standard
     deviation `scale` (row 0, padding, included: masks keep it out)."""
     require_kind(hashing, Hashing, "hashing")
-    if not (is_number(scale) and 0 <= scale < np.inf):
+    value = np.asarray(scale)[()] if np.ndim(scale) == 0 else None  # a 0-d array will do
+    if not (is_number(value) and 0 <= value < np.inf):
         raise ValueError(f"scale must be a finite number >= 0, got {scale!r}")
+    scale = float(value)  # (a numpy float64 would make the tables float64)
     rng = np.random.default_rng(seed)
     return {
         TABLE_NAMES[e]: scale

@@ -754,3 +754,15 @@ def test_functions_of_the_layout_refuse_arguments_of_the_wrong_kind(call, error,
     """Each ended in an AttributeError or a KeyError from inside, or (num_actions 0) went on."""
     with pytest.raises(error, match=message):
         call()
+
+
+def test_a_second_release_tree_without_its_continuous_head_is_named_as_such(example_folder):
+    """It was reported as a config.json lacking the parameter's name."""
+    jsons = [
+        json.loads((example_folder / kind / "config.json").read_text())
+        for kind in ("retrieval", "ranker")
+    ]
+    params = checkpoint.load_model_params(example_folder / "ranker" / "model_params.npz")
+    del params["phoenix_model"]["continuous_unembeddings"]
+    with pytest.raises(ValueError, match="^ranker_params: phoenix_model lacks continuous_unembed"):
+        checkpoint.configs_from_json(*jsons, params)

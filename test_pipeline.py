@@ -377,9 +377,9 @@ def test_what_a_pipeline_cannot_serve_is_refused_by_name(folder, tmp_path):
     for ids, message in (
         (
             (posts, posts[:2]),
-            r"author_ids must be integers \[N\] as many as post_ids \(3\), got \[2\]",
+            r"author_ids \[2\] must be one per post, as post_ids \[3\]",
         ),
-        ((posts.astype(float), posts), r"post_ids must be integers \[N\] .*got \[3\] float64"),
+        ((posts.astype(float), posts), r"post_ids must be integers \[N\], got \[3\] float64"),
         ((posts * 0, posts), r"post_ids must be ids >= 1 \(0 is padding\), got 0"),
     ):
         with pytest.raises(ValueError, match=message):

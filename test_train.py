@@ -188,7 +188,7 @@ def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run
 
 
 def test_batches_that_do_not_split_over_the_devices_are_refused(world, tmp_path):
-    four = types.SimpleNamespace(size=4, devices=np.arange(4))  # only its size is read
+    four = types.SimpleNamespace(size=4, devices=np.arange(4))  # a mesh of four devices
     job = T.make_job("ranker", world, dataclasses.replace(QUICK, batch_size=30))
     message = r"batch_size \(30\) does not split over the 4 devices; use a multiple of 4"
     with pytest.raises(ValueError, match=message):
@@ -494,18 +494,27 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
     T.save_demo_checkpoint(tmp_path / "big.npz", world_config, big)
     _, again = T.load_demo_checkpoint(tmp_path / "big.npz")
     # A world of other histories than its models', or a model config that is not one: refused.
-    longer = dataclasses.replace(world_config, history_len=world_config.history_len + 1)
-    T.save_demo_checkpoint(tmp_path / "big.npz", longer, models)
-    with pytest.raises(ValueError, match=r"big.npz: its ranker's history_seq_len \(8\) does"):
-        T.load_demo_checkpoint(tmp_path / "big.npz")
-    more = dataclasses.replace(world_config, num_posts=world_config.num_posts + 10)
-    T.save_demo_checkpoint(tmp_path / "big.npz", more, models)  # the rows are 8 per post
-    more_message = (
-        "big.npz: its world config does not fit its models: a world of 410 posts trains "
-        "item_embeddings of 3,281 rows; the ranker's has 3,201"
-    )
-    with pytest.raises(ValueError, match=more_message):
-        T.load_demo_checkpoint(tmp_path / "big.npz")
+    # A world its models were not trained on (histories or posts of another number): saving
+    # refuses it, and so does loading a file whose world config was edited.
+    good = read_npz(tmp_path / "big.npz")
+
+    def with_world(**changes):
+        meta = json.loads(str(good["meta"]))
+        meta["world"].update(changes)
+        write_npz({**good, "meta": np.array(json.dumps(meta))}, tmp_path / "big.npz")
+        return dataclasses.replace(world_config, **changes)
+
+    for changes, message in (
+        ({"history_len": 9}, r"its ranker's history_seq_len \(8\) does not fit"),
+        ({"num_posts": 410}, "its world config does not fit its models: a world of 410 posts "
+         "trains item_embeddings of 3,281 rows; the ranker's has 3,201"),
+    ):  # fmt: skip
+        edited = with_world(**changes)
+        with pytest.raises(ValueError, match="big.npz: " + message):
+            T.load_demo_checkpoint(tmp_path / "big.npz")
+        with pytest.raises(ValueError, match="^" + message.removeprefix("its ")):
+            T.save_demo_checkpoint(tmp_path / "other.npz", edited, models)
+    assert not (tmp_path / "other.npz").exists()
     T.save_demo_checkpoint(tmp_path / "big.npz", world_config, models)
     arrays = read_npz(tmp_path / "big.npz")
     cut = {**arrays, "ranker/tables/user_embeddings": arrays["ranker/tables/user_embeddings"][1:]}
@@ -700,6 +709,11 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     (tmp_path / "notes.txt").write_text("mine")
     assert "holds files that are not a training run's (notes.txt, run)" in refused(
         [*RANKER_ONLY, "--out", str(tmp_path)]
+    )
+    (run / "artifacts").mkdir()  # export would refuse it only after the training, at the end
+    (run / "artifacts" / "notes.txt").write_text("mine")
+    assert "run: artifacts/ holds what an artifacts folder does not (notes.txt)" in refused(
+        [*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"]
     )
     notes = str(tmp_path / "notes.txt")
     with monkeypatch.context() as patch:  # a read-only place (root may write anywhere else)
@@ -981,7 +995,7 @@ def test_export_takes_a_new_folder_or_an_artifacts_folder_and_models_of_its_worl
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(
         TypeError,
-        match="the retrieval must be a retrieval model's ModelArtifacts, got PhoenixModelConfig",
+        match="the retrieval must be a retrieval model's ModelArtifacts, got the ranker's",
     ):
         T.export_artifacts(out, world, models["ranker"], models["retrieval"])
     with pytest.raises(TypeError, match="world must be a World"):

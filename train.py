@@ -1812,7 +1812,8 @@ def check_models_fit(world_config: world_lib.WorldConfig, models: dict, where: s
     for kind, model in models.items():
         config = getattr(model, "config", model)
         if not (isinstance(model, ModelArtifacts) and isinstance(config, MODEL_CONFIGS[kind])):
-            got = type(config).__name__
+            other = [k for k, c in MODEL_CONFIGS.items() if isinstance(config, c)]
+            got = f"the {other[0]}'s" if other else type(config).__name__
             raise TypeError(f"{where}{kind} must be a {kind} model's ModelArtifacts, got {got}")
         if model.config.history_seq_len != world_config.history_len:
             raise ValueError(
@@ -1835,6 +1836,18 @@ def check_models_fit(world_config: world_lib.WorldConfig, models: dict, where: s
                 )
 
 
+def export_problem(directory: Path) -> str | None:
+    """Why `export_artifacts` would not replace `directory`, or None: it may be new, empty or
+    an artifacts folder, nothing else."""
+    problem = file_in_a_folder(directory)
+    if problem is None and directory.exists():
+        if not directory.is_dir():
+            problem = "a file, not a folder"
+        elif others := sorted({p.name for p in directory.iterdir()} - ARTIFACT_NAMES):
+            problem = f"holds what an artifacts folder does not ({', '.join(others[:5])})"
+    return problem
+
+
 def export_artifacts(
     directory: str | os.PathLike,
     world: world_lib.World,
@@ -1849,13 +1862,7 @@ def export_artifacts(
     if not isinstance(world, world_lib.World):
         raise TypeError(f"world must be a World (world.build_world), got {_kind_of(world)}")
     check_models_fit(world.config, {"retrieval": retrieval, "ranker": ranker}, "the ")
-    problem = file_in_a_folder(directory)
-    if problem is None and directory.exists():
-        if not directory.is_dir():
-            problem = "a file, not a folder"
-        elif others := sorted({p.name for p in directory.iterdir()} - ARTIFACT_NAMES):
-            problem = f"holds what an artifacts folder does not ({', '.join(others[:5])})"
-    if problem:
+    if problem := export_problem(directory):
         raise ValueError(f"{directory}: {problem}; export to a new folder")
     corpus = world.corpus()
     ids = {"post_hashes": retrieval.hashing.item(corpus["post_ids"])}
@@ -1905,6 +1912,7 @@ def save_demo_checkpoint(
         raise TypeError(
             f"models must be {{kind: ModelArtifacts}} of {MODELS}, got {_kind_of(models)}"
         )
+    check_models_fit(world_config, models)
     counts = id_counts(world_config)
     arrays, configs = {}, {}
     for kind, model in models.items():
@@ -2087,6 +2095,8 @@ def check_run_folder(out: Path, kinds: tuple[str, ...], resume: bool) -> None:
             f"--out {out}: holds files that are not a training run's ({shown}); choose a new "
             "or empty folder"
         )
+    if problem := export_problem(out / "artifacts"):  # found now, not after the training
+        raise ValueError(f"--out {out}: artifacts/ {problem}")
     saved = [kind for kind in kinds if (out / "state" / f"{kind}.npz").exists()]
     if resume and not saved:
         raise FileNotFoundError(
