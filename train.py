@@ -221,9 +221,14 @@ ENTITY_NOUNS = {"user": "users", "item": "posts", "author": "authors"}
 def hashing_for(world: world_lib.World, hash_config: HashConfig, seed: int) -> Hashing:
     """Hash functions into tables sized by `TABLE_ROWS_PER_ENTITY` (row 0 is padding), each
     spreading the world's ids at least as well as random hashes would."""
-    sizes = id_counts(world.config)
-    vocab = {k: v * TABLE_ROWS_PER_ENTITY[k] + 1 for k, v in sizes.items()}
-    return Hashing.random(hash_config, vocab, seed, num_ids=sizes)
+    return Hashing.random(
+        hash_config, table_rows(world.config), seed, num_ids=id_counts(world.config)
+    )
+
+
+def table_rows(world_config: world_lib.WorldConfig) -> dict[str, int]:
+    """Rows of each entity's table for a world (row 0 is padding), keyed as the tables are."""
+    return {k: n * TABLE_ROWS_PER_ENTITY[k] + 1 for k, n in id_counts(world_config).items()}
 
 
 def id_counts(world_config: world_lib.WorldConfig) -> dict[str, int]:
@@ -1807,8 +1812,8 @@ ARTIFACT_NAMES = frozenset({*MODELS, DEFAULT_CORPUS_FILE, DEFAULT_SEQUENCE_FILE}
 def check_models_fit(world_config: world_lib.WorldConfig, models: dict, where: str = "") -> None:
     """Refuses models that are not of their kind or were not trained on a world of this config:
     histories of another length, tables other than their hashing's, hashings sized for another
-    world's ids (rows per entity as `hashing_for` has them). `where` begins each message."""
-    counts = id_counts(world_config)
+    world's ids (`table_rows`). `where` begins each message."""
+    counts, rows = id_counts(world_config), table_rows(world_config)
     for kind, model in models.items():
         config = getattr(model, "config", model)
         if not (isinstance(model, ModelArtifacts) and isinstance(config, MODEL_CONFIGS[kind])):
@@ -1827,12 +1832,11 @@ def check_models_fit(world_config: world_lib.WorldConfig, models: dict, where: s
                     f"{where}{kind}'s {name} is {list(np.shape(table))}, its hashing asks for "
                     f"{[vocab, model.config.emb_size]}"
                 )
-            rows = counts[entity] * TABLE_ROWS_PER_ENTITY[entity] + 1  # as `hashing_for` has it
-            if vocab != rows:
+            if vocab != rows[entity]:
                 raise ValueError(
                     f"{where}world config does not fit its models: a world of "
-                    f"{counts[entity]:,} {ENTITY_NOUNS[entity]} trains {name} of {rows:,} "
-                    f"rows; the {kind}'s has {vocab:,} (models of another world?)"
+                    f"{counts[entity]:,} {ENTITY_NOUNS[entity]} trains {name} of "
+                    f"{rows[entity]:,} rows; the {kind}'s has {vocab:,} (models of another world?)"
                 )
 
 
