@@ -747,13 +747,17 @@ class World:
             raise ValueError(f"times must be of the user_ids' shape {u.shape}, got {times.shape}")
         return self._history(u, times)
 
+    def _user_history(self, user_id: int, time: int) -> History:
+        """`history` of one user at one time, each checked as one."""
+        u = self._one(user_id, self.num_users, "user_id")
+        return self._history(np.array([u]), np.array([_time(time)]))
+
     def user_sequence(self, user_id: int, time: int) -> dict:
         """The user's history before `time` in the pipeline's JSON format (oldest first), with
         the request time and each engagement's dwell (the second release's ranker reads both):
         {"user_id", "request_time", "history": [{"post_id", "author_id", "actions": {"<index>":
         1.0}, "dwell_time"}]}."""
-        u = self._one(user_id, self.num_users, "user_id")
-        h = self._history(np.array([u]), np.array([_time(time)]))
+        h = self._user_history(user_id, time)
         items = []
         for s in np.flatnonzero(h.post_ids[0]):
             actions = {str(int(a)): 1.0 for a in np.flatnonzero(h.actions[0, s])}
@@ -772,8 +776,10 @@ class World:
     def servable(self, post_ids, times) -> np.ndarray:
         """Whether posts could be served at the times (broadcast): created in the serving
         window before them, as `recent_posts` lists them."""
-        p = self._index(post_ids, self.num_posts, "post_ids")
-        age = _times(times) - self.post_created[p]
+        return self._servable(self._index(post_ids, self.num_posts, "post_ids"), _times(times))
+
+    def _servable(self, p: np.ndarray, times: np.ndarray) -> np.ndarray:
+        age = times - self.post_created[p]
         return (age > 0) & (age <= self.config.serving_window_hours * SECONDS_PER_HOUR)
 
     def oracle_scores(self, user_ids, post_ids, query_times) -> np.ndarray:
@@ -783,7 +789,7 @@ class World:
         that time; every other post after them, by the same probability."""
         u, p, times = self._requests(user_ids, post_ids, query_times, "query_times")
         probability = self._model(u, p, times)[0][..., FAVORITE]
-        return probability + self.servable(post_ids, times)  # probabilities < 1: servable first
+        return probability + self._servable(p, times)  # probabilities < 1: servable first
 
     def _rank(self, examples: RetrievalExamples, k: int, scores) -> np.ndarray:
         """Post ids [N, k] by `scores(user_ids [n, 1], post_ids [1, P], times [n, 1])`, best
@@ -869,8 +875,7 @@ class World:
 
     def describe_history(self, user_id: int, time: int) -> str:
         """The topics of the user's history before `time`, most frequent first."""
-        u = self._one(user_id, self.num_users, "user_id")
-        ids = self._history(np.array([u]), np.array([_time(time)])).post_ids[0]
+        ids = self._user_history(user_id, time).post_ids[0]
         ids = ids[ids > 0]
         counts = np.bincount(self.post_topics[ids - 1], minlength=len(self.topic_names))
         order = [t for t in np.argsort(-counts, kind="stable") if counts[t]]
@@ -890,9 +895,8 @@ class World:
 
     def unseen_recent_posts(self, user_id: int, time: int) -> np.ndarray:
         """`recent_posts(time)` without the posts in the user's history at `time`."""
-        u = self._one(user_id, self.num_users, "user_id")
+        history = self._user_history(user_id, time)
         posts = self.recent_posts(time)
-        history = self._history(np.array([u]), np.array([_time(time)]))
         return posts[~np.isin(posts, history.post_ids[0])]
 
     def corpus(self) -> dict[str, np.ndarray]:
