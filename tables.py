@@ -244,13 +244,13 @@ def lookup(tables: Mapping[str, Any], batch: RecsysBatch) -> RecsysEmbeddings:
 
 
 # hash_batch's id and action arguments, by name, with their dimensions.
-HASH_BATCH_RANKS = {
-    "user_ids": 1,
-    "history_post_ids": 2,
-    "history_author_ids": 2,
-    "history_actions": 3,
-    "candidate_post_ids": 2,
-    "candidate_author_ids": 2,
+HASH_BATCH_DIMS = {
+    "user_ids": "B",
+    "history_post_ids": "BS",
+    "history_author_ids": "BS",
+    "history_actions": "BSA",
+    "candidate_post_ids": "BC",
+    "candidate_author_ids": "BC",
 }
 
 
@@ -270,22 +270,19 @@ def hash_batch(
     require_kind(hashing, Hashing, "hashing")
     args = (user_ids, history_post_ids, history_author_ids, history_actions)
     args += (candidate_post_ids, candidate_author_ids)
-    shapes = dict(zip(HASH_BATCH_RANKS, map(np.shape, args), strict=True))
-    for name, rank in HASH_BATCH_RANKS.items():
-        if len(shapes[name]) != rank:
-            raise ValueError(f"{name} has shape {list(shapes[name])}; expected {rank} dimensions")
-    (b, s), c = shapes["history_post_ids"], shapes["candidate_post_ids"][1]
-    wanted = dict(
-        zip(
-            HASH_BATCH_RANKS,
-            ((b,), (b, s), (b, s), (b, s, shapes["history_actions"][2]), (b, c), (b, c)),
-            strict=True,
-        )
-    )
-    for name, shape in wanted.items():
-        if shapes[name] != shape:
+    shapes = dict(zip(HASH_BATCH_DIMS, map(np.shape, args), strict=True))
+    for name, dims in HASH_BATCH_DIMS.items():
+        if len(shapes[name]) != len(dims):
             raise ValueError(
-                f"{name} has shape {list(shapes[name])}, expected {list(shape)} (users B and "
+                f"{name} has shape {list(shapes[name])}; expected {len(dims)} dimensions"
+            )
+    # B and S as history_post_ids has them, C as candidate_post_ids, A as history_actions.
+    sizes = dict(zip("BS", shapes["history_post_ids"], strict=True))
+    sizes |= {"C": shapes["candidate_post_ids"][1], "A": shapes["history_actions"][2]}
+    for name, dims in HASH_BATCH_DIMS.items():
+        if shapes[name] != (wanted := tuple(sizes[d] for d in dims)):
+            raise ValueError(
+                f"{name} has shape {list(shapes[name])}, expected {list(wanted)} (users B and "
                 "history S of history_post_ids, candidates C of candidate_post_ids)"
             )
     history_post_ids = np.asarray(history_post_ids)
