@@ -211,11 +211,7 @@ class Pipeline:
     """Serves feeds from loaded artifacts with the library's runners."""
 
     def __init__(self, artifacts: Artifacts):
-        if not isinstance(artifacts, Artifacts):
-            raise TypeError(
-                f"artifacts must be an Artifacts (checkpoint.load_artifacts), got "
-                f"{type(artifacts).__name__}"
-            )
+        require_kind(artifacts, Artifacts, "artifacts", " (checkpoint.load_artifacts)")
         self.artifacts = artifacts
         retrieval, ranker = artifacts.retrieval, artifacts.ranker
         self.retriever = runners.RecsysRetrievalInferenceRunner(

@@ -190,13 +190,14 @@ def is_number(value: Any) -> bool:
     return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
-def require_kind(value: Any, kind: Any, name: str) -> None:
+def require_kind(value: Any, kind: Any, name: str, hint: str = "") -> None:
     """TypeError naming `name` and what it got, unless `value` is a `kind` (a class or a union
-    of classes; a `Mapping` is called a dict)."""
+    of classes; a `Mapping` is called a dict); `hint` follows the expected kind."""
     if not isinstance(value, kind):
         kinds = getattr(kind, "__args__", None) or (kind,)
         expected = " or ".join("dict" if k is Mapping else k.__name__ for k in kinds)
-        raise TypeError(f"{name} must be a {expected}, got {type(value).__name__}")
+        article = "an" if expected[0] in "AEIOU" else "a"
+        raise TypeError(f"{name} must be {article} {expected}{hint}, got {type(value).__name__}")
 
 
 def _check_count(name: str, value: Any, low: int) -> None:
