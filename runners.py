@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import haiku as hk
@@ -257,8 +258,8 @@ def randomize_params(params: hk.Params, seed: int) -> hk.Params:
     model, whose published initialisation (zero norm scales) makes every logit 0."""
     if not is_integer(seed) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    leaves = jax.tree.leaves(params)
-    if not isinstance(params, dict) or not leaves or not all(hasattr(x, "shape") for x in leaves):
+    leaves = jax.tree.leaves(params)  # (Haiku's immutable trees are mappings, not dicts)
+    if not (isinstance(params, Mapping) and leaves and all(hasattr(x, "shape") for x in leaves)):
         raise TypeError(
             "params must be a parameter tree, modules of named arrays (as `param_shapes` or "
             f"`init` give), got {type(params).__name__}"

@@ -741,3 +741,10 @@ def test_runners_refuse_a_config_or_runner_of_the_other_model():
         runners.RecsysInferenceRunner(runners.RetrievalModelRunner(retrieval), "ranker")
     with pytest.raises(TypeError, match="runner must be a RetrievalModelRunner, got NoneType"):
         runners.RecsysRetrievalInferenceRunner(None, "retrieval")
+
+
+def test_randomize_params_takes_haikus_immutable_trees():
+    """Haiku's FlatMap is a mapping but not a dict; a check for dict refused it."""
+    tree = hk.data_structures.to_immutable_dict({"m": {"w": np.ones((2, 3)), "scale": np.ones(3)}})
+    drawn = runners.randomize_params(tree, seed=0)
+    assert drawn["m"]["w"].shape == (2, 3) and not np.allclose(drawn["m"]["scale"], 1.0)
