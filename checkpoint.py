@@ -54,6 +54,7 @@ from recsys_model import (
     require_kind,
 )
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
+from search import first_repeated
 from tables import ENTITIES, TABLE_NAMES, Hashing
 
 PARAMS_FILE = "model_params.npz"
@@ -813,10 +814,8 @@ def load_corpus(path: str | os.PathLike, emb_size: int) -> Corpus:
                 f"{path}: {key} must be positive integers that int64 holds, got {ids[bad[0]]} "
                 f"at [{bad[0]}]"
             )
-    ordered = np.sort(corpus.post_ids)
-    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
-    if len(repeated):
-        raise ValueError(f"{path}: post_ids must be distinct, {repeated[0]} appears more than once")
+    if (repeated := first_repeated(corpus.post_ids)) is not None:
+        raise ValueError(f"{path}: post_ids must be distinct, {repeated} appears more than once")
     unknown = sorted(set(arrays) - set(Corpus.__dataclass_fields__))
     if unknown:  # a misspelt creation_times would otherwise go unnoticed
         warnings.warn(

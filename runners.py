@@ -47,7 +47,7 @@ from recsys_model import (
     validate_inputs,
 )
 from recsys_retrieval_model import PhoenixRetrievalModelConfig, RetrievalOutput
-from search import check_top_k, sharded_top_k_search, validate_corpus
+from search import check_top_k, first_repeated, sharded_top_k_search, validate_corpus
 
 __all__ = [
     "ACTIONS",
@@ -750,9 +750,8 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
             raise ValueError(f"corpus_post_ids has shape {ids.shape}, expected [N={n}]")
         if ids.dtype.kind not in "iu":
             raise ValueError(f"corpus_post_ids must be integers, got {ids.dtype}")
-        unique, counts = np.unique(ids, return_counts=True)
-        if len(unique) < n:  # a post found twice would fill two places of a top-K
-            raise ValueError(f"corpus_post_ids holds {unique[counts > 1][0]} more than once")
+        if (repeated := first_repeated(ids)) is not None:
+            raise ValueError(f"corpus_post_ids holds {repeated} more than once")
         if not isinstance(corpus_embeddings, jax.Array):
             corpus_embeddings = jnp.asarray(corpus_embeddings)
         self.corpus_embeddings = corpus_embeddings

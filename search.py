@@ -73,6 +73,14 @@ SEARCH_METHODS = ("auto", "native", "xla")
 NATIVE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # corpus dtypes of the kernel
 
 
+def first_repeated(ids: np.ndarray):
+    """The smallest value that `ids` [N] holds more than once, or None: a corpus's post ids must
+    be distinct, since a post found twice would fill two places of a top-K."""
+    ordered = np.sort(ids)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    return repeated[0] if len(repeated) else None
+
+
 def require_arrays(**named) -> None:
     """Raises TypeError naming the first value that is not an array (a list, say)."""
     for name, x in named.items():

@@ -26,6 +26,7 @@ from search import (
     TwoPassIndex,
     auto_search_method,
     first_non_finite_row,
+    first_repeated,
     read_block,
     read_rows,
     sharded_top_k_search,
@@ -336,3 +337,9 @@ def test_read_rows_reads_a_mapped_file_without_mapping_it(tmp_path, monkeypatch,
         np.testing.assert_array_equal(read_rows(mapped, rows), table[rows])
         np.testing.assert_array_equal(read_rows(table, rows), table[rows])
     np.testing.assert_array_equal(read_block(mapped, 4990, 6000), table[4990:])
+
+
+def test_first_repeated_names_the_smallest_id_given_twice():
+    assert first_repeated(np.array([7, 3, 9, 3, 7])) == 3
+    assert first_repeated(np.array([5, 1, 2])) is None
+    assert first_repeated(np.array([], np.int64)) is None
