@@ -380,6 +380,12 @@ def test_a_count_below_its_minimum_or_not_a_whole_number_is_refused(field, value
         (dict(start_time=2**70), r"start_time \(1180591620717411303424\) \+ span_days \(10.0\)"),
         (dict(start_time=10**400), r"start_time \(1000000000"),
         (dict(start_time=2**31 - 10 * 86_400), r"start_time \(2146619648\) \+ .* before 2\*\*31"),
+        # A user's requests, a second apart, ran past 2**31.
+        (dict(start_time=2**31 - 10 * 86_400 - 100),
+         r"start_time \(2146619548\) \+ span_days \(10.0\) \+ max_requests_per_user \(160\) "
+         "seconds must end before 2"),
+        (dict(dwell_time_threshold_seconds=5.0),
+         r"dwell_time_threshold_seconds \(5.0\) must be >= dwell_score_threshold_seconds \(8.0\)"),
         # These failed with a raw TypeError, or asked numpy for terabytes.
         (dict(actions=None), "actions must be a dict of ActionModel by action name, got None"),
         (dict(favourite_authors_per_user=10**12),
@@ -546,6 +552,27 @@ def test_servable_means_created_within_the_window_before(world):
     assert recent == [False, True, True, False]
     with pytest.raises(ValueError, match=r"post_ids: ids must be in \[1, "):
         world.servable(0, created)
+
+
+def test_what_was_served_is_servable_where_the_window_is_widened():
+    """Where fewer posts than the serving pool were created in the window (a thin world), the
+    world serves older posts to fill it; `servable`, the oracle and `recent_posts` widen the
+    window the same way, so that every served post and every target counts as servable."""
+    thin = dataclasses.replace(
+        W.WorldConfig.tiny(), num_posts=100, warmup_days=2.0, serving_window_hours=24.0
+    )
+    world = W.build_world(thin)
+    served, times = world.ranking_train.candidate_post_ids, world.ranking_train.request_times
+    start, end = world.serving_window(times)
+    in_hours = np.searchsorted(world.post_created, times - 24 * 3600)
+    assert (start < in_hours).mean() > 0.5  # most windows widened...
+    assert (end - start == np.maximum(end - in_hours, thin.serving_pool_size)).all()  # ...to K
+    assert world.servable(served, times[:, None]).all()
+    targets = world.retrieval_eval
+    assert world.servable(targets.target_post_ids, targets.query_times).all()
+    oracle = world.oracle_ranking(targets, 10)
+    assert np.mean(oracle[:, :1] == targets.target_post_ids[:, None]) > 0.1
+    assert set(served[0]) <= set(world.recent_posts(times[0]))
 
 
 def test_rankings_refuse_what_they_cannot_rank(world):

@@ -234,11 +234,12 @@ def _range_problem(config: WorldConfig) -> str | None:
         if abs(value) > limit:
             wanted = f"in [-{limit:,g}, {limit:,g}]" if name in REAL_FIELDS else f"<= {limit:,g}"
             return f"{name} must be {wanted}, got {value!r}"
-    if config.start_time >= LAST_TIME or (
-        config.start_time + config.span_days * SECONDS_PER_DAY >= LAST_TIME
-    ):
+    # A user's requests are spread a second apart past the span's end at most (`_schedule`).
+    end = config.span_days * SECONDS_PER_DAY + config.max_requests_per_user
+    if config.start_time >= LAST_TIME or config.start_time + end > LAST_TIME:
         return (
-            f"start_time ({config.start_time}) + span_days ({config.span_days}) must end before "
+            f"start_time ({config.start_time}) + span_days ({config.span_days}) + "
+            f"max_requests_per_user ({config.max_requests_per_user}) seconds must end before "
             f"2**31 (January 2038: the models take times as int32 unix seconds)"
         )
     media, offsets = config.media_probabilities, config.dwell_media_offsets
@@ -303,8 +304,8 @@ class WorldConfig:
     max_requests_per_user: int = 160
     activity_sigma: float = 0.5
     eval_requests_per_user: int = 2  # each user's last requests, held out
-    # Serving: a pool of recent posts (created in the last serving_window_hours, drawn spread
-    # over that window); in_taste_fraction of the C slots go to the pool's posts with the highest
+    # Serving: a pool of recent posts (created in the last serving_window_hours, or the last
+    # serving_pool_size posts if fewer were, drawn spread over that window); in_taste_fraction of the C slots go to the pool's posts with the highest
     # affinity / serving_temperature + Gumbel noise, the rest to random pool posts.
     serving_window_hours: float = 72.0
     serving_pool_size: int = 64
@@ -363,6 +364,12 @@ class WorldConfig:
         problem = _range_problem(self)
         if problem:
             raise ValueError(problem)
+        if self.dwell_time_threshold_seconds < self.dwell_score_threshold_seconds:
+            raise ValueError(
+                f"dwell_time_threshold_seconds ({self.dwell_time_threshold_seconds}) must be >= "
+                f"dwell_score_threshold_seconds ({self.dwell_score_threshold_seconds}): the two "
+                "dwell actions are nested"
+            )
 
     def memory_bytes(self) -> float:
         """A lower bound on the built world's memory: each request's impressions (their true
@@ -773,20 +780,33 @@ class World:
 
     # ---- retrieval oracle and baseline ---------------------------------------------------------
 
+    def serving_window(self, times) -> tuple[np.ndarray, np.ndarray]:
+        """(start, end) [...]: the indices of the posts served at each time, post_created
+        [start:end]. They are the posts created in the serving window before it, widened back
+        to the serving pool's size where fewer than that were created in the window (a thin
+        stretch of time, early in a small world)."""
+        times = _times(times, "times")
+        c = self.config
+        end = np.searchsorted(self.post_created, times, side="left")  # created strictly before
+        start = np.searchsorted(
+            self.post_created, times - c.serving_window_hours * SECONDS_PER_HOUR
+        )
+        return np.clip(end - c.serving_pool_size, 0, start), end
+
     def servable(self, post_ids, times) -> np.ndarray:
-        """Whether posts could be served at the times (broadcast): created in the serving
-        window before them, as `recent_posts` lists them."""
+        """Whether posts could be served at the times (broadcast): in the serving window
+        before them, as `recent_posts` lists them."""
         return self._servable(self._index(post_ids, self.num_posts, "post_ids"), _times(times))
 
     def _servable(self, p: np.ndarray, times: np.ndarray) -> np.ndarray:
-        age = times - self.post_created[p]
-        return (age > 0) & (age <= self.config.serving_window_hours * SECONDS_PER_HOUR)
+        start, end = self.serving_window(times)
+        return (start <= p) & (p < end)
 
     def oracle_scores(self, user_ids, post_ids, query_times) -> np.ndarray:
         """The retrieval oracle's score [...] of each post for a user at a query time: what
-        the world knows about the next favorite. Posts the world could serve then (created in
-        the serving window before the query) come first, by their true favorite probability at
-        that time; every other post after them, by the same probability."""
+        the world knows about the next favorite. Posts the world could serve then (in the
+        serving window before the query, `serving_window`) come first, by their true favorite
+        probability at that time; every other post after them, by the same probability."""
         u, p, times = self._requests(user_ids, post_ids, query_times, "query_times")
         probability = self._model(u, p, times)[0][..., FAVORITE]
         return probability + self._servable(p, times)  # probabilities < 1: servable first
@@ -883,14 +903,17 @@ class World:
         return f"their last {len(ids)} engagements: {topics or 'none'}"
 
     def recent_posts(self, time: int, hours: float | None = None) -> np.ndarray:
-        """Ids of the posts created in the `hours` (the serving window by default) before
-        `time`, oldest first: what a request at `time` is served from."""
-        hours = self.config.serving_window_hours if hours is None else hours
-        time = int(_time(time))
-        if not (_real(hours) and hours >= 0):
+        """Ids of the posts created in the `hours` before `time`, oldest first; by default
+        those of the serving window (`serving_window`): what a request at `time` is served
+        from."""
+        time = _time(time)
+        if hours is None:
+            start, end = self.serving_window(time)
+        elif _real(hours) and hours >= 0:
+            end = np.searchsorted(self.post_created, time, side="left")
+            start = np.searchsorted(self.post_created, time - hours * SECONDS_PER_HOUR)
+        else:
             raise ValueError(f"hours must be a finite number >= 0, got {hours!r}")
-        end = np.searchsorted(self.post_created, time, side="left")
-        start = np.searchsorted(self.post_created, time - hours * SECONDS_PER_HOUR)
         return np.arange(start, end, dtype=np.int64) + 1
 
     def unseen_recent_posts(self, user_id: int, time: int) -> np.ndarray:
@@ -1045,10 +1068,8 @@ def _serve(world: World, rng: np.random.Generator, users: np.ndarray, times: np.
     """Candidate post indices [R, C] for each request: part in-taste, part random, shuffled."""
     c = world.config
     R, K, C = len(users), c.serving_pool_size, c.num_candidates
-    end = np.searchsorted(world.post_created, times, side="left")  # created strictly before
-    start = np.searchsorted(world.post_created, times - c.serving_window_hours * SECONDS_PER_HOUR)
-    start = np.minimum(start, end - K)  # a thin stretch of time widens the window to K posts
-    if R and start.min() < 0:
+    start, end = world.serving_window(times)
+    if R and (end - start).min() < K:
         raise ValueError(
             f"a request would have fewer than {K} posts (serving_pool_size) created before "
             "it; the world needs more posts (num_posts) or a longer warmup (warmup_days)"
