@@ -56,15 +56,17 @@ def _block_top_k(
     r, b = scores.shape
     num_groups = r // SEARCH_GROUP_SIZE
     if num_groups <= 2 * k:
-        rows = jnp.broadcast_to(jnp.arange(r), (b, r))
+        rows = jnp.broadcast_to(jnp.arange(r, dtype=jnp.int32), (b, r))
         return _merge_top_k(scores.T, start + rows, k)
     main = num_groups * SEARCH_GROUP_SIZE
     group_max = jnp.max(scores[:main].reshape(num_groups, SEARCH_GROUP_SIZE, b), axis=1)
     _, groups = jax.lax.top_k(group_max.T, k)  # [B, k]
     groups = jnp.sort(groups, axis=1)
-    rows = (groups[:, :, None] * SEARCH_GROUP_SIZE + jnp.arange(SEARCH_GROUP_SIZE)).reshape(b, -1)
+    within = jnp.arange(SEARCH_GROUP_SIZE, dtype=jnp.int32)
+    rows = (groups[:, :, None] * SEARCH_GROUP_SIZE + within).reshape(b, -1)
     # Rows after the last whole group are always candidates.
-    rows = jnp.concatenate([rows, jnp.broadcast_to(jnp.arange(main, r), (b, r - main))], axis=1)
+    rest = jnp.arange(main, r, dtype=jnp.int32)
+    rows = jnp.concatenate([rows, jnp.broadcast_to(rest, (b, r - main))], axis=1)
     candidates = scores[rows, jnp.arange(b)[:, None]]  # [B, k * group + rest]
     return _merge_top_k(candidates, start + rows, k)
 
@@ -188,7 +190,7 @@ def _blocked_top_k(
         rows = jax.lax.dynamic_slice_in_dim(corpus, start, block_size)
         # Corpus-major [block, B]: the large operand is read in its stored layout.
         scores = jnp.dot(rows.astype(jnp.float32), queries.T)
-        idx = start + jnp.arange(block_size)
+        idx = start + jnp.arange(block_size, dtype=jnp.int32)
         if corpus_mask is not None:
             keep = jax.lax.dynamic_slice_in_dim(corpus_mask, start, block_size)
             scores = jnp.where(keep[:, None], scores, -INF)
@@ -217,7 +219,7 @@ def _blocked_top_k(
         jnp.full((num_queries, k), -jnp.inf, jnp.float32),
         jnp.zeros((num_queries, k), jnp.int32),
     )
-    (scores, idx), _ = jax.lax.scan(step, init, jnp.arange(num_blocks))
+    (scores, idx), _ = jax.lax.scan(step, init, jnp.arange(num_blocks, dtype=jnp.int32))
     return scores, idx
 
 

@@ -177,6 +177,20 @@ def test_validate_corpus_names_a_non_finite_row():
         validate_corpus(corpus[:0], 4, 1)
 
 
+@pytest.mark.parametrize("method", ["xla", "auto"])
+@pytest.mark.parametrize("corpus_size", [40, 5000, 300_000])  # one block, grouped, several
+def test_the_search_works_with_jax_64_bit_mode(method, corpus_size):
+    """With jax_enable_x64 on, integer ranges default to int64: the indices stay int32 in
+    every path, so that the kernel and the compiled fallback of `auto` agree on their type."""
+    rng = np.random.default_rng(3)
+    queries = rng.standard_normal((2, 8)).astype(np.float32)
+    corpus = rng.standard_normal((corpus_size, 8)).astype(np.float32)
+    with jax.enable_x64(True):
+        result = jax.jit(lambda q, c: top_k_search(q, c, 5, method=method))(queries, corpus)
+    assert result[1].dtype == jnp.int32
+    assert_same_top_k(result, full_top_k(queries, corpus, 5))
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", sorted(DTYPES))
 def test_top_k_search_methods_agree_on_real_valued_data(dtype):
