@@ -45,6 +45,13 @@ def _array(value, name: str) -> np.ndarray:
         raise ValueError(f"{name} is not an array of numbers ({error})") from None
 
 
+def _real_dtype(dtype: np.dtype) -> bool:
+    """bool, integers and floats, bfloat16 (the models' default type) and the other narrow
+    floats that numpy knows only as opaque types among them: each converts to float64 exactly."""
+    narrow = ("bfloat16", "float8", "float6", "float4")
+    return dtype.kind in "biuf" or (dtype.kind == "V" and dtype.name.startswith(narrow))
+
+
 def _examples(labels, values, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Checks labels and per-example values; returns both flattened to float64 [N]."""
     labels, values = _array(labels, "labels"), _array(values, name)
@@ -55,7 +62,7 @@ def _examples(labels, values, name: str) -> tuple[np.ndarray, np.ndarray]:
     if labels.size == 0:
         raise ValueError("labels is empty; need at least one example")
     for arg, array in (("labels", labels), (name, values)):
-        if array.dtype != bool and array.dtype.kind not in "iuf":
+        if not _real_dtype(array.dtype):
             raise ValueError(f"{arg} must be bool or real numbers, got dtype {array.dtype}")
     if values.dtype.kind == "f" and values.dtype.itemsize > 8:
         raise ValueError(

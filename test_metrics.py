@@ -7,6 +7,7 @@ against the mean precision at each positive).
 
 import math
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -46,6 +47,15 @@ def test_auroc_hand_computed_with_a_tie():
     # Positives score 0.9, 0.5, 0.1; negatives 0.9, 0.3. The six pairs (pos, neg):
     # (.9,.9) tie 1/2, (.9,.3) 1, (.5,.9) 0, (.5,.3) 1, (.1,.9) 0, (.1,.3) 0 -> 2.5 / 6.
     assert auroc([1, 0, 1, 0, 1], [0.9, 0.9, 0.5, 0.3, 0.1]) == pytest.approx(5 / 12, abs=1e-15)
+
+
+def test_bfloat16_scores_from_a_model_are_taken_as_the_numbers_they_hold():
+    """The models compute in bfloat16 by default; their scores are real numbers like any."""
+    scores = np.array([0.9, 0.9, 0.5, 0.3, 0.1], jnp.bfloat16)
+    labels = np.array([1, 0, 1, 0, 1], jnp.bfloat16)
+    assert auroc(labels, scores) == pytest.approx(5 / 12, abs=1e-15)
+    wide = scores.astype(np.float64)
+    assert cross_entropy(labels, scores) == cross_entropy([1, 0, 1, 0, 1], wide)
 
 
 def test_auroc_extremes():
