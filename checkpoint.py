@@ -313,6 +313,12 @@ def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str,
     `read_npz` checks; refuses objects (the published loader would unpickle them) and integers
     that int32 would not hold when it is their type."""
     flat = read_npz(checkpoint_path)
+    for name, x in flat.items():
+        if not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == np.bool_):
+            raise ValueError(
+                f"{checkpoint_path}: {name} holds {x.dtype} values, not numbers: not a file of "
+                "model parameters"
+            )
     if not jax.config.jax_enable_x64:  # then int64 becomes int32 and uint64 uint32
         for name, x in flat.items():
             kept = {"i": INT32, "u": np.iinfo(np.uint32)}.get(x.dtype.kind)

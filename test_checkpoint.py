@@ -94,6 +94,10 @@ def test_load_model_params_follows_the_published_rules(tmp_path):
         load_model_params(path)
     write_npz({"~/step": np.uint64(3 * 2**30)}, path)  # uint64 becomes uint32, which holds it
     assert int(load_model_params(path)["~"]["step"]) == 3 * 2**30
+    # Text (a demo checkpoint's description, say) is no parameter: it failed deep in JAX.
+    write_npz({"m/w": np.ones(2), "meta": np.array('{"seed": 0}')}, path)
+    with pytest.raises(ValueError, match=r"p.npz: meta holds <U11 values, not numbers: not a"):
+        load_model_params(path)
 
 
 def test_bfloat16_is_written_as_float32_and_raw_bytes_are_refused(tmp_path):
