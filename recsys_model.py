@@ -184,6 +184,19 @@ def is_integer(value: Any) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def _check_offset(offset: Any) -> None:
+    """A first candidate's slot: an integer >= 0 (traced, an integer scalar)."""
+    kind = jnp.asarray(offset).dtype if isinstance(offset, jax.Array) else None
+    if kind is not None and jnp.issubdtype(kind, jnp.integer) and jnp.ndim(offset) == 0:
+        if isinstance(offset, jax.core.Tracer) or int(offset) >= 0:
+            return
+    elif is_integer(offset) and offset >= 0:
+        return
+    raise ValueError(
+        f"candidate_offset must be an integer >= 0 (the first candidate's slot), got {offset!r}"
+    )
+
+
 def is_number(value: Any) -> bool:
     """Whether a value (read from JSON, or given in Python) is a real number: true and false are
     not, numpy's numbers are."""
@@ -979,6 +992,7 @@ class PhoenixModel(ModelModule):
         longer candidate list) unless `candidate_slots` gives each candidate's own.
         """
         self._validate(batch, embeddings)
+        _check_offset(candidate_offset)
         layers, users = self.config.model.num_layers, batch.candidate_post_hashes.shape[0]
         if context.keys.shape[:2] != (layers, users):
             raise ValueError(

@@ -451,6 +451,25 @@ def test_a_context_of_other_users_is_refused():
         hk.transform(mixed).apply(ranking_params(SETUP), None, one, fixed_example())
 
 
+@pytest.mark.parametrize("offset", [1.5, -1, True, jnp.float32(2.0), jnp.array([1, 2])])
+def test_a_candidate_offset_that_is_not_a_slot_is_refused(offset):
+    """A fractional or negative offset gave logits of no slot at all."""
+    config = SETUP.ranking_config()
+
+    def score(inputs, offset):
+        model = config.make()
+        return model.score_candidates(model.encode_context(*inputs), *inputs, offset)
+
+    params, inputs = ranking_params(SETUP), fixed_example()
+    with pytest.raises(ValueError, match="candidate_offset must be an integer >= 0 .*, got "):
+        hk.transform(score).apply(params, None, inputs, offset)
+    apply = hk.transform(score).apply
+    at_3 = apply(params, None, inputs, 3).logits
+    traced = jax.jit(apply)(params, None, inputs, jnp.int32(3)).logits
+    for logits in (apply(params, None, inputs, np.int64(3)).logits, traced):
+        np.testing.assert_allclose(logits, at_3, rtol=RTOL, atol=ATOL)  # the same slots
+
+
 def test_an_empty_batch_of_users_is_refused():
     batch, emb = jax.tree.map(lambda x: x[:0], fixed_example())
     with pytest.raises(ValueError, match=r"no users \(B=0 in user_hashes\)"):
