@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tracemalloc
 import warnings
 
 import numpy as np
@@ -511,13 +512,25 @@ def _array_bytes(value, seen) -> int:
 
 
 @pytest.mark.parametrize(
-    "changes", [{}, {"mean_requests_per_user": 200.0, "max_requests_per_user": 10}]
+    "changes",
+    [
+        {},
+        {"mean_requests_per_user": 200.0, "max_requests_per_user": 10},
+        {"num_candidates": 12, "history_len": 64},
+    ],
 )
-def test_memory_bytes_is_a_lower_bound_on_the_built_world(changes):
+def test_memory_bytes_is_about_the_peak_of_building_the_world(changes):
+    """Not far below the peak (a world that cannot fit is refused before it is built, not
+    killed by the system halfway) nor far above it (what fits is not refused)."""
     config = dataclasses.replace(W.WorldConfig.tiny(), **changes)
-    built = _array_bytes(W.build_world(config), set())
-    # Below what the world holds, and not far below: it refuses only what cannot fit.
-    assert built / 4 < config.memory_bytes() <= built
+    tracemalloc.start()  # numpy reports its arrays to it
+    try:
+        built = W.build_world(config)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert 0.8 * peak < config.memory_bytes() < 1.25 * peak
+    assert config.memory_bytes() > _array_bytes(built, set())  # the building takes more
 
 
 def test_taste_history_and_recent_posts_in_words(world):
