@@ -165,10 +165,16 @@ def _check_number_type(path: Path, info: zipfile.ZipInfo, dtype: np.dtype) -> No
         )
 
 
+def as_path(value: Any, name: str = "path") -> Path:
+    """`value` as a Path, or TypeError naming `name` unless it is a str or os.PathLike."""
+    require_kind(value, str | os.PathLike, name, " (a file or folder name)")
+    return Path(value)
+
+
 def require_file(path: str | os.PathLike, hint: str = "") -> Path:
     """`path` as a Path if it is a regular file; else FileNotFoundError saying what is there
     instead (nothing, a folder, or a device, pipe or socket), followed by `hint`."""
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir():
         raise FileNotFoundError(f"{path}: a folder, not a file{hint}")
     if path.exists() and not path.is_file():
@@ -247,12 +253,14 @@ def write_npz(arrays: Mapping[str, Any], path: str | os.PathLike, compressed: bo
     float32 and such integers as int32, every value exactly. What `read_npz` would refuse is
     not written: arrays of Python objects (TypeError), and floats that are NaN, infinite or
     float64 beyond float32's range (ValueError naming the file and the array)."""
+    require_kind(arrays, Mapping, "arrays", " of arrays by name")
+    path = as_path(path)
     stored = {name: _storable(name, value) for name, value in arrays.items()}
     for name, x in stored.items():
         if problem := _float32_problem(x):
             raise ValueError(f"{path}: {name} {problem}")
     save = np.savez_compressed if compressed else np.savez
-    with _atomic_path(Path(path)) as scratch, open(scratch, "wb") as f:
+    with _atomic_path(path) as scratch, open(scratch, "wb") as f:
         save(f, **stored)
 
 
@@ -270,7 +278,7 @@ def _storable(name: str, value: Any) -> np.ndarray:
 
 def write_json(data: Any, path: str | os.PathLike) -> None:
     """Writes `data` as indented JSON to `path` atomically."""
-    with _atomic_path(Path(path)) as scratch:
+    with _atomic_path(as_path(path)) as scratch:
         scratch.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -312,7 +320,7 @@ def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str,
     converts them (float64 to float32, int64 to int32 unless x64 is on). Checked as
     `read_npz` checks; refuses objects (the published loader would unpickle them) and integers
     that int32 would not hold when it is their type."""
-    flat = read_npz(checkpoint_path)
+    flat = read_npz(as_path(checkpoint_path, "checkpoint_path"))
     for name, x in flat.items():
         if not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == np.bool_):
             raise ValueError(
@@ -333,6 +341,7 @@ def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str,
 def save_model_params(params: hk.Params, checkpoint_path: str | os.PathLike) -> None:
     """Writes a parameter tree in the published layout (`module/name` keys) as `write_npz`
     writes arrays: atomically, refusing floats that loading would refuse."""
+    as_path(checkpoint_path, "checkpoint_path")
     flat = flatten_params(params)
     for name, value in flat.items():
         dtype = np.asarray(value).dtype
@@ -860,7 +869,7 @@ def artifact_files(
 ) -> list[Path]:
     """Every file `load_artifacts` reads, with the published defaults for the corpus and the
     sequence."""
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
     files = [
         directory / model / name
         for model in ("retrieval", "ranker")
@@ -879,7 +888,7 @@ def load_artifacts(
 ) -> Artifacts:
     """Everything an artifacts folder holds, checked before anything is returned. The ranker's
     release comes from its own parameters; the configs as `configs_from_json` builds them."""
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
     if directory.exists() and not directory.is_dir():
         raise NotADirectoryError(f"{directory} is a file, not a folder")
     if not directory.is_dir():
@@ -943,7 +952,7 @@ def with_log_temperature(params: hk.Params, value: float = 0.0) -> hk.Params:
 
 def check_new_folder(directory: str | os.PathLike) -> Path:
     """`directory` as a Path, if it does not exist yet or is empty; else ValueError."""
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise ValueError(f"{directory} already exists; choose a new folder or remove it")
     return directory

@@ -991,6 +991,7 @@ class PhoenixModel(ModelModule):
         at 1 + S + slot, where the slot is `candidate_offset + c` (as if this were a slice of a
         longer candidate list) unless `candidate_slots` gives each candidate's own.
         """
+        require_kind(context, KVCache, "context", " (what encode_context returns)")
         self._validate(batch, embeddings)
         _check_offset(candidate_offset)
         layers, users = self.config.model.num_layers, batch.candidate_post_hashes.shape[0]

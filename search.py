@@ -365,7 +365,7 @@ class TwoPassIndex:
         """`int8`: the int8 copy (default: where the native kernel runs) or bfloat16."""
         if not hasattr(corpus, "shape"):
             corpus = np.asarray(corpus)
-        dtype = np.asarray(corpus[:0]).dtype
+        dtype = np.asarray(corpus[:0]).dtype if np.ndim(corpus) else np.asarray(corpus).dtype
         if np.ndim(corpus) != 2 or not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(
                 f"corpus must be a floating [N, D] array, got {dtype} {list(np.shape(corpus))}"

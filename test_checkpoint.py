@@ -752,6 +752,14 @@ def test_a_checkpoint_of_the_other_release_names_the_config_that_takes_it(tmp_pa
          "num_actions must be an integer >= 1 or None, got 0"),  # it took 19
         (lambda: checkpoint.write_artifacts("x", None, None, None, None), TypeError,
          "retrieval must be a ModelArtifacts, got NoneType"),
+        # These ended in pathlib's "expected str, bytes or os.PathLike object", naming nothing.
+        (lambda: checkpoint.read_npz(None), TypeError,
+         r"path must be a str or PathLike \(a file or folder name\), got NoneType"),
+        (lambda: checkpoint.load_model_params(None), TypeError, "checkpoint_path must be a str"),
+        (lambda: checkpoint.load_artifacts(None), TypeError, "directory must be a str or PathL"),
+        (lambda: checkpoint.write_npz({}, 3), TypeError, "path must be a str or PathLike"),
+        (lambda: checkpoint.write_npz(None, "x.npz"), TypeError,
+         "arrays must be a dict of arrays by name, got NoneType"),
     ],
 )  # fmt: skip
 def test_functions_of_the_layout_refuse_arguments_of_the_wrong_kind(call, error, message):

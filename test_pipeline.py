@@ -373,6 +373,8 @@ def test_what_a_pipeline_cannot_serve_is_refused_by_name(folder, tmp_path):
     swapped = (artifacts.ranker.config, artifacts.retrieval.config)  # a KeyError from inside
     with pytest.raises(TypeError, match="configs.0. must be a PhoenixRetrievalModelConfig, got Ph"):
         write_example(tmp_path / "example", configs=swapped)
+    with pytest.raises(TypeError, match="directory must be a str or PathLike .*, got NoneType"):
+        write_example(None)
     posts = artifacts.corpus.post_ids[:3]
     for ids, message in (
         (

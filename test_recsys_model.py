@@ -449,6 +449,9 @@ def test_a_context_of_other_users_is_refused():
     one = jax.tree.map(lambda x: x[:1], fixed_example(seed=1))
     with pytest.raises(ValueError, match="context holds 1 layers of 1 users; this model has 1 "):
         hk.transform(mixed).apply(ranking_params(SETUP), None, one, fixed_example())
+    score = hk.transform(lambda *inputs: config.make().score_candidates(None, *inputs))
+    with pytest.raises(TypeError, match=r"context must be a KVCache \(what encode_context"):
+        score.apply(ranking_params(SETUP), None, *fixed_example())
 
 
 @pytest.mark.parametrize("offset", [1.5, -1, True, jnp.float32(2.0), jnp.array([1, 2])])

@@ -317,6 +317,8 @@ def test_two_pass_index_refuses_what_it_cannot_search():
     corpus[17, 3] = np.nan
     with pytest.raises(ValueError, match="corpus row 17 is not finite"):
         TwoPassIndex(corpus)
+    with pytest.raises(ValueError, match=r"corpus must be a floating \[N, D\] array, got object"):
+        TwoPassIndex(None)
     index = TwoPassIndex(unit_rows((50, 8), seed=1))
     with pytest.raises(ValueError, match=r"queries must be \[B, 8\], got shape \(1, 7\)"):
         index.search(np.ones((1, 7), np.float32), 3)

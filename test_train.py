@@ -1025,6 +1025,10 @@ def test_training_helpers_refuse_arguments_of_the_wrong_kind(world, tmp_path):
         T.fit(job, tmp_path / "state", mesh="cpu")
     with pytest.raises(TypeError, match="start must be .state, log. as load_progress gives"):
         T.fit(job, tmp_path / "state", start=(None, None))
+    with pytest.raises(TypeError, match=r"state_dir must be a str or PathLike \(a file or"):
+        T.fit(job, None)
+    with pytest.raises(TypeError, match="path must be a str or PathLike .*, got NoneType"):
+        T.load_demo_checkpoint(None)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         T.batch_indices(10, 0, 0, 0)
     with pytest.raises(ValueError, match=r"batch_size \(11\) exceeds the 10 examples"):
@@ -1032,6 +1036,8 @@ def test_training_helpers_refuse_arguments_of_the_wrong_kind(world, tmp_path):
     log = [{"step": 1, "loss": 0.5}]
     with pytest.raises(ValueError, match="a picture's file name, with its format's suffix"):
         T.plot_curves({"ranker": log}, tmp_path)  # a folder: matplotlib wrote the folder + ".png"
+    with pytest.raises(TypeError, match="path must be a str or PathLike .*, got int"):
+        T.plot_curves({"ranker": log}, 3)
     with pytest.raises(TypeError, match="logs must be training logs by model"):
         T.plot_curves({"ranker": [{"step": 1}]}, tmp_path / "curves.png")
     with pytest.raises(TypeError, match="actions must be eval.json's ranking actions, got"):

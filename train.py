@@ -57,6 +57,7 @@ from checkpoint import (
     LOG_TEMPERATURE,
     Corpus,
     ModelArtifacts,
+    as_path,
     check_config_json,
     check_params,
     config_to_json,
@@ -1182,7 +1183,7 @@ def fit(
     state in `state_dir` at every evaluation and at the end. Returns (state, log)."""
     if not isinstance(job, Job):
         raise TypeError(f"job must be a Job (make_job), got {_kind_of(job)}")
-    train, state_dir = job.train, Path(state_dir)
+    train, state_dir = job.train, as_path(state_dir, "state_dir")
     problem = file_in_a_folder(state_dir)
     if problem is None and state_dir.exists() and not state_dir.is_dir():
         problem = "a file, not a folder"
@@ -1666,7 +1667,7 @@ def _check_plot(path: str | os.PathLike, what: str, value, ok: bool, expected: s
     a picture (an existing folder, or no suffix to name its format); returns the path."""
     if not ok:
         raise TypeError(f"{what} must be {expected}, got {_kind_of(value)}")
-    path = Path(path)
+    path = as_path(path)
     if path.is_dir() or not path.suffix:
         raise ValueError(f"{path}: a picture's file name, with its format's suffix (.png)")
     return path
@@ -1945,7 +1946,7 @@ def load_demo_checkpoint(
 ) -> tuple[world_lib.WorldConfig, dict[str, ModelArtifacts]]:
     """The world config and both models (float32, checked against their configs) of a demo
     checkpoint."""
-    path = Path(path)
+    path = as_path(path)
     arrays = read_npz(path)
     if "meta" not in arrays:
         raise ValueError(f"{path}: not a demo checkpoint (no meta entry)")
