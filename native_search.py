@@ -22,6 +22,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -61,11 +62,13 @@ def _cache_dir() -> Path:
 
 
 def _compiler_command(output: Path) -> list[str]:
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if compiler is None:
+    # $CXX is a command, as make reads it: a compiler and perhaps its flags ("ccache g++").
+    cxx = os.environ.get("CXX")
+    compiler = shlex.split(cxx) if cxx else [shutil.which("c++") or shutil.which("g++")]
+    if not compiler or compiler[0] is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     return [
-        compiler,
+        *compiler,
         "-O3",
         "-march=native",
         "-std=c++17",

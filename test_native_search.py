@@ -10,6 +10,7 @@ one-core machine tests them too), some holding fewer than k rows. Also: NaN and 
 """
 
 import warnings
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -191,6 +192,14 @@ def test_without_a_compiler_the_search_warns_and_falls_back(monkeypatch, tmp_pat
     assert_exact(result, full_top_k(queries, corpus, 5, np.ones(50, bool)))
     with pytest.raises(RuntimeError, match='use method="xla"'):
         top_k_search(queries, corpus, 5, method="native")
+
+
+def test_cxx_is_a_command_with_its_flags_as_make_reads_it(monkeypatch):
+    """ "ccache g++" was taken as one executable name, which no system has."""
+    monkeypatch.setenv("CXX", "ccache 'my g++' -Wall")
+    command = native_search._compiler_command(Path("out.so"))  # noqa: SLF001
+    assert command[:4] == ["ccache", "my g++", "-Wall", "-O3"]
+    assert command[-2:] == ["-o", "out.so"]
 
 
 def test_the_environment_variable_turns_the_kernel_off(monkeypatch):

@@ -2018,7 +2018,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="a tiny world and few steps (both models: 30 steps, batches of 32, table learning "
-        "rate 3e-2, evaluated every 15; the defaults in brackets are the default world's)",
+        "rate 3e-2, evaluated every 15; the defaults in parentheses are the default world's)",
     )
     default = world_lib.WorldConfig()
     parser.add_argument(
