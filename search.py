@@ -517,8 +517,14 @@ def validate_corpus(
     check_top_k(shape[0], top_k, corpus_mask, "top_k")
     row = first_non_finite_row(corpus)
     if row is not None:
+        values = np.asarray(corpus[row])
+        if np.isfinite(values).all():  # float64, beyond float32's range: infinite as JAX holds it
+            raise ValueError(
+                f"corpus_embeddings row {row} holds values beyond float32's range (a magnitude "
+                f"of {np.abs(values).max():.3g}); JAX holds them as infinite"
+            )
         raise ValueError(
-            f"corpus_embeddings row {row} holds {np.asarray(corpus[row])[:4]}...; "
+            f"corpus_embeddings row {row} holds {values[:4]}...; "
             "expected finite values (a NaN row would be every user's top match)"
         )
 

@@ -167,6 +167,10 @@ def test_validate_corpus_names_a_non_finite_row():
             ):
                 validate_corpus(array, 4, 10)
     assert first_non_finite_row(jnp.asarray(corpus)) is None
+    wide = corpus.astype(np.float64)
+    wide[4, 0] = -5e198  # finite here, infinite in the float32 that JAX holds
+    with pytest.raises(ValueError, match=r"row 4 holds values beyond float32's range \(a magn"):
+        validate_corpus(wide, 4, 10)
     with pytest.raises(
         ValueError, match=r"corpus_embeddings has shape \(50, 4\), expected \[N, D=5\]"
     ):
