@@ -831,6 +831,13 @@ def load_corpus(path: str | os.PathLike, emb_size: int) -> Corpus:
             )
     if (repeated := first_repeated(corpus.post_ids)) is not None:
         raise ValueError(f"{path}: post_ids must be distinct, {repeated} appears more than once")
+    times = corpus.creation_times
+    bad = np.flatnonzero((times < 0) | (times >= 2**31)) if times is not None else []
+    if len(bad):
+        raise ValueError(
+            f"{path}: creation_times must be unix seconds in [0, 2**31) (the models take times "
+            f"as int32; milliseconds?), got {times[bad[0]]} at [{bad[0]}]"
+        )
     unknown = sorted(set(arrays) - set(Corpus.__dataclass_fields__))
     if unknown:  # a misspelt creation_times would otherwise go unnoticed
         warnings.warn(

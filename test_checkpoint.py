@@ -486,6 +486,11 @@ DAMAGES = {
         lambda f: _edit_corpus(f, "post_ids", 7, lambda ids: 0),
         r"sports_corpus.npz: post_ids must be positive integers that int64 holds, got 0 at \[7\]",
     ),
+    "a corpus with times in milliseconds": (
+        lambda f: _edit_corpus(f, "creation_times", 2, lambda times: times[2] * 1000),
+        r"sports_corpus.npz: creation_times must be unix seconds in \[0, 2\*\*31\) \(the models "
+        r"take times as int32; milliseconds\?\), got \d+ at \[2\]",
+    ),
     "a corpus with a post twice": (
         lambda f: _edit_corpus(f, "post_ids", 3, lambda ids: ids[9]),
         "sports_corpus.npz: post_ids must be distinct, .* appears more than once",
