@@ -319,6 +319,9 @@ def test_descriptions_name_the_planted_taste(world):
     assert top in world.describe_user(u + 1).split(";")[0]
     text = world.describe_post(1, int(world.post_created[0]) + 2 * 3600)
     assert world.topic_names[world.post_topics[0]] in text and "2.0 h old" in text
+    created = int(world.post_created[0])
+    assert world.describe_post(1, created + 3 * 86_400).endswith(", 3.0 days old")
+    assert world.describe_post(1, created - 7_200).endswith(", created 2.0 h after that time")
     corpus = world.corpus()
     np.testing.assert_array_equal(corpus["topics"], world.post_topics)
     assert corpus["post_ids"][0] == 1

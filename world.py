@@ -883,7 +883,8 @@ class World:
             )
         else:
             hours = (int(_time(time)) - created) / SECONDS_PER_HOUR
-            when = f"{hours:.1f} h old" if abs(hours) < 48 else f"{hours / 24:.1f} days old"
+            span = f"{abs(hours):.1f} h" if abs(hours) < 48 else f"{abs(hours) / 24:.1f} days"
+            when = f"{span} old" if hours >= 0 else f"created {span} after that time"
         return (
             f"post {p + 1}: {self.topic_names[self.post_topics[p]]} by "
             f"{self.author_name(self.post_authors[p] + 1)}, {MEDIA_KINDS[self.post_media[p]]}, "
