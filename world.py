@@ -584,7 +584,8 @@ class World:
             raise TypeError(f"{name}: ids must be integers, got {np.asarray(ids).dtype}")
         ids = checked
         if ids.size and (ids.min() < 1 or ids.max() > size):  # before a cast could wrap them
-            raise ValueError(f"{name}: ids must be in [1, {size}], got [{ids.min()}, {ids.max()}]")
+            got = ids.ravel()[0] if ids.size == 1 else f"ids from {ids.min()} to {ids.max()}"
+            raise ValueError(f"{name}: ids must be in [1, {size}], got {got}")
         return ids.astype(np.int64) - 1
 
     def _one(self, id_, size: int, name: str) -> int:
