@@ -754,7 +754,7 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         if (repeated := first_repeated(ids)) is not None:
             raise ValueError(f"corpus_post_ids holds {repeated} more than once")
         if not isinstance(corpus_embeddings, jax.Array):
-            corpus_embeddings = jax.device_put(corpus_embeddings)
+            corpus_embeddings = _private_device_copy(np.asarray(corpus_embeddings))
         self.corpus_embeddings = corpus_embeddings
         self.corpus_post_ids = ids
 
@@ -782,6 +782,21 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         user = self._encode_user(self.params, batch, embeddings)
         scores, indices = sharded_top_k_search(user, corpus, int(top_k))
         return RetrievalOutput(user, indices, scores)
+
+
+def _private_device_copy(x: np.ndarray, alignment: int = 64) -> jax.Array:
+    """`x` on the default device, in the dtype JAX keeps (float64 becomes float32 unless x64 is
+    on), in a buffer of its own. On the CPU, `jax.device_put` shares a numpy buffer aligned as
+    XLA wants it (so a caller writing to the array would change a corpus checked once) and
+    copies any other at its first use, with a second, passing copy; a fresh aligned buffer
+    costs one copy and is taken as it is."""
+    dtype = jax.dtypes.canonicalize_dtype(x.dtype)
+    nbytes = x.size * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    start = -raw.ctypes.data % alignment
+    private = raw[start : start + nbytes].view(dtype).reshape(x.shape)
+    np.copyto(private, x, casting="same_kind")
+    return jax.device_put(private)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -342,6 +342,22 @@ def test_retrieve_equals_brute_force_over_the_corpus(retriever, dtype):
         np.testing.assert_allclose(out.user_representation, user, rtol=1e-6, atol=1e-7)
 
 
+def test_the_corpus_kept_is_the_runner_s_own_copy(retriever):
+    """On the CPU, JAX may share an aligned numpy buffer with its caller: the caller writing
+    NaN into its array afterwards made a row checked once every user's top match."""
+    raw = np.empty(40 * SETUP.emb_size * 4 + 64, np.uint8)
+    start = -raw.ctypes.data % 64
+    corpus = raw[start : start + 40 * SETUP.emb_size * 4].view(np.float32).reshape(40, -1)
+    corpus[...] = normal(2, (40, SETUP.emb_size))
+    retriever.set_corpus(corpus)
+    batch, emb = retrieval_example(2)
+    before = retriever.retrieve(batch, emb, top_k=5)
+    corpus[17] = np.nan
+    after = retriever.retrieve(batch, emb, top_k=5)
+    np.testing.assert_array_equal(after.top_k_indices, before.top_k_indices)
+    assert np.isfinite(np.asarray(retriever.corpus_embeddings)).all()
+
+
 # ---------------------------------------------------------------------------------------------
 # What runners refuse, before any work.
 # ---------------------------------------------------------------------------------------------
