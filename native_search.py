@@ -64,7 +64,10 @@ def _cache_dir() -> Path:
 def _compiler_command(output: Path) -> list[str]:
     # $CXX is a command, as make reads it: a compiler and perhaps its flags ("ccache g++").
     cxx = os.environ.get("CXX")
-    compiler = shlex.split(cxx) if cxx else [shutil.which("c++") or shutil.which("g++")]
+    try:
+        compiler = shlex.split(cxx) if cxx else [shutil.which("c++") or shutil.which("g++")]
+    except ValueError as error:  # unbalanced quotes
+        raise RuntimeError(f"CXX={cxx!r} is not a command: {error}") from None
     if not compiler or compiler[0] is None:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     return [

@@ -185,10 +185,10 @@ def is_integer(value: Any) -> bool:
 
 
 def _check_offset(offset: Any) -> None:
-    """A first candidate's slot: an integer >= 0 (traced, an integer scalar)."""
-    kind = jnp.asarray(offset).dtype if isinstance(offset, jax.Array) else None
-    if kind is not None and jnp.issubdtype(kind, jnp.integer) and jnp.ndim(offset) == 0:
-        if isinstance(offset, jax.core.Tracer) or int(offset) >= 0:
+    """A first candidate's slot: integers >= 0, one or one per user ([B, 1]); traced, any
+    integers."""
+    if isinstance(offset, np.ndarray | jax.Array) and jnp.issubdtype(offset.dtype, jnp.integer):
+        if isinstance(offset, jax.core.Tracer) or not offset.size or int(offset.min()) >= 0:
             return
     elif is_integer(offset) and offset >= 0:
         return

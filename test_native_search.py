@@ -200,6 +200,9 @@ def test_cxx_is_a_command_with_its_flags_as_make_reads_it(monkeypatch):
     command = native_search._compiler_command(Path("out.so"))  # noqa: SLF001
     assert command[:4] == ["ccache", "my g++", "-Wall", "-O3"]
     assert command[-2:] == ["-o", "out.so"]
+    monkeypatch.setenv("CXX", "/home/o'brien/g++")  # a RuntimeError, so that the search warns
+    with pytest.raises(RuntimeError, match="is not a command: No closing quotation"):
+        native_search._compiler_command(Path("out.so"))  # noqa: SLF001
 
 
 def test_the_environment_variable_turns_the_kernel_off(monkeypatch):

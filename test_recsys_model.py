@@ -454,7 +454,7 @@ def test_a_context_of_other_users_is_refused():
         score.apply(ranking_params(SETUP), None, *fixed_example())
 
 
-@pytest.mark.parametrize("offset", [1.5, -1, True, jnp.float32(2.0), jnp.array([1, 2])])
+@pytest.mark.parametrize("offset", [1.5, -1, True, jnp.float32(2.0), np.array([[0], [-2]])])
 def test_a_candidate_offset_that_is_not_a_slot_is_refused(offset):
     """A fractional or negative offset gave logits of no slot at all."""
     config = SETUP.ranking_config()
@@ -466,11 +466,14 @@ def test_a_candidate_offset_that_is_not_a_slot_is_refused(offset):
     params, inputs = ranking_params(SETUP), fixed_example()
     with pytest.raises(ValueError, match="candidate_offset must be an integer >= 0 .*, got "):
         hk.transform(score).apply(params, None, inputs, offset)
+    # The same slots, given each way the runners and users give them.
     apply = hk.transform(score).apply
     at_3 = apply(params, None, inputs, 3).logits
+    per_user = np.full((len(inputs[0].user_hashes), 1), 3)  # [B, 1]
+    for offset in (np.int64(3), np.array(3), per_user):
+        np.testing.assert_array_equal(apply(params, None, inputs, offset).logits, at_3)
     traced = jax.jit(apply)(params, None, inputs, jnp.int32(3)).logits
-    for logits in (apply(params, None, inputs, np.int64(3)).logits, traced):
-        np.testing.assert_allclose(logits, at_3, rtol=RTOL, atol=ATOL)  # the same slots
+    np.testing.assert_allclose(traced, at_3, rtol=RTOL, atol=ATOL)
 
 
 def test_an_empty_batch_of_users_is_refused():

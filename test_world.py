@@ -568,6 +568,8 @@ def test_servable_means_created_within_the_window_before(world):
     assert world.servable(post, times).tolist() == [False, True, True, False]
     recent = [post in world.recent_posts(t) for t in times]
     assert recent == [False, True, True, False]
+    every = world.recent_posts(created + 1, hours=10**30)  # (it overflowed int64)
+    assert every.tolist() == list(range(1, 1 + (world.post_created <= created).sum()))
     with pytest.raises(ValueError, match=r"post_ids: ids must be in \[1, "):
         world.servable(0, created)
 

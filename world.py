@@ -374,11 +374,12 @@ class WorldConfig:
 
     def memory_bytes(self) -> float:
         """About the most memory building the world takes, at the mean number of requests per
-        user (fitted to measured peaks: within 10 % over 16 to 64 candidates and histories of
-        8 to 128). Per request: for each impression and action, its probabilities in float64
-        and float32, its sampled label and their copies into the split (24 bytes); for each
-        history item, its fields, twice (122); and for each impression and history item, the
-        histories of the retrieval examples that its favorites make (6.5)."""
+        user (fitted to peaks measured on the default world with 16 to 64 candidates and
+        histories of 8 to 128: within 10 % there, and within 30 % for the tiny world's and the
+        extreme pairs' peaks). Per request: for each impression and action, its probabilities
+        in float64 and float32, its sampled label and their copies into the split (24 bytes);
+        for each history item, its fields, twice (122); and for each impression and history
+        item, the histories of the retrieval examples that its favorites make (6.5)."""
         mean = np.clip(
             self.mean_requests_per_user, self.min_requests_per_user, self.max_requests_per_user
         )
@@ -918,7 +919,7 @@ class World:
             start, end = self.serving_window(time)
         elif _real(hours) and hours >= 0:
             end = np.searchsorted(self.post_created, time, side="left")
-            start = np.searchsorted(self.post_created, time - hours * SECONDS_PER_HOUR)
+            start = np.searchsorted(self.post_created, int(time) - hours * SECONDS_PER_HOUR)
         else:
             raise ValueError(f"hours must be a finite number >= 0, got {hours!r}")
         return np.arange(start, end, dtype=np.int64) + 1
