@@ -378,7 +378,8 @@ def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted
     (`keep_compiled_programs`); input it refuses (ValueError, TypeError), a file it cannot read
     or write (OSError) and sizes that do not fit in memory end in one line on stderr and exit
     status 2, as argparse's errors do; warnings print as one line; Ctrl-C ends the process at
-    once with status 130, saying `interrupted`. Output piped into a reader that stops early
+    once with status 130, saying `interrupted` (once it has returned, a script's process ends
+    at a Ctrl-C with main's status, quietly). Output piped into a reader that stops early
     (`| head`) is dropped from then on while the work goes on to its end."""
     if _while_starting is not None and signal.getsignal(signal.SIGINT) is _while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -387,9 +388,14 @@ def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = (None if s is None else _OutputOrNothing(s) for s in streams)
     try:
-        return _run(main, prog, interrupted)
+        status = _run(main, prog, interrupted)
     finally:
         sys.stdout, sys.stderr = streams
+    if _while_starting is not None:
+        # A script's work is done: a Ctrl-C while Python shuts down (JAX's exit handlers take a
+        # moment) ends the process with the work's status, not with a traceback from them.
+        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(status))
+    return status
 
 
 def _run(main: Callable[[], int], prog: str, interrupted: str) -> int:

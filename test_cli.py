@@ -283,6 +283,25 @@ def test_a_ctrl_c_while_a_script_imports_ends_it_quietly(reach_main):
     assert status == 130 and report.endswith("stderr:\n\ndemo.py: interrupted\n"), report
 
 
+# A script whose work is done, its shutdown standing for the sleep.
+FINISHED = """
+import cli, time
+cli.quiet_interrupts("demo.py")
+cli.run_main(lambda: 0, "demo.py")
+print("done", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_ctrl_c_after_the_work_is_done_ends_the_script_quietly_with_its_status():
+    """Pressed while Python shut down, it printed a traceback from JAX's exit handler."""
+    process = start_with_devices(FINISHED, 1)
+    assert process.stdout.readline() == "done\n"
+    process.send_signal(signal.SIGINT)
+    status, _, report = finish(process, timeout=60)
+    assert status == 0 and "Traceback" not in report and "interrupted" not in report, report
+
+
 WORK_AFTER_THE_READER_HAS_GONE = """
 import sys, warnings
 from pathlib import Path
