@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import types
 import warnings
@@ -407,6 +408,29 @@ def test_a_resumed_run_starts_a_model_it_had_not_saved_from_step_0(tmp_path, cap
     status, printed, err = run_script(T.main, argv, capsys)
     assert status == 2 and "retrieval.npz: not a readable .npz file" in err
     assert "ranker: steps" not in printed and (state / "ranker.npz").read_bytes() == ranker
+
+
+def test_outputs_stopped_while_written_leave_no_eval_json(tmp_path, capsys, monkeypatch):
+    """eval.json, written last, marks a set of outputs of one run: a run stopped while writing
+    them (here by a full disk) left the earlier run's eval.json beside its own predictions."""
+    out = tmp_path / "run"
+    argv = [*RANKER_ONLY, "--out", str(out), "--steps", "2"]
+    assert run_script(T.main, argv, capsys)[0] == 0 and (out / "eval.json").is_file()
+
+    write_json = T.write_json
+
+    def full(data, path):  # the disk fills up as the last output is written
+        if os.path.basename(path) == "eval.json":
+            raise OSError(28, "No space left on device")
+        write_json(data, path)
+
+    monkeypatch.setattr(T, "write_json", full)
+    status, _, err = run_script(T.main, [*argv, "--resume"], capsys)
+    assert status == 2 and "No space left on device" in err
+    assert not (out / "eval.json").exists()
+    monkeypatch.undo()
+    assert run_script(T.main, [*argv, "--resume"], capsys)[0] == 0  # writes them again
+    assert json.loads((out / "eval.json").read_text())["steps"] == {"ranker": 2}
 
 
 def test_curves_of_a_run_shorter_than_its_evaluation_interval(tmp_path):

@@ -2206,6 +2206,8 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
         print(line)
     default_world = world_config == world_lib.WorldConfig(seed=world_config.seed)
     report["goals_met"] = print_goals(report, default_world)
+    # eval.json, written last, marks a set of outputs of one run: none while they are written.
+    (out / "eval.json").unlink(missing_ok=True)
     write_npz({**predictions, "actions": np.array(ACTIONS)}, out / "eval_predictions.npz")
     written = ["eval.json", "eval_predictions.npz", "state/"]
     if not args.no_export:
@@ -2222,7 +2224,10 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
             written += ["artifacts/", "demo_checkpoint.npz"]
         else:
             missing = next(kind for kind in MODELS if kind not in jobs)
-            print(f"(artifacts/ needs both models: train the {missing} with --model {missing})")
+            print(
+                f"(artifacts/ and demo_checkpoint.npz need both models: train the {missing} "
+                f"with --model {missing})"
+            )
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_json(report, out / "eval.json")
     print(f"\nwrote {', '.join(written)} in {out} ({report['seconds']:.0f} s in all)")
@@ -2288,6 +2293,7 @@ if __name__ == "__main__":
             main,
             "train.py",
             "interrupted; --resume continues from the last state saved (at each evaluation "
-            "and at the end of each model), if there is one",
+            "and at the end of each model), if there is one, and writes the outputs again "
+            "(eval.json is written last: without it they are not of one run)",
         )
     )
