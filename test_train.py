@@ -987,6 +987,9 @@ def test_the_printed_table_holds_each_figure_in_its_column():
 
     assert cells(lines[0]) == "action positives AUROC oracle PR-AUC oracle RCE oracle ratio"
     assert cells(lines[2]) == "favorite_score 12 0.750 0.800 - 0.500 10.0 20.0 0.50"
+    worse = {**action, "rce": -126.2, "rce_oracle": -16.1}  # (a tiny world's): no "7.84"
+    negative = T.report_lines({"ranking": {**ranking, "actions": {"favorite_score": worse}}})
+    assert cells(negative[2]).endswith(" -126.2 -16.1 -")
     assert lines[3].startswith("dwell time: mean absolute error 5.00 s (oracle: the true median,")
     assert cells(lines[-1]) == "recall@100 0.600 0.800 0.030 0.500"
     assert T.report_lines({"retrieval": {"recall@100": recall}})[-1] == lines[-1]

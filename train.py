@@ -903,7 +903,10 @@ def ranking_report(
             "rce": rce,
             "rce_oracle": rce_oracle,
             "positives": int(y.sum()),
-            "rce_ratio": _number(rce / rce_oracle) if rce is not None and rce_oracle else None,
+            # (a ratio to an oracle no better than the base rate would read as a gain)
+            "rce_ratio": _number(rce / rce_oracle)
+            if rce is not None and (rce_oracle or 0) > 0
+            else None,
             "ce": _number(metrics.cross_entropy(y, m)),
             "ce_oracle": _number(metrics.cross_entropy(y, o)),
             "calibration": {"model": _bins(y, m, bins), "oracle": _bins(y, o, bins)},
@@ -1256,8 +1259,10 @@ def fit(
                 log[-1].update(quick_eval(job, state))
             except Diverged as error:
                 raise Diverged(f"at step {done}, {error}; {_stopping(saved_at)}") from None
+            figures = {k: v for k, v in log[-1].items() if k.startswith("eval ")}
             say(
-                "  " + "  ".join(f"{k} {v:.4f}" for k, v in log[-1].items() if k.startswith("eval"))
+                f"  held out (up to the first {QUICK_EVAL_SIZE:,}): "
+                + "  ".join(f"{k.removeprefix('eval ')} {v:.4f}" for k, v in figures.items())
             )
             save_progress(state_dir, job, state, log)
             saved_at = done
@@ -1622,7 +1627,11 @@ def report_lines(report: dict) -> list[str]:
         lines += [header, "-" * len(header)]
         for name, a in actions.items():
             rce, rce_o = a["rce"], a["rce_oracle"]
-            figures = {**a, "ratio": rce / rce_o if rce is not None and rce_o else None}
+            # (a ratio to an oracle no better than the base rate would read as a gain)
+            figures = {
+                **a,
+                "ratio": rce / rce_o if rce is not None and rce_o and rce_o > 0 else None,
+            }
             cells = (
                 " ".join(f"{_cell(figures.get(key), fmt):>6}" for _, key, fmt in group)
                 for group in TABLE_GROUPS
@@ -1725,11 +1734,20 @@ def plot_auroc(actions: dict, path: str | os.PathLike) -> None:
     plt = _pyplot()
     names = [name.removesuffix("_score") for name in actions]
     x = np.arange(len(names))
+    # Bars from the chance level: below it for an AUROC under 0.5; none where it is undefined
+    # (held-out labels of one kind), marked so.
+    model, oracle = ([a[key] for a in actions.values()] for key in ("auc", "auc_oracle"))
+    known = [v for v in model + oracle if v is not None]
+    low = min([0.5, *known]) - 0.02
     fig, ax = plt.subplots(figsize=(11, 4.5))
-    ax.bar(x - 0.2, [a["auc"] or 0 for a in actions.values()], 0.4, label="model")
-    ax.bar(x + 0.2, [a["auc_oracle"] or 0 for a in actions.values()], 0.4, label="oracle")
+    for values, shift, label in ((model, -0.2, "model"), (oracle, 0.2, "oracle")):
+        heights = [0.0 if v is None else v - 0.5 for v in values]
+        ax.bar(x + shift, heights, 0.4, bottom=0.5, label=label)
+    for i in np.flatnonzero([v is None for v in model]):
+        ax.text(x[i], 0.5 + 0.01, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
+    ax.axhline(0.5, color="0.5", linewidth=0.8)
     ax.set_xticks(x, names, rotation=60, ha="right")
-    ax.set(ylim=(0.5, 1.0), ylabel="AUROC", title="Held-out AUROC per action: model and oracle")
+    ax.set(ylim=(low, 1.0), ylabel="AUROC", title="Held-out AUROC per action: model and oracle")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
