@@ -433,6 +433,19 @@ def test_outputs_stopped_while_written_leave_no_eval_json(tmp_path, capsys, monk
     assert json.loads((out / "eval.json").read_text())["steps"] == {"ranker": 2}
 
 
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, capsys):
+    """Two runs into one folder each wrote over the other's state and outputs, and both ended
+    'wrote ...'."""
+    out = tmp_path / "run"
+    out.mkdir()
+    with T.run_folder_lock(out):  # as the first run holds it
+        status, _, err = run_script(T.main, [*RANKER_ONLY, "--out", str(out)], capsys)
+    assert status == 2 and "another run is training into this folder" in err, err
+    assert not any(out.iterdir())
+    argv = [*RANKER_ONLY, "--out", str(out), "--steps", "1"]
+    assert run_script(T.main, argv, capsys)[0] == 0  # free again
+
+
 def test_curves_of_a_run_shorter_than_its_evaluation_interval(tmp_path):
     log = [{"step": s, "loss": 1.0 / s, "skipped": 0.0} for s in range(1, 9)]
     with warnings.catch_warnings():

@@ -29,6 +29,7 @@ if __name__ == "__main__":
     cli.quiet_interrupts("train.py")
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import json
@@ -2149,11 +2150,36 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         raise ValueError(f"--out {out}: cannot make the folder ({error.strerror})") from None
     try:
-        return train_and_report(args, out, kinds)
+        with run_folder_lock(out):
+            return train_and_report(args, out, kinds)
     except BaseException:
         if made and not any(out.iterdir()):  # a run that failed before writing leaves nothing
             out.rmdir()
         raise
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: Path):
+    """Holds the run folder for one run at a time: a second run into it, which would mix the
+    two runs' states and outputs, is refused (ValueError). Where there is no `fcntl`
+    (Windows), nothing is held."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"--out {out}: another run is training into this folder; wait for it to end, "
+                "or choose another folder"
+            ) from None
+        yield
+    finally:
+        os.close(folder)  # (which releases the lock)
 
 
 def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]) -> int:
