@@ -792,13 +792,17 @@ class World:
         [start:end]. They are the posts created in the serving window before it, widened back
         to the serving pool's size where fewer than that were created in the window (a thin
         stretch of time, early in a small world)."""
-        times = _times(times, "times")
-        c = self.config
+        return self._serving_window(_times(times, "times"))
+
+    def _serving_window(self, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        start, end = self._window(times, self.config.serving_window_hours)
+        return np.clip(end - self.config.serving_pool_size, 0, start), end
+
+    def _window(self, times: np.ndarray, hours: float) -> tuple[np.ndarray, np.ndarray]:
+        """(start, end): the indices of the posts created in the `hours` before each time."""
         end = np.searchsorted(self.post_created, times, side="left")  # created strictly before
-        start = np.searchsorted(
-            self.post_created, times - c.serving_window_hours * SECONDS_PER_HOUR
-        )
-        return np.clip(end - c.serving_pool_size, 0, start), end
+        start = np.searchsorted(self.post_created, times - float(hours) * SECONDS_PER_HOUR)
+        return start, end
 
     def servable(self, post_ids, times) -> np.ndarray:
         """Whether posts could be served at the times (broadcast): in the serving window
@@ -806,7 +810,7 @@ class World:
         return self._servable(self._index(post_ids, self.num_posts, "post_ids"), _times(times))
 
     def _servable(self, p: np.ndarray, times: np.ndarray) -> np.ndarray:
-        start, end = self.serving_window(times)
+        start, end = self._serving_window(times)
         return (start <= p) & (p < end)
 
     def oracle_scores(self, user_ids, post_ids, query_times) -> np.ndarray:
@@ -916,10 +920,9 @@ class World:
         from."""
         time = _time(time)
         if hours is None:
-            start, end = self.serving_window(time)
+            start, end = self._serving_window(time)
         elif _real(hours) and hours >= 0:
-            end = np.searchsorted(self.post_created, time, side="left")
-            start = np.searchsorted(self.post_created, int(time) - hours * SECONDS_PER_HOUR)
+            start, end = self._window(time, hours)
         else:
             raise ValueError(f"hours must be a finite number >= 0, got {hours!r}")
         return np.arange(start, end, dtype=np.int64) + 1
@@ -1076,7 +1079,7 @@ def _serve(world: World, rng: np.random.Generator, users: np.ndarray, times: np.
     """Candidate post indices [R, C] for each request: part in-taste, part random, shuffled."""
     c = world.config
     R, K, C = len(users), c.serving_pool_size, c.num_candidates
-    start, end = world.serving_window(times)
+    start, end = world._serving_window(times)
     if R and (end - start).min() < K:
         raise ValueError(
             f"a request would have fewer than {K} posts (serving_pool_size) created before "
