@@ -322,7 +322,7 @@ def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str,
     that int32 would not hold when it is their type."""
     flat = read_npz(as_path(checkpoint_path, "checkpoint_path"))
     for name, x in flat.items():
-        if not (jnp.issubdtype(x.dtype, jnp.number) or x.dtype == np.bool_):
+        if not _numbers(x.dtype):
             raise ValueError(
                 f"{checkpoint_path}: {name} holds {x.dtype} values, not numbers: not a file of "
                 "model parameters"
@@ -338,14 +338,18 @@ def load_model_params(checkpoint_path: str | os.PathLike) -> dict[str, dict[str,
     return jax.tree.map(jnp.asarray, unflatten_params(flat))
 
 
+def _numbers(dtype: np.dtype) -> bool:
+    """Whether a parameter of this dtype is numbers (bfloat16 and bool included)."""
+    return jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_
+
+
 def save_model_params(params: hk.Params, checkpoint_path: str | os.PathLike) -> None:
     """Writes a parameter tree in the published layout (`module/name` keys) as `write_npz`
     writes arrays: atomically, refusing floats that loading would refuse."""
     as_path(checkpoint_path, "checkpoint_path")
     flat = flatten_params(params)
     for name, value in flat.items():
-        dtype = np.asarray(value).dtype
-        if not (jnp.issubdtype(dtype, jnp.number) or dtype == np.bool_):
+        if not _numbers(dtype := np.asarray(value).dtype):
             raise ValueError(f"{name}: a parameter must be an array of numbers, got {dtype}")
     write_npz(flat, checkpoint_path)
 

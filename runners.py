@@ -789,7 +789,9 @@ def _private_device_copy(x: np.ndarray, alignment: int = 64) -> jax.Array:
     on), in a buffer of its own. On the CPU, `jax.device_put` shares a numpy buffer aligned as
     XLA wants it (so a caller writing to the array would change a corpus checked once) and
     copies any other at its first use, with a second, passing copy; a fresh aligned buffer
-    costs one copy and is taken as it is."""
+    costs one copy and is taken as it is. Other devices copy whatever they are given."""
+    if jax.default_backend() != "cpu":
+        return jax.device_put(x)
     dtype = jax.dtypes.canonicalize_dtype(x.dtype)
     nbytes = x.size * dtype.itemsize
     raw = np.empty(nbytes + alignment, np.uint8)
