@@ -884,6 +884,14 @@ def _number(x: float) -> float | None:
     return None if not np.isfinite(x) else round(float(x), 6)
 
 
+def rce_ratio(rce: float | None, rce_oracle: float | None) -> float | None:
+    """The model's RCE as a share of the oracle's; None where either is undefined or the
+    oracle is no better than the base rate (a ratio to it would read as a gain)."""
+    if rce is None or rce_oracle is None or rce_oracle <= 0:
+        return None
+    return _number(rce / rce_oracle)
+
+
 def ranking_report(
     labels: np.ndarray, model: np.ndarray, oracle: np.ndarray, bins: int = 10
 ) -> dict:
@@ -904,10 +912,7 @@ def ranking_report(
             "rce": rce,
             "rce_oracle": rce_oracle,
             "positives": int(y.sum()),
-            # (a ratio to an oracle no better than the base rate would read as a gain)
-            "rce_ratio": _number(rce / rce_oracle)
-            if rce is not None and (rce_oracle or 0) > 0
-            else None,
+            "rce_ratio": rce_ratio(rce, rce_oracle),
             "ce": _number(metrics.cross_entropy(y, m)),
             "ce_oracle": _number(metrics.cross_entropy(y, o)),
             "calibration": {"model": _bins(y, m, bins), "oracle": _bins(y, o, bins)},
@@ -1627,12 +1632,7 @@ def report_lines(report: dict) -> list[str]:
         )
         lines += [header, "-" * len(header)]
         for name, a in actions.items():
-            rce, rce_o = a["rce"], a["rce_oracle"]
-            # (a ratio to an oracle no better than the base rate would read as a gain)
-            figures = {
-                **a,
-                "ratio": rce / rce_o if rce is not None and rce_o and rce_o > 0 else None,
-            }
+            figures = {**a, "ratio": rce_ratio(a["rce"], a["rce_oracle"])}
             cells = (
                 " ".join(f"{_cell(figures.get(key), fmt):>6}" for _, key, fmt in group)
                 for group in TABLE_GROUPS
@@ -1882,7 +1882,7 @@ def export_artifacts(
     candidate tower (with topic names and creation times), and the demo user's sequence at
     their held-out request. Replaces `directory` whole, never leaving half of one: it may be
     new, empty or an artifacts folder, nothing else."""
-    directory = Path(directory)
+    directory = as_path(directory, "directory")
     if not isinstance(world, world_lib.World):
         raise TypeError(f"world must be a World (world.build_world), got {_kind_of(world)}")
     check_models_fit(world.config, {"retrieval": retrieval, "ranker": ranker}, "the ")
