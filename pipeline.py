@@ -214,6 +214,8 @@ class Pipeline:
         require_kind(artifacts, Artifacts, "artifacts", " (checkpoint.load_artifacts)")
         self.artifacts = artifacts
         retrieval, ranker = artifacts.retrieval, artifacts.ranker
+        self.weights = score_weights(ranker)  # (a ranker without them is refused before work)
+        self.output_names = output_names(ranker)
         self.retriever = runners.RecsysRetrievalInferenceRunner(
             runners.RetrievalModelRunner(retrieval.config), "retrieval"
         )
@@ -222,8 +224,6 @@ class Pipeline:
         self.index = TwoPassIndex(artifacts.corpus.candidate_representations)
         self.ranker = runners.RecsysInferenceRunner(runners.ModelRunner(ranker.config), "ranker")
         self.ranker.initialize(ranker.params)
-        self.weights = score_weights(ranker)
-        self.output_names = output_names(ranker)
 
     def _history_inputs(self, model: ModelArtifacts, history):
         """Batch and embeddings of one user's history (no candidates), for `model`."""

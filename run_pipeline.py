@@ -144,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
             history_post_ids(artifacts.sequence)  # not served again: every item's, not S only
     except ValueError as error:
         raise ValueError(f"{sequence_file}: {error}") from None
-    pipeline = Pipeline(artifacts)
+    try:
+        pipeline = Pipeline(artifacts)
+    except ValueError as error:  # what the folder's files hold; they name themselves within it
+        raise ValueError(f"{args.artifacts_dir}: {error}") from None
     loaded = time.perf_counter() - start
     ranker = artifacts.ranker.config
     positions = "right-anchored" if ranker.right_anchored_rope else "in chunks, as published"

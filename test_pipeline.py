@@ -348,6 +348,22 @@ def test_what_a_sequence_file_holds_is_refused_naming_the_file(folder, tmp_path,
     assert f"{bad}: history item 1: action 3 is 2, expected 0 or 1" in err
 
 
+def test_a_ranker_whose_actions_lack_the_weighted_ones_is_refused_naming_the_folder(
+    folder, tmp_path, capsys
+):
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    settings = json.loads((copy / "ranker" / "config.json").read_text())
+    settings["action_names"] = settings["action_names"][1:] + ["renamed"]
+    (copy / "ranker" / "config.json").write_text(json.dumps(settings))
+    status, out, err = run(["--artifacts_dir", str(copy)], capsys)
+    assert status == 2 and out == "" and err.count("\n") == 1, err
+    assert err.endswith(
+        f"{copy}: ranker/config.json lists action_names without favorite_score, which the "
+        "feed's score weights\n"
+    ), err
+
+
 def test_what_a_pipeline_cannot_serve_is_refused_by_name(folder, tmp_path):
     artifacts = load_artifacts(folder, fprop_dtype=jnp.float32)
     pipeline = Pipeline(artifacts)
