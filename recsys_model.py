@@ -231,6 +231,10 @@ class ModelConfigDefaults:
                 raise TypeError(f"{field.name} must be True or False, got {value!r}")
         if self.hash_config is None:
             self.hash_config = HashConfig()
+        if not isinstance(self.hash_config, HashConfig):
+            raise TypeError(
+                f"hash_config must be a HashConfig, got {type(self.hash_config).__name__}"
+            )
         if self.emb_size is None:
             self.emb_size = self.model.emb_size
         _check_count("emb_size", self.emb_size, low=1)
@@ -818,12 +822,17 @@ class PhoenixModelConfig(ModelConfigDefaults):
             self.num_actions = len(ACTIONS)
         if self.continuous_action_config is None:
             self.continuous_action_config = ContinuousActionConfig()
+        if not isinstance(self.continuous_action_config, ContinuousActionConfig):
+            raise TypeError(
+                "continuous_action_config must be a ContinuousActionConfig, got "
+                f"{type(self.continuous_action_config).__name__}"
+            )
         _check_count("num_actions", self.num_actions, low=1)
         _check_count("post_age_granularity_mins", self.post_age_granularity_mins, low=1)
         # Column 1 of the continuous actions is the dwell time.
         _check_count("num_continuous_actions", self.num_continuous_actions, low=2)
         _check_count("continuous_action_hidden_dim", self.continuous_action_hidden_dim, low=1)
-        if self.release not in RELEASES:
+        if isinstance(self.release, bool) or self.release not in RELEASES:
             raise ValueError(f"release must be one of {RELEASES}, got {self.release!r}")
 
     @property

@@ -565,6 +565,10 @@ NORM = recsys_model.NormConfig
          TypeError, "right_anchored_rope must be True or False, got 'no'"),
         (lambda: dataclasses.replace(SETUP.retrieval_config(), enable_linear_proj=0),
          TypeError, "enable_linear_proj must be True or False, got 0"),
+        (lambda: PhoenixModelConfig(SETUP.transformer_config(), hash_config={"num_user_hashes": 2}),
+         TypeError, "hash_config must be a HashConfig, got dict"),
+        (lambda: PhoenixModelConfig(SETUP.transformer_config(), continuous_action_config=NORM()),
+         TypeError, "continuous_action_config must be a ContinuousActionConfig, got NormConfig"),
         (lambda: recsys_model.normalize_continuous_value(1.0, "log"),
          TypeError, "config must be a NormConfig, a ContinuousActionConfig or None, got str"),
         (lambda: recsys_model.normalize_continuous_value(1.0, NORM(norm_scale=0)),
@@ -764,6 +768,8 @@ def test_a_process_run_for_the_second_release_builds_it_from_configs_that_leave_
 def test_release_and_continuous_sizes_are_checked():
     with pytest.raises(ValueError, match=r"release must be one of \(1, 2\), got 3"):
         PhoenixModelConfig(SETUP.transformer_config(), release=3)
+    with pytest.raises(ValueError, match=r"release must be one of \(1, 2\), got True"):
+        PhoenixModelConfig(SETUP.transformer_config(), release=True)
     with pytest.raises(ValueError, match="num_continuous_actions must be an integer >= 2"):
         PhoenixModelConfig(SETUP.transformer_config(), num_continuous_actions=1)
     batch, emb = fixed_example()
