@@ -348,10 +348,11 @@ def test_config_round_trips_through_json():
         ("history_len", 2.5, 1),
         ("num_topics", True, 1),
         ("favourite_authors_per_user", -1, 0),
+        ("start_time", 1.7e9, 0),  # (unix seconds are integers)
     ],
 )
-def test_a_count_below_its_minimum_or_not_a_whole_number_is_refused(field, value, least):
-    with pytest.raises(ValueError, match=rf"^{field} must be a whole number >= {least}, got "):
+def test_a_count_below_its_minimum_or_not_an_integer_is_refused(field, value, least):
+    with pytest.raises(ValueError, match=rf"^{field} must be an integer >= {least}, got "):
         dataclasses.replace(W.WorldConfig.tiny(), **{field: value})
 
 
@@ -365,7 +366,7 @@ def test_a_count_below_its_minimum_or_not_a_whole_number_is_refused(field, value
         (dict(freshness_timescale_hours=math.nan), "freshness_timescale_hours must be a finite"),
         (dict(activity_sigma=-1.0), "activity_sigma must be a finite number >= 0, got -1.0"),
         (dict(warmup_days=20.0), r"warmup_days \(20.0\) must be below span_days \(10.0\)"),
-        (dict(seed=-1), "seed must be a whole number >= 0, got -1"),
+        (dict(seed=-1), "seed must be an integer >= 0, got -1"),
         (dict(media_probabilities=(0.5, 0.5, 0.5)), "media_probabilities must be 3 numbers >= 0"),
         (dict(topic_weight="3"), "topic_weight must be a finite number, got '3'"),
         (

@@ -136,7 +136,7 @@ def default_action_models() -> dict[str, ActionModel]:
     }
 
 
-# The fields of WorldConfig that are whole numbers, each of at least its minimum (users without
+# The fields of WorldConfig that are integers, each of at least its minimum (users without
 # favourite authors, or a world with nothing held out, are worlds too).
 WHOLE_FIELDS = {
     "seed": 0, "start_time": 0,
@@ -334,7 +334,7 @@ class WorldConfig:
         for name, least in WHOLE_FIELDS.items():
             value = getattr(self, name)
             if not is_integer(value) or value < least:
-                raise ValueError(f"{name} must be a whole number >= {least}, got {value!r}")
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         expected = set(ACTIONS) - {DWELL_SCORE_ACTION, DWELL_TIME_ACTION}
         if not isinstance(self.actions, dict):
             raise ValueError(
@@ -678,7 +678,9 @@ class World:
 
     def true_probabilities(self, user_ids, post_ids, times) -> np.ndarray:
         """The true probability of every action, [..., A] float64, for user ids, post ids and
-        impression times (unix seconds) of any broadcastable shapes [...]."""
+        impression times (unix seconds) of any broadcastable shapes [...]. A time before a
+        post's creation counts as the moment of its creation (age 0): the world never serves a
+        post before it exists, and its oracle never asks."""
         return self._model(*self._requests(user_ids, post_ids, times))[0]
 
     def expected_dwell(self, user_ids, post_ids, times) -> np.ndarray:
