@@ -559,6 +559,9 @@ def check_top_k(
 ) -> None:
     """Raises ValueError unless k is an integer in [1, n] and the mask, if any, is [n]."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
-        raise ValueError(f"{k_name} must be in [1, N={n}] (an integer), got {k!r}")
+        got = repr(k) if isinstance(k, numbers.Number | str) else type(k).__name__
+        if hasattr(k, "shape") and hasattr(k, "dtype"):  # an array (a corpus in k's place?)
+            got = f"a {k.dtype} array of shape {list(k.shape)}"
+        raise ValueError(f"{k_name} must be in [1, N={n}] (an integer), got {got}")
     if corpus_mask is not None and jnp.shape(corpus_mask) != (n,):
         raise ValueError(f"corpus_mask has shape {jnp.shape(corpus_mask)}, expected [N={n}]")
