@@ -294,6 +294,11 @@ def flatten_params(params: hk.Params) -> dict[str, Any]:
             "params must be a Haiku parameter tree, a dict of modules each a dict of arrays, "
             f"got {type(params).__name__}"
         )
+    if set(params) == {"model", "tables"} and isinstance(params["model"], Mapping):
+        raise TypeError(
+            "params: a trained state's parameters, {'model': ..., 'tables': ...} (train.fit, "
+            "train.load_trained); the model's tree is params['model']"
+        )
     for module, leaves in params.items():
         for name in leaves:
             if not isinstance(name, str) or "/" in name:
@@ -399,7 +404,9 @@ def _layer_count(paths) -> int:
 
 def _hint(got: dict, want: dict, expected: hk.Params, params: hk.Params) -> str:
     """Why a tree might not fit: another depth, the other model, the other release."""
-    got_models, want_models = ({p.split("/")[0] for p in t} - {"transformer"} for t in (got, want))
+    # (Haiku files parameters made outside any module under "~": they name no model.)
+    shared = {"transformer", "~", ""}
+    got_models, want_models = ({p.split("/")[0] for p in t} - shared for t in (got, want))
     if got_models and not got_models & want_models:
         return f" (they are parameters of {', '.join(sorted(got_models))}, another model)"
     if _layer_count(got) != _layer_count(want):
@@ -863,14 +870,21 @@ def read_sequence(path: str | os.PathLike) -> dict:
     sequence = _read_json(path)
     if not isinstance(sequence, dict) or "user_id" not in sequence or "history" not in sequence:
         raise ValueError(f'{path}: expected an object with "user_id" and "history"')
-    unknown = set(sequence) - SEQUENCE_KEYS
-    if isinstance(sequence["history"], list):
-        items = [item for item in sequence["history"] if isinstance(item, dict)]
-        unknown |= {f"history[].{key}" for item in items for key in set(item) - HISTORY_ITEM_KEYS}
+    warn_unknown_sequence_keys(sequence, path, stacklevel=3)
+    return sequence
+
+
+def warn_unknown_sequence_keys(sequence: Mapping, where: Any, stacklevel: int = 2) -> None:
+    """A warning naming the keys of a user sequence (an object) that nothing reads."""
+    unknown = {str(key) for key in sequence} - SEQUENCE_KEYS
+    if isinstance(sequence.get("history"), list):
+        items = [item for item in sequence["history"] if isinstance(item, Mapping)]
+        unknown |= {
+            f"history[].{key}" for item in items for key in set(map(str, item)) - HISTORY_ITEM_KEYS
+        }
     if unknown:
         names = ", ".join(sorted(unknown))
-        warnings.warn(f"{path}: ignored keys it does not know: {names}", stacklevel=2)
-    return sequence
+        warnings.warn(f"{where}: ignored keys it does not know: {names}", stacklevel=stacklevel)
 
 
 def artifact_files(

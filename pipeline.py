@@ -39,6 +39,7 @@ from checkpoint import (
     ModelArtifacts,
     check_new_folder,
     param_shapes,
+    warn_unknown_sequence_keys,
     write_artifacts,
 )
 from grok import TransformerConfig
@@ -272,6 +273,8 @@ class Pipeline:
         corpus: Corpus = self.artifacts.corpus
         n = len(corpus.post_ids)
         _check_sequence(sequence)
+        if sequence is not self.artifacts.sequence:  # (whose file's keys were checked on loading)
+            warn_unknown_sequence_keys(sequence, "sequence", stacklevel=3)
         if not (is_integer(top_k_retrieval) and 1 <= top_k_retrieval <= n):
             raise ValueError(
                 f"top_k_retrieval must be an integer in [1, {n}] (the corpus), got "

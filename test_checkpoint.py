@@ -240,6 +240,9 @@ def test_a_save_that_would_not_load_back_is_refused(tmp_path):
     # A name with "/" came back under another module; a string loaded as no parameter.
     with pytest.raises(ValueError, match=r"m's parameter name 'a/w' must be a string without '/'"):
         save_model_params({"m": {"a/w": np.ones(3)}}, path)
+    trained = {"model": {"m": {"w": np.ones(3)}}, "tables": {"user_embeddings": np.ones((2, 3))}}
+    with pytest.raises(TypeError, match=r"a trained state's parameters, .* is params\['model'\]$"):
+        save_model_params(trained, path)
     with pytest.raises(ValueError, match=r"^m/w: a parameter must be an array of numbers, got <U3"):
         save_model_params({"m": {"w": "abc"}}, path)
     assert not any(tmp_path.iterdir())

@@ -166,6 +166,9 @@ def test_a_request_with_a_time_is_not_served_later_posts_or_its_history(folder):
     first = int(np.min(corpus.creation_times))
     with pytest.raises(ValueError, match=f"served at request_time {first - 1}: all {n} were"):
         pipeline.feed(dict(artifacts.sequence, request_time=first - 1), 20)
+    # Misspelt, the time is not read: a sequence built in Python is told so, as a file's is.
+    with pytest.warns(UserWarning, match="^sequence: ignored keys it does not know: request_tme$"):
+        assert pipeline.feed(dict(artifacts.sequence, request_tme=when), 20).not_served == 0
 
 
 def test_history_is_the_first_items_left_aligned():
