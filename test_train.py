@@ -70,12 +70,17 @@ def test_ranker_loss_falls_and_beats_the_base_rate_on_held_out_data(trained_rank
 def test_retrieval_loss_falls(world, tmp_path):
     # The quick run's schedule (decay over 30 steps, then the floor): its compiled step is reused.
     job = T.make_job("retrieval", world, dataclasses.replace(QUICK, steps=40))
-    _, log = T.fit(job, str(tmp_path), quiet=True)  # a folder's name is a folder too
+    state, log = T.fit(job, str(tmp_path), quiet=True)  # a folder's name is a folder too
     loss = losses(log)
     assert loss[-10:].mean() < 0.5 * loss[:5].mean()
     assert abs(log[-1]["temperature"] - 0.05) > 1e-3  # learned, from its initial 0.05
     with pytest.raises(ValueError, match="already holds a saved retrieval: resume=True contin"):
         T.fit(job, tmp_path, quiet=True)  # would start again over the saved state
+    with pytest.raises(TypeError, match="resume must be True or False, got 'no'"):
+        T.fit(job, tmp_path, resume="no", quiet=True)  # (a string reads as true)
+    params, read_log, training = T.load_trained(str(tmp_path), job)  # as a later session would
+    jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state.params))
+    assert read_log == log and training["steps"] == 40
 
 
 def test_trainable_initialisation_lets_every_array_learn(world):
@@ -851,6 +856,10 @@ def test_evaluation_refuses_what_it_cannot_evaluate(world):
     state = T.initial_state("retrieval", job.config, job.hashing, QUICK)
     with pytest.raises(TypeError, match=r"params must be .*\(TrainState\.params\), got TrainState"):
         T.evaluate_retrieval(job, state)
+    with pytest.raises(
+        TypeError, match=r"got a dict of \['phoenix_retrieval_model.*'\] and \d+ more$"
+    ):
+        T.evaluate_retrieval(job, params["model"])  # (the model's tree: its names are many)
     with pytest.raises(TypeError, match="world must be a World .*, got WorldConfig"):
         T.make_job("ranker", WorldConfig.tiny(), QUICK)
     # Parameters of the other model, or tables of another hashing (another world's sizes): the
@@ -953,7 +962,7 @@ def test_load_demo_refuses_an_unknown_user_before_building_the_world(monkeypatch
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"num_users": -3}, r"its world config: num_users must be a whole number >= 1, got -3$"),
+        ({"num_users": -3}, r"its world config: num_users must be an integer >= 1, got -3$"),
         ({"actions": [1]}, r"its world config: actions must be an object by action name, got"),
         ({"num_users": 10**9}, "its world config does not fit its models: a world of "
          "1,000,000,000 users trains user_embeddings of 4,000,000,001 rows; the ranker's has"),
@@ -1009,6 +1018,17 @@ def test_the_printed_table_holds_each_figure_in_its_column():
     for report, got in (([], "list"), ({"ranking": "x"}, r"a dict of \['ranking'\]")):
         with pytest.raises(TypeError, match=rf"report must be eval.json's object, .*got {got}$"):
             T.report_lines(report)
+    for report, hint in (
+        (ranking, " \\(evaluate_ranker's report goes under 'ranking'\\)"),
+        ({"recall@100": recall}, " \\(evaluate_retrieval's report goes under 'retrieval'\\)"),
+        ({"ranker": ranking}, ""),
+    ):
+        with pytest.raises(
+            ValueError, match=f"report holds neither 'ranking' nor 'retrieval'{hint}$"
+        ):
+            T.report_lines(report)
+    with pytest.raises(ValueError, match="report: 'ranking' holds no 'actions'"):
+        T.goal_checks({"ranking": {}})
 
 
 def test_export_takes_a_new_folder_or_an_artifacts_folder_and_models_of_its_world(world, tmp_path):
@@ -1060,6 +1080,8 @@ def test_training_helpers_refuse_arguments_of_the_wrong_kind(world, tmp_path):
         match="config must be a PhoenixModelConfig for the ranker, got PhoenixRetrievalModelConfig",
     ):
         T.make_job("ranker", world, QUICK, config=retrieval_config)
+    with pytest.raises(ValueError, match="kind: 'bogus'; expected one of ranker, retrieval"):
+        T.TrainConfig.for_model("bogus")
     job = T.make_job("ranker", world, QUICK)
     with pytest.raises(TypeError, match=r"mesh must be a jax.sharding.Mesh \(data_mesh\), got str"):
         T.fit(job, tmp_path / "state", mesh="cpu")

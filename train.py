@@ -159,6 +159,8 @@ class TrainConfig:
     @classmethod
     def for_model(cls, kind: str, quick: bool = False) -> TrainConfig:
         """The defaults of `kind` on the default world, or (quick) on the tiny one."""
+        if kind not in MODELS:
+            raise ValueError(f"kind: {kind!r}; expected one of {', '.join(MODELS)}")
         if quick:
             return cls(steps=30, decay_steps=30, batch_size=32, warmup_steps=5, eval_every=15)
         if kind == "retrieval":
@@ -1205,6 +1207,8 @@ def fit(
         isinstance(start, tuple) and len(start) == 2 and isinstance(start[0], TrainState)
     ):
         raise TypeError(f"start must be (state, log) as load_progress gives, got {_kind_of(start)}")
+    if not isinstance(resume, bool | np.bool_):  # "no" would read as true
+        raise TypeError(f"resume must be True or False, got {resume!r}")
     check_batch_split(train, mesh)
     resume = resume or start is not None
     if not resume and (state_dir / f"{job.kind}.npz").exists():
@@ -1321,10 +1325,14 @@ def _read_log(state_dir: Path, kind: str, steps: int) -> list[dict]:
     return log[:steps]
 
 
-def load_beside(state_dir: Path, job: Job) -> tuple[hk.Params, list[dict], dict]:
-    """(parameters, log, training config) of the model a run in this folder trained earlier,
-    read beside the one this run trains: it must be of this world and these tables; how it was
-    trained (optimiser, steps) is its own, and the config returned is the one it saved."""
+def load_trained(state_dir: str | os.PathLike, job: Job) -> tuple[hk.Params, list[dict], dict]:
+    """(parameters, log, training config) of the model of `job`'s kind that `fit` saved in
+    `state_dir` (a later session's way back to it, and how a run reads the model it does not
+    train): it must be of the job's world and tables; how it was trained (optimiser, steps) is
+    its own, and the config returned is the one it saved."""
+    if not isinstance(job, Job):
+        raise TypeError(f"job must be a Job (make_job), got {_kind_of(job)}")
+    state_dir = as_path(state_dir, "state_dir")
     params = jax.eval_shape(
         lambda: initial_state(job.kind, job.config, job.hashing, job.train).params
     )
@@ -1437,7 +1445,9 @@ def _kind_of(value) -> str:
     if isinstance(value, Job):
         return f"a {value.kind} Job"
     if isinstance(value, dict):
-        return f"a dict of {sorted(map(str, value))}"
+        keys = sorted(map(str, value))
+        more = f" and {len(keys) - 4} more" if len(keys) > 5 else ""
+        return f"a dict of {keys[:4] if more else keys}{more}"
     return type(value).__name__
 
 
@@ -1517,6 +1527,15 @@ def _check_report(report) -> None:
             "report must be eval.json's object, {'ranking': {...}, 'retrieval': {...}}, got "
             + _kind_of(report)
         )
+    if not any(part in report for part in parts):
+        hint = ""
+        if "actions" in report:
+            hint = " (evaluate_ranker's report goes under 'ranking')"
+        elif any(str(key).startswith("recall@") for key in report):
+            hint = " (evaluate_retrieval's report goes under 'retrieval')"
+        raise ValueError(f"report holds neither 'ranking' nor 'retrieval'{hint}")
+    if "ranking" in report and not isinstance(report["ranking"].get("actions"), dict):
+        raise ValueError("report: 'ranking' holds no 'actions' (evaluate_ranker's report does)")
 
 
 def goal_checks(report: dict) -> list[tuple[str, bool]]:
@@ -2215,7 +2234,7 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
         check_batch_split(jobs[kind].train, mesh)
     training = {kind: dataclasses.asdict(job.train) for kind, job in jobs.items()}
     for kind in jobs.keys() - kinds:  # read, and checked, before anything trains
-        params[kind], logs[kind], training[kind] = load_beside(state_dir, jobs[kind])
+        params[kind], logs[kind], training[kind] = load_trained(state_dir, jobs[kind])
     # A resumed run reads (and checks) every saved state before anything trains, and starts a
     # model it had not saved yet from step 0.
     starts = {
