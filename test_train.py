@@ -81,6 +81,19 @@ def test_retrieval_loss_falls(world, tmp_path):
     params, read_log, training = T.load_trained(str(tmp_path), job)  # as a later session would
     jax.tree.map(np.testing.assert_array_equal, params, jax.device_get(state.params))
     assert read_log == log and training["steps"] == 40
+    with pytest.raises(FileNotFoundError, match=r"no retrieval saved in .*nowhere \(train.fit sa"):
+        T.load_trained(tmp_path / "nowhere", job)
+    reseeded = T.make_job("retrieval", world, dataclasses.replace(job.train, seed=1))
+    with pytest.raises(ValueError, match=f"the state of another run .*; {T.TRAINED_ADVICE}$"):
+        T.load_trained(tmp_path, reseeded)  # (its tables hashed with other parameters)
+
+
+def test_what_is_built_once_per_config_is_built_outside_any_trace():
+    """load_trained reads a state's shapes with eval_shape: the initialiser it builds first,
+    cached for later runs, held a tracer, and a later fit failed with UnexpectedTracerError."""
+    built = T._per_config(lambda config: jnp.ones(3) * config)
+    jax.eval_shape(lambda: built(2.0))
+    np.testing.assert_array_equal(built(2.0), [2.0, 2.0, 2.0])
 
 
 def test_trainable_initialisation_lets_every_array_learn(world):

@@ -354,14 +354,16 @@ def check_data(arrays: dict, what: str) -> None:
 def _per_config(build: Callable) -> Callable:
     """Memoises `build(config, *args)` by the config's value (configs are not hashable): what
     it builds (a jitted function, a world) is built once per config in a process, so that every
-    later run reuses what was compiled or sampled."""
+    later run reuses what was compiled or sampled. Built eagerly even when first asked for
+    inside a trace (`jax.eval_shape`), so that no tracer is kept for later calls."""
     cache: dict = {}
 
     @functools.wraps(build)
     def cached(config, *args):
         key = (repr(config), *map(repr, args))
         if key not in cache:
-            cache[key] = build(config, *args)
+            with jax.ensure_compile_time_eval():
+                cache[key] = build(config, *args)
         return cache[key]
 
     return cached
@@ -786,6 +788,7 @@ def _quick_hint(saved_world: Any, world: Any) -> str:
 # of a folder beside the one this run trains.
 RESUME_ADVICE = "resume with the settings it was started with, or choose another --out"
 BESIDE_ADVICE = "train with the world it was trained on, or choose another --out"
+TRAINED_ADVICE = "make the job with the world and training seed it was trained with"
 
 
 def load_state(
@@ -1325,20 +1328,28 @@ def _read_log(state_dir: Path, kind: str, steps: int) -> list[dict]:
     return log[:steps]
 
 
-def load_trained(state_dir: str | os.PathLike, job: Job) -> tuple[hk.Params, list[dict], dict]:
+def load_trained(
+    state_dir: str | os.PathLike, job: Job, advice: str = TRAINED_ADVICE
+) -> tuple[hk.Params, list[dict], dict]:
     """(parameters, log, training config) of the model of `job`'s kind that `fit` saved in
     `state_dir` (a later session's way back to it, and how a run reads the model it does not
-    train): it must be of the job's world and tables; how it was trained (optimiser, steps) is
-    its own, and the config returned is the one it saved."""
+    train): it must be of the job's world and tables (a state that is not ends its refusal
+    with `advice`); how it was trained (optimiser, steps) is its own, and the config returned
+    is the one it saved."""
     if not isinstance(job, Job):
         raise TypeError(f"job must be a Job (make_job), got {_kind_of(job)}")
     state_dir = as_path(state_dir, "state_dir")
+    if not (state_dir / f"{job.kind}.npz").is_file():
+        raise FileNotFoundError(
+            f"{state_dir / f'{job.kind}.npz'}: no such file: no {job.kind} saved in {state_dir} "
+            "(train.fit saves one there)"
+        )
     params = jax.eval_shape(
         lambda: initial_state(job.kind, job.config, job.hashing, job.train).params
     )
     template = TrainState(params, None, jax.ShapeDtypeStruct((), jnp.int32))
     meta = {key: job.meta[key] for key in ("kind", "world", "hashing")}
-    state, saved = load_state(state_dir / f"{job.kind}.npz", template, meta, BESIDE_ADVICE)
+    state, saved = load_state(state_dir / f"{job.kind}.npz", template, meta, advice)
     steps = int(state.step)
     train = {**dataclasses.asdict(job.train), **saved.get("train", {}), "steps": steps}
     train["eval_every"] = saved.get("eval_every", train["eval_every"])
@@ -2234,7 +2245,9 @@ def train_and_report(args: argparse.Namespace, out: Path, kinds: tuple[str, ...]
         check_batch_split(jobs[kind].train, mesh)
     training = {kind: dataclasses.asdict(job.train) for kind, job in jobs.items()}
     for kind in jobs.keys() - kinds:  # read, and checked, before anything trains
-        params[kind], logs[kind], training[kind] = load_trained(state_dir, jobs[kind])
+        params[kind], logs[kind], training[kind] = load_trained(
+            state_dir, jobs[kind], BESIDE_ADVICE
+        )
     # A resumed run reads (and checks) every saved state before anything trains, and starts a
     # model it had not saved yet from step 0.
     starts = {
