@@ -863,7 +863,11 @@ SEQUENCE_KEYS = frozenset({"user_id", "history", "request_time"})
 HISTORY_ITEM_KEYS = frozenset({"post_id", "author_id", "actions", "dwell_time"})
 
 
-def read_sequence(path: str | os.PathLike) -> dict:
+class SequenceFile(dict):
+    """A user sequence as `read_sequence` read it: a dict whose unknown keys were named then."""
+
+
+def read_sequence(path: str | os.PathLike) -> SequenceFile:
     """A user sequence file: {"user_id", "history": [{"post_id", "author_id", "actions"}]}.
     Keys it does not know are named in a warning (a misspelt "request_time" would otherwise
     serve posts of the future)."""
@@ -871,7 +875,7 @@ def read_sequence(path: str | os.PathLike) -> dict:
     if not isinstance(sequence, dict) or "user_id" not in sequence or "history" not in sequence:
         raise ValueError(f'{path}: expected an object with "user_id" and "history"')
     warn_unknown_sequence_keys(sequence, path, stacklevel=3)
-    return sequence
+    return SequenceFile(sequence)
 
 
 def warn_unknown_sequence_keys(sequence: Mapping, where: Any, stacklevel: int = 2) -> None:

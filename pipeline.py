@@ -37,6 +37,7 @@ from checkpoint import (
     Artifacts,
     Corpus,
     ModelArtifacts,
+    SequenceFile,
     check_new_folder,
     param_shapes,
     warn_unknown_sequence_keys,
@@ -273,7 +274,7 @@ class Pipeline:
         corpus: Corpus = self.artifacts.corpus
         n = len(corpus.post_ids)
         _check_sequence(sequence)
-        if sequence is not self.artifacts.sequence:  # (whose file's keys were checked on loading)
+        if not isinstance(sequence, SequenceFile):  # (a file's were named when it was read)
             warn_unknown_sequence_keys(sequence, "sequence", stacklevel=3)
         if not (is_integer(top_k_retrieval) and 1 <= top_k_retrieval <= n):
             raise ValueError(

@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import shutil
+import warnings
 
 import haiku as hk
 import jax
@@ -15,8 +16,9 @@ import numpy as np
 import pytest
 
 import cli
+import pipeline
 import run_pipeline
-from checkpoint import load_artifacts
+from checkpoint import load_artifacts, read_sequence
 from conftest import SCALE_SETUP, Setup, example, ranking_forward, ranking_params, run_script
 from grok import MultiHeadAttention
 from pipeline import (
@@ -117,7 +119,7 @@ def test_the_published_attention_layout_gives_the_same_values_and_is_undone_afte
     assert MultiHeadAttention.attend is ours
 
 
-def test_our_folders_weight_the_actions_by_name(folder):
+def test_our_folders_weight_the_actions_by_name(folder, monkeypatch):
     artifacts = load_artifacts(folder, fprop_dtype=jnp.float32)
     feed = Pipeline(artifacts).feed(artifacts.sequence, 20, 5)
     assert {label: i for label, (i, _) in feed.weights.items()} == {
@@ -134,11 +136,12 @@ def test_our_folders_weight_the_actions_by_name(folder):
     assert [i.score for i in feed.items] == sorted((i.score for i in feed.items), reverse=True)
     names = artifacts.ranker.json["action_names"]
     artifacts.ranker.json = dict(artifacts.ranker.json, action_names=names[1:] + ["renamed"])
+    monkeypatch.setattr(pipeline, "TwoPassIndex", lambda *a: pytest.fail("indexed first"))
     with pytest.raises(ValueError, match="action_names without favorite_score, which the feed"):
-        Pipeline(artifacts)
+        Pipeline(artifacts)  # before any work
 
 
-def test_a_request_with_a_time_is_not_served_later_posts_or_its_history(folder):
+def test_a_request_with_a_time_is_not_served_later_posts_or_its_history(folder, tmp_path):
     """The best posts by retrieval score among those created by the request time and not in
     its history (every item, beyond the S the models read too), and only those; with no post
     left, one line."""
@@ -169,6 +172,13 @@ def test_a_request_with_a_time_is_not_served_later_posts_or_its_history(folder):
     # Misspelt, the time is not read: a sequence built in Python is told so, as a file's is.
     with pytest.warns(UserWarning, match="^sequence: ignored keys it does not know: request_tme$"):
         assert pipeline.feed(dict(artifacts.sequence, request_tme=when), 20).not_served == 0
+    file = tmp_path / "sequence.json"
+    file.write_text(json.dumps(dict(artifacts.sequence, note="mine")))
+    with pytest.warns(UserWarning, match="sequence.json: ignored keys it does not know: note$"):
+        sequence = read_sequence(file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named once, when its file was read
+        pipeline.feed(sequence, 20)
 
 
 def test_history_is_the_first_items_left_aligned():
