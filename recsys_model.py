@@ -832,7 +832,7 @@ class PhoenixModelConfig(ModelConfigDefaults):
         # Column 1 of the continuous actions is the dwell time.
         _check_count("num_continuous_actions", self.num_continuous_actions, low=2)
         _check_count("continuous_action_hidden_dim", self.continuous_action_hidden_dim, low=1)
-        if isinstance(self.release, bool) or self.release not in RELEASES:
+        if isinstance(self.release, bool | np.bool_) or self.release not in RELEASES:
             raise ValueError(f"release must be one of {RELEASES}, got {self.release!r}")
 
     @property

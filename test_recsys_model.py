@@ -770,6 +770,8 @@ def test_release_and_continuous_sizes_are_checked():
         PhoenixModelConfig(SETUP.transformer_config(), release=3)
     with pytest.raises(ValueError, match=r"release must be one of \(1, 2\), got True"):
         PhoenixModelConfig(SETUP.transformer_config(), release=True)
+    with pytest.raises(ValueError, match=r"release must be one of \(1, 2\), got np.True_"):
+        PhoenixModelConfig(SETUP.transformer_config(), release=np.True_)
     with pytest.raises(ValueError, match="num_continuous_actions must be an integer >= 2"):
         PhoenixModelConfig(SETUP.transformer_config(), num_continuous_actions=1)
     batch, emb = fixed_example()
