@@ -27,6 +27,7 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 
+import native_search
 import runners
 import train
 import world as world_lib
@@ -278,6 +279,20 @@ def retrieval_params(setup: Setup, seed: int = 0) -> hk.Params:
     runner = runners.RetrievalModelRunner(setup.retrieval_config())
     runner.initialize()
     return runners.randomize_params(runner.param_shapes(setup.num_actions), seed)
+
+
+# The tests of the native top-K kernel itself; the fallback and input checks run everywhere.
+needs_kernel = pytest.mark.skipif(
+    not native_search.available(), reason="the native kernel cannot be built on this machine"
+)
+# The corpus dtypes search takes.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def ranker() -> runners.RecsysInferenceRunner:
+    """An initialised ranking runner of `Setup()`, one per test file (compiled once there)."""
+    return make_ranker(Setup())
 
 
 def make_retriever(setup: Setup, params=None) -> runners.RecsysRetrievalInferenceRunner:

@@ -1,6 +1,7 @@
 """The command-line scripts and what they share (`cli.py`): output a person can check, and bad
 input ending in one line `prog: error: ...` with exit status 2, before any work."""
 
+import ast
 import json
 import os
 import re
@@ -281,6 +282,21 @@ def test_a_ctrl_c_while_a_script_imports_ends_it_quietly(reach_main):
         process.send_signal(signal.SIGINT)
     status, _, report = finish(process, timeout=60)
     assert status == 130 and report.endswith("stderr:\n\ndemo.py: interrupted\n"), report
+
+
+@pytest.mark.parametrize(
+    "script", ["run_ranker.py", "run_retrieval.py", "run_pipeline.py", "train.py"]
+)
+def test_each_script_hands_ctrl_c_to_cli_before_its_slow_imports(script):
+    """Its first statements: the docstring, `from __future__`, `import cli`, then, run as a
+    script, `cli.quiet_interrupts` with its own name; every other import after them."""
+    body = ast.parse((Path(__file__).parent / script).read_text()).body
+    first = [ast.unparse(node) for node in body[:4]]
+    assert isinstance(body[0], ast.Expr) and first[1:3] == [
+        "from __future__ import annotations",
+        "import cli",
+    ]
+    assert first[3] == f"if __name__ == '__main__':\n    cli.quiet_interrupts('{script}')"
 
 
 # A script whose work is done, its shutdown standing for the sleep.

@@ -199,7 +199,10 @@ def test_unused_published_arguments_are_not_stored():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(num_q_heads=3, num_kv_heads=2), "num_kv_heads"),
+        (
+            dict(num_q_heads=3, num_kv_heads=2),
+            r"num_q_heads \(3\) must be a multiple of num_kv_heads \(2\) for grouped-query",
+        ),
         (dict(num_layers=0), "num_layers must be a positive integer, got 0"),
         (dict(widening_factor=0), "widening_factor must be positive"),
         (dict(key_size=3), "key_size must be even"),

@@ -20,15 +20,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import native_search
-from conftest import assert_same_top_k, full_top_k
+from conftest import DTYPES, assert_same_top_k, full_top_k, needs_kernel
 from search import INF, top_k_search
 
-# The tests of the kernel itself; the fallback and input checks below run everywhere.
-needs_kernel = pytest.mark.skipif(
-    not native_search.available(), reason="the native kernel cannot be built on this machine"
-)
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Rows per thread in the kernel (kRowsPerThread): corpora above twice this use two threads.
 ROWS_PER_THREAD = 1 << 15
 

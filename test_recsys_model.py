@@ -66,11 +66,6 @@ def new_embeddings(rng: np.random.Generator, shape) -> np.ndarray:
     return rng.standard_normal(shape).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def ranker() -> runners.RecsysInferenceRunner:
-    return make_ranker(SETUP)
-
-
 # ---------------------------------------------------------------------------------------------
 # Candidate isolation, causality, padding and slots.
 # ---------------------------------------------------------------------------------------------
@@ -542,7 +537,7 @@ def test_the_published_guides_configuration():
         (lambda: PhoenixModelConfig(SETUP.transformer_config(), num_actions=0),
          "num_actions must be an integer >= 1, got 0"),
         (lambda: PhoenixModelConfig(SETUP.transformer_config(), product_surface_vocab_size=0),
-         "product_surface_vocab_size"),
+         "product_surface_vocab_size must be an integer >= 1, got 0"),
         (lambda: PhoenixModelConfig(SETUP.transformer_config(), fprop_dtype=jnp.int32),
          "fprop_dtype must be a floating dtype"),
         (lambda: PhoenixModelConfig(SETUP.transformer_config(), history_seq_len=-1),
@@ -778,6 +773,17 @@ def test_release_and_continuous_sizes_are_checked():
     lone = batch._replace(candidate_impr_ts=np.full((B, C), NOW))
     with pytest.raises(ValueError, match="candidate_impr_ts is given without the other"):
         validate_inputs(lone, emb, SETUP.ranking_config(), SETUP.num_actions)
+    second = Setup(release=2)  # continuous actions 3 wide; both timestamps
+    batch, emb = copy_inputs(*example(second, B, S, C))
+    config = second.ranking_config()
+    narrow = batch._replace(history_continuous_actions=batch.history_continuous_actions[..., :2])
+    with pytest.raises(ValueError, match=r"has shape \(2, 4, 2\), expected \[B=2 .*, Nc=3\]$"):
+        validate_inputs(narrow, emb, config, second.num_actions)
+    # (float32 cannot hold a unix time to the minute)
+    for name in ("candidate_impr_ts", "candidate_post_creation_ts"):
+        floats = batch._replace(**{name: getattr(batch, name).astype(np.float32)})
+        with pytest.raises(ValueError, match=f"^{name} must have a dtype of kind integer, got f"):
+            validate_inputs(floats, emb, config, second.num_actions)
 
 
 def traced_matrix_flops(jaxpr) -> int:

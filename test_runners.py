@@ -64,11 +64,6 @@ SETUP = Setup()
 PROB_ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def ranker() -> runners.RecsysInferenceRunner:
-    return make_ranker(SETUP)
-
-
 # ---------------------------------------------------------------------------------------------
 # Ranking: the cached path against the dense forward.
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +198,17 @@ def test_explicit_slots_reproduce_the_dense_forward():
     assert np.max(np.abs(shifted - dense)) > 100 * PROB_ATOL
 
 
+def test_rank_at_given_slots_equals_the_dense_forward_at_them():
+    """`candidate_slots` (how the published pipeline's chunks place candidates): each candidate
+    scored as the dense forward scores it at that slot, repeated slots and gaps allowed."""
+    batch, embeddings, dense = small_reference()
+    slots = np.random.default_rng(3).integers(0, 40, dense.shape[1])
+    out = make_ranker(SCALE_SETUP).rank(batch, embeddings, candidate_slots=slots)
+    want = dense_forward_at_slots()(batch, embeddings, slots)
+    np.testing.assert_allclose(np.asarray(out.scores), want, rtol=0, atol=PROB_ATOL)
+    assert np.max(np.abs(want - dense)) > 100 * PROB_ATOL  # (the slots do move the scores)
+
+
 def test_cached_rank_equals_dense_forward_for_10000_candidates():
     """10,000 candidates with the default block size (several blocks, the last one partial),
     against the dense forward of the first 64 candidates, of the candidates on either side of
@@ -268,6 +274,9 @@ def test_ranking_output_fields_are_the_score_columns_of_actions(ranker):
     assert RankingOutput._fields == fields
     assert RankingOutput._field_defaults == {"continuous_preds": None}
     assert ranking.continuous_preds is None  # a first-release model
+    second = Setup(release=2, fprop_dtype="bfloat16")
+    continuous = make_ranker(second).rank(*example(second, B, S, C)).continuous_preds
+    assert continuous.shape == (B, C, second.num_continuous) and continuous.dtype == jnp.float32
     negative = [ACTIONS[i] for i in runners.NEGATIVE_FEEDBACK_INDICES]
     assert negative == ["not_interested_score", "block_author_score", "mute_author_score",
                         "report_score"]  # fmt: skip
@@ -484,23 +493,25 @@ def test_traced_candidate_slots_are_refused(guarded):
 
 
 @pytest.mark.parametrize(
-    "field, call",
+    "message, call",
     [
-        ("top_k", lambda r: r.retrieve(*retrieval_example(), top_k=0)),
-        ("top_k", lambda r: r.retrieve(*retrieval_example(), top_k=N + 1)),
-        ("corpus_embeddings", lambda r: r.set_corpus(np.zeros((N, SETUP.emb_size + 1)))),
-        ("corpus_embeddings", lambda r: r.set_corpus(np.full((N, SETUP.emb_size), np.nan))),
-        (
-            "corpus_embeddings",
-            lambda r: r.retrieve(
-                *retrieval_example(), corpus_embeddings=np.zeros((N, SETUP.emb_size - 1))
-            ),
-        ),
-        ("corpus_post_ids", lambda r: r.set_corpus(np.zeros((N, SETUP.emb_size)), np.arange(3))),
+        (r"top_k must be in \[1, N=12\] \(an integer\), got 0$",
+         lambda r: r.retrieve(*retrieval_example(), top_k=0)),
+        (r"top_k must be in \[1, N=12\] \(an integer\), got 13$",
+         lambda r: r.retrieve(*retrieval_example(), top_k=N + 1)),
+        (r"corpus_embeddings has shape \(12, 9\), expected \[N, D=8\]$",
+         lambda r: r.set_corpus(np.zeros((N, SETUP.emb_size + 1)))),
+        (r"corpus_embeddings row 0 holds \[nan nan nan nan\]...; expected finite values",
+         lambda r: r.set_corpus(np.full((N, SETUP.emb_size), np.nan))),
+        (r"corpus_embeddings has shape \(12, 7\), expected \[N, D=8\]$",
+         lambda r: r.retrieve(
+             *retrieval_example(), corpus_embeddings=np.zeros((N, SETUP.emb_size - 1)))),
+        (r"corpus_post_ids has shape \(3,\), expected \[N=12\]$",
+         lambda r: r.set_corpus(np.zeros((N, SETUP.emb_size)), np.arange(3))),
     ],
-)
-def test_bad_corpus_or_top_k_raises_value_error_naming_it(guarded, field, call):
-    with pytest.raises(ValueError, match=field):
+)  # fmt: skip
+def test_bad_corpus_or_top_k_raises_value_error_naming_it(guarded, message, call):
+    with pytest.raises(ValueError, match=message):
         call(guarded[1])
 
 
@@ -528,7 +539,9 @@ def test_rank_and_retrieve_before_initialize_or_without_a_corpus_raise():
         ranker.rank(*fixed_example())
     config = SETUP.retrieval_config()
     uninitialized = runners.RecsysRetrievalInferenceRunner(runners.RetrievalModelRunner(config), "")
-    with pytest.raises(ValueError, match="initialize"):
+    with pytest.raises(
+        ValueError, match=r"^RecsysRetrievalInferenceRunner.initialize\(\) must be "
+    ):
         uninitialized.retrieve(*retrieval_example(), top_k=1)
     with pytest.raises(ValueError, match="no corpus: call set_corpus"):
         make_retriever(SETUP).retrieve(*retrieval_example(), top_k=1)

@@ -13,10 +13,12 @@ from hypothesis import strategies as st
 
 import native_search
 from conftest import (
+    DTYPES,
     SEEDS,
     assert_same_top_k,
     finish,
     full_top_k,
+    needs_kernel,
     normal,
     start_with_devices,
     unit_rows,
@@ -34,10 +36,6 @@ from search import (
     validate_corpus,
 )
 
-needs_kernel = pytest.mark.skipif(
-    not native_search.available(), reason="the native kernel cannot be built on this machine"
-)
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EMB_SIZE = 16
 CORPUS_SIZE = 1000
 

@@ -294,7 +294,7 @@ def test_ids_are_positive_and_zero_only_as_padding(world):
         h.author_ids[valid], world.post_authors[h.post_ids[valid] - 1] + 1
     )
     assert valid.any() and not valid.all()
-    with pytest.raises(ValueError, match="post_ids"):
+    with pytest.raises(ValueError, match=r"^post_ids: ids must be in \[1, 400\], got 0$"):
         world.true_probabilities(1, 0, world.config.start_time)
 
 
