@@ -547,9 +547,10 @@ def test_rank_and_retrieve_before_initialize_or_without_a_corpus_raise():
         make_retriever(SETUP).retrieve(*retrieval_example(), top_k=1)
 
 
-def test_rank_rejects_a_model_with_fewer_actions_than_ranking_output_fields():
+def test_a_ranking_runner_refuses_a_model_with_fewer_actions_than_ranking_output_fields():
     """RankingOutput has one p_<action> field per ACTIONS entry; a 3-action model cannot fill
-    them and must say so (rather than repeat its last column in the other 16)."""
+    them and must say so when its runner is initialised (rather than repeat its last column in
+    the other 16 at every rank)."""
     setup = dataclasses.replace(SETUP, num_actions=3)
     with pytest.raises(ValueError, match="rank needs num_actions >= 19"):
         make_ranker(setup)
@@ -610,10 +611,14 @@ def test_sizes_that_cannot_fit_in_memory_are_refused_in_one_line(ranker, retriev
     """A history of 100,000 would need hundreds of GiB of attention logits: refused with the
     estimate before any array is made."""
     for runner in (ranker, retriever):
-        with pytest.raises(ValueError, match=r"would need about \d+\.\d GiB of memory; "):
+        with pytest.raises(ValueError, match=r"would need about \d+\.\d GiB of memory; ") as caught:
             runner.check_fits(2, 100_000, 8)
-    with pytest.raises(ValueError, match="2 users, history 32 and 10000000000 candidates"):
+        assert "\n" not in str(caught.value)
+    with pytest.raises(
+        ValueError, match="2 users, history 32 and 10000000000 candidates"
+    ) as caught:
         runners.demo_inputs(ranker, 0, 2, 32, 10**10)
+    assert "\n" not in str(caught.value)
     ranker.check_fits(2, 32, 8)  # the demo's sizes fit
 
 

@@ -114,6 +114,10 @@ def test_trainable_initialisation_lets_every_array_learn(world):
     assert all(learning(state.params))
     from_published = learning(published)
     assert sum(from_published) < len(from_published) / 2
+    # The tables too: each of the three (users, posts, authors) gets a gradient.
+    tables = gradient(state.params)["tables"]
+    assert sorted(tables) == sorted(TABLE_NAMES.values())
+    assert all(bool(jnp.any(g != 0)) for g in tables.values())
 
 
 def test_rowwise_adagrad_divides_each_row_by_its_accumulated_mean_square():
