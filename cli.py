@@ -86,7 +86,7 @@ def file_in_a_folder(path: os.PathLike) -> str | None:
                 probe = tempfile.mkdtemp(prefix=".probe.", dir=parent)
             except OSError as error:
                 reason = error.strerror or error
-                return f"cannot write in {parent} (making a folder there failed: {reason})"
+                return f"cannot write in {parent} (a trial write there failed: {reason})"
             with contextlib.suppress(OSError):
                 os.rmdir(probe)
             return None
@@ -373,16 +373,29 @@ def quiet_interrupts(prog: str) -> None:
     signal.signal(signal.SIGINT, interrupted)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `kill` and `timeout` send), raised where the script is, so that what it
+    was writing is cleaned up as at a Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted") -> int:
     """Runs a script's `main` with its compiled programs kept between runs
     (`keep_compiled_programs`); input it refuses (ValueError, TypeError), a file it cannot read
     or write (OSError) and sizes that do not fit in memory end in one line on stderr and exit
     status 2, as argparse's errors do; warnings print as one line; Ctrl-C ends the process at
-    once with status 130, saying `interrupted` (once it has returned, a script's process ends
-    at a Ctrl-C with main's status, quietly). Output piped into a reader that stops early
-    (`| head`) is dropped from then on while the work goes on to its end."""
+    once with status 130, saying `interrupted` (in a script SIGTERM too, with 143, saying
+    `terminated`, what it was writing cleaned up alike; once it has returned, a script's
+    process ends at a Ctrl-C or SIGTERM with main's status, quietly). Output piped into a
+    reader that stops early (`| head`) is dropped from then on while the work goes on to its
+    end."""
     if _while_starting is not None and signal.getsignal(signal.SIGINT) is _while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+    if _while_starting is not None:  # a script: `kill` and `timeout` end it as Ctrl-C does
+        signal.signal(signal.SIGTERM, _terminate)
     keep_compiled_programs()
     warnings.formatwarning = functools.partial(_format_warning, prog)
     streams = sys.stdout, sys.stderr
@@ -394,7 +407,8 @@ def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted
     if _while_starting is not None:
         # A script's work is done: a Ctrl-C while Python shuts down (JAX's exit handlers take a
         # moment) ends the process with the work's status, not with a traceback from them.
-        signal.signal(signal.SIGINT, lambda signum, frame: os._exit(status))
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, lambda signum, frame: os._exit(status))
     return status
 
 
@@ -404,15 +418,19 @@ def _run(main: Callable[[], int], prog: str, interrupted: str) -> int:
         status = main()
         _flush(sys.stdout, sys.stderr)  # here, where errors are handled, not at exit
         return status
-    except KeyboardInterrupt:
-        print(f"\n{prog}: {interrupted}", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        status = 143 if isinstance(stop, Terminated) else 130  # 128 + the signal, as shells do
+        said = interrupted
+        if isinstance(stop, Terminated):  # (what follows the word, a hint, holds alike)
+            said = "terminated" + interrupted.removeprefix("interrupted")
+        print(f"\n{prog}: {said}", file=sys.stderr)
         # Ends the process here: Python's own shutdown could crash (3 times in 7 interrupts of
         # train.py while it compiled) with XLA's compiler threads still at work. Every file is
         # written whole or not at all, so nothing is left half-written.
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(OSError):  # a pipe's reader may have gone with the Ctrl-C
                 _flush(stream)
-        os._exit(130)
+        os._exit(status)
     except BrokenPipeError:
         # A reader gone under a write the streams above do not see (to `sys.stdout.buffer`,
         # say): the work that wrote it stops here, quietly, as Python advises.

@@ -137,6 +137,8 @@ def test_run_ranker_shows_the_shipped_trained_model_favouring_the_users_tastes(c
     assert int(found[1]) > float(found[2]) + 2, "the trained ranker should favour the tastes"
     status, out, err = run_script(run_ranker.main, ["--candidates", "100000"], capsys)
     assert status == 0 and "(all there are, fewer than --candidates 100000)" in out, err
+    status, out, err = run_script(run_ranker.main, ["--candidates", "5", "--seed", "2"], capsys)
+    assert status == 0 and "\nRanking 5 posts, drawn at random (--seed 2) from the " in out, err
 
 
 def test_run_retrieval_shows_the_shipped_trained_model_retrieving_the_users_tastes(capsys):
@@ -297,6 +299,38 @@ def test_each_script_hands_ctrl_c_to_cli_before_its_slow_imports(script):
         "import cli",
     ]
     assert first[3] == f"if __name__ == '__main__':\n    cli.quiet_interrupts('{script}')"
+
+
+# A script stopped while it writes a file, the sleep standing for the writing.
+WRITING = """
+import sys, time
+from pathlib import Path
+import cli
+cli.quiet_interrupts("demo.py")
+import checkpoint
+def main():
+    with checkpoint._atomic_path(Path(sys.argv[1]) / "out.json") as scratch:
+        scratch.write_text("half")
+        print("writing", flush=True)
+        time.sleep(60)
+    return 0
+sys.exit(cli.run_main(main, "demo.py"))
+"""
+
+
+@pytest.mark.parametrize("stop, status, word", [
+    (signal.SIGINT, 130, "interrupted"),
+    (signal.SIGTERM, 143, "terminated"),  # what `kill` and `timeout` send
+])  # fmt: skip
+def test_a_script_stopped_while_writing_leaves_no_temporary_file(stop, status, word, tmp_path):
+    """SIGTERM ended the process where it was, leaving the temporary file beside the one it
+    was writing (and a training run's folder then refused as holding foreign files)."""
+    process = start_with_devices(WRITING, 1, str(tmp_path))
+    assert process.stdout.readline() == "writing\n"
+    process.send_signal(stop)
+    got, _, report = finish(process, timeout=60)
+    assert got == status and report.endswith(f"demo.py: {word}\n"), report
+    assert list(tmp_path.iterdir()) == []
 
 
 # A script whose work is done, its shutdown standing for the sleep.
