@@ -420,7 +420,7 @@ def test_a_resumed_run_starts_a_model_it_had_not_saved_from_step_0(tmp_path, cap
     assert "ranker: no state saved" not in printed
     status, printed, err = run_script(T.main, argv, capsys)  # again: nothing left to train
     assert status == 0, err
-    assert "ranker: already at step 3; nothing to train" in printed
+    assert "ranker: already at step 3, where --steps stops it; nothing to train" in printed
     # Every saved state is read before any model trains: a damaged second one stops the run
     # before the first has moved.
     ranker = (state / "ranker.npz").read_bytes()
@@ -466,6 +466,34 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path, capsys):
     assert not any(out.iterdir())
     argv = [*RANKER_ONLY, "--out", str(out), "--steps", "1"]
     assert run_script(T.main, argv, capsys)[0] == 0  # free again
+    with T.run_folder_lock(out):  # named as such, not as a folder that needs --resume
+        status, _, err = run_script(T.main, argv, capsys)
+    assert status == 2 and "another run is training into this folder" in err, err
+
+
+def test_what_a_killed_run_left_half_written_is_removed_by_the_next(tmp_path, capsys):
+    """Temporaries of files and artifacts that a run killed while writing left behind (no
+    finished write leaves them): the next run into the folder removes them and says so, where
+    it refused the folder as holding foreign files."""
+    out = tmp_path / "run"
+    argv = [*RANKER_ONLY, "--out", str(out), "--steps", "1"]
+    assert run_script(T.main, argv, capsys)[0] == 0
+    left = [out / ".eval.json.k3j2.partial", out / "state" / ".ranker.npz.x8f1.partial"]
+    for path in left:
+        path.write_text("half")
+    (out / "..artifacts.new.q9z").mkdir()
+    (out / "..artifacts.new.q9z" / "ranker").mkdir()
+    (out / "notes.txt").write_text("mine")  # a file of the user's is not the run's to remove
+    status, _, err = run_script(T.main, [*argv[:-1], "2", "--resume"], capsys)
+    assert status == 2 and "holds files that are not a training run's (notes.txt)" in err, err
+    (out / "notes.txt").unlink()
+    status, said, err = run_script(T.main, [*argv[:-1], "2", "--resume"], capsys)
+    assert status == 0, err
+    assert said.startswith(
+        f"removed what a run stopped while writing left in {out}: ..artifacts.new.q9z, "
+        ".eval.json.k3j2.partial, state/.ranker.npz.x8f1.partial\n"
+    ), said
+    assert not any(path.exists() for path in [*left, out / "..artifacts.new.q9z"])
 
 
 def test_curves_of_a_run_shorter_than_its_evaluation_interval(tmp_path):
@@ -749,7 +777,7 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
         [*RANKER_ONLY, "--out", str(run), "--resume", "--steps", "3"]
     )
     (run / "state" / "ranker.npz").write_bytes(b"not a zip file")
-    assert "ranker.npz: not a readable .npz file (File is not a zip file)" in refused(
+    assert "ranker.npz: not a readable .npz file (File is not a zip file); remove it" in refused(
         [*RANKER_ONLY, "--out", str(run), "--resume"]
     )
     assert "--steps: expected an integer >= 1" in refused(

@@ -800,7 +800,10 @@ def load_state(
     otherwise, ending with `advice`."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file: nothing to resume (run without --resume)")
-    arrays = read_npz(path)
+    try:
+        arrays = read_npz(path)
+    except ValueError as error:  # damaged: what it held is lost, and the way on is to start over
+        raise ValueError(f"{error}; remove it to train that model from step 0") from None
     if "meta" not in arrays:
         raise ValueError(f"{path}: not a training state of this project (no meta entry)")
     try:
@@ -1231,7 +1234,10 @@ def fit(
     saved_at = first if resume else None  # the step of the state on disk
     say = (lambda *a: None) if quiet else print
     if first == train.steps:
-        say(f"{job.kind}: already at step {train.steps}; nothing to train (--steps goes further)")
+        say(
+            f"{job.kind}: already at step {train.steps}, where --steps stops it; nothing to train "
+            "(a larger --steps trains it further)"
+        )
     else:
         say(
             f"{job.kind}: steps {first} to {train.steps}, batches of {train.batch_size}, "
@@ -2131,6 +2137,29 @@ RUN_OUTPUTS = frozenset(
 )  # fmt: skip
 
 
+def interrupted_writes(out: Path) -> list[Path]:
+    """What a run killed while it wrote (SIGKILL, a power cut) left in its folder: the
+    temporaries its files and artifacts are written under before they get their names, which
+    no finished write leaves."""
+    if not out.is_dir():
+        return []
+
+    def temporary(name: str, outputs) -> bool:
+        return any(name.startswith(f".{o}.") and name.endswith(".partial") for o in outputs)
+
+    found = [
+        p
+        for p in out.iterdir()
+        if temporary(p.name, RUN_OUTPUTS)
+        or p.name == ".artifacts.new"
+        or p.name.startswith("..artifacts.new.")
+    ]
+    if (out / "state").is_dir():
+        saved = {f"{kind}{suffix}" for kind in MODELS for suffix in (".npz", "_log.json")}
+        found += [p for p in (out / "state").iterdir() if temporary(p.name, saved)]
+    return sorted(found)
+
+
 def check_run_folder(out: Path, kinds: tuple[str, ...], resume: bool) -> None:
     """Before any work: the folder is new or a run's own; a new run must not overwrite a
     trained model, a resumed one needs at least one (one not saved yet starts afresh)."""
@@ -2140,8 +2169,11 @@ def check_run_folder(out: Path, kinds: tuple[str, ...], resume: bool) -> None:
         raise ValueError(f"--out {out}: {problem}")
     if out.is_dir() and not os.access(out, os.W_OK | os.X_OK):
         raise ValueError(f"--out {out}: cannot write there (no permission, or read-only)")
+    leftovers = {p.name for p in interrupted_writes(out)}
     foreign = (
-        sorted(p.name for p in out.iterdir() if p.name not in RUN_OUTPUTS) if out.is_dir() else []
+        sorted(p.name for p in out.iterdir() if p.name not in RUN_OUTPUTS | leftovers)
+        if out.is_dir()
+        else []
     )
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -2173,14 +2205,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     kinds = MODELS if args.model == "both" else (args.model,)
-    check_run_folder(out, kinds, args.resume)
-    made = not out.exists()
+    made = not out.is_dir()
+    if made:  # (a folder that is there is checked once it is held, below)
+        check_run_folder(out, kinds, args.resume)
     try:  # now, not when the first state is saved
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"--out {out}: cannot make the folder ({error.strerror})") from None
     try:
-        with run_folder_lock(out):
+        with run_folder_lock(out):  # held first: a run training into it is named as such
+            check_run_folder(out, kinds, args.resume)
+            leftovers = interrupted_writes(out)
+            for path in leftovers:  # no run is writing them: this one holds the folder
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+            if leftovers:
+                names = ", ".join(str(p.relative_to(out)) for p in leftovers)
+                print(f"removed what a run stopped while writing left in {out}: {names}")
             return train_and_report(args, out, kinds)
     except BaseException:
         if made and not any(out.iterdir()):  # a run that failed before writing leaves nothing
