@@ -1061,6 +1061,12 @@ def write_artifacts(
             raise type(error)(
                 f"{directory} not written: " + str(error).replace(f"{scratch}{os.sep}", "")
             ) from None
+        except OSError as error:  # a full disk, say: named by the folder asked for
+            if not isinstance(error.filename, str) or error.errno is None:
+                raise
+            where = error.filename.replace(str(scratch), str(directory))
+            problem = f"{directory} not written: {error.strerror}"
+            raise OSError(error.errno, problem, where) from None
         if directory.exists():
             directory.rmdir()
         os.replace(scratch, directory)

@@ -162,9 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     timings = ", ".join(f"{stage} {1e3 * s:.0f} ms" for stage, s in feed.seconds.items())
     if feed.not_served:
         servable = len(artifacts.corpus.post_ids) - feed.not_served
+        why = "in the history"  # (a corpus without creation times has no later posts)
+        if artifacts.corpus.creation_times is not None:
+            why = "created after the request or in the history"
         note = (
-            f" of the {count(servable, 'post')} it can be served ({feed.not_served:,} created "
-            "after the request or in the history are not)"
+            f" of the {count(servable, 'post')} it can be served ({feed.not_served:,} {why} "
+            "are not)"
         )
     else:
         note = " (the whole corpus)" if top_k < args.top_k_retrieval else ""

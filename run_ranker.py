@@ -78,10 +78,11 @@ def trained_demo(args) -> int:
     taste = world.in_taste(user, posts)
 
     fewer = args.candidates is not None and args.candidates > len(pool)
+    drawn = len(posts) < len(pool)
     print(
-        f"\nRanking {cli.count(len(posts), 'post')} of the last "
-        f"{world.config.serving_window_hours:.0f} hours "
-        "they have not seen"
+        f"\nRanking {cli.count(len(posts), 'post')}"
+        + (f", drawn at random (--seed {args.seed}) from the {len(pool)}" if drawn else "")
+        + f" of the last {world.config.serving_window_hours:.0f} hours they have not seen"
         + (f" (all there are, fewer than --candidates {args.candidates})" if fewer else "")
         + ", by the model's p(favorite) (* = a liked topic or favourite author):"
     )

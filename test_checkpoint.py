@@ -710,6 +710,27 @@ def test_a_folder_that_would_not_load_back_is_not_written(
     assert not any(tmp_path.iterdir())
 
 
+def test_a_folder_written_onto_a_full_disk_is_named_not_its_temporary(
+    example_folder, tmp_path, monkeypatch
+):
+    artifacts = load_artifacts(example_folder)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", full)
+    out = tmp_path / "out"
+    with pytest.raises(OSError) as caught:
+        checkpoint.write_artifacts(
+            out, artifacts.retrieval, artifacts.ranker, artifacts.corpus, artifacts.sequence
+        )
+    assert str(caught.value) == (
+        f"[Errno 28] {out} not written: No space left on device: "
+        f"'{out / 'retrieval' / 'model_params.npz'}'"
+    )
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_folder_that_is_not_an_artifacts_folder_is_named_as_such(tmp_path):
     (tmp_path / "run" / "artifacts").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"run holds no retrieval/ or ranker/ folder; "):

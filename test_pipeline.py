@@ -181,6 +181,24 @@ def test_a_request_with_a_time_is_not_served_later_posts_or_its_history(folder, 
         pipeline.feed(sequence, 20)
 
 
+def test_the_summary_says_why_posts_were_not_served(folder, tmp_path, capsys):
+    """With creation times, later posts and the history's; without them, the history's alone
+    (the summary said "created after the request" of posts that were all the history's)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    sequence = json.loads((copy / "example_sequence.json").read_text())
+    corpus = dict(np.load(copy / "sports_corpus.npz"))
+    sequence["request_time"] = int(np.median(corpus["creation_times"]))
+    (copy / "example_sequence.json").write_text(json.dumps(sequence))
+    status, _, err = run(["--artifacts_dir", str(copy)], capsys)
+    assert status == 0 and "created after the request or in the history are not)" in err, err
+    del corpus["creation_times"]
+    np.savez(copy / "sports_corpus.npz", **corpus)
+    with pytest.warns(UserWarning, match="its request_time leaves out the posts created after"):
+        status, _, err = run(["--artifacts_dir", str(copy)], capsys)
+    assert status == 0 and "(8 in the history are not)" in err, err
+
+
 def test_history_is_the_first_items_left_aligned():
     sequence = {
         "user_id": 7,
@@ -345,7 +363,7 @@ def test_a_folder_on_a_file_system_that_takes_no_writes_is_refused_before_the_wo
     status, _, err = run(["--write-example", str(tmp_path / "example")], capsys)
     assert status == 2 and err.endswith(
         f"--write-example {tmp_path / 'example'}: cannot write in {tmp_path} "
-        "(making a folder there failed: Operation not permitted)\n"
+        "(a trial write there failed: Operation not permitted)\n"
     ), err
 
 
