@@ -483,6 +483,7 @@ def test_what_a_killed_run_left_half_written_is_removed_by_the_next(tmp_path, ca
         path.write_text("half")
     (out / "..artifacts.new.q9z").mkdir()
     (out / "..artifacts.new.q9z" / "ranker").mkdir()
+    (out / ".artifacts.old").mkdir()
     (out / "notes.txt").write_text("mine")  # a file of the user's is not the run's to remove
     status, _, err = run_script(T.main, [*argv[:-1], "2", "--resume"], capsys)
     assert status == 2 and "holds files that are not a training run's (notes.txt)" in err, err
@@ -491,9 +492,9 @@ def test_what_a_killed_run_left_half_written_is_removed_by_the_next(tmp_path, ca
     assert status == 0, err
     assert said.startswith(
         f"removed what a run stopped while writing left in {out}: ..artifacts.new.q9z, "
-        ".eval.json.k3j2.partial, state/.ranker.npz.x8f1.partial\n"
+        ".artifacts.old, .eval.json.k3j2.partial, state/.ranker.npz.x8f1.partial\n"
     ), said
-    assert not any(path.exists() for path in [*left, out / "..artifacts.new.q9z"])
+    assert not any(p.exists() for p in [*left, out / "..artifacts.new.q9z", out / ".artifacts.old"])
 
 
 def test_curves_of_a_run_shorter_than_its_evaluation_interval(tmp_path):

@@ -2151,7 +2151,7 @@ def interrupted_writes(out: Path) -> list[Path]:
         p
         for p in out.iterdir()
         if temporary(p.name, RUN_OUTPUTS)
-        or p.name == ".artifacts.new"
+        or p.name in (".artifacts.new", ".artifacts.old")  # (export's swap, `_replace_folder`)
         or p.name.startswith("..artifacts.new.")
     ]
     if (out / "state").is_dir():
