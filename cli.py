@@ -67,6 +67,10 @@ def not_a_regular_file(path: os.PathLike) -> str | None:
     return None
 
 
+# The empty folder `file_in_a_folder` makes, and removes at once, to try a folder for writing.
+PROBE_PREFIX = ".probe."
+
+
 def file_in_a_folder(path: os.PathLike) -> str | None:
     """Why a file or folder could not be written at `path`: it is a device, pipe or socket, the
     first of its parents that exists is not a folder, or (unless `path` is a folder already) it
@@ -82,13 +86,16 @@ def file_in_a_folder(path: os.PathLike) -> str | None:
                 return None
             if not os.access(parent, os.W_OK | os.X_OK):
                 return f"cannot write in {parent} (no permission, or read-only)"
+            probe = None
             try:  # what the permissions do not tell (a virtual or network file system, say)
-                probe = tempfile.mkdtemp(prefix=".probe.", dir=parent)
+                probe = tempfile.mkdtemp(prefix=PROBE_PREFIX, dir=parent)
             except OSError as error:
                 reason = error.strerror or error
                 return f"cannot write in {parent} (a trial write there failed: {reason})"
-            with contextlib.suppress(OSError):
-                os.rmdir(probe)
+            finally:  # (gone even if the script is stopped here)
+                if probe is not None:
+                    with contextlib.suppress(OSError):
+                        os.rmdir(probe)
             return None
     return None
 
@@ -379,6 +386,12 @@ class Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame) -> None:
+    # Raised where Python happens to be, it can land where exceptions are only reported (a
+    # garbage-collection callback, a __del__) and be lost: raised again every 2 s until one
+    # ends the script (which, cleaning up in milliseconds, exits long before the next).
+    if hasattr(signal, "setitimer") and signal.getsignal(signal.SIGALRM) is not _terminate:
+        signal.signal(signal.SIGALRM, _terminate)
+        signal.setitimer(signal.ITIMER_REAL, 2.0, 2.0)
     raise Terminated
 
 
@@ -394,8 +407,8 @@ def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted
     end."""
     if _while_starting is not None and signal.getsignal(signal.SIGINT) is _while_starting:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-    if _while_starting is not None:  # a script: `kill` and `timeout` end it as Ctrl-C does
-        signal.signal(signal.SIGTERM, _terminate)
+    if _while_starting is not None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate)  # a script: `kill` ends it as Ctrl-C does
     keep_compiled_programs()
     warnings.formatwarning = functools.partial(_format_warning, prog)
     streams = sys.stdout, sys.stderr

@@ -309,7 +309,7 @@ import cli
 cli.quiet_interrupts("demo.py")
 import checkpoint
 def main():
-    with checkpoint._atomic_path(Path(sys.argv[1]) / "out.json") as scratch:
+    with checkpoint.atomic_path(Path(sys.argv[1]) / "out.json") as scratch:
         scratch.write_text("half")
         print("writing", flush=True)
         time.sleep(60)
@@ -331,6 +331,32 @@ def test_a_script_stopped_while_writing_leaves_no_temporary_file(stop, status, w
     got, _, report = finish(process, timeout=60)
     assert got == status and report.endswith(f"demo.py: {word}\n"), report
     assert list(tmp_path.iterdir()) == []
+
+
+# A script that swallows the first SIGTERM, as where it lands in a garbage-collection callback.
+SWALLOWED = """
+import sys, time
+import cli
+cli.quiet_interrupts("demo.py")
+def main():
+    try:
+        print("ready", flush=True)
+        time.sleep(60)
+    except cli.Terminated:
+        print("swallowed", flush=True)
+    time.sleep(60)
+    return 0
+sys.exit(cli.run_main(main, "demo.py"))
+"""
+
+
+def test_a_sigterm_swallowed_where_it_landed_still_ends_the_script():
+    process = start_with_devices(SWALLOWED, 1)
+    assert process.stdout.readline() == "ready\n"
+    process.send_signal(signal.SIGTERM)
+    status, _, report = finish(process, timeout=30)  # raised again 2 s later
+    assert status == 143 and report.endswith("demo.py: terminated\n"), report
+    assert "swallowed" in report
 
 
 # A script whose work is done, its shutdown standing for the sleep.
