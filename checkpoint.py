@@ -218,7 +218,7 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary sibling of `path` to write to, renamed to `path` only if writing succeeds.
     A symbolic link is written through (its target is replaced, the link kept); a device, pipe
     or socket at `path` is refused before anything is written."""
@@ -260,7 +260,7 @@ def write_npz(arrays: Mapping[str, Any], path: str | os.PathLike, compressed: bo
         if problem := _float32_problem(x):
             raise ValueError(f"{path}: {name} {problem}")
     save = np.savez_compressed if compressed else np.savez
-    with _atomic_path(path) as scratch, open(scratch, "wb") as f:
+    with atomic_path(path) as scratch, open(scratch, "wb") as f:
         save(f, **stored)
 
 
@@ -278,7 +278,7 @@ def _storable(name: str, value: Any) -> np.ndarray:
 
 def write_json(data: Any, path: str | os.PathLike) -> None:
     """Writes `data` as indented JSON to `path` atomically."""
-    with _atomic_path(as_path(path)) as scratch:
+    with atomic_path(as_path(path)) as scratch:
         scratch.write_text(json.dumps(data, indent=2) + "\n")
 
 
@@ -1064,7 +1064,9 @@ def write_artifacts(
         except OSError as error:  # a full disk, say: named by the folder asked for
             if not isinstance(error.filename, str) or error.errno is None:
                 raise
-            where = error.filename.replace(str(scratch), str(directory))
+            where = error.filename  # (named through the real path of a symbolic link's target)
+            for name in (os.path.realpath(scratch), str(scratch)):
+                where = where.replace(name, str(directory))
             problem = f"{directory} not written: {error.strerror}"
             raise OSError(error.errno, problem, where) from None
         if directory.exists():

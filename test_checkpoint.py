@@ -719,16 +719,18 @@ def test_a_folder_written_onto_a_full_disk_is_named_not_its_temporary(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(np, "savez", full)
-    out = tmp_path / "out"
-    with pytest.raises(OSError) as caught:
-        checkpoint.write_artifacts(
-            out, artifacts.retrieval, artifacts.ranker, artifacts.corpus, artifacts.sequence
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to("real")
+    for out in (tmp_path / "out", tmp_path / "link" / "out"):  # (a link: the file is named
+        with pytest.raises(OSError) as caught:  # by its real path, the folder by the link's)
+            checkpoint.write_artifacts(
+                out, artifacts.retrieval, artifacts.ranker, artifacts.corpus, artifacts.sequence
+            )
+        assert str(caught.value) == (
+            f"[Errno 28] {out} not written: No space left on device: "
+            f"'{out / 'retrieval' / 'model_params.npz'}'"
         )
-    assert str(caught.value) == (
-        f"[Errno 28] {out} not written: No space left on device: "
-        f"'{out / 'retrieval' / 'model_params.npz'}'"
-    )
-    assert not any(tmp_path.iterdir())
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["link", "real"]
 
 
 def test_a_folder_that_is_not_an_artifacts_folder_is_named_as_such(tmp_path):

@@ -12,6 +12,7 @@ import re
 import types
 import warnings
 import zipfile
+from pathlib import Path
 
 import haiku as hk
 import jax
@@ -484,6 +485,7 @@ def test_what_a_killed_run_left_half_written_is_removed_by_the_next(tmp_path, ca
     (out / "..artifacts.new.q9z").mkdir()
     (out / "..artifacts.new.q9z" / "ranker").mkdir()
     (out / ".artifacts.old").mkdir()
+    (out / ".probe.x1").mkdir()  # (a folder tried for writing)
     (out / "notes.txt").write_text("mine")  # a file of the user's is not the run's to remove
     status, _, err = run_script(T.main, [*argv[:-1], "2", "--resume"], capsys)
     assert status == 2 and "holds files that are not a training run's (notes.txt)" in err, err
@@ -492,9 +494,10 @@ def test_what_a_killed_run_left_half_written_is_removed_by_the_next(tmp_path, ca
     assert status == 0, err
     assert said.startswith(
         f"removed what a run stopped while writing left in {out}: ..artifacts.new.q9z, "
-        ".artifacts.old, .eval.json.k3j2.partial, state/.ranker.npz.x8f1.partial\n"
+        ".artifacts.old, .eval.json.k3j2.partial, .probe.x1, state/.ranker.npz.x8f1.partial\n"
     ), said
-    assert not any(p.exists() for p in [*left, out / "..artifacts.new.q9z", out / ".artifacts.old"])
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    assert not any(p.name.startswith(".") for p in (out / "state").iterdir())
 
 
 def test_curves_of_a_run_shorter_than_its_evaluation_interval(tmp_path):
@@ -1079,7 +1082,9 @@ def test_the_printed_table_holds_each_figure_in_its_column():
         T.goal_checks({"ranking": {}})
 
 
-def test_export_takes_a_new_folder_or_an_artifacts_folder_and_models_of_its_world(world, tmp_path):
+def test_export_takes_a_new_folder_or_an_artifacts_folder_and_models_of_its_world(
+    world, tmp_path, monkeypatch
+):
     """Export replaces its folder whole: given a file, or a folder of other things (a home
     folder, say), it replaced it; given a world the models were not trained on, it wrote a
     folder whose corpus they could not serve."""
@@ -1119,6 +1124,30 @@ def test_export_takes_a_new_folder_or_an_artifacts_folder_and_models_of_its_worl
         T.save_demo_checkpoint(tmp_path / "demo.npz", world, models)
     with pytest.raises(TypeError, match=r"models must be .*, got a dict of \['ranker'\]"):
         T.save_demo_checkpoint(tmp_path / "demo.npz", world.config, {"ranker": models["ranker"]})
+    # A full disk: named by the folder asked for, not by the one written first; the old kept.
+    with monkeypatch.context() as patch:
+        patch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "Full")))
+        with pytest.raises(OSError) as caught:
+            T.export_artifacts(out, world, models["retrieval"], models["ranker"])
+    assert str(caught.value) == (
+        f"[Errno 28] {out} not written: Full: '{Path(out) / 'retrieval' / 'model_params.npz'}'"
+    )
+    assert load_artifacts(out).corpus.post_ids.shape == (world.num_posts,)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts", "notes.txt"]
+
+
+def test_a_plot_stopped_while_written_leaves_no_file(tmp_path, monkeypatch):
+    """matplotlib removes a half-written picture on an error, not on a Ctrl-C or SIGTERM."""
+    import matplotlib.figure
+
+    def stopped(fig, path, **kwargs):
+        Path(path).write_bytes(b"half a png")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        T.plot_curves({"ranker": [{"step": 1, "loss": 0.5}]}, tmp_path / "curves.png")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_training_helpers_refuse_arguments_of_the_wrong_kind(world, tmp_path):

@@ -59,6 +59,7 @@ from checkpoint import (
     Corpus,
     ModelArtifacts,
     as_path,
+    atomic_path,
     check_config_json,
     check_params,
     config_to_json,
@@ -1719,6 +1720,16 @@ def _check_plot(path: str | os.PathLike, what: str, value, ok: bool, expected: s
     return path
 
 
+def _save_figure(fig, path: Path) -> None:
+    """Writes the figure whole or not at all (to a temporary renamed at the end, as the run's
+    other files are), and closes it."""
+    try:
+        with atomic_path(path) as scratch:
+            fig.savefig(scratch, dpi=110, format=path.suffix[1:].lower())
+    finally:
+        _pyplot().close(fig)
+
+
 def plot_curves(logs: dict[str, list[dict]], path: str | os.PathLike) -> None:
     """Training loss (a running median, raw behind it) and the held-out figures watched while
     training, per model."""
@@ -1756,8 +1767,7 @@ def plot_curves(logs: dict[str, list[dict]], path: str | os.PathLike) -> None:
         else:  # a run shorter than the evaluation interval
             ax.text(0.5, 0.5, "no evaluation while training", ha="center", transform=ax.transAxes)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 def plot_auroc(actions: dict, path: str | os.PathLike) -> None:
@@ -1787,8 +1797,7 @@ def plot_auroc(actions: dict, path: str | os.PathLike) -> None:
     ax.set(ylim=(low, 1.0), ylabel="AUROC", title="Held-out AUROC per action: model and oracle")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 CALIBRATION_ACTIONS = ("favorite_score", "reply_score", "vqv_score", "not_interested_score")
@@ -1818,8 +1827,7 @@ def plot_calibration(predictions: dict, path: str | os.PathLike, bins: int = 10)
         ax.set(title=action, xlabel="predicted", ylabel="observed")
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1932,19 +1940,22 @@ def export_artifacts(
     sequence = world.user_sequence(*demo_request(world))
     fresh = directory.with_name(f".{directory.name}.new")
     shutil.rmtree(fresh, ignore_errors=True)
-    write_artifacts(
-        fresh,
-        retrieval,
-        ranker,
-        Corpus(
-            post_ids=corpus["post_ids"],
-            candidate_representations=vectors.astype(np.float32),
-            author_ids=corpus["author_ids"],
-            topics=np.array(world.topic_names)[corpus["topics"]],
-            creation_times=corpus["creation_times"],
-        ),
-        sequence,
+    posts = Corpus(
+        post_ids=corpus["post_ids"],
+        candidate_representations=vectors.astype(np.float32),
+        author_ids=corpus["author_ids"],
+        topics=np.array(world.topic_names)[corpus["topics"]],
+        creation_times=corpus["creation_times"],
     )
+    try:
+        write_artifacts(fresh, retrieval, ranker, posts, sequence)
+    except OSError as error:  # (a full disk) named by the folder asked for, not by `fresh`
+        if error.errno is None or not isinstance(error.filename, str):
+            raise
+        named = [
+            str(x).replace(str(fresh), str(directory)) for x in (error.strerror, error.filename)
+        ]
+        raise OSError(error.errno, *named) from None
     _replace_folder(fresh, directory)
     return directory
 
@@ -2152,7 +2163,7 @@ def interrupted_writes(out: Path) -> list[Path]:
         for p in out.iterdir()
         if temporary(p.name, RUN_OUTPUTS)
         or p.name in (".artifacts.new", ".artifacts.old")  # (export's swap, `_replace_folder`)
-        or p.name.startswith("..artifacts.new.")
+        or p.name.startswith(("..artifacts.new.", cli.PROBE_PREFIX))
     ]
     if (out / "state").is_dir():
         saved = {f"{kind}{suffix}" for kind in MODELS for suffix in (".npz", "_log.json")}
