@@ -432,6 +432,8 @@ def _run(main: Callable[[], int], prog: str, interrupted: str) -> int:
         _flush(sys.stdout, sys.stderr)  # here, where errors are handled, not at exit
         return status
     except KeyboardInterrupt as stop:
+        if isinstance(stop, Terminated) and hasattr(signal, "setitimer"):
+            signal.setitimer(signal.ITIMER_REAL, 0)  # it landed: not raised again in here
         status = 143 if isinstance(stop, Terminated) else 130  # 128 + the signal, as shells do
         said = interrupted
         if isinstance(stop, Terminated):  # (what follows the word, a hint, holds alike)
