@@ -385,10 +385,15 @@ class Terminated(KeyboardInterrupt):
     was writing is cleaned up as at a Ctrl-C."""
 
 
+_terminating = False  # a SIGTERM came (and `main`, if it returns, is not taken as done)
+
+
 def _terminate(signum, frame) -> None:
     # Raised where Python happens to be, it can land where exceptions are only reported (a
     # garbage-collection callback, a __del__) and be lost: raised again every 2 s until one
     # ends the script (which, cleaning up in milliseconds, exits long before the next).
+    global _terminating
+    _terminating = True
     if hasattr(signal, "setitimer") and signal.getsignal(signal.SIGALRM) is not _terminate:
         signal.signal(signal.SIGALRM, _terminate)
         signal.setitimer(signal.ITIMER_REAL, 2.0, 2.0)
@@ -429,6 +434,8 @@ def _run(main: Callable[[], int], prog: str, interrupted: str) -> int:
     """`run_main` with its streams in place."""
     try:
         status = main()
+        if _terminating:  # lost where it landed, and `main` went on to its end
+            raise Terminated
         _flush(sys.stdout, sys.stderr)  # here, where errors are handled, not at exit
         return status
     except KeyboardInterrupt as stop:

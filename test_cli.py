@@ -344,17 +344,20 @@ def main():
         time.sleep(60)
     except cli.Terminated:
         print("swallowed", flush=True)
-    time.sleep(60)
+    time.sleep({then})
     return 0
 sys.exit(cli.run_main(main, "demo.py"))
 """
 
 
-def test_a_sigterm_swallowed_where_it_landed_still_ends_the_script():
-    process = start_with_devices(SWALLOWED, 1)
+@pytest.mark.parametrize("then", [60, 0], ids=["working on", "returning"])
+def test_a_sigterm_swallowed_where_it_landed_still_ends_the_script(then):
+    """Raised again 2 s later while the script works on; if it returns first, it ends as
+    terminated all the same (its files are whole either way)."""
+    process = start_with_devices(SWALLOWED.format(then=then), 1)
     assert process.stdout.readline() == "ready\n"
     process.send_signal(signal.SIGTERM)
-    status, _, report = finish(process, timeout=30)  # raised again 2 s later
+    status, _, report = finish(process, timeout=30)
     assert status == 143 and report.endswith("demo.py: terminated\n"), report
     assert "swallowed" in report
 
