@@ -385,19 +385,35 @@ class Terminated(KeyboardInterrupt):
     was writing is cleaned up as at a Ctrl-C."""
 
 
-_terminating = False  # a SIGTERM came (and `main`, if it returns, is not taken as done)
+# The signal that asked a script to stop (SIGINT or SIGTERM), once one came: `main` is then
+# not taken as done, even if it returns.
+_stop_signal: int | None = None
 
 
-def _terminate(signum, frame) -> None:
-    # Raised where Python happens to be, it can land where exceptions are only reported (a
-    # garbage-collection callback, a __del__) and be lost: raised again every 2 s until one
-    # ends the script (which, cleaning up in milliseconds, exits long before the next).
-    global _terminating
-    _terminating = True
-    if hasattr(signal, "setitimer") and signal.getsignal(signal.SIGALRM) is not _terminate:
-        signal.signal(signal.SIGALRM, _terminate)
-        signal.setitimer(signal.ITIMER_REAL, 2.0, 2.0)
-    raise Terminated
+def _stop(signum: int, frame) -> None:
+    """A script's handler of Ctrl-C and SIGTERM. Raised where Python happens to be, the
+    exception can land where exceptions are only reported (JAX's garbage-collection callback,
+    a __del__) and be lost: it is then raised again at once (`_lost`), and in any case every
+    2 s until one ends the script (which, cleaning up in milliseconds, exits long before)."""
+    global _stop_signal
+    _stop_signal = signum
+    _raise_again_in(2.0)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+
+
+def _raise_again_in(seconds: float) -> None:
+    if hasattr(signal, "setitimer"):  # (not on Windows)
+        signal.signal(signal.SIGALRM, lambda signum, frame: _stop(_stop_signal, frame))
+        signal.setitimer(signal.ITIMER_REAL, seconds, 2.0)
+
+
+def _lost(unraisable) -> None:
+    """`sys.unraisablehook` of a script: a stop that landed where it could only be reported
+    is raised again, quietly; anything else is reported as Python does."""
+    if _stop_signal is not None and isinstance(unraisable.exc_value, KeyboardInterrupt):
+        _raise_again_in(0.01)
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted") -> int:
@@ -410,10 +426,12 @@ def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted
     process ends at a Ctrl-C or SIGTERM with main's status, quietly). Output piped into a
     reader that stops early (`| head`) is dropped from then on while the work goes on to its
     end."""
-    if _while_starting is not None and signal.getsignal(signal.SIGINT) is _while_starting:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if _while_starting is not None and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
-        signal.signal(signal.SIGTERM, _terminate)  # a script: `kill` ends it as Ctrl-C does
+    if _while_starting is not None:  # a script: Ctrl-C and `kill` end it, cleaning up
+        if signal.getsignal(signal.SIGINT) is _while_starting:
+            signal.signal(signal.SIGINT, _stop)
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # (one ignored stays so)
+            signal.signal(signal.SIGTERM, _stop)
+        sys.unraisablehook = _lost
     keep_compiled_programs()
     warnings.formatwarning = functools.partial(_format_warning, prog)
     streams = sys.stdout, sys.stderr
@@ -434,12 +452,12 @@ def _run(main: Callable[[], int], prog: str, interrupted: str) -> int:
     """`run_main` with its streams in place."""
     try:
         status = main()
-        if _terminating:  # lost where it landed, and `main` went on to its end
-            raise Terminated
+        if _stop_signal is not None:  # lost where it landed, and `main` went on to its end
+            raise Terminated if _stop_signal == signal.SIGTERM else KeyboardInterrupt
         _flush(sys.stdout, sys.stderr)  # here, where errors are handled, not at exit
         return status
     except KeyboardInterrupt as stop:
-        if isinstance(stop, Terminated) and hasattr(signal, "setitimer"):
+        if _stop_signal is not None and hasattr(signal, "setitimer"):
             signal.setitimer(signal.ITIMER_REAL, 0)  # it landed: not raised again in here
         status = 143 if isinstance(stop, Terminated) else 130  # 128 + the signal, as shells do
         said = interrupted

@@ -267,7 +267,7 @@ cli.quiet_interrupts("demo.py")
 print("importing", flush=True)
 if {reach_main}:
     def main():
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        assert signal.getsignal(signal.SIGINT) is cli._stop
         raise KeyboardInterrupt
     cli.run_main(main, "demo.py")
 time.sleep(60)
@@ -277,7 +277,7 @@ time.sleep(60)
 @pytest.mark.parametrize("reach_main", [False, True], ids=["importing", "in main"])
 def test_a_ctrl_c_while_a_script_imports_ends_it_quietly(reach_main):
     """Before `run_main`, a Ctrl-C (here while the script sleeps) ends it as `run_main` does,
-    not with a traceback from inside an import; `run_main` hands Ctrl-C back to Python."""
+    not with a traceback from inside an import; `run_main` takes Ctrl-C over from then on."""
     process = start_with_devices(STARTING.format(reach_main=reach_main), 1)
     assert process.stdout.readline() == "importing\n"
     if not reach_main:
@@ -348,6 +348,39 @@ def main():
     return 0
 sys.exit(cli.run_main(main, "demo.py"))
 """
+
+
+# A script stopped inside a __del__ (as inside JAX's garbage-collection callback), where an
+# exception can only be reported.
+IN_A_DEL = """
+import sys, time
+import cli
+cli.quiet_interrupts("demo.py")
+class Slow:
+    def __del__(self):
+        print("in __del__", flush=True)
+        time.sleep(60)
+def main():
+    Slow()  # collected at once: the signal lands in its __del__
+    time.sleep(60)
+    return 0
+sys.exit(cli.run_main(main, "demo.py"))
+"""
+
+
+@pytest.mark.parametrize("stop, status, word", [
+    (signal.SIGINT, 130, "interrupted"),
+    (signal.SIGTERM, 143, "terminated"),
+])  # fmt: skip
+def test_a_stop_that_lands_where_it_can_only_be_reported_is_raised_again(stop, status, word):
+    """It was reported as 'Exception ignored in ...' with a traceback, and the script went on
+    (a training run to its end, status 0)."""
+    process = start_with_devices(IN_A_DEL, 1)
+    assert process.stdout.readline() == "in __del__\n"
+    process.send_signal(stop)
+    got, _, report = finish(process, timeout=30)
+    assert got == status and report.endswith(f"demo.py: {word}\n"), report
+    assert "Exception ignored" not in report and "Traceback" not in report, report
 
 
 @pytest.mark.parametrize("then", [60, 0], ids=["working on", "returning"])
