@@ -1008,6 +1008,18 @@ def _folder_problem(retrieval: PhoenixRetrievalModelConfig, ranker: PhoenixModel
     return None
 
 
+def named_by(error: OSError, scratch: Path, path: Path, prefix: str = "") -> OSError:
+    """`error`, raised while writing under the temporary `scratch`, naming `path` instead (as
+    a symbolic link's target's real path too), its message after `prefix`; as it is if it
+    names no file."""
+    if not isinstance(error.filename, str) or error.errno is None:
+        return error
+    where, problem = error.filename, prefix + str(error.strerror)
+    for name in (os.path.realpath(scratch), str(scratch)):
+        where, problem = where.replace(name, str(path)), problem.replace(name, str(path))
+    return OSError(error.errno, problem, where)
+
+
 def write_artifacts(
     directory: str | os.PathLike,
     retrieval: ModelArtifacts,
@@ -1061,14 +1073,8 @@ def write_artifacts(
             raise type(error)(
                 f"{directory} not written: " + str(error).replace(f"{scratch}{os.sep}", "")
             ) from None
-        except OSError as error:  # a full disk, say: named by the folder asked for
-            if not isinstance(error.filename, str) or error.errno is None:
-                raise
-            where = error.filename  # (named through the real path of a symbolic link's target)
-            for name in (os.path.realpath(scratch), str(scratch)):
-                where = where.replace(name, str(directory))
-            problem = f"{directory} not written: {error.strerror}"
-            raise OSError(error.errno, problem, where) from None
+        except OSError as error:  # a full disk, say
+            raise named_by(error, scratch, directory, f"{directory} not written: ") from None
         if directory.exists():
             directory.rmdir()
         os.replace(scratch, directory)

@@ -559,11 +559,12 @@ def check_top_k(
 ) -> None:
     """Raises ValueError unless k is an integer in [1, n] and the mask, if any, is [n]."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
-        got = repr(k) if isinstance(k, numbers.Number | str) else type(k).__name__
-        if getattr(k, "ndim", 0) > 0 and hasattr(k, "dtype"):  # (a corpus in k's place?)
+        if getattr(k, "ndim", 0):  # an array (a corpus in k's place?): its shape, not its values
             got = f"an array of shape {list(k.shape)}, {k.dtype}"
-        elif hasattr(k, "dtype"):  # a 0-d array: short enough to show
+        elif isinstance(k, numbers.Number | str) or hasattr(k, "dtype"):
             got = repr(k)
+        else:
+            got = type(k).__name__
         raise ValueError(f"{k_name} must be in [1, N={n}] (an integer), got {got}")
     if corpus_mask is not None and jnp.shape(corpus_mask) != (n,):
         raise ValueError(f"corpus_mask has shape {jnp.shape(corpus_mask)}, expected [N={n}]")

@@ -65,6 +65,7 @@ from checkpoint import (
     config_to_json,
     configs_from_json,
     flatten_params,
+    named_by,
     param_shapes,
     read_npz,
     require_file,
@@ -1950,12 +1951,7 @@ def export_artifacts(
     try:
         write_artifacts(fresh, retrieval, ranker, posts, sequence)
     except OSError as error:  # (a full disk) named by the folder asked for, not by `fresh`
-        if error.errno is None or not isinstance(error.filename, str):
-            raise
-        named = [
-            str(x).replace(str(fresh), str(directory)) for x in (error.strerror, error.filename)
-        ]
-        raise OSError(error.errno, *named) from None
+        raise named_by(error, fresh, directory) from None
     _replace_folder(fresh, directory)
     return directory
 
