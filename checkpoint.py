@@ -217,6 +217,10 @@ def _umask() -> int:
     return mask
 
 
+# `atomic_path` writes `path` as `.{path.name}.<random>{PARTIAL}` beside it, then renames it.
+PARTIAL = ".partial"
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """A temporary sibling of `path` to write to, renamed to `path` only if writing succeeds.
@@ -228,7 +232,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     path = target
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+        fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL, dir=path.parent)
     except OSError as error:  # named by the file asked for, not by the temporary one
         raise OSError(error.errno, f"cannot write there: {error.strerror}", str(path)) from None
     os.close(fd)

@@ -56,6 +56,7 @@ from checkpoint import (
     DEFAULT_CORPUS_FILE,
     DEFAULT_SEQUENCE_FILE,
     LOG_TEMPERATURE,
+    PARTIAL,
     Corpus,
     ModelArtifacts,
     as_path,
@@ -1939,7 +1940,7 @@ def export_artifacts(
     params = {"model": retrieval.params, "tables": retrieval.tables}
     _, vectors = retrieval_vectors(params, retrieval.config, None, ids)
     sequence = world.user_sequence(*demo_request(world))
-    fresh = directory.with_name(f".{directory.name}.new")
+    fresh, _ = _swap_folders(directory)
     shutil.rmtree(fresh, ignore_errors=True)
     posts = Corpus(
         post_ids=corpus["post_ids"],
@@ -1956,8 +1957,14 @@ def export_artifacts(
     return directory
 
 
+def _swap_folders(directory: Path) -> tuple[Path, Path]:
+    """The hidden siblings an export of `directory` writes the new folder to and moves the old
+    one to (`write_artifacts` itself writes the new one under `.{fresh.name}.<random>`)."""
+    return tuple(directory.with_name(f".{directory.name}.{end}") for end in ("new", "old"))
+
+
 def _replace_folder(fresh: Path, directory: Path) -> None:
-    old = directory.with_name(f".{directory.name}.old")
+    _, old = _swap_folders(directory)
     shutil.rmtree(old, ignore_errors=True)
     if directory.exists():
         os.replace(directory, old)
@@ -2151,15 +2158,16 @@ def interrupted_writes(out: Path) -> list[Path]:
     if not out.is_dir():
         return []
 
-    def temporary(name: str, outputs) -> bool:
-        return any(name.startswith(f".{o}.") and name.endswith(".partial") for o in outputs)
+    def temporary(name: str, outputs) -> bool:  # what `atomic_path` writes them under
+        return any(name.startswith(f".{o}.") and name.endswith(PARTIAL) for o in outputs)
 
+    swap = [p.name for p in _swap_folders(out / "artifacts")]
     found = [
         p
         for p in out.iterdir()
         if temporary(p.name, RUN_OUTPUTS)
-        or p.name in (".artifacts.new", ".artifacts.old")  # (export's swap, `_replace_folder`)
-        or p.name.startswith(("..artifacts.new.", cli.PROBE_PREFIX))
+        or p.name in swap
+        or p.name.startswith((f".{swap[0]}.", cli.PROBE_PREFIX))
     ]
     if (out / "state").is_dir():
         saved = {f"{kind}{suffix}" for kind in MODELS for suffix in (".npz", "_log.json")}
