@@ -986,7 +986,9 @@ def with_log_temperature(params: hk.Params, value: float = 0.0) -> hk.Params:
 def check_new_folder(directory: str | os.PathLike) -> Path:
     """`directory` as a Path, if it does not exist yet or is empty; else ValueError."""
     directory = as_path(directory, "directory")
-    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory} is a file, not a folder; choose a new folder")
+    if directory.exists() and any(directory.iterdir()):
         raise ValueError(f"{directory} already exists; choose a new folder or remove it")
     return directory
 

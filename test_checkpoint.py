@@ -646,9 +646,13 @@ def test_a_request_time_without_creation_times_is_named(example_folder, tmp_path
         load_artifacts(folder)
 
 
-def test_writing_into_an_existing_folder_is_refused(example_folder):
+def test_writing_into_an_existing_folder_is_refused(example_folder, tmp_path):
     with pytest.raises(ValueError, match="already exists; choose a new folder"):
         write_example(example_folder, corpus_size=10, vocab_size=10)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="notes.txt is a file, not a folder; choose a new folder"):
+        write_example(tmp_path / "notes.txt", corpus_size=10, vocab_size=10)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(
