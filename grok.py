@@ -27,6 +27,7 @@ from typing import NamedTuple
 import haiku as hk
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Attention logits are soft-capped to +-MAX_ATTN_LOGIT before the softmax.
 MAX_ATTN_LOGIT = 30.0
@@ -130,13 +131,9 @@ class TransformerConfig:
 
     def __post_init__(self):
         for field in ("emb_size", "num_q_heads", "num_kv_heads", "num_layers"):
-            value = getattr(self, field)
-            if value is None:
+            if getattr(self, field) is None:
                 raise TypeError(f"TransformerConfig needs {field}")
-            if isinstance(value, bool) or int(value) != value or value < 1:
-                raise ValueError(
-                    f"TransformerConfig.{field} must be a positive integer, got {value!r}"
-                )
+            _check_positive_integer(field, getattr(self, field))
         if self.num_q_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_q_heads ({self.num_q_heads}) must be a multiple of "
@@ -144,11 +141,18 @@ class TransformerConfig:
             )
         if self.key_size is None:
             self.key_size = self.emb_size // self.num_q_heads
+        _check_positive_integer("key_size", self.key_size)
         if self.key_size < 2 or self.key_size % 2:
             raise ValueError(
                 f"key_size must be even and at least 2 (rotary embeddings rotate pairs), "
                 f"got {self.key_size}"
             )
+        for field in ("widening_factor", "attn_output_multiplier"):
+            value = getattr(self, field)
+            if not _is_real(value) or not math.isfinite(value):
+                raise ValueError(
+                    f"TransformerConfig.{field} must be a finite number, got {value!r}"
+                )
         if not self.widening_factor > 0:
             raise ValueError(f"widening_factor must be positive, got {self.widening_factor!r}")
 
@@ -156,6 +160,20 @@ class TransformerConfig:
         heads = (self.num_q_heads, self.num_kv_heads, self.key_size)
         multiplier = self.attn_output_multiplier
         return Transformer(*heads, self.widening_factor, multiplier, self.num_layers, self.name)
+
+
+def _is_real(value) -> bool:
+    """A Python or NumPy int or float; not a bool, a string or an array."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def _check_positive_integer(field: str, value) -> None:
+    """A count such as `num_layers`: an integer >= 1 (2.0 is refused: Haiku's shapes and range()
+    take integers only)."""
+    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"TransformerConfig.{field} must be a positive integer, got {value!r}")
 
 
 def shared_name(module: hk.Module, child: str) -> str:

@@ -207,6 +207,17 @@ def test_unused_published_arguments_are_not_stored():
         (dict(widening_factor=0), "widening_factor must be positive"),
         (dict(key_size=3), "key_size must be even"),
         (dict(num_q_heads=None), "TransformerConfig needs num_q_heads"),
+        (dict(num_layers=2.0), r"num_layers must be a positive integer, got 2\.0"),
+        (dict(num_q_heads="2"), "num_q_heads must be a positive integer, got '2'"),
+        (dict(num_layers=float("inf")), "num_layers must be a positive integer, got inf"),
+        (dict(key_size=4.0), r"key_size must be a positive integer, got 4\.0"),
+        (dict(num_kv_heads=True), "num_kv_heads must be a positive integer, got True"),
+        (
+            dict(attn_output_multiplier=float("nan")),
+            "attn_output_multiplier must be a finite number, got nan",
+        ),
+        (dict(attn_output_multiplier="x"), "attn_output_multiplier must be a finite number"),
+        (dict(widening_factor=float("inf")), "widening_factor must be a finite number, got inf"),
     ],
 )
 def test_transformer_config_refuses_what_cannot_be_built(kwargs, message):
