@@ -690,7 +690,7 @@ def test_training_that_would_not_fit_in_memory_is_refused_before_it_starts(world
     rows = 161 + 3201 + 97
     for kind, d, more in (("ranker", 128, 0), ("retrieval", 64, 5 * 27 * 400)):
         job = T.make_job(kind, world, QUICK)
-        assert T.training_bytes(kind, job.hashing, job.config, world) == 6 * 4 * d * rows + more
+        assert T.training_bytes(kind, job.hashing, job.config, world) == 12 * 4 * d * rows + more
     monkeypatch.setattr(runners, "ALWAYS_FITS", 0)
     monkeypatch.setattr(runners, "available_memory", lambda: 2**20)
     with pytest.raises(ValueError, match=r"training the ranker on this world would need about"):
@@ -786,6 +786,9 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     )
     assert "--steps: expected an integer >= 1" in refused(
         [*RANKER_ONLY, "--out", "x", "--steps", "0"]
+    )
+    assert "--out: expected a file or folder name, got an empty one" in refused(
+        [*RANKER_ONLY, "--out", ""]
     )
     assert "--learning-rate: expected a finite number > 0, got nan" in refused(
         [*RANKER_ONLY, "--out", "x", "--learning-rate", "nan"]
