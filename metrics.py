@@ -40,9 +40,12 @@ def _array(value, name: str) -> np.ndarray:
     if isinstance(value, np.ma.MaskedArray):
         raise ValueError(f"{name} is a masked array; pass the kept elements (x.compressed())")
     try:
-        return np.asarray(value)
+        array = np.asarray(value)
     except ValueError as error:  # ragged nesting
         raise ValueError(f"{name} is not an array of numbers ({error})") from None
+    if array.dtype.hasobject:  # None, or lists holding something other than numbers
+        raise ValueError(f"{name} is not an array of numbers (got {type(value).__name__})")
+    return array
 
 
 def _real_dtype(dtype: np.dtype) -> bool:

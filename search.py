@@ -117,6 +117,11 @@ def top_k_search(
       The kernel was tuned and measured on an AVX-512 CPU; elsewhere pass method="xla" if it
       is faster (`benchmark.py` compares the two).
     `threads` (native only) caps the kernel's threads; 0 = one per core.
+
+    The queries are checked for NaN and infinity; the corpus is not (a check would read it
+    once more, as much as the search itself): a corpus kept for many searches is checked once
+    by `validate_corpus`, as the retrieval runner's `set_corpus` does. Unchecked, a row holding
+    NaN scores NaN, which `lax.top_k` and the kernel both rank first.
     """
     if method not in SEARCH_METHODS:
         raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
@@ -132,10 +137,10 @@ def top_k_search(
     row = first_non_finite_row(queries)  # a read of [B, D]; the corpus is checked once, by
     if row is not None:  # `validate_corpus`, where it is kept
         raise ValueError(f"queries row {row} holds NaN or infinity; expected finite values")
-    if block_size is not None and (int(block_size) != block_size or block_size < 1):
-        raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size}")
-    if int(threads) != threads or threads < 0:
-        raise ValueError(f"threads must be an integer >= 0 (0: one per core), got {threads}")
+    if block_size is not None and not (is_count(block_size) and block_size >= 1):
+        raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
+    if not (is_count(threads) and threads >= 0):
+        raise ValueError(f"threads must be an integer >= 0 (0: one per core), got {threads!r}")
     if method == "native" and jnp.dtype(corpus.dtype) not in NATIVE_DTYPES:
         raise ValueError(
             f'method="native" needs a float32 or bfloat16 corpus, got {jnp.dtype(corpus.dtype)}'
@@ -554,11 +559,16 @@ def first_non_finite_row(x) -> int | None:
     return int(np.argmax(bad)) if bad.any() else None
 
 
+def is_count(value) -> bool:
+    """Whether `value` is an integer (Python's or NumPy's), not a bool, a float or a string."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
 def check_top_k(
     n: int, k: int, corpus_mask: jax.Array | None = None, k_name: str = "top_k"
 ) -> None:
     """Raises ValueError unless k is an integer in [1, n] and the mask, if any, is [n]."""
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= n:
+    if not is_count(k) or not 1 <= k <= n:
         if getattr(k, "ndim", 0):  # an array (a corpus in k's place?): its shape, not its values
             got = f"an array of shape {list(k.shape)}, {k.dtype}"
         elif isinstance(k, numbers.Number | str) or hasattr(k, "dtype"):

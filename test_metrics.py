@@ -280,6 +280,8 @@ RANKING_CASES = [
     (auroc, ([1, 0], np.ma.masked_array([0.9, 0.1], mask=[0, 1])), "scores is a masked array"),
     (auroc, ([[1, 0], [1]], [0.5, 0.5]), "labels is not an array of numbers"),
     (recall_at_k, ([[1, 2], [3]], TARGETS[:2], 1), "ranked is not an array of numbers"),
+    (auroc, (None, [0.5]), r"labels is not an array of numbers \(got NoneType\)"),
+    (recall_at_k, (RANKED, [None, 1, 2], 1), r"targets is not an array of numbers \(got list\)"),
     pytest.param(
         auroc, ([1, 0], np.longdouble(1) + [np.longdouble(2) ** -60, 0]),  # distinct in float128
         "scores is float128, wider",

@@ -242,10 +242,12 @@ def test_bad_method_k_and_shapes_are_refused():
         top_k_search(queries, corpus, corpus)
     with pytest.raises(ValueError, match="corpus must be floating, got int32"):
         top_k_search(queries, corpus.astype(np.int32), 3)
-    with pytest.raises(ValueError, match="block_size must be"):
-        top_k_search(queries, corpus, 3, block_size=0)
-    with pytest.raises(ValueError, match="threads must be"):
-        top_k_search(queries, corpus, 3, threads=-1)
+    for block_size in (0, 2.0, "a"):
+        with pytest.raises(ValueError, match=f"block_size must be .*, got {block_size!r}$"):
+            top_k_search(queries, corpus, 3, block_size=block_size)
+    for threads in (-1, "a", True):
+        with pytest.raises(ValueError, match=f"threads must be .*, got {threads!r}$"):
+            top_k_search(queries, corpus, 3, threads=threads)
     for search in (top_k_search, sharded_top_k_search):  # a list has no shape: refused by name
         with pytest.raises(TypeError, match="queries must be an array .*, got list"):
             search(queries.tolist(), corpus, 3)
