@@ -59,6 +59,11 @@ def test_hashing_round_trips_through_config_json_and_refuses_bad_ids():
     assert hashing.hash_config == HashConfig(2, 3, 1)
     with pytest.raises(TypeError, match="ids must be integers, got float64"):
         hashing.item(np.array([1.5]))
+    with pytest.raises(ValueError, match=r"ids must be >= 0 \(0 is padding\), got -5"):
+        hashing.user(np.array([[3, -5]]))
+    with pytest.raises(ValueError, match=f"ids must fit int64 .*, got {2**64 - 1}"):
+        hashing.author(np.array([2**64 - 1], np.uint64))  # would wrap to -1
+    assert hashing.item(np.zeros((2, 0), np.int64)).shape == (2, 0, 3)
     with pytest.raises(ValueError, match="must be non-empty and of equal length"):
         EntityHash((1, 2), (3,), 11, 7)
     with pytest.raises(ValueError, match="and vocab_size 10.5 must be integers"):
