@@ -30,6 +30,11 @@ class ArgumentParser(argparse.ArgumentParser):
     """An argument parser whose errors are one line: `prog: error: message`, and whose long
     flags may be spelled with `_` or `-` alike (the published flags use `_`, ours `-`)."""
 
+    def __init__(self, *args, **kwargs):
+        # A prefix of a flag is not taken for the flag (`--rand` for `--random-weights`): a
+        # misspelt flag is refused by name rather than read as another.
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
@@ -115,6 +120,19 @@ def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+def path_arg(text: str) -> str:
+    """argparse type of a file or folder name: any text but the empty one, which every file
+    function would read as the current folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file or folder name, got an empty one")
+    return text
+
+
+def path_type(text: str) -> Path:
+    """`path_arg`, as a Path."""
+    return Path(path_arg(text))
+
+
 positive_int = _int_at_least(1)  # argparse type: an integer >= 1
 non_negative_int = _int_at_least(0)  # argparse type: an integer >= 0
 # The demos' timed runs: enough for a median, not a run that never ends.
@@ -182,7 +200,7 @@ def add_trained_demo_flags(parser: ArgumentParser, checkpoint: str, what: str) -
     parser.add_argument(
         "--random-weights", action="store_true", help=f"random weights and {what} (no training)"
     )
-    parser.add_argument("--checkpoint", default=checkpoint, help="the trained model")
+    parser.add_argument("--checkpoint", type=path_arg, default=checkpoint, help="the trained model")
     parser.add_argument(
         "--user",
         type=positive_int,

@@ -46,19 +46,28 @@ EXAMPLE_FLAGS = ("seed", "corpus_size", "vocab_size")
 def parse_args(argv: list[str] | None = None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--artifacts_dir", default="./artifacts", help="the artifacts folder (./artifacts)"
+        "--artifacts_dir",
+        type=cli.path_arg,
+        default="./artifacts",
+        help="the artifacts folder (./artifacts)",
     )
     parser.add_argument(
-        "--sequence_file", help="a user sequence .json (<artifacts_dir>/example_sequence.json)"
+        "--sequence_file",
+        type=cli.path_arg,
+        help="a user sequence .json (<artifacts_dir>/example_sequence.json)",
     )
-    parser.add_argument("--corpus_file", help="a corpus .npz (<artifacts_dir>/sports_corpus.npz)")
+    parser.add_argument(
+        "--corpus_file", type=cli.path_arg, help="a corpus .npz (<artifacts_dir>/sports_corpus.npz)"
+    )
     parser.add_argument(
         "--top_k_retrieval", type=positive_int, default=200, help="posts retrieved and ranked (200)"
     )
     parser.add_argument(
         "--top_k_display", type=positive_int, default=30, help="posts shown, the best ranked (30)"
     )
-    parser.add_argument("--output-json", type=Path, help="also write the ranked posts, every score")
+    parser.add_argument(
+        "--output-json", type=cli.path_type, help="also write the ranked posts, every score"
+    )
     parser.add_argument(
         "--dtype",
         choices=("bfloat16", "float32"),
@@ -66,7 +75,9 @@ def parse_args(argv: list[str] | None = None):
         help="compute dtype of both models (bfloat16, as the published pipeline)",
     )
     example = parser.add_argument_group("an example folder (written, then the script exits)")
-    example.add_argument("--write-example", type=Path, metavar="DIR", help="write it to DIR")
+    example.add_argument(
+        "--write-example", type=cli.path_type, metavar="DIR", help="write it to DIR"
+    )
     example.add_argument("--seed", type=seed_int, default=0, help="of weights and data (0)")
     example.add_argument("--corpus-size", type=positive_int, default=10_000, help="posts (10,000)")
     example.add_argument(

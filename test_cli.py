@@ -101,6 +101,8 @@ RANDOM = "--random-weights"
             ["--seed", "1", "--candidates", "3"],
             "--seed, --candidates: only with --random-weights",
         ),
+        (run_ranker.main, ["--rand"], "unrecognized arguments: --rand$"),  # not a prefix
+        (run_ranker.main, ["--checkpoint", ""], "--checkpoint: expected a file or folder name"),
     ],
 )
 def test_scripts_refuse_bad_flags_in_one_line(main, argv, message, capsys):

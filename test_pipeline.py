@@ -312,6 +312,8 @@ def test_the_command_line_writes_an_example_and_serves_it(tmp_path, capsys):
     [
         (["--artifacts_dir", "/nonexistent/folder"], "/nonexistent/folder: no such folder"),
         (["--top_k_display", "0"], "expected an integer >= 1, got 0"),
+        (["--output-json", ""], "--output-json: expected a file or folder name, got an empty"),
+        (["--artifacts_dir="], "--artifacts_dir: expected a file or folder name"),
         (["--write-example", "EXISTING"], "already exists; choose a new folder"),
         (["--output-json", "EXISTING"], "is a folder, not a file name"),
         (["--output-json", "A_FILE/feed.json"], "something is a file, not a folder"),
