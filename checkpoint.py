@@ -168,6 +168,8 @@ def _check_number_type(path: Path, info: zipfile.ZipInfo, dtype: np.dtype) -> No
 def as_path(value: Any, name: str = "path") -> Path:
     """`value` as a Path, or TypeError naming `name` unless it is a str or os.PathLike."""
     require_kind(value, str | os.PathLike, name, " (a file or folder name)")
+    if not os.fspath(value):  # Path("") is the current folder
+        raise ValueError(f"{name} is empty; expected a file or folder name")
     return Path(value)
 
 
@@ -230,7 +232,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
     if target.exists() and not target.is_file():
         raise ValueError(f"{path} is not a file (a folder, device, pipe or socket); choose a file")
     path = target
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # a file where a folder should be
+        file = next(parent for parent in path.parents if parent.exists())
+        raise NotADirectoryError(f"{path}: {file} is a file, not a folder") from None
     try:
         fd, scratch = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL, dir=path.parent)
     except OSError as error:  # named by the file asked for, not by the temporary one
@@ -259,18 +265,28 @@ def write_npz(arrays: Mapping[str, Any], path: str | os.PathLike, compressed: bo
     float64 beyond float32's range (ValueError naming the file and the array)."""
     require_kind(arrays, Mapping, "arrays", " of arrays by name")
     path = as_path(path)
+    for name in arrays:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{path}: array names must be non-empty strings, got {name!r}")
     stored = {name: _storable(name, value) for name, value in arrays.items()}
     for name, x in stored.items():
         if problem := _float32_problem(x):
             raise ValueError(f"{path}: {name} {problem}")
-    save = np.savez_compressed if compressed else np.savez
-    with atomic_path(path) as scratch, open(scratch, "wb") as f:
-        save(f, **stored)
+    # The layout of np.savez, written here because np.savez takes the names as keywords beside
+    # its own (an array named "allow_pickle" was dropped without a word).
+    compression = zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED
+    with atomic_path(path) as scratch, zipfile.ZipFile(scratch, "w", compression) as archive:
+        for name, x in stored.items():
+            with archive.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, x, allow_pickle=False)
 
 
 def _storable(name: str, value: Any) -> np.ndarray:
     """`value` as an array npz holds as it is (see `write_npz`)."""
-    x = np.asarray(value)
+    try:
+        x = np.asarray(value)
+    except ValueError as error:  # nested lists of unequal lengths
+        raise ValueError(f"{name} is not an array ({error})") from None
     if x.dtype.kind == "V" and jnp.issubdtype(x.dtype, jnp.floating):
         return x.astype(np.float32)
     if x.dtype.kind == "V" and jnp.issubdtype(x.dtype, jnp.integer):
@@ -809,7 +825,9 @@ def _load_model(
 def load_corpus(path: str | os.PathLike, emb_size: int) -> Corpus:
     """A corpus file, memory-mapped and checked (matching lengths, width D, distinct positive
     integer ids)."""
-    path = Path(path)
+    path = as_path(path)
+    if not is_integer(emb_size) or emb_size < 1:
+        raise ValueError(f"emb_size must be an integer >= 1, got {emb_size!r}")
     arrays = read_npz(path)
     for key in ("post_ids", "candidate_representations", "author_ids"):
         if key not in arrays:

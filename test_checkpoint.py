@@ -198,7 +198,7 @@ def test_an_interrupted_save_leaves_no_file(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(np, "savez", crash)
+    monkeypatch.setattr(np.lib.format, "write_array", crash)
     with pytest.raises(KeyboardInterrupt):
         write_npz({"a": np.ones(3)}, path)
     assert path.read_bytes() == before  # the old file untouched
@@ -218,6 +218,19 @@ def test_a_link_is_written_through_and_a_pipe_is_refused(tmp_path):
         write_npz({"a": np.ones(3)}, tmp_path / "pipe")
     assert stat.S_ISFIFO(os.stat(tmp_path / "pipe").st_mode)
     assert sorted(os.listdir(tmp_path)) == ["link.npz", "pipe", "target.npz"]
+
+
+def test_any_name_is_stored_even_those_of_np_savez_arguments(tmp_path):
+    """np.savez takes the names as keywords beside its own `file` and `allow_pickle`."""
+    arrays = {"allow_pickle": np.ones(2, np.float32), "file": np.arange(3), "m/w": np.zeros(1)}
+    write_npz(arrays, tmp_path / "a.npz")
+    loaded = read_npz(tmp_path / "a.npz")
+    assert sorted(loaded) == sorted(arrays)
+    for name, x in arrays.items():
+        np.testing.assert_array_equal(loaded[name], x)
+    (tmp_path / "f").write_text("")
+    with pytest.raises(NotADirectoryError, match=r"f/b/a\.npz: .*/f is a file, not a folder$"):
+        write_npz(arrays, tmp_path / "f" / "b" / "a.npz")
 
 
 def test_what_is_not_a_regular_file_is_named_so(tmp_path):
@@ -294,7 +307,7 @@ def test_a_full_disk_names_the_file_it_was_writing(tmp_path, monkeypatch):
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")  # as a write() says it, naming nothing
 
-    monkeypatch.setattr(np, "savez", full)
+    monkeypatch.setattr(np.lib.format, "write_array", full)
     path = tmp_path / "model_params.npz"
     with pytest.raises(OSError, match=f"No space left on device: '{path}'"):
         write_npz({"a": np.ones(3)}, path)
@@ -722,7 +735,7 @@ def test_a_folder_written_onto_a_full_disk_is_named_not_its_temporary(
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(np, "savez", full)
+    monkeypatch.setattr(np.lib.format, "write_array", full)
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to("real")
     for out in (tmp_path / "out", tmp_path / "link" / "out"):  # (a link: the file is named
@@ -797,6 +810,14 @@ def test_a_checkpoint_of_the_other_release_names_the_config_that_takes_it(tmp_pa
         (lambda: checkpoint.write_npz({}, 3), TypeError, "path must be a str or PathLike"),
         (lambda: checkpoint.write_npz(None, "x.npz"), TypeError,
          "arrays must be a dict of arrays by name, got NoneType"),
+        (lambda: checkpoint.write_npz({3: np.ones(2)}, "x.npz"), TypeError,
+         "x.npz: array names must be non-empty strings, got 3"),
+        (lambda: checkpoint.write_npz({"r": [[1, 2], [3]]}, "x.npz"), ValueError,
+         "r is not an array"),
+        (lambda: checkpoint.read_npz(""), ValueError, "path is empty; expected a file or folder"),
+        (lambda: checkpoint.load_corpus(None, 8), TypeError, "path must be a str or PathLike"),
+        (lambda: checkpoint.load_corpus("c.npz", "8"), ValueError,
+         "emb_size must be an integer >= 1, got '8'"),
     ],
 )  # fmt: skip
 def test_functions_of_the_layout_refuse_arguments_of_the_wrong_kind(call, error, message):

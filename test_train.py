@@ -1129,7 +1129,9 @@ def test_export_takes_a_new_folder_or_an_artifacts_folder_and_models_of_its_worl
         T.save_demo_checkpoint(tmp_path / "demo.npz", world.config, {"ranker": models["ranker"]})
     # A full disk: named by the folder asked for, not by the one written first; the old kept.
     with monkeypatch.context() as patch:
-        patch.setattr(np, "savez", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "Full")))
+        patch.setattr(
+            np.lib.format, "write_array", lambda *a, **k: (_ for _ in ()).throw(OSError(28, "Full"))
+        )
         with pytest.raises(OSError) as caught:
             T.export_artifacts(out, world, models["retrieval"], models["ranker"])
     assert str(caught.value) == (
