@@ -407,13 +407,14 @@ def _at_hand(x) -> bool:
 
 def _summary(kind: str, x, xp) -> tuple:
     """What the value checks need of a field, in numpy or jax.numpy (`xp`): the range of ids,
-    whether actions are all 0 or 1, the sum of embeddings (finite iff every entry is, unless it
-    overflows, which `_check_values` double-checks)."""
+    whether actions are all 0 or 1, the float32 sum of the embeddings' squares (finite iff
+    every entry is finite and the norms, which square them, cannot overflow)."""
     if kind == "ids":
         return xp.min(x), xp.max(x)
     if kind == "actions":
         return (xp.all((x == 0) | (x == 1)),)
-    return (xp.sum(x, dtype=xp.float32),)
+    x = xp.asarray(x, xp.float32)
+    return (xp.sum(x * x),)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -451,8 +452,9 @@ def _check_values(fields: list[tuple[str, str, Any, int | None]]) -> None:
             with np.errstate(over="ignore"):
                 _raise_at(name, x, ~np.isfinite(x.astype(np.float32)), "finite float32 values")
             raise ValueError(
-                f"{name} holds values too large to compute with in float32 (their float32 sum "
-                f"overflows; the largest magnitude is {np.max(np.abs(x))})"
+                f"{name} holds values too large to compute with in float32 (the sum of their "
+                f"squares, which the model's norms take, overflows; the largest magnitude is "
+                f"{np.max(np.abs(x)):.3g})"
             )
 
 

@@ -405,6 +405,13 @@ BAD_INPUTS = [
         lambda x: x.astype(np.float64) * 1e300,
         r"holds -?[0-9.]+e\+[0-9]+ at \[0, 0, 0\]; expected finite float32",
     ),
+    # Finite, but the norms' squares overflow: every probability came out 0.5.
+    (
+        "candidate_post_embeddings",
+        _set(1e20),
+        r"too large to compute with in float32 \(the sum of their squares, which the model's "
+        r"norms take, overflows; the largest magnitude is 1e\+20\)",
+    ),
 ]
 
 
