@@ -613,6 +613,17 @@ def test_a_quick_run_writes_what_it_promises(tmp_path, capsys):
     cut_message = r"its ranker's user_embeddings is \[160, 128\], its hashing asks for \[161, 128\]"
     with pytest.raises(ValueError, match=cut_message):
         T.load_demo_checkpoint(tmp_path / "big.npz")
+    for edited, message in (  # a KeyError from inside; integers cast to floats without a word
+        ({k: v for k, v in cut.items() if k != "ranker/tables/item_embeddings"},
+         "the ranker's tables lack item_embeddings"),
+        ({**cut, "retrieval/tables/topic_embeddings": np.ones((2, 2), np.float32)},
+         "the retrieval's tables hold topic_embeddings, which no model reads"),
+        ({**cut, "ranker/tables/user_embeddings": np.ones((2, 2), np.int32)},
+         "ranker/tables/user_embeddings is int32, expected floats"),
+    ):  # fmt: skip
+        write_npz(edited, tmp_path / "big.npz")
+        with pytest.raises(ValueError, match="big.npz: " + message):
+            T.load_demo_checkpoint(tmp_path / "big.npz")
     arrays = read_npz(tmp_path / "big.npz")
     meta = json.loads(str(arrays["meta"]))
     meta["configs"]["ranker"] = {}
@@ -863,11 +874,16 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("weight_decay", math.nan, "weight_decay must be a finite number, got nan"),
+        ("weight_decay", math.nan, "weight_decay must be a finite number in float32's range, got"),
+        (
+            "table_scale",
+            1e300,
+            r"table_scale must be a finite number in float32's range, got 1e\+300",
+        ),
         ("weight_decay", -1.0, "weight_decay must be >= 0, got -1.0"),
         ("final_learning_rate_fraction", 5.0, r"final_learning_rate_fraction must be in \[0, 1\]"),
         ("dwell_norm_seconds", 0.0, "dwell_norm_seconds must be > 0, got 0.0"),
-        ("dwell_loss_weight", "1", "dwell_loss_weight must be a finite number, got '1'"),
+        ("dwell_loss_weight", "1", "dwell_loss_weight must be a finite number .*, got '1'"),
         ("dwell_loss", "foo", r"dwell_loss must be one of \('mae', 'mse'"),
         ("negatives", 10.5, "negatives must be an integer >= 0, got 10.5"),
         ("batch_size", True, "batch_size must be an integer >= 1, got True"),
@@ -880,6 +896,25 @@ def test_training_settings_are_refused_by_name_before_any_work(world, field, val
     from deep inside the step."""
     with pytest.raises(ValueError, match=message):
         T.make_job("ranker", world, dataclasses.replace(QUICK, **{field: value}))
+
+
+def test_fit_checks_a_job_made_not_to_train(world, tmp_path):
+    """A job only read back (to_train=False) is not checked when made; training it ended in a
+    KeyError (an unknown table optimiser) or an error from optax (warmup beyond decay)."""
+    for field, value, message in (
+        ("table_optimizer", "bogus", "table_optimizer must be one of"),
+        ("warmup_steps", 100, r"decay_steps \(30\) must exceed warmup_steps \(100\)"),
+    ):
+        train = dataclasses.replace(QUICK, **{field: value})
+        job = T.make_job("ranker", world, train, to_train=False)
+        with pytest.raises(ValueError, match=message):
+            T.fit(job, tmp_path / "state", quiet=True)
+    job = T.make_job("ranker", world, QUICK)
+    with pytest.raises(TypeError, match="quiet must be True or False, got 'no'"):
+        T.fit(job, tmp_path / "state", quiet="no")
+    with pytest.raises(TypeError, match="to_train must be True or False, got 'no'"):
+        T.make_job("ranker", world, QUICK, to_train="no")
+    assert not (tmp_path / "state").exists()
 
 
 def test_numpy_numbers_in_configs_are_kept_as_python_numbers():

@@ -1072,6 +1072,8 @@ def make_job(
     (`to_train` False: a model only read back, whose training settings are not checked)."""
     if kind not in MODELS:
         raise ValueError(f"kind must be one of {MODELS}, got {kind!r}")
+    if not isinstance(to_train, bool | np.bool_):
+        raise TypeError(f"to_train must be True or False, got {to_train!r}")
     if not isinstance(world, world_lib.World):
         raise TypeError(f"world must be a World (world.build_world), got {_kind_of(world)}")
     if not isinstance(train, TrainConfig):
@@ -1120,15 +1122,24 @@ def make_job(
         raise ValueError(
             f"the world holds no held-out {what}; training the {kind} evaluates on them"
         )
+    job = Job(kind, config, hashing, train_data, eval_data, loss, world, train, log_q)
     if to_train:
-        if train.batch_size > len(train_data["user_hashes"]):
-            raise ValueError(
-                f"batch_size ({train.batch_size}) exceeds the {len(train_data['user_hashes'])} "
-                f"{kind} training examples of the world"
-            )
-        needed = training_bytes(kind, hashing, config, world)
-        check_memory(needed, f"training the {kind} on this world")
-    return Job(kind, config, hashing, train_data, eval_data, loss, world, train, log_q)
+        check_trainable(job)
+    return job
+
+
+def check_trainable(job: Job) -> None:
+    """Refuses a job whose training settings do not fit its world, whose batch is larger than
+    its training set, or whose training would plainly not fit in memory."""
+    check_train_config(job.train, job.world, job.kind)
+    examples = len(job.train_data["user_hashes"])
+    if job.train.batch_size > examples:
+        raise ValueError(
+            f"batch_size ({job.train.batch_size}) exceeds the {examples} {job.kind} training "
+            "examples of the world"
+        )
+    needed = training_bytes(job.kind, job.hashing, job.config, job.world)
+    check_memory(needed, f"training the {job.kind} on this world")
 
 
 def training_bytes(kind: str, hashing: Hashing, config, world: world_lib.World) -> float:
@@ -1145,6 +1156,9 @@ def training_bytes(kind: str, hashing: Hashing, config, world: world_lib.World) 
     return needed
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the steps compute in float32
+
+
 def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) -> None:
     """Refuses, naming the field, a training config that cannot run on this world."""
     positive = (
@@ -1152,8 +1166,8 @@ def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) ->
     )  # fmt: skip
     for name in (*positive, "weight_decay", "dwell_loss_weight", "final_learning_rate_fraction"):
         value = getattr(train, name)
-        if not is_number(value) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if not is_number(value) or not abs(value) <= FLOAT32_MAX:  # NaN, inf, or inf in float32
+            raise ValueError(f"{name} must be a finite number in float32's range, got {value!r}")
         if (value <= 0) if name in positive else (value < 0):
             raise ValueError(f"{name} must be {'> 0' if name in positive else '>= 0'}, got {value}")
     if train.final_learning_rate_fraction > 1:
@@ -1219,8 +1233,10 @@ def fit(
         isinstance(start, tuple) and len(start) == 2 and isinstance(start[0], TrainState)
     ):
         raise TypeError(f"start must be (state, log) as load_progress gives, got {_kind_of(start)}")
-    if not isinstance(resume, bool | np.bool_):  # "no" would read as true
-        raise TypeError(f"resume must be True or False, got {resume!r}")
+    for name, value in (("resume", resume), ("quiet", quiet)):  # "no" would read as true
+        if not isinstance(value, bool | np.bool_):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+    check_trainable(job)  # again: a job made with to_train=False was not checked
     check_batch_split(train, mesh)
     resume = resume or start is not None
     if not resume and (state_dir / f"{job.kind}.npz").exists():
@@ -2013,6 +2029,16 @@ def _half(value) -> np.ndarray:
     return value.astype(np.float16) if fits else value
 
 
+def _table_names_problem(tables: dict) -> str | None:
+    """What is missing from or foreign to a model's tables, in words, or None."""
+    names = list(TABLE_NAMES.values())
+    if missing := [name for name in names if name not in tables]:
+        return f"lack {', '.join(missing)}"
+    if foreign := sorted(set(tables) - set(names)):
+        return f"hold {', '.join(foreign)}, which no model reads (expected {', '.join(names)})"
+    return None
+
+
 def load_demo_checkpoint(
     path: str | os.PathLike = DEMO_CHECKPOINT,
 ) -> tuple[world_lib.WorldConfig, dict[str, ModelArtifacts]]:
@@ -2037,7 +2063,13 @@ def load_demo_checkpoint(
     models = {}
     parts: dict[str, dict] = {kind: {"params": {}, "tables": {}} for kind in MODELS}
     for (kind, part, name), value in zip(keys, arrays.values(), strict=True):
+        if value.dtype.kind != "f":
+            raise ValueError(f"{path}: {kind}/{part}/{name} is {value.dtype}, expected floats")
         parts[kind][part][name] = np.asarray(value, np.float32)
+    for kind in MODELS:
+        tables = parts[kind]["tables"]
+        if problem := _table_names_problem(tables):
+            raise ValueError(f"{path}: the {kind}'s tables {problem}")
     ranker_params = unflatten_params(parts["ranker"]["params"])
     configs = dict(
         zip(
