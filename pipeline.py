@@ -33,13 +33,16 @@ import numpy as np
 
 import runners
 from checkpoint import (
-    FLOAT32_MAX,
     Artifacts,
     Corpus,
     ModelArtifacts,
     SequenceFile,
+    check_sequence_object,
     check_new_folder,
+    history_post_ids,
     param_shapes,
+    read_history,
+    read_request_time,
     warn_unknown_sequence_keys,
     write_artifacts,
 )
@@ -51,7 +54,6 @@ from recsys_model import (
     PhoenixModelConfig,
     denormalize_continuous_value,
     is_integer,
-    is_number,
     require_kind,
 )
 from recsys_retrieval_model import PhoenixRetrievalModelConfig
@@ -119,96 +121,6 @@ class Feed:
     not_served: int  # posts of the corpus the request could not be served (`_unservable`)
 
 
-def _check_sequence(sequence: Any) -> None:
-    if not isinstance(sequence, Mapping):
-        raise TypeError(
-            'sequence must be an object with "user_id" and "history", got '
-            f"{type(sequence).__name__}"
-        )
-
-
-def _positive_int(value: Any, what: str) -> int:
-    """An id of a sequence: a positive integer that int64 holds (X's ids are)."""
-    if not (is_integer(value) and 1 <= value < 2**63):
-        raise ValueError(f"{what} must be a positive integer id below 2**63, got {value!r}")
-    return value
-
-
-def read_history(
-    sequence: Mapping[str, Any], history_len: int, num_actions: int
-) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    """(user id, post ids [S], author ids [S], actions [S, A], dwell seconds [S] or None) of
-    the first `history_len` items of a sequence, left-aligned and padded with 0.
-
-    Action values must be 0 or 1 and indices in [0, num_actions); a history item may also
-    carry "dwell_time" (seconds), which the second release's ranker reads.
-    """
-    _check_sequence(sequence)
-    user_id = _positive_int(sequence.get("user_id"), "user_id")
-    posts, authors = np.zeros(history_len, np.int64), np.zeros(history_len, np.int64)
-    ids = history_post_ids(sequence, history_len)  # checks that each item is an object
-    posts[: len(ids)] = ids
-    actions = np.zeros((history_len, num_actions), np.float32)
-    dwell = np.zeros(history_len, np.float32)
-    history = sequence["history"]
-    for i, item in enumerate(history[:history_len]):
-        authors[i] = _positive_int(item.get("author_id"), f"history item {i}: author_id")
-        item_actions = item.get("actions", {})
-        if not isinstance(item_actions, dict):
-            raise ValueError(
-                f"history item {i}: actions must be an object of action index to 0 or 1, got "
-                f"{item_actions!r}"
-            )
-        for key, value in item_actions.items():
-            text = str(key)
-            if not (text.isascii() and text.isdigit()) or int(text) >= num_actions:
-                raise ValueError(
-                    f"history item {i}: action index {key!r} is not one of the ranker's "
-                    f"{num_actions} actions"
-                )
-            if value not in (0, 1):
-                raise ValueError(f"history item {i}: action {key} is {value!r}, expected 0 or 1")
-            actions[i, int(key)] = value
-        seconds = item.get("dwell_time", 0.0)
-        if not (is_number(seconds) and 0 <= seconds <= FLOAT32_MAX):
-            raise ValueError(
-                f"history item {i}: dwell_time must be a finite number of seconds >= 0, got "
-                f"{seconds!r}"
-            )
-        dwell[i] = seconds
-    has_dwell = any("dwell_time" in item for item in history[:history_len])
-    return user_id, posts, authors, actions, (dwell if has_dwell else None)
-
-
-def history_post_ids(sequence: Mapping[str, Any], count: int | None = None) -> np.ndarray:
-    """[H] int64: the post ids of the first `count` items of a sequence's history, or of every
-    item (what a request with a time is not served again), each item checked to be an object
-    with a positive integer post id."""
-    _check_sequence(sequence)
-    history = sequence.get("history")
-    if not isinstance(history, list):
-        raise ValueError(f'"history" must be a list of items, got {type(history).__name__}')
-    items = history[:count]
-    ids = np.zeros(len(items), np.int64)
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise ValueError(f"history item {i} must be an object, got {item!r}")
-        ids[i] = _positive_int(item.get("post_id"), f"history item {i}: post_id")
-    return ids
-
-
-def read_request_time(sequence: Mapping[str, Any]) -> int | None:
-    """The sequence's "request_time" (unix seconds), if it has one."""
-    _check_sequence(sequence)
-    value = sequence.get("request_time")
-    if value is not None and not (is_integer(value) and 0 <= value < 2**31):
-        raise ValueError(
-            "request_time must be an integer of unix seconds in [0, 2**31) (the models take "
-            f"times as int32; milliseconds?), got {value!r}"
-        )
-    return value
-
-
 class Pipeline:
     """Serves feeds from loaded artifacts with the library's runners."""
 
@@ -273,7 +185,7 @@ class Pipeline:
         is a ValueError)."""
         corpus: Corpus = self.artifacts.corpus
         n = len(corpus.post_ids)
-        _check_sequence(sequence)
+        check_sequence_object(sequence)
         if not isinstance(sequence, SequenceFile):  # (a file's were named when it was read)
             warn_unknown_sequence_keys(sequence, "sequence", stacklevel=3)
         if not (is_integer(top_k_retrieval) and 1 <= top_k_retrieval <= n):

@@ -23,15 +23,12 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from checkpoint import DEFAULT_SEQUENCE_FILE, artifact_files, load_artifacts, write_json
+from checkpoint import artifact_files, load_artifacts, write_json
 from cli import ArgumentParser, count, file_in_a_folder, positive_int, run_main, seed_int
 from pipeline import (
     Pipeline,
     describe_feed,
     feed_to_json,
-    history_post_ids,
-    read_history,
-    read_request_time,
     write_example,
 )
 
@@ -147,14 +144,6 @@ def main(argv: list[str] | None = None) -> int:
     artifacts = load_artifacts(
         args.artifacts_dir, args.sequence_file, args.corpus_file, jnp.dtype(args.dtype)
     )
-    sequence_file = args.sequence_file or Path(args.artifacts_dir) / DEFAULT_SEQUENCE_FILE
-    try:  # what the sequence holds, before any work, naming its file
-        history_len = artifacts.retrieval.config.history_seq_len
-        read_history(artifacts.sequence, history_len, artifacts.ranker.config.num_actions)
-        if read_request_time(artifacts.sequence) is not None:
-            history_post_ids(artifacts.sequence)  # not served again: every item's, not S only
-    except ValueError as error:
-        raise ValueError(f"{sequence_file}: {error}") from None
     try:
         pipeline = Pipeline(artifacts)
     except ValueError as error:  # what the folder's files hold; they name themselves within it

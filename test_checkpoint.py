@@ -525,6 +525,26 @@ DAMAGES = {
         lambda f: (f / "example_sequence.json").write_text("[]"),
         'example_sequence.json: expected an object with "user_id"',
     ),
+    # What a sequence holds is checked on loading, not first when a feed is asked of it.
+    "a sequence with a history that is text": (
+        lambda f: _edit_json(f / "example_sequence.json", history="abc"),
+        'example_sequence.json: "history" must be a list of items, got str',
+    ),
+    "a sequence with an action beyond the ranker's": (
+        lambda f: _edit_json(
+            f / "example_sequence.json",
+            history=[{"post_id": 1, "author_id": 2, "actions": {"99": 1}}],
+        ),
+        "example_sequence.json: history item 0: action index '99' is not one of the ranker's 19",
+    ),
+    "a sequence with a request time in milliseconds": (
+        lambda f: _edit_json(f / "example_sequence.json", request_time=1_700_000_000_000),
+        "example_sequence.json: request_time must be an integer of unix seconds",
+    ),
+    "a sequence whose user id is text": (
+        lambda f: _edit_json(f / "example_sequence.json", user_id="x"),
+        "example_sequence.json: user_id must be a positive integer id below 2\\*\\*63, got 'x'",
+    ),
 }
 
 

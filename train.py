@@ -1895,9 +1895,11 @@ ARTIFACT_NAMES = frozenset({*MODELS, DEFAULT_CORPUS_FILE, DEFAULT_SEQUENCE_FILE}
 
 
 def check_models_fit(world_config: world_lib.WorldConfig, models: dict, where: str = "") -> None:
-    """Refuses models that are not of their kind or were not trained on a world of this config:
-    histories of another length, tables other than their hashing's, hashings sized for another
-    world's ids (`table_rows`). `where` begins each message."""
+    """Refuses models that are not of their kind or could not have been trained on a world of
+    this config's sizes: histories of another length, tables other than their hashing's,
+    hashings sized for another world's ids (`table_rows`). Models do not record their world, so
+    one of the same sizes and another seed passes: which world they learned is the caller's to
+    keep (a run's state and a demo checkpoint record it). `where` begins each message."""
     counts, rows = id_counts(world_config), table_rows(world_config)
     for kind, model in models.items():
         config = getattr(model, "config", model)
