@@ -34,6 +34,7 @@ MAX_ATTN_LOGIT = 30.0
 # Value given to masked attention logits; exp() of it underflows to exactly zero.
 MASKED_LOGIT = -1e30
 ROPE_BASE = 10000
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class TrainingState(NamedTuple):
@@ -149,9 +150,10 @@ class TransformerConfig:
             )
         for field in ("widening_factor", "attn_output_multiplier"):
             value = getattr(self, field)
-            if not _is_real(value) or not math.isfinite(value):
+            if not _is_real(value) or not abs(value) <= FLOAT32_MAX:  # computed in float32
                 raise ValueError(
-                    f"TransformerConfig.{field} must be a finite number, got {value!r}"
+                    f"TransformerConfig.{field} must be a finite number in float32's range, "
+                    f"got {value!r}"
                 )
         if not self.widening_factor > 0:
             raise ValueError(f"widening_factor must be positive, got {self.widening_factor!r}")

@@ -241,7 +241,13 @@ class ModelConfigDefaults:
         _check_count("history_seq_len", self.history_seq_len, low=0)
         _check_count("candidate_seq_len", self.candidate_seq_len, low=1)
         _check_count("product_surface_vocab_size", self.product_surface_vocab_size, low=1)
-        if not jnp.issubdtype(jnp.dtype(self.fprop_dtype), jnp.floating):
+        try:  # None would read as float64
+            floating = self.fprop_dtype is not None and jnp.issubdtype(
+                jnp.dtype(self.fprop_dtype), jnp.floating
+            )
+        except TypeError:  # a name numpy does not know ("bf16")
+            floating = False
+        if not floating:
             raise ValueError(f"fprop_dtype must be a floating dtype, got {self.fprop_dtype!r}")
 
     def initialize(self):

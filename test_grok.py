@@ -214,10 +214,11 @@ def test_unused_published_arguments_are_not_stored():
         (dict(num_kv_heads=True), "num_kv_heads must be a positive integer, got True"),
         (
             dict(attn_output_multiplier=float("nan")),
-            "attn_output_multiplier must be a finite number, got nan",
+            "attn_output_multiplier must be a finite number in float32's range, got nan",
         ),
         (dict(attn_output_multiplier="x"), "attn_output_multiplier must be a finite number"),
-        (dict(widening_factor=float("inf")), "widening_factor must be a finite number, got inf"),
+        (dict(widening_factor=float("inf")), "widening_factor must be a finite number .*, got inf"),
+        (dict(attn_output_multiplier=1e39), r"attn_output_multiplier must be .*, got 1e\+39"),
     ],
 )
 def test_transformer_config_refuses_what_cannot_be_built(kwargs, message):
