@@ -400,6 +400,14 @@ def write_example(
     candidate tower, and one user's sequence of `history_length` posts from the corpus.
     `say` is told what it is doing once the memory it needs is checked."""
     check_new_folder(directory)  # before any work
+    for name, value, least in (
+        ("seed", seed, 0),
+        ("corpus_size", corpus_size, 1),
+        ("vocab_size", vocab_size, 2),  # row 0 is padding
+        ("history_length", history_length, 0),
+    ):
+        if not (is_integer(value) and value >= least):
+            raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
     retrieval_config, ranker_config = configs or mini_configs()
     require_kind(retrieval_config, PhoenixRetrievalModelConfig, "configs[0]")
     require_kind(ranker_config, PhoenixModelConfig, "configs[1]")

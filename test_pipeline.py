@@ -422,6 +422,17 @@ def test_what_a_pipeline_cannot_serve_is_refused_by_name(folder, tmp_path):
         write_example(tmp_path / "example", configs=swapped)
     with pytest.raises(TypeError, match="directory must be a str or PathLike .*, got NoneType"):
         write_example(None)
+    for arguments, message in (  # numpy's words, or refused only once all was drawn (0 posts)
+        ({"corpus_size": -1}, "corpus_size must be an integer >= 1, got -1"),
+        ({"corpus_size": 0}, "corpus_size must be an integer >= 1, got 0"),
+        ({"corpus_size": 1.5}, "corpus_size must be an integer >= 1, got 1.5"),
+        ({"history_length": -1}, "history_length must be an integer >= 0, got -1"),
+        ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+        ({"vocab_size": 1}, "vocab_size must be an integer >= 2, got 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            write_example(tmp_path / "example", **arguments)
+    assert not (tmp_path / "example").exists()
     posts = artifacts.corpus.post_ids[:3]
     for ids, message in (
         (
