@@ -399,6 +399,8 @@ def test_a_count_below_its_minimum_or_not_an_integer_is_refused(field, value, le
         (dict(actions=None), "actions must be a dict of ActionModel by action name, got None"),
         (dict(favourite_authors_per_user=10**12),
          r"favourite_authors_per_user \(1000000000000\) must not exceed num_authors \(24\)"),
+        # The rankings ended in numpy's "negative dimensions are not allowed".
+        (dict(history_len=400), r"history_len \(400\) must be below num_posts \(400\)"),
     ],
 )  # fmt: skip
 def test_a_number_outside_its_range_is_refused_by_name(change, message):
@@ -525,6 +527,10 @@ def _array_bytes(value, seen) -> int:
         {},
         {"mean_requests_per_user": 200.0, "max_requests_per_user": 10},
         {"num_candidates": 12, "history_len": 64},
+        # Many authors or topics per user, or many posts: the planted entities count too.
+        {"num_authors": 20_000},
+        {"num_topics": 2000, "num_authors": 4000},
+        {"num_posts": 100_000},
     ],
 )
 def test_memory_bytes_is_about_the_peak_of_building_the_world(changes):
@@ -640,3 +646,17 @@ def test_take_rows_refuses_an_index_that_is_not_rows(world):
         W.take_rows(history, [0, n])
     with pytest.raises(TypeError, match="examples must be a History or examples, got dict"):
         W.take_rows({}, 0)
+
+
+def test_a_world_that_runs_out_of_memory_says_what_it_would_need(monkeypatch):
+    """numpy's MemoryError names an array shape; this names the world and its estimate."""
+
+    def out_of_memory(*args):
+        raise MemoryError("Unable to allocate 22.4 GiB for an array with shape (1000000000, 24)")
+
+    monkeypatch.setattr(W, "_plant", out_of_memory)
+    config = dataclasses.replace(W.WorldConfig.tiny(), num_users=10**9)
+    with pytest.raises(MemoryError, match=r"^building a world of 1,000,000,000 users, 400 posts "):
+        W.build_world(config)
+    with pytest.raises(MemoryError, match=r"would need about \d+\.\d GiB \(WorldConfig.memory_b"):
+        W.build_world(config)

@@ -360,6 +360,11 @@ class WorldConfig:
             raise ValueError("min_requests_per_user must exceed eval_requests_per_user")
         if not self.num_candidates <= self.serving_pool_size:
             raise ValueError("serving_pool_size must be >= num_candidates")
+        if self.history_len >= self.num_posts:  # the rankings leave a query's history out
+            raise ValueError(
+                f"history_len ({self.history_len}) must be below num_posts ({self.num_posts}): "
+                "a query's ranking holds the posts outside its history"
+            )
         if not (_real(self.dwell_spread) and 0.0 < self.dwell_spread < 1.0):
             raise ValueError(f"dwell_spread must be in (0, 1), got {self.dwell_spread!r}")
         problem = _range_problem(self)
@@ -385,7 +390,12 @@ class WorldConfig:
         )
         c, s = self.num_candidates, self.history_len
         per_request = 24 * len(ACTIONS) * c + 122 * s + 6.5 * c * s
-        return float(self.num_users * mean * per_request)
+        # The planted entities: for each user and topic, the preferences and what draws them
+        # (float64, three arrays at once), for each user and author, a favourite or not (bool), and for
+        # each author and post, its fields.
+        planted = self.num_users * (24 * self.num_topics + self.num_authors)
+        planted += 48 * (self.num_authors + self.num_posts)
+        return float(self.num_users * mean * per_request + planted)
 
     def to_json(self) -> dict:
         """Every field as JSON values (the action models as dicts)."""
@@ -1115,6 +1125,17 @@ def build_world(config: WorldConfig | None = None) -> World:
     c = WorldConfig() if config is None else config
     if not isinstance(c, WorldConfig):
         raise TypeError(f"config must be a WorldConfig (or None), got {type(c).__name__}")
+    try:
+        return _build(c)
+    except MemoryError:  # (train.py checks memory_bytes against the memory available first)
+        raise MemoryError(
+            f"building a world of {c.num_users:,} users, {c.num_posts:,} posts and "
+            f"{c.num_authors:,} authors ran out of memory; it would need about "
+            f"{c.memory_bytes() / 2**30:.1f} GiB (WorldConfig.memory_bytes)"
+        ) from None
+
+
+def _build(c: WorldConfig) -> World:
     plant_rng, schedule_rng, serve_rng, action_rng = (
         np.random.default_rng(s) for s in np.random.SeedSequence(c.seed).spawn(4)
     )
