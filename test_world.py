@@ -252,10 +252,19 @@ def test_oracle_and_popularity_rankings_exclude_the_history(world):
             one_user([1, 2], int(examples.query_times[0]))  # named the times before
     assert world.in_taste(1, []).shape == (0,)  # was refused as float64 ids
     assert world.history([], []).post_ids.shape == (0, world.config.history_len)
-    with pytest.raises(
-        ValueError, match=r"times must be of the user_ids' shape \(3,\), got \(2,\)"
-    ):
+    with pytest.raises(ValueError, match=r"user_ids and times must be \[N\] each, got \[3\] and"):
         world.history([1, 2, 3], examples.query_times[:2])
+    # Each of these ended in numpy's words about broadcasting or int().
+    time = int(examples.query_times[0])
+    with pytest.raises(ValueError, match=r"must be \[N\] each, got \[1, 2\] and \[1, 2\]"):
+        world.history([[1, 2]], [[time, time]])
+    with pytest.raises(ValueError, match=r"post_ids \[2\] and times \[3\]: shapes that do not"):
+        world.servable([1, 2], [time] * 3)
+    for method in (world.true_probabilities, world.expected_dwell, world.median_dwell):
+        with pytest.raises(TypeError, match=r"^times must be integers \(unix seconds\), got None"):
+            method(1, 1, None)
+    with pytest.raises(TypeError, match=r"^query_times must be integers .*, got None"):
+        world.oracle_scores(1, 1, None)
     # The oracle is the brute-force best k of the corpus among posts not in history: the posts
     # servable at the query time first, each group by the true favorite probability then.
     every_post = np.arange(1, world.num_posts + 1)

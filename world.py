@@ -195,9 +195,10 @@ def _integers(values) -> np.ndarray | None:
 def _times(times, name: str = "times") -> np.ndarray:
     """Times given to the world, as int64: integers of unix seconds in [0, 2**31), which the
     models take (a float would be truncated, and beyond int32 a time would wrap)."""
-    checked = _integers(times)
+    checked = None if times is None else _integers(times)
     if checked is None:
-        raise TypeError(f"{name} must be integers (unix seconds), got {np.asarray(times).dtype}")
+        got = "None" if times is None else np.asarray(times).dtype
+        raise TypeError(f"{name} must be integers (unix seconds), got {got}")
     times = checked
     if times.size and (times.min() < 0 or times.max() >= LAST_TIME):
         got = times.ravel()[0] if times.size == 1 else f"[{times.min()}, {times.max()}]"
@@ -606,12 +607,12 @@ class World:
         return int(self._index(id_, size, name))
 
     def _requests(self, user_ids, post_ids, times=None, time_name: str = "times") -> tuple:
-        """0-based user and post indices and int64 times (None: none asked for), checked, and
-        checked to broadcast together."""
+        """0-based user and post indices and int64 times (`time_name` None: none asked for),
+        checked, and checked to broadcast together."""
         u = self._index(user_ids, self.num_users, "user_ids")
         p = self._index(post_ids, self.num_posts, "post_ids")
         named = {"user_ids": u, "post_ids": p}
-        if times is not None:
+        if time_name is not None:
             times = named[time_name] = _times(times, time_name)
         try:
             np.broadcast_shapes(*(x.shape for x in named.values()))
@@ -716,7 +717,7 @@ class World:
     def affinity(self, user_ids, post_ids) -> np.ndarray:
         """A user's planted taste for posts [...]: the favorite logit without freshness and
         without the base rate (monotone in the true favorite probability at any fixed age)."""
-        u, p, _ = self._requests(user_ids, post_ids)
+        u, p, _ = self._requests(user_ids, post_ids, time_name=None)
         return self._affinity(u, p)
 
     @property
@@ -769,8 +770,10 @@ class World:
         """The last S engagements of each user strictly before each time; user_ids, times [N]."""
         u = self._index(np.atleast_1d(user_ids), self.num_users, "user_ids")
         times = _times(np.atleast_1d(times))
-        if times.shape != u.shape:
-            raise ValueError(f"times must be of the user_ids' shape {u.shape}, got {times.shape}")
+        if u.ndim != 1 or times.shape != u.shape:
+            raise ValueError(
+                f"user_ids and times must be [N] each, got {list(u.shape)} and {list(times.shape)}"
+            )
         return self._history(u, times)
 
     def _user_history(self, user_id: int, time: int) -> History:
@@ -819,7 +822,15 @@ class World:
     def servable(self, post_ids, times) -> np.ndarray:
         """Whether posts could be served at the times (broadcast): in the serving window
         before them, as `recent_posts` lists them."""
-        return self._servable(self._index(post_ids, self.num_posts, "post_ids"), _times(times))
+        p, times = self._index(post_ids, self.num_posts, "post_ids"), _times(times)
+        try:
+            np.broadcast_shapes(p.shape, times.shape)
+        except ValueError:
+            raise ValueError(
+                f"post_ids {list(p.shape)} and times {list(times.shape)}: shapes that do not "
+                "broadcast together"
+            ) from None
+        return self._servable(p, times)
 
     def _servable(self, p: np.ndarray, times: np.ndarray) -> np.ndarray:
         start, end = self._serving_window(times)
