@@ -558,15 +558,13 @@ class RecsysInferenceRunner(BaseInferenceRunner):
         candidate_block_size: int = DEFAULT_CANDIDATE_BLOCK,
     ):
         super().__init__(name)
-        if isinstance(candidate_block_size, bool) or not (
-            isinstance(candidate_block_size, int) and candidate_block_size >= 1
-        ):
+        if not (is_integer(candidate_block_size) and candidate_block_size >= 1):
             raise ValueError(
                 f"candidate_block_size must be an integer >= 1, got {candidate_block_size!r}"
             )
         require_kind(runner, ModelRunner, "runner")
         self.runner = runner
-        self.candidate_block_size = candidate_block_size
+        self.candidate_block_size = int(candidate_block_size)  # a static shape
 
     def _param_shapes(self, params: hk.Params) -> hk.Params:
         return self.runner.param_shapes()

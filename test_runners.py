@@ -560,6 +560,10 @@ def test_candidate_block_size_must_be_a_positive_integer():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="candidate_block_size must be an integer >= 1"):
             runners.RecsysInferenceRunner(runners.ModelRunner(SETUP.ranking_config()), "", bad)
+    runner = runners.RecsysInferenceRunner(  # numpy's integers, as everywhere else
+        runners.ModelRunner(SETUP.ranking_config()), "", np.int64(2)
+    )
+    assert type(runner.candidate_block_size) is int and runner.candidate_block_size == 2
 
 
 def _deeper(setup: Setup) -> Setup:
