@@ -806,6 +806,10 @@ def _check_tables(tables: dict, hashing: Hashing, emb_size: int, where: Path) ->
                 f"{where}: {name} is {list(tables[name].shape)} {tables[name].dtype}, "
                 f"config.json asks for {list(want)} floats"
             )
+    if unknown := sorted(set(tables) - set(TABLE_NAMES.values())):
+        warnings.warn(
+            f"{where}: ignored arrays it does not know: {', '.join(unknown)}", stacklevel=4
+        )
 
 
 def _load_model(
@@ -955,12 +959,14 @@ def read_history(
             )
         for key, value in item_actions.items():
             text = str(key)
-            if not (text.isascii() and text.isdigit()) or int(text) >= num_actions:
+            digits = text.isascii() and text.isdigit() and len(text) <= 9  # (int() of 5,000 fails)
+            if not digits or int(text) >= num_actions:
+                shown = repr(key) if len(text) <= 20 else f"{text[:20]!r}... ({len(text)} digits)"
                 raise ValueError(
-                    f"history item {i}: action index {key!r} is not one of the ranker's "
+                    f"history item {i}: action index {shown} is not one of the ranker's "
                     f"{num_actions} actions"
                 )
-            if value not in (0, 1):
+            if not (isinstance(value, bool) or is_number(value)) or value not in (0, 1):
                 raise ValueError(f"history item {i}: action {key} is {value!r}, expected 0 or 1")
             actions[i, int(key)] = value
         seconds = item.get("dwell_time", 0.0)

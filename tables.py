@@ -63,6 +63,11 @@ class EntityHash:
             raise ValueError(
                 f"hash modulus ({self.modulus}) and vocab_size ({self.vocab_size}) must be >= 2"
             )
+        if any(scale % self.modulus == 0 for scale in self.scales):
+            raise ValueError(
+                f"hash scales {self.scales} must not be multiples of the modulus "
+                f"({self.modulus}): such a hash puts every id on one row"
+            )
 
     def __call__(self, ids: Any) -> np.ndarray:  # [...] -> [..., H] int32 in [0, vocab)
         ids = np.asarray(ids)

@@ -664,6 +664,19 @@ def test_arrays_a_corpus_does_not_know_are_named(example_folder, tmp_path):
     ]
 
 
+def test_arrays_a_tables_file_does_not_know_are_named(example_folder, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(example_folder, folder)
+    path = folder / "ranker" / "embedding_tables.npz"
+    write_npz({**read_npz(path), "topic_embeddings": np.ones((3, 2), np.float32)}, path)
+    with pytest.warns(UserWarning) as caught:
+        load_artifacts(folder)
+    assert [str(w.message) for w in caught] == [
+        f"{path}: ignored arrays it does not know: topic_embeddings"
+    ]
+    assert caught[0].filename == __file__  # said where load_artifacts was called
+
+
 def test_a_request_time_without_creation_times_is_named(example_folder, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(example_folder, folder)

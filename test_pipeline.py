@@ -255,6 +255,11 @@ def test_history_is_the_first_items_left_aligned():
          "history item 0: action index '-1' is not one of the ranker's 19 actions"),
         ({"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "actions": {"2": 0.5}}]},
          "history item 0: action 2 is 0.5, expected 0 or 1"),
+        # numpy's "setting an array element with a sequence", Python's limit on int().
+        ({"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "actions": {"2": [1]}}]},
+         r"history item 0: action 2 is \[1\], expected 0 or 1"),
+        ({"user_id": 1, "history": [{"post_id": 1, "author_id": 2, "actions": {"9" * 5000: 1}}]},
+         r"history item 0: action index '9{20}'\.\.\. \(5000 digits\) is not one of the ranker's"),
     ],
 )  # fmt: skip
 def test_bad_sequences_are_refused_in_one_line(sequence, message):

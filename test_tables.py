@@ -68,6 +68,8 @@ def test_hashing_round_trips_through_config_json_and_refuses_bad_ids():
         EntityHash((1, 2), (3,), 11, 7)
     with pytest.raises(ValueError, match="and vocab_size 10.5 must be integers"):
         EntityHash((1,), (3,), 11, 10.5)  # hashed "mod 9.5", then truncated
+    with pytest.raises(ValueError, match=r"hash scales \(3, 22\) must not be multiples of"):
+        EntityHash((3, 22), (0, 0), 11, 7)  # every id on one row
 
 
 def test_lookup_from_split_tables_equals_the_unified_table():

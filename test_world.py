@@ -265,6 +265,8 @@ def test_oracle_and_popularity_rankings_exclude_the_history(world):
             method(1, 1, None)
     with pytest.raises(TypeError, match=r"^query_times must be integers .*, got None"):
         world.oracle_scores(1, 1, None)
+    with pytest.raises(TypeError, match="recent must be True or False, got 'no'"):
+        world.popularity_ranking(examples, 5, recent="no")
     # The oracle is the brute-force best k of the corpus among posts not in history: the posts
     # servable at the query time first, each group by the true favorite probability then.
     every_post = np.arange(1, world.num_posts + 1)

@@ -392,8 +392,8 @@ class WorldConfig:
         c, s = self.num_candidates, self.history_len
         per_request = 24 * len(ACTIONS) * c + 122 * s + 6.5 * c * s
         # The planted entities: for each user and topic, the preferences and what draws them
-        # (float64, three arrays at once), for each user and author, a favourite or not (bool), and for
-        # each author and post, its fields.
+        # (float64, three arrays at once), for each user and author, a favourite or not
+        # (bool), and for each author and post, its fields.
         planted = self.num_users * (24 * self.num_topics + self.num_authors)
         planted += 48 * (self.num_authors + self.num_posts)
         return float(self.num_users * mean * per_request + planted)
@@ -875,6 +875,8 @@ class World:
         """Post ids [N, k] by favorite count in the training requests (ties: lower id first),
         with each query's history excluded (the popularity baseline); with `recent`, the posts
         servable at the query time first (a trending baseline). k is capped at P − S."""
+        if not isinstance(recent, bool | np.bool_):  # "no" would read as true
+            raise TypeError(f"recent must be True or False, got {recent!r}")
         counts = self.favorite_counts / (self.favorite_counts.max() + 1.0)  # < 1
 
         def scores(users, posts, times):
