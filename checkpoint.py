@@ -266,8 +266,10 @@ def write_npz(arrays: Mapping[str, Any], path: str | os.PathLike, compressed: bo
     require_kind(arrays, Mapping, "arrays", " of arrays by name")
     path = as_path(path)
     for name in arrays:
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"{path}: array names must be non-empty strings, got {name!r}")
+        if not isinstance(name, str):
+            raise TypeError(f"{path}: array names must be strings, got {name!r}")
+        if not name:
+            raise ValueError(f"{path}: an array name is empty")
     stored = {name: _storable(name, value) for name, value in arrays.items()}
     for name, x in stored.items():
         if problem := _float32_problem(x):
@@ -966,7 +968,7 @@ def read_history(
                     f"history item {i}: action index {shown} is not one of the ranker's "
                     f"{num_actions} actions"
                 )
-            if not (isinstance(value, bool) or is_number(value)) or value not in (0, 1):
+            if not (isinstance(value, bool | np.bool_) or is_number(value)) or value not in (0, 1):
                 raise ValueError(f"history item {i}: action {key} is {value!r}, expected 0 or 1")
             actions[i, int(key)] = value
         seconds = item.get("dwell_time", 0.0)

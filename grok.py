@@ -131,6 +131,11 @@ class TransformerConfig:
     name: str | None = None
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):  # a JAX or NumPy scalar as the number it holds
+            value = getattr(self, field.name)
+            scalar = isinstance(value, jax.Array | np.ndarray) and value.ndim == 0
+            if scalar and not isinstance(value, jax.core.Tracer) and value.dtype.kind in "iuf":
+                setattr(self, field.name, value.item())
         for field in ("emb_size", "num_q_heads", "num_kv_heads", "num_layers"):
             if getattr(self, field) is None:
                 raise TypeError(f"TransformerConfig needs {field}")

@@ -413,14 +413,27 @@ def _at_hand(x) -> bool:
 
 def _summary(kind: str, x, xp) -> tuple:
     """What the value checks need of a field, in numpy or jax.numpy (`xp`): the range of ids,
-    whether actions are all 0 or 1, the float32 sum of the embeddings' squares (finite iff
-    every entry is finite and the norms, which square them, cannot overflow)."""
+    whether actions are all 0 or 1, the largest float32 sum of squares over an embedding's D
+    values (finite iff every entry is finite and no norm, which takes that sum, overflows)."""
     if kind == "ids":
         return xp.min(x), xp.max(x)
     if kind == "actions":
         return (xp.all((x == 0) | (x == 1)),)
-    x = xp.asarray(x, xp.float32)
-    return (xp.sum(x * x),)
+    if xp is np:
+        return (_largest_square_sum(x),)
+    x = x.astype(jnp.float32)
+    return (jnp.max(jnp.sum(x * x, axis=-1)),)
+
+
+def _largest_square_sum(x: np.ndarray, rows: int = 65536) -> np.float32:
+    """`_summary`'s embeddings figure in numpy, a block of rows at a time (bfloat16 or float64
+    inputs are widened or narrowed to float32 one block at a time, not whole)."""
+    x = x.reshape(-1, x.shape[-1])
+    largest = np.float32(0)
+    for start in range(0, len(x), rows):
+        block = np.asarray(x[start : start + rows], np.float32)
+        largest = np.maximum(largest, np.max(np.einsum("nd,nd->n", block, block)))
+    return largest
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -458,8 +471,8 @@ def _check_values(fields: list[tuple[str, str, Any, int | None]]) -> None:
             with np.errstate(over="ignore"):
                 _raise_at(name, x, ~np.isfinite(x.astype(np.float32)), "finite float32 values")
             raise ValueError(
-                f"{name} holds values too large to compute with in float32 (the sum of their "
-                f"squares, which the model's norms take, overflows; the largest magnitude is "
+                f"{name} holds values too large to compute with in float32 (a sum of squares "
+                f"over D, which the model's norms take, overflows; the largest magnitude is "
                 f"{np.max(np.abs(x)):.3g})"
             )
 

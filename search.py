@@ -141,6 +141,8 @@ def top_k_search(
         raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
     if not (is_count(threads) and threads >= 0):
         raise ValueError(f"threads must be an integer >= 0 (0: one per core), got {threads!r}")
+    block_size = None if block_size is None else int(block_size)  # shapes: Python integers
+    threads = int(threads)
     if method == "native" and jnp.dtype(corpus.dtype) not in NATIVE_DTYPES:
         raise ValueError(
             f'method="native" needs a float32 or bfloat16 corpus, got {jnp.dtype(corpus.dtype)}'

@@ -196,6 +196,18 @@ def test_unused_published_arguments_are_not_stored():
     assert hk.transform(stored).apply({}, None) == []
 
 
+def test_transformer_config_takes_jax_and_numpy_scalars_as_their_numbers():
+    config = TransformerConfig(
+        emb_size=np.int64(12),
+        num_q_heads=jnp.int32(2),
+        num_kv_heads=np.array(1),
+        num_layers=1,
+        widening_factor=jnp.float32(2),
+    )
+    assert (config.emb_size, config.num_q_heads, config.num_kv_heads) == (12, 2, 1)
+    assert type(config.num_q_heads) is int and type(config.widening_factor) is float
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

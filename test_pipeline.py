@@ -221,8 +221,10 @@ def test_history_is_the_first_items_left_aligned():
     user, posts, _, actions, dwell = read_history({"user_id": 7, "history": []}, 3, 19)
     assert not posts.any() and not actions.any() and dwell is None
     numpy_numbers = {"post_id": np.int64(5), "author_id": 6, "dwell_time": np.float32(2.5)}
-    _, posts, _, _, dwell = read_history({"user_id": 7, "history": [numpy_numbers]}, 1, 19)
+    numpy_numbers["actions"] = {"0": np.True_, "1": True, "2": np.float32(1), "3": np.False_}
+    _, posts, _, actions, dwell = read_history({"user_id": 7, "history": [numpy_numbers]}, 1, 19)
     assert posts.tolist() == [5] and dwell.tolist() == [2.5]
+    assert np.flatnonzero(actions[0]).tolist() == [0, 1, 2]
 
 
 @pytest.mark.parametrize(

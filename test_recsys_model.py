@@ -409,7 +409,7 @@ BAD_INPUTS = [
     (
         "candidate_post_embeddings",
         _set(1e20),
-        r"too large to compute with in float32 \(the sum of their squares, which the model's "
+        r"too large to compute with in float32 \(a sum of squares over D, which the model's "
         r"norms take, overflows; the largest magnitude is 1e\+20\)",
     ),
 ]

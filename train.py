@@ -1128,9 +1128,9 @@ def make_job(
     return job
 
 
-def check_trainable(job: Job) -> None:
+def check_trainable(job: Job, memory: bool = True) -> None:
     """Refuses a job whose training settings do not fit its world, whose batch is larger than
-    its training set, or whose training would plainly not fit in memory."""
+    its training set, or (`memory`) whose training would plainly not fit in memory."""
     check_train_config(job.train, job.world, job.kind)
     examples = len(job.train_data["user_hashes"])
     if job.train.batch_size > examples:
@@ -1138,8 +1138,9 @@ def check_trainable(job: Job) -> None:
             f"batch_size ({job.train.batch_size}) exceeds the {examples} {job.kind} training "
             "examples of the world"
         )
-    needed = training_bytes(job.kind, job.hashing, job.config, job.world)
-    check_memory(needed, f"training the {job.kind} on this world")
+    if memory:
+        needed = training_bytes(job.kind, job.hashing, job.config, job.world)
+        check_memory(needed, f"training the {job.kind} on this world")
 
 
 def training_bytes(kind: str, hashing: Hashing, config, world: world_lib.World) -> float:
@@ -1236,7 +1237,9 @@ def fit(
     for name, value in (("resume", resume), ("quiet", quiet)):  # "no" would read as true
         if not isinstance(value, bool | np.bool_):
             raise TypeError(f"{name} must be True or False, got {value!r}")
-    check_trainable(job)  # again: a job made with to_train=False was not checked
+    # Its settings again (a job made with to_train=False was not checked); not the memory,
+    # which make_job measured before any model trained, and another may hold now.
+    check_trainable(job, memory=False)
     check_batch_split(train, mesh)
     resume = resume or start is not None
     if not resume and (state_dir / f"{job.kind}.npz").exists():
