@@ -211,3 +211,12 @@ class PublishedPipeline:
         weighted = sum(w * probabilities[:, ENUM[name]] for name, w in WEIGHTS.items())
         order = np.argsort(-weighted, kind="stable")[:top_k_display]
         return [(candidates[i], float(weighted[i])) for i in order], probabilities
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(
+        "published_pipeline.py is a module, not a script: `uv run benchmark_pipeline.py` runs "
+        "its procedure beside this library's pipeline"
+    )

@@ -744,7 +744,8 @@ class RecsysRetrievalInferenceRunner(BaseInferenceRunner):
         and its post ids [N] (default arange(N)). Its values are checked here, once."""
         validate_corpus(corpus_embeddings, self.runner.model.emb_size, 1)
         n = jnp.shape(corpus_embeddings)[0]
-        ids = np.arange(n) if corpus_post_ids is None else np.asarray(corpus_post_ids)
+        # A copy, as of the corpus: what the caller writes later cannot undo the checks.
+        ids = np.arange(n) if corpus_post_ids is None else np.array(corpus_post_ids)
         if ids.shape != (n,):
             raise ValueError(f"corpus_post_ids has shape {ids.shape}, expected [N={n}]")
         if ids.dtype.kind not in "iu":

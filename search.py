@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import mmap
 import numbers
 import os
 
@@ -90,6 +91,31 @@ def require_arrays(**named) -> None:
             raise TypeError(f"{name} must be an array (numpy or JAX), got {type(x).__name__}")
 
 
+def check_search(queries, corpus, k: int, corpus_mask) -> None:
+    """The checks of `top_k_search` and `sharded_top_k_search`: arrays [B, D] and [N, D] of
+    one D, a floating corpus, k in [1, N], a mask [N] of truth values, and queries free of NaN
+    and infinity (a read of [B, D]; the corpus is checked once, by `validate_corpus`, where it
+    is kept). Values inside `jax.jit` are not at hand and not checked."""
+    require_arrays(queries=queries, corpus=corpus)
+    if jnp.ndim(queries) != 2 or jnp.ndim(corpus) != 2 or queries.shape[1] != corpus.shape[1]:
+        raise ValueError(
+            f"queries {jnp.shape(queries)} and corpus {jnp.shape(corpus)} must be [B, D] and "
+            "[N, D] with the same D"
+        )
+    if corpus_mask is not None:
+        require_arrays(corpus_mask=corpus_mask)
+        if jnp.dtype(corpus_mask.dtype).kind not in "biuf":
+            raise TypeError(
+                f"corpus_mask must be bool (False: never retrieved), got {corpus_mask.dtype}"
+            )
+    check_top_k(corpus.shape[0], k, corpus_mask, "k")
+    if not jnp.issubdtype(corpus.dtype, jnp.floating):
+        raise ValueError(f"corpus must be floating, got {jnp.dtype(corpus.dtype)}")
+    row = first_non_finite_row(queries)
+    if row is not None:
+        raise ValueError(f"queries row {row} holds NaN or infinity; expected finite values")
+
+
 def top_k_search(
     queries: jax.Array,  # [B, D]
     corpus: jax.Array,  # [N, D], float32 or bfloat16
@@ -125,22 +151,13 @@ def top_k_search(
     """
     if method not in SEARCH_METHODS:
         raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
-    require_arrays(queries=queries, corpus=corpus)
-    if jnp.ndim(queries) != 2 or jnp.ndim(corpus) != 2 or queries.shape[1] != corpus.shape[1]:
-        raise ValueError(
-            f"queries {jnp.shape(queries)} and corpus {jnp.shape(corpus)} must be [B, D] and "
-            "[N, D] with the same D"
-        )
-    check_top_k(corpus.shape[0], k, corpus_mask, "k")
-    if not jnp.issubdtype(corpus.dtype, jnp.floating):
-        raise ValueError(f"corpus must be floating, got {jnp.dtype(corpus.dtype)}")
-    row = first_non_finite_row(queries)  # a read of [B, D]; the corpus is checked once, by
-    if row is not None:  # `validate_corpus`, where it is kept
-        raise ValueError(f"queries row {row} holds NaN or infinity; expected finite values")
+    check_search(queries, corpus, k, corpus_mask)
     if block_size is not None and not (is_count(block_size) and block_size >= 1):
         raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
-    if not (is_count(threads) and threads >= 0):
-        raise ValueError(f"threads must be an integer >= 0 (0: one per core), got {threads!r}")
+    if not (is_count(threads) and 0 <= threads < 2**31):
+        raise ValueError(
+            f"threads must be an integer in [0, 2**31) (0: one per core), got {threads!r}"
+        )
     block_size = None if block_size is None else int(block_size)  # shapes: Python integers
     threads = int(threads)
     if method == "native" and jnp.dtype(corpus.dtype) not in NATIVE_DTYPES:
@@ -222,11 +239,12 @@ def _blocked_top_k(
         )
         return merged, None
 
-    init = (
-        jnp.full((num_queries, k), -jnp.inf, jnp.float32),
-        jnp.zeros((num_queries, k), jnp.int32),
-    )
-    (scores, idx), _ = jax.lax.scan(step, init, jnp.arange(num_blocks, dtype=jnp.int32))
+    # The running top k starts as the first block's (block_size >= k): k real rows, which
+    # keep their place against later rows of equal score, even of -inf (a product that
+    # overflows), where a start of (-inf, row 0) entries would have kept copies of row 0.
+    init = block_top_k(jnp.int32(0))
+    blocks = jnp.arange(1, num_blocks, dtype=jnp.int32)
+    (scores, idx), _ = jax.lax.scan(step, init, blocks)
     return scores, idx
 
 
@@ -272,10 +290,7 @@ def sharded_top_k_search(
     Each device searches its own rows; the per-shard top-k are gathered and merged into the
     exact global top-k. Works unchanged across hosts after `jax.distributed.initialize()`.
     """
-    require_arrays(queries=queries, corpus=corpus)
-    if np.ndim(corpus) != 2:
-        raise ValueError(f"corpus must be [N, D], got shape {np.shape(corpus)}")
-    check_top_k(corpus.shape[0], k, corpus_mask, "k")  # against all N rows, not a shard's
+    check_search(queries, corpus, k, corpus_mask)  # against all N rows, not a shard's
     sharding = getattr(corpus, "sharding", None)
     row_axis = sharding.spec[0] if isinstance(sharding, NamedSharding) and sharding.spec else None
     if row_axis is None or sharding.num_devices == 1:
@@ -301,9 +316,13 @@ _search_one_device = jax.jit(
 
 
 def _mapped_file(array) -> tuple[str, int, int] | None:
-    """(file, offset, bytes per row) of a C-contiguous memory-mapped 2-D array, else None."""
+    """(file, offset, bytes per row) of a C-contiguous 2-D array that is a whole memory map of
+    its file's rows, else None: a view of one (a slice, say) carries its parent's offset, and
+    a copy-on-write map ("c") may hold what the file does not."""
     mapped = isinstance(array, np.memmap) and array.filename and array.ndim == 2
-    if not mapped or not array.flags.c_contiguous:
+    if not mapped or not array.flags.c_contiguous or array.mode == "c":
+        return None
+    if not isinstance(array.base, mmap.mmap):  # a view of the map, not the map
         return None
     return array.filename, array.offset, array.shape[1] * array.itemsize
 
@@ -319,7 +338,12 @@ def read_rows(array, rows: np.ndarray) -> np.ndarray:
         # whole first (6 ms for 100,000 rows, against 7 us).
         return array[rows]
     filename, offset, row_bytes = mapped
-    unique, inverse = np.unique(rows, return_inverse=True)
+    rows, n = np.asarray(rows), len(array)
+    if rows.dtype.kind not in "iu":  # as indexing would refuse them (bool masks too, here)
+        raise IndexError(f"rows must be integers, got {rows.dtype}")
+    if rows.size and (rows.min() < -n or rows.max() >= n):
+        raise IndexError(f"rows must lie in [-{n}, {n}), got [{rows.min()}, {rows.max()}]")
+    unique, inverse = np.unique(np.where(rows < 0, rows + n, rows), return_inverse=True)
     out = np.empty((len(unique), array.shape[1]), array.dtype)
     if not native_search.read_rows(filename, offset, row_bytes, unique, out):
         buffer = out.view(np.uint8).reshape(len(unique), row_bytes)
@@ -369,7 +393,11 @@ class TwoPassIndex:
     WIDEN = 8
 
     def __init__(self, corpus: np.ndarray, chunk_rows: int = 1 << 16, int8: bool | None = None):
-        """`int8`: the int8 copy (default: where the native kernel runs) or bfloat16."""
+        """`int8`: the int8 copy (default: where the native kernel runs) or bfloat16. The
+        corpus is kept as given, not copied (a memory-mapped file stays on disk): the compact
+        copy is made here, so a corpus changed afterwards needs a new index."""
+        if not (is_count(chunk_rows) and chunk_rows >= 1):
+            raise ValueError(f"chunk_rows must be an integer >= 1, got {chunk_rows!r}")
         if not hasattr(corpus, "shape"):
             corpus = np.asarray(corpus)
         dtype = np.asarray(corpus[:0]).dtype if np.ndim(corpus) else np.asarray(corpus).dtype
@@ -514,11 +542,14 @@ def validate_corpus(
             "corpus_embeddings must be an array [N, D] (numpy or JAX), got a "
             + type(corpus).__name__
         )
+    if not is_count(emb_size):
+        raise TypeError(f"emb_size must be an integer, got {emb_size!r}")
     shape = jnp.shape(corpus)
     if len(shape) != 2 or shape[1] != emb_size:
         raise ValueError(f"corpus_embeddings has shape {shape}, expected [N, D={emb_size}]")
-    if not jnp.issubdtype(jnp.result_type(corpus), jnp.floating):
-        raise ValueError(f"corpus_embeddings must be floating, got {jnp.result_type(corpus)}")
+    dtype = getattr(corpus, "dtype", None)
+    if dtype is None or not jnp.issubdtype(np.dtype(dtype), jnp.floating):  # (objects too)
+        raise ValueError(f"corpus_embeddings must be floating, got {dtype}")
     if shape[0] == 0:
         raise ValueError("corpus_embeddings is empty (N=0): there is nothing to retrieve")
     check_top_k(shape[0], top_k, corpus_mask, "top_k")

@@ -365,6 +365,10 @@ def test_the_corpus_kept_is_the_runner_s_own_copy(retriever):
     after = retriever.retrieve(batch, emb, top_k=5)
     np.testing.assert_array_equal(after.top_k_indices, before.top_k_indices)
     assert np.isfinite(np.asarray(retriever.corpus_embeddings)).all()
+    ids = np.arange(100, 140)  # and its post ids: written to later, they held duplicates
+    retriever.set_corpus(normal(3, (40, SETUP.emb_size)), ids)
+    ids[:] = 7
+    assert retriever.corpus_post_ids.tolist() == list(range(100, 140))
 
 
 # ---------------------------------------------------------------------------------------------

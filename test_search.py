@@ -255,8 +255,16 @@ def test_bad_method_k_and_shapes_are_refused():
             search(queries, corpus.tolist(), 3)
     for empty in (np.zeros((0, 4), np.float32), jnp.zeros((0, 4))):  # no users, no work
         assert [x.shape for x in top_k_search(empty, corpus, 3)] == [(0, 3), (0, 3)]
-    with pytest.raises(ValueError, match="queries row 1 holds NaN or infinity"):
-        top_k_search(np.array([[1, 0, 0, 0], [0, np.nan, 0, 0]], np.float32), corpus, 3)
+    nan_queries = np.array([[1, 0, 0, 0], [0, np.nan, 0, 0]], np.float32)
+    for search in (top_k_search, sharded_top_k_search):  # sharded: checked before its jit
+        with pytest.raises(ValueError, match="queries row 1 holds NaN or infinity"):
+            search(nan_queries, corpus, 3)
+        with pytest.raises(TypeError, match="corpus_mask must be an array .*, got list"):
+            search(queries, corpus, 3, [True] * 10)
+        with pytest.raises(TypeError, match="corpus_mask must be bool .*, got <U1"):
+            search(queries, corpus, 3, np.array(["y"] * 10))
+    with pytest.raises(ValueError, match=r"threads must be an integer in \[0, 2\*\*31\)"):
+        top_k_search(queries, corpus, 3, threads=10**20)
 
 
 @pytest.mark.parametrize("int8", [False, pytest.param(True, marks=needs_kernel)])
@@ -360,6 +368,42 @@ def test_read_rows_reads_a_mapped_file_without_mapping_it(tmp_path, monkeypatch,
         np.testing.assert_array_equal(read_rows(mapped, rows), table[rows])
         np.testing.assert_array_equal(read_rows(table, rows), table[rows])
     np.testing.assert_array_equal(read_block(mapped, 4990, 6000), table[4990:])
+    # As indexing does: rows from the end, and rows outside named (the file was read beyond).
+    np.testing.assert_array_equal(read_rows(mapped, np.array([-1, 0])), table[[-1, 0]])
+    with pytest.raises(IndexError, match=r"rows must lie in \[-5000, 5000\), got \[0, 5000\]"):
+        read_rows(mapped, np.array([0, 5000]))
+    with pytest.raises(IndexError, match="rows must be integers, got float64"):
+        read_rows(mapped, np.array([1.5]))
+    # A view of the map keeps its parent's offset, a copy-on-write map what the file does not
+    # hold: both are read as arrays, not from the file.
+    np.testing.assert_array_equal(read_rows(mapped[1000:], np.array([0, 5])), table[[1000, 1005]])
+    np.testing.assert_array_equal(read_block(mapped[1000:], 0, 3), table[1000:1003])
+    private = np.load(tmp_path / "t.npy", mmap_mode="c")
+    private[2] = -1.0
+    np.testing.assert_array_equal(read_rows(private, np.array([2])), private[[2]])
+
+
+def test_two_pass_index_over_a_view_of_a_mapped_file_searches_the_view(tmp_path):
+    corpus = unit_rows((3000, 16), seed=4)
+    np.save(tmp_path / "c.npy", corpus)
+    view = np.load(tmp_path / "c.npy", mmap_mode="r")[1000:]  # it searched file rows 0..1999
+    queries = unit_rows((3, 16), seed=5)
+    assert_same_top_k(TwoPassIndex(view).search(queries, 5), full_top_k(queries, corpus[1000:], 5))
+    for chunk_rows in (0, -1, 1.5):  # -1 left its codes unwritten, 0 and 1.5 Python's errors
+        with pytest.raises(
+            ValueError, match=f"chunk_rows must be an integer >= 1, got {chunk_rows}"
+        ):
+            TwoPassIndex(corpus, chunk_rows=chunk_rows)
+
+
+def test_xla_search_keeps_real_rows_when_scores_overflow_to_minus_infinity():
+    """The running top k started as (-inf, row 0) and kept copies of row 0 against rows whose
+    products overflow to -inf."""
+    corpus = np.full((1000, 4), -3e38, np.float32)
+    corpus[[5, 10, 950]] = 1.0
+    queries = np.ones((1, 4), np.float32)
+    _, indices = top_k_search(queries, corpus, 10, method="xla", block_size=300)
+    assert np.asarray(indices)[0].tolist() == [5, 10, 950, 0, 1, 2, 3, 4, 6, 7]
 
 
 def test_first_repeated_names_the_smallest_id_given_twice():
