@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok import TransformerConfig
+from grok import FLOAT32_MAX, TransformerConfig
 from recsys_model import (
     ACTIONS,
     CONTINUOUS_LOSS_TYPES,
@@ -637,7 +637,7 @@ def _config_problem(data: dict) -> str | None:
     return None
 
 
-FLOAT32_TINY, FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)
 
 
 _CONTINUOUS = "continuous_action_config"

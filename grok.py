@@ -155,7 +155,7 @@ class TransformerConfig:
             )
         for field in ("widening_factor", "attn_output_multiplier"):
             value = getattr(self, field)
-            if not _is_real(value) or not abs(value) <= FLOAT32_MAX:  # computed in float32
+            if not is_number(value) or not abs(value) <= FLOAT32_MAX:  # computed in float32
                 raise ValueError(
                     f"TransformerConfig.{field} must be a finite number in float32's range, "
                     f"got {value!r}"
@@ -169,17 +169,22 @@ class TransformerConfig:
         return Transformer(*heads, self.widening_factor, multiplier, self.num_layers, self.name)
 
 
-def _is_real(value) -> bool:
-    """A Python or NumPy int or float; not a bool, a string or an array."""
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
-        value, bool | np.bool_
-    )
+def is_integer(value) -> bool:
+    """Whether a value (read from JSON, or given in Python) is an integer: true and false are
+    not, numpy's integers are."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    """Whether a value (read from JSON, or given in Python) is a real number: true and false are
+    not, numpy's numbers are."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def _check_positive_integer(field: str, value) -> None:
     """A count such as `num_layers`: an integer >= 1 (2.0 is refused: Haiku's shapes and range()
     take integers only)."""
-    if not isinstance(value, int | np.integer) or isinstance(value, bool) or value < 1:
+    if not (is_integer(value) and value >= 1):
         raise ValueError(f"TransformerConfig.{field} must be a positive integer, got {value!r}")
 
 

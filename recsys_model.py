@@ -32,10 +32,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grok import (
+from grok import (  # is_integer and is_number: also this module's, as the others import them
     KVCache,
     TransformerConfig,
     ffn_size,
+    is_integer,
+    is_number,
     layer_norm,
     matmul_2d,
     right_anchored_rope_positions,
@@ -178,12 +180,6 @@ def compute_post_age_bucket(
     return jnp.where(absent, 0, bucket).astype(jnp.int32)
 
 
-def is_integer(value: Any) -> bool:
-    """Whether a value (read from JSON, or given in Python) is an integer: true and false are
-    not, numpy's integers are."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-
 def _check_offset(offset: Any) -> None:
     """A first candidate's slot: integers >= 0, one or one per user ([B, 1]); traced, any
     integers."""
@@ -195,12 +191,6 @@ def _check_offset(offset: Any) -> None:
     raise ValueError(
         f"candidate_offset must be an integer >= 0 (the first candidate's slot), got {offset!r}"
     )
-
-
-def is_number(value: Any) -> bool:
-    """Whether a value (read from JSON, or given in Python) is a real number: true and false are
-    not, numpy's numbers are."""
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
 
 
 def require_kind(value: Any, kind: Any, name: str, hint: str = "") -> None:

@@ -24,7 +24,16 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from checkpoint import artifact_files, load_artifacts, write_json
-from cli import ArgumentParser, count, file_in_a_folder, positive_int, run_main, seed_int
+from cli import (
+    ArgumentParser,
+    count,
+    file_in_a_folder,
+    path_arg,
+    path_type,
+    positive_int,
+    run_main,
+    seed_int,
+)
 from pipeline import (
     Pipeline,
     describe_feed,
@@ -44,17 +53,17 @@ def parse_args(argv: list[str] | None = None):
     parser = ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--artifacts_dir",
-        type=cli.path_arg,
+        type=path_arg,
         default="./artifacts",
         help="the artifacts folder (./artifacts)",
     )
     parser.add_argument(
         "--sequence_file",
-        type=cli.path_arg,
+        type=path_arg,
         help="a user sequence .json (<artifacts_dir>/example_sequence.json)",
     )
     parser.add_argument(
-        "--corpus_file", type=cli.path_arg, help="a corpus .npz (<artifacts_dir>/sports_corpus.npz)"
+        "--corpus_file", type=path_arg, help="a corpus .npz (<artifacts_dir>/sports_corpus.npz)"
     )
     parser.add_argument(
         "--top_k_retrieval", type=positive_int, default=200, help="posts retrieved and ranked (200)"
@@ -63,7 +72,7 @@ def parse_args(argv: list[str] | None = None):
         "--top_k_display", type=positive_int, default=30, help="posts shown, the best ranked (30)"
     )
     parser.add_argument(
-        "--output-json", type=cli.path_type, help="also write the ranked posts, every score"
+        "--output-json", type=path_type, help="also write the ranked posts, every score"
     )
     parser.add_argument(
         "--dtype",
@@ -72,9 +81,7 @@ def parse_args(argv: list[str] | None = None):
         help="compute dtype of both models (bfloat16, as the published pipeline)",
     )
     example = parser.add_argument_group("an example folder (written, then the script exits)")
-    example.add_argument(
-        "--write-example", type=cli.path_type, metavar="DIR", help="write it to DIR"
-    )
+    example.add_argument("--write-example", type=path_type, metavar="DIR", help="write it to DIR")
     example.add_argument("--seed", type=seed_int, default=0, help="of weights and data (0)")
     example.add_argument("--corpus-size", type=positive_int, default=10_000, help="posts (10,000)")
     example.add_argument(

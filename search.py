@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import native_search
+from grok import is_integer
 
 INF = 1e12  # masked corpus entries score -INF
 
@@ -152,9 +153,9 @@ def top_k_search(
     if method not in SEARCH_METHODS:
         raise ValueError(f"method must be one of {SEARCH_METHODS}, got {method!r}")
     check_search(queries, corpus, k, corpus_mask)
-    if block_size is not None and not (is_count(block_size) and block_size >= 1):
+    if block_size is not None and not (is_integer(block_size) and block_size >= 1):
         raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
-    if not (is_count(threads) and 0 <= threads < 2**31):
+    if not (is_integer(threads) and 0 <= threads < 2**31):
         raise ValueError(
             f"threads must be an integer in [0, 2**31) (0: one per core), got {threads!r}"
         )
@@ -396,7 +397,7 @@ class TwoPassIndex:
         """`int8`: the int8 copy (default: where the native kernel runs) or bfloat16. The
         corpus is kept as given, not copied (a memory-mapped file stays on disk): the compact
         copy is made here, so a corpus changed afterwards needs a new index."""
-        if not (is_count(chunk_rows) and chunk_rows >= 1):
+        if not (is_integer(chunk_rows) and chunk_rows >= 1):
             raise ValueError(f"chunk_rows must be an integer >= 1, got {chunk_rows!r}")
         if not hasattr(corpus, "shape"):
             corpus = np.asarray(corpus)
@@ -542,7 +543,7 @@ def validate_corpus(
             "corpus_embeddings must be an array [N, D] (numpy or JAX), got a "
             + type(corpus).__name__
         )
-    if not is_count(emb_size):
+    if not is_integer(emb_size):
         raise TypeError(f"emb_size must be an integer, got {emb_size!r}")
     shape = jnp.shape(corpus)
     if len(shape) != 2 or shape[1] != emb_size:
@@ -592,16 +593,11 @@ def first_non_finite_row(x) -> int | None:
     return int(np.argmax(bad)) if bad.any() else None
 
 
-def is_count(value) -> bool:
-    """Whether `value` is an integer (Python's or NumPy's), not a bool, a float or a string."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
-
-
 def check_top_k(
     n: int, k: int, corpus_mask: jax.Array | None = None, k_name: str = "top_k"
 ) -> None:
     """Raises ValueError unless k is an integer in [1, n] and the mask, if any, is [n]."""
-    if not is_count(k) or not 1 <= k <= n:
+    if not is_integer(k) or not 1 <= k <= n:
         if getattr(k, "ndim", 0):  # an array (a corpus in k's place?): its shape, not its values
             got = f"an array of shape {list(k.shape)}, {k.dtype}"
         elif isinstance(k, numbers.Number | str) or hasattr(k, "dtype"):

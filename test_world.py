@@ -258,7 +258,7 @@ def test_oracle_and_popularity_rankings_exclude_the_history(world):
     time = int(examples.query_times[0])
     with pytest.raises(ValueError, match=r"must be \[N\] each, got \[1, 2\] and \[1, 2\]"):
         world.history([[1, 2]], [[time, time]])
-    with pytest.raises(ValueError, match=r"post_ids \[2\] and times \[3\]: shapes that do not"):
+    with pytest.raises(ValueError, match=r"post_ids \[2\], times \[3\]: shapes that do not"):
         world.servable([1, 2], [time] * 3)
     for method in (world.true_probabilities, world.expected_dwell, world.median_dwell):
         with pytest.raises(TypeError, match=r"^times must be integers \(unix seconds\), got None"):

@@ -85,7 +85,7 @@ from cli import (
     run_main,
     seed_int,
 )
-from grok import TransformerConfig
+from grok import FLOAT32_MAX, TransformerConfig
 from recsys_model import (
     ACTIONS,
     CONTINUOUS_LOSS_TYPES,
@@ -1124,23 +1124,20 @@ def make_job(
         )
     job = Job(kind, config, hashing, train_data, eval_data, loss, world, train, log_q)
     if to_train:
-        check_trainable(job)
+        check_batch(job)
+        needed = training_bytes(kind, hashing, config, world)
+        check_memory(needed, f"training the {kind} on this world")
     return job
 
 
-def check_trainable(job: Job, memory: bool = True) -> None:
-    """Refuses a job whose training settings do not fit its world, whose batch is larger than
-    its training set, or (`memory`) whose training would plainly not fit in memory."""
-    check_train_config(job.train, job.world, job.kind)
+def check_batch(job: Job) -> None:
+    """Refuses a job whose batch is larger than its training set."""
     examples = len(job.train_data["user_hashes"])
     if job.train.batch_size > examples:
         raise ValueError(
             f"batch_size ({job.train.batch_size}) exceeds the {examples} {job.kind} training "
             "examples of the world"
         )
-    if memory:
-        needed = training_bytes(job.kind, job.hashing, job.config, job.world)
-        check_memory(needed, f"training the {job.kind} on this world")
 
 
 def training_bytes(kind: str, hashing: Hashing, config, world: world_lib.World) -> float:
@@ -1155,9 +1152,6 @@ def training_bytes(kind: str, hashing: Hashing, config, world: world_lib.World) 
     if kind == "retrieval":
         needed += 5 * len(world.retrieval_eval) * world.num_posts
     return needed
-
-
-FLOAT32_MAX = float(np.finfo(np.float32).max)  # the steps compute in float32
 
 
 def check_train_config(train: TrainConfig, world: world_lib.World, kind: str) -> None:
@@ -1239,7 +1233,8 @@ def fit(
             raise TypeError(f"{name} must be True or False, got {value!r}")
     # Its settings again (a job made with to_train=False was not checked); not the memory,
     # which make_job measured before any model trained, and another may hold now.
-    check_trainable(job, memory=False)
+    check_train_config(train, job.world, job.kind)
+    check_batch(job)
     check_batch_split(train, mesh)
     resume = resume or start is not None
     if not resume and (state_dir / f"{job.kind}.npz").exists():

@@ -192,6 +192,15 @@ def _integers(values) -> np.ndarray | None:
     return None
 
 
+def _check_broadcast(named: dict[str, np.ndarray]) -> None:
+    """Raises ValueError, naming each array's shape, unless the arrays broadcast together."""
+    try:
+        np.broadcast_shapes(*(x.shape for x in named.values()))
+    except ValueError:
+        shapes = ", ".join(f"{name} {list(x.shape)}" for name, x in named.items())
+        raise ValueError(f"{shapes}: shapes that do not broadcast together") from None
+
+
 def _times(times, name: str = "times") -> np.ndarray:
     """Times given to the world, as int64: integers of unix seconds in [0, 2**31), which the
     models take (a float would be truncated, and beyond int32 a time would wrap)."""
@@ -614,11 +623,7 @@ class World:
         named = {"user_ids": u, "post_ids": p}
         if time_name is not None:
             times = named[time_name] = _times(times, time_name)
-        try:
-            np.broadcast_shapes(*(x.shape for x in named.values()))
-        except ValueError:
-            shapes = ", ".join(f"{name} {list(x.shape)}" for name, x in named.items())
-            raise ValueError(f"{shapes}: shapes that do not broadcast together") from None
+        _check_broadcast(named)
         return u, p, times
 
     def author_name(self, author_id: int) -> str:
@@ -823,13 +828,7 @@ class World:
         """Whether posts could be served at the times (broadcast): in the serving window
         before them, as `recent_posts` lists them."""
         p, times = self._index(post_ids, self.num_posts, "post_ids"), _times(times)
-        try:
-            np.broadcast_shapes(p.shape, times.shape)
-        except ValueError:
-            raise ValueError(
-                f"post_ids {list(p.shape)} and times {list(times.shape)}: shapes that do not "
-                "broadcast together"
-            ) from None
+        _check_broadcast({"post_ids": p, "times": times})
         return self._servable(p, times)
 
     def _servable(self, p: np.ndarray, times: np.ndarray) -> np.ndarray:
