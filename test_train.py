@@ -273,6 +273,30 @@ def test_retrieval_loss_equals_a_numpy_sampled_softmax(world):
     np.testing.assert_allclose(float(loss), np.mean(expected), rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "loss_type, expected",
+    [
+        ("mae", [0.0, 0.05, 0.4]),
+        ("mse", [0.0, 0.0025, 0.16]),
+        # Squared below the delta of 0.1 (0.05**2 / 2), absolute beyond it: 0.1 * (0.4 - 0.05).
+        ("huber", [0.0, 0.00125, 0.035]),
+        # Power 1.5 at mu 0.5: 2 y / sqrt(mu) + 2 sqrt(mu), lowest where mu equals y.
+        (
+            "tweedie",
+            [
+                2 * 0.5**0.5 + 2 * 0.5**0.5,
+                1.1 / 0.5**0.5 + 2 * 0.5**0.5,
+                1.8 / 0.5**0.5 + 2 * 0.5**0.5,
+            ],
+        ),
+    ],
+)
+def test_continuous_losses_equal_hand_computed_values(loss_type, expected):
+    config = T.ContinuousActionConfig(loss_weight=1.0, loss_type=loss_type)
+    loss = T.continuous_loss(jnp.full(3, 0.5), jnp.array([0.5, 0.55, 0.9]), config)
+    np.testing.assert_allclose(loss, expected, rtol=1e-5, atol=1e-7)
+
+
 def test_reports_equal_hand_computed_values():
     """Four impressions, favorite labels 1 0 1 0, oracle probabilities .9 .2 .6 .6: AUROC 3.5/4
     (the tie counts half); PR-AUC 1/2 · 1 + 1/2 · 2/3 (the tied pair enters together);

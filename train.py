@@ -381,15 +381,21 @@ def ranking_batch(arrays: dict) -> RecsysBatch:
     return RecsysBatch(**{f: arrays[f] for f in RecsysBatch._fields if f in arrays})
 
 
+# The Huber loss's switch from squared to absolute error, on the normalised [0, 1] scale (6 s of
+# dwell at the 60 s scale `train.py` trains with); `ContinuousActionConfig` has no field for it.
+HUBER_DELTA = 0.1
+
+
 def continuous_loss(prediction: jax.Array, target: jax.Array, config: ContinuousActionConfig):
-    """Per-element loss of the continuous head (predictions and targets in [0, 1])."""
+    """Per-element loss of the continuous head (predictions and targets in [0, 1]; "huber"
+    switches from squared to absolute error at `HUBER_DELTA`)."""
     error = prediction - target
     if config.loss_type == "mae":
         return jnp.abs(error)
     if config.loss_type == "mse":
         return jnp.square(error)
     if config.loss_type == "huber":
-        return optax.huber_loss(prediction, target, delta=0.1)
+        return optax.huber_loss(prediction, target, delta=HUBER_DELTA)
     if config.loss_type == "tweedie":
         p, mu = config.tweedie_power, jnp.maximum(prediction, 1e-6)
         return -target * mu ** (1 - p) / (1 - p) + mu ** (2 - p) / (2 - p)
