@@ -264,6 +264,11 @@ def reuse_freed_memory() -> bool:
     return all(mallopt(option, value) == 1 for option, value in settings)
 
 
+# The variable that turns JAX's persistent compilation cache on or off, and the values JAX
+# takes for a switch (any other fails its import).
+CACHE_SWITCH = "JAX_ENABLE_COMPILATION_CACHE"
+JAX_TRUTH_VALUES = ("y", "yes", "t", "true", "on", "1", "n", "no", "f", "false", "off", "0")
+
 # Programs that compile faster than this are compiled again rather than read from the disk.
 CACHE_MIN_COMPILE_SECONDS = 0.5
 
@@ -294,9 +299,14 @@ def keep_compiled_programs() -> Path | None:
         folder = Path(base) / "phoenix-jax" / f"xla-{_instruction_set_key()}"
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None
-    if not os.access(folder, os.W_OK):
+        problem = None if os.access(folder, os.W_OK) else "is not writable"
+    except FileExistsError:
+        problem = "is a file, not a folder"
+    except OSError as error:
+        problem = f"cannot be made ({error.strerror or type(error).__name__})"
+    if problem is not None:  # off, said once, rather than failing on every program it keeps
+        jax.config.update("jax_enable_compilation_cache", False)
+        warnings.warn(f"compilation cache off: {folder} {problem}", RuntimeWarning, stacklevel=2)
         return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
@@ -396,6 +406,14 @@ def quiet_interrupts(prog: str) -> None:
 
     _while_starting = interrupted
     signal.signal(signal.SIGINT, interrupted)
+    # JAX reads its switches when it is imported and fails with a traceback from inside it.
+    value = os.environ.get(CACHE_SWITCH)
+    if value is not None and value.strip().lower() not in JAX_TRUTH_VALUES:
+        sys.stderr.write(
+            f"{prog}: error: {CACHE_SWITCH}={value!r}: expected true or false (or 1 or 0, yes or "
+            "no, on or off)\n"
+        )
+        sys.exit(2)
 
 
 class Terminated(KeyboardInterrupt):
@@ -450,8 +468,8 @@ def run_main(main: Callable[[], int], prog: str, interrupted: str = "interrupted
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:  # (one ignored stays so)
             signal.signal(signal.SIGTERM, _stop)
         sys.unraisablehook = _lost
-    keep_compiled_programs()
     warnings.formatwarning = functools.partial(_format_warning, prog)
+    keep_compiled_programs()
     streams = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = (None if s is None else _OutputOrNothing(s) for s in streams)
     try:

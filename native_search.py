@@ -39,6 +39,9 @@ TARGET = "phoenix_top_k"
 INT8_TARGET = "phoenix_top_k_int8"
 SOURCE = Path(__file__).with_name("native_search.cc")
 DISABLE_VARIABLE = "PHOENIX_NATIVE_SEARCH"
+# Its values, as JAX reads its own switches; unset or empty is on.
+_OFF = ("0", "false", "no", "off", "n", "f")
+_ON = ("", "1", "true", "yes", "on", "y", "t")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -102,17 +105,26 @@ def _build() -> Path:
         partial = Path(scratch) / library.name
         result = subprocess.run(_compiler_command(partial), capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed:\n{result.stderr[-2000:]}")
+            said = result.stderr[-2000:].strip() or f"exit status {result.returncode}, no message"
+            raise RuntimeError(f"compiling {SOURCE.name} with {command[0]} failed: {said}")
         os.replace(partial, library)
     return library
 
 
 def available() -> bool:
-    """Builds and registers the kernel on first call; False if it cannot be used here."""
+    """Builds and registers the kernel on first call; False if it cannot be used here or
+    `PHOENIX_NATIVE_SEARCH` turns it off. A value of that variable that is neither on nor off is
+    a ValueError, not taken for either."""
+    value = os.environ.get(DISABLE_VARIABLE, "").strip().lower()
+    if value not in _OFF + _ON:
+        raise ValueError(
+            f"{DISABLE_VARIABLE}={os.environ[DISABLE_VARIABLE]!r}: expected 0, false, no or off "
+            "to turn the native search off, or 1, true, yes, on or nothing to leave it on"
+        )
     with _lock:
         if "ok" not in _state:
             _state["ok"] = False
-            if os.environ.get(DISABLE_VARIABLE, "").strip().lower() in ("0", "false", "no", "off"):
+            if value in _OFF:
                 return False
             try:
                 library = ctypes.cdll.LoadLibrary(str(_build()))

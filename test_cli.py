@@ -213,7 +213,13 @@ def no_home():
 Path.home = staticmethod(no_home)
 seen["no home"] = cli.keep_compiled_programs()
 os.environ["XDG_CACHE_HOME"] = sys.argv[2]
-seen["no folder"] = cli.keep_compiled_programs()
+import warnings
+with warnings.catch_warnings(record=True) as said:
+    warnings.simplefilter("always")
+    seen["no folder"] = cli.keep_compiled_programs()
+seen["no folder: said"] = [str(w.message).replace(sys.argv[2], "FILE") for w in said]
+seen["no folder: on"] = jax.config.jax_enable_compilation_cache
+jax.config.update("jax_enable_compilation_cache", True)
 os.environ["XDG_CACHE_HOME"] = sys.argv[1]
 seen["default"] = str(cli.keep_compiled_programs())
 seen["jax's folder"] = jax.config.jax_compilation_cache_dir
@@ -237,12 +243,29 @@ def test_scripts_keep_compiled_programs_in_the_user_cache(tmp_path):
         "no jax": None,
         "turned off": None,
         "no home": None,
-        "no folder": None,
+        "no folder": None,  # and the cache turned off, saying why, once
+        "no folder: said": [
+            f"compilation cache off: FILE/phoenix-jax/{folder.name} cannot be made (Not a "
+            "directory)"
+        ],
+        "no folder: on": False,
         "default": str(folder),
         "jax's folder": str(folder),
         "threshold": cli.CACHE_MIN_COMPILE_SECONDS,
     }
     assert any(folder.iterdir()), "the compiled program was not written to the folder"
+
+
+def test_a_cache_switch_jax_would_fail_to_import_with_is_one_line():
+    code = (
+        "import os\nos.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'nope'\n"
+        "import cli\ncli.quiet_interrupts('demo.py')\nimport jax"
+    )
+    status, out, report = finish(start_with_devices(code, 1))
+    assert status == 2 and report.endswith(
+        "stderr:\ndemo.py: error: JAX_ENABLE_COMPILATION_CACHE='nope': expected true or false (or "
+        "1 or 0, yes or no, on or off)\n"
+    ), report
 
 
 # Output still buffered for a reader that has gone (its pipe closed), as with `| head` and Ctrl-C.

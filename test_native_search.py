@@ -203,6 +203,21 @@ def test_the_environment_variable_turns_the_kernel_off(monkeypatch):
     monkeypatch.setattr(native_search, "_state", {})
     monkeypatch.setenv(native_search.DISABLE_VARIABLE, "0")
     assert not native_search.available()
+    # A value that is neither on nor off is not taken for on.
+    monkeypatch.setattr(native_search, "_state", {})
+    monkeypatch.setenv(native_search.DISABLE_VARIABLE, "nope")
+    with pytest.raises(ValueError, match="PHOENIX_NATIVE_SEARCH='nope': expected 0, false"):
+        native_search.available()
+    assert native_search._state == {}  # noqa: SLF001
+
+
+def test_a_compiler_that_fails_without_a_message_is_named_with_its_status(monkeypatch, tmp_path):
+    monkeypatch.setattr(native_search, "_state", {})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.delenv(native_search.DISABLE_VARIABLE, raising=False)
+    with pytest.warns(RuntimeWarning, match="with false failed: exit status 1, no message"):
+        assert not native_search.available()
 
 
 @needs_kernel
