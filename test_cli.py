@@ -576,3 +576,30 @@ def test_measure_alternates_the_functions_and_takes_medians(monkeypatch):
 def test_load_average_prints_the_three_figures_to_two_places(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (0.5, 1.234, 12.0))
     assert cli.load_average() == "0.50, 1.23, 12.00"
+
+
+def test_an_install_holds_every_project_module_the_library_and_scripts_import():
+    """`pip install .` installs the modules named in pyproject.toml, one by one: each project
+    module that one of them or a script imports is among them, and nothing else is."""
+    import tomllib
+
+    root = Path(__file__).parent
+    wheel = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
+    installed = {Path(f).stem for f in wheel["targets"]["wheel"]["include"] if f.endswith(".py")}
+    project = {p.stem for p in root.glob("*.py")}
+
+    def imported(module: str) -> set[str]:
+        names = set()
+        for node in ast.walk(ast.parse((root / f"{module}.py").read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names.add(node.module)
+        return names & project
+
+    scripts = {"run_ranker", "run_retrieval", "run_pipeline", "published_pipeline"}
+    scripts |= {"benchmark", "benchmark_pipeline"}
+    needed = set().union(*(imported(m) for m in installed | scripts)) - scripts
+    assert needed <= installed, f"imported but not installed: {sorted(needed - installed)}"
+    assert installed <= project, f"named but not in the repository: {installed - project}"
+    assert (root / "native_search.cc").name in wheel["targets"]["wheel"]["include"]
