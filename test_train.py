@@ -211,6 +211,46 @@ def test_updates_with_non_finite_gradients_are_skipped_counted_then_stop_the_run
         T.fit(bad, tmp_path / "resumed", resume=True, quiet=True)
 
 
+def test_a_diverging_run_is_said_to_be_once(world, tmp_path):
+    """A loss ten times the first step's: a warning naming both, once; a run that learns, none."""
+    job = T.make_job("ranker", world, dataclasses.replace(QUICK, steps=8, learning_rate=1e3))
+    with pytest.warns(RuntimeWarning) as said:
+        _, log = T.fit(job, tmp_path / "diverging", quiet=True)
+    assert len(said) == 1, [str(w.message) for w in said]
+    first, blown = log[0]["loss"], next(e for e in log if e["loss"] > 10 * log[0]["loss"])
+    assert str(said[0].message) == (
+        f"ranker: the loss has grown from {first:.4g} at step 1 to {blown['loss']:.4g} at step "
+        f"{blown['step']}: the training is diverging (a learning rate too high?)"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        T.fit(dataclasses.replace(job, train=QUICK), tmp_path / "learning", quiet=True)
+
+
+def test_a_run_whose_steps_are_not_its_schedules_says_where_the_schedule_ends(
+    world, tmp_path, capsys
+):
+    floor = f"{QUICK.final_learning_rate_fraction:.0%} of its peak"
+    for steps, decay, said in (
+        (2, 30, f"this run stops before it reaches its floor, {floor}"),
+        (7, 6, f"from step 6 on it stays at its floor, {floor}"),
+    ):
+        settings = dataclasses.replace(QUICK, steps=steps, decay_steps=decay, eval_every=100)
+        T.fit(T.make_job("ranker", world, settings), tmp_path / str(steps))
+        out = capsys.readouterr().out.splitlines()
+        assert (
+            out[1]
+            == f"  (the learning rate's schedule is {decay} steps long, --decay-steps: {said})"
+        )
+    T.fit(
+        T.make_job(
+            "ranker", world, dataclasses.replace(QUICK, steps=2, decay_steps=2, warmup_steps=1)
+        ),
+        tmp_path / "same",
+    )
+    assert "schedule" not in capsys.readouterr().out
+
+
 def test_batches_that_do_not_split_over_the_devices_are_refused(world, tmp_path):
     four = types.SimpleNamespace(size=4, devices=np.arange(4))  # a mesh of four devices
     job = T.make_job("ranker", world, dataclasses.replace(QUICK, batch_size=30))
@@ -762,8 +802,10 @@ def test_a_state_is_held_to_the_settings_its_model_reads_alone(world):
     assert meta("retrieval", dwell_loss="mae") == meta("retrieval")
     assert meta("retrieval", negatives=7)["train"]["negatives"] == 7
     assert meta("ranker", dwell_loss="mae")["train"]["dwell_loss"] == "mae"
-    flags = ["--out", "x", "--negatives", "7"]
-    assert {t.negatives for t in T.run_configs(T.parse_args(flags))[1].values()} == {7}
+    flags = ["--out", "x", "--negatives", "7"]  # retrieval's alone, the ranker's left as it is
+    trains = T.run_configs(T.parse_args(flags))[1]
+    assert trains["retrieval"].negatives == 7
+    assert trains["ranker"].negatives == T.TrainConfig().negatives
 
 
 def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
@@ -831,6 +873,9 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     assert "--negatives: expected an integer >= 0, got -1" in refused(
         [*RANKER_ONLY, "--out", "x", "--negatives", "-1"]
     )
+    assert "--negatives is retrieval's setting; --model ranker trains the ranker alone" in refused(
+        [*RANKER_ONLY, "--out", "x", "--negatives", "32"]
+    )
     assert "--table-optimizer: invalid choice: 'sgd'" in refused(
         [*RANKER_ONLY, "--out", "x", "--table-optimizer", "sgd"]
     )
@@ -848,7 +893,14 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     )
     notes = str(tmp_path / "notes.txt")
     with monkeypatch.context() as patch:  # a read-only place (root may write anywhere else)
-        patch.setattr(T.os, "access", lambda path, mode: False)
+        access = os.access  # (the suite's compilation cache stays writable)
+        patch.setattr(
+            T.os,
+            "access",
+            lambda path, mode: (
+                tmp_path not in (Path(path), *Path(path).parents) and access(path, mode)
+            ),
+        )
         assert "cannot write in" in refused([*RANKER_ONLY, "--out", str(tmp_path / "new")])
         assert "cannot write there" in refused([*RANKER_ONLY, "--out", str(run), "--resume"])
     assert "is a file, not a folder" in refused([*RANKER_ONLY, "--out", notes])

@@ -38,6 +38,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -574,6 +575,8 @@ TABLE_OPTIMIZERS = {
 # Updates skipped in a row (their gradient norm not finite) before a run stops (`clip_or_skip`,
 # as optax, would apply the next one).
 MAX_SKIPPED_IN_A_ROW = 10
+# A loss this many times the run's first is taken for a diverging run, and said once.
+DIVERGING_LOSS_FACTOR = 10.0
 
 
 def optimiser(train: TrainConfig) -> optax.GradientTransformation:
@@ -1256,7 +1259,7 @@ def fit(
             state, log = load_progress(state_dir, job, state)
     state = place(state, mesh, split=False)
     step_fn = make_step(job.loss, train)
-    first, times = int(state.step), []
+    first, times, diverging = int(state.step), [], False
     saved_at = first if resume else None  # the step of the state on disk
     say = (lambda *a: None) if quiet else print
     if first == train.steps:
@@ -1269,6 +1272,17 @@ def fit(
             f"{job.kind}: steps {first} to {train.steps}, batches of {train.batch_size}, "
             f"{len(job.train_data['user_hashes']):,} training examples"
         )
+        if train.steps != train.decay_steps:  # the schedule does not follow --steps
+            floor = f"{train.final_learning_rate_fraction:.0%} of its peak"
+            say(
+                f"  (the learning rate's schedule is {train.decay_steps} steps long, "
+                "--decay-steps: "
+                + (
+                    f"from step {train.decay_steps} on it stays at its floor, {floor})"
+                    if train.steps > train.decay_steps
+                    else f"this run stops before it reaches its floor, {floor})"
+                )
+            )
     for step in range(first, train.steps):
         arrays = job.batch(step)
         t0 = time.perf_counter()
@@ -1286,6 +1300,15 @@ def fit(
             )
         log.append({"step": step + 1, **stats})
         done = step + 1
+        if not diverging and stats["loss"] > DIVERGING_LOSS_FACTOR * log[0]["loss"]:
+            diverging = True  # said once; the run goes on (its evaluation will show the damage)
+            warnings.warn(
+                f"{job.kind}: the loss has grown from {log[0]['loss']:.4g} at step "
+                f"{log[0]['step']} to {stats['loss']:.4g} at step {done}: the training is "
+                "diverging (a learning rate too high?)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if done % max(1, train.eval_every // 4) == 0 or done == train.steps:
             per_step = float(np.median(times[1:] or times))  # the first step compiles
             skipped = int(stats["skipped"])
@@ -2154,7 +2177,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="retrieval's global negatives per batch, drawn uniformly from the corpus (64)",
     )
     parser.add_argument("--no-export", action="store_true", help="skip artifacts and plots")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.model == "ranker" and args.negatives is not None:  # rather than recorded, unread
+        parser.error("--negatives is retrieval's setting; --model ranker trains the ranker alone")
+    return args
 
 
 def run_configs(args) -> tuple[world_lib.WorldConfig, dict[str, TrainConfig]]:
@@ -2176,8 +2202,12 @@ def run_configs(args) -> tuple[world_lib.WorldConfig, dict[str, TrainConfig]]:
         "negatives": args.negatives,
     }
     flags = {k: v for k, v in flags.items() if v is not None}
-    trains = {
-        kind: dataclasses.replace(TrainConfig.for_model(kind, args.quick), seed=args.seed, **flags)
+    trains = {  # a model's config holds the other model's defaults, not its flags
+        kind: dataclasses.replace(
+            TrainConfig.for_model(kind, args.quick),
+            seed=args.seed,
+            **{k: v for k, v in flags.items() if k not in OTHER_MODELS_SETTINGS[kind]},
+        )
         for kind in MODELS
     }
     return world_config, trains
