@@ -367,6 +367,18 @@ def start_with_devices(code: str, num_devices: int, *args: str) -> subprocess.Po
     )
 
 
+def read_only(monkeypatch, folder: Path) -> None:
+    """`os.access` says nothing in `folder`, or below it, may be written: a read-only place for
+    a test run as root, who may write anywhere. Elsewhere (the suite's compilation cache) it
+    answers as before."""
+    access = os.access
+
+    def answer(path, mode) -> bool:
+        return folder not in (Path(path), *Path(path).parents) and access(path, mode)
+
+    monkeypatch.setattr(os, "access", answer)
+
+
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
     """(exit status, stdout, a report of all its output) of a process from
     `start_with_devices`; killed after `timeout` seconds."""

@@ -179,20 +179,17 @@ class Pipeline:
     def feed(
         self, sequence: Mapping[str, Any], top_k_retrieval: int = 200, top_k_display: int = 30
     ) -> Feed:
-        """Retrieves `top_k_retrieval` posts for the sequence's user, ranks them all and returns
-        the best `top_k_display` by weighted score. A sequence with a request time is not
-        served the posts `_unservable` names (fewer are retrieved if fewer remain; none left
-        is a ValueError)."""
+        """Retrieves `top_k_retrieval` posts for the sequence's user (all of them from a corpus
+        that holds fewer), ranks them all and returns the best `top_k_display` by weighted score.
+        A sequence with a request time is not served the posts `_unservable` names (fewer are
+        retrieved if fewer remain; none left is a ValueError)."""
         corpus: Corpus = self.artifacts.corpus
         n = len(corpus.post_ids)
         check_sequence_object(sequence)
         if not isinstance(sequence, SequenceFile):  # (a file's were named when it was read)
             warn_unknown_sequence_keys(sequence, "sequence", stacklevel=3)
-        if not (is_integer(top_k_retrieval) and 1 <= top_k_retrieval <= n):
-            raise ValueError(
-                f"top_k_retrieval must be an integer in [1, {n}] (the corpus), got "
-                f"{top_k_retrieval!r}"
-            )
+        if not (is_integer(top_k_retrieval) and top_k_retrieval >= 1):
+            raise ValueError(f"top_k_retrieval must be an integer >= 1, got {top_k_retrieval!r}")
         if not (is_integer(top_k_display) and top_k_display >= 1):
             raise ValueError(f"top_k_display must be an integer >= 1, got {top_k_display!r}")
         retrieval, ranker = self.artifacts.retrieval, self.artifacts.ranker
@@ -210,7 +207,9 @@ class Pipeline:
         ranker_history = self._history_inputs(ranker, history)  # the host works meanwhile
         unservable = self._unservable(sequence, request_time)
         excluded = int(np.count_nonzero(unservable))
-        retrieval_scores, indices = self._retrieve(user, unservable, excluded, top_k_retrieval)
+        retrieval_scores, indices = self._retrieve(
+            user, unservable, excluded, min(top_k_retrieval, n)
+        )
         if not len(indices):
             raise ValueError(
                 f"no post of the corpus can be served at request_time {request_time}: all "

@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{ranker.release}, {ranker.model.num_layers} layers, D {ranker.emb_size}, {args.dtype}; "
         f"candidates ranked {positions}."
     )
-    top_k = min(args.top_k_retrieval, len(artifacts.corpus.post_ids))
-    feed = pipeline.feed(artifacts.sequence, top_k, args.top_k_display)
+    feed = pipeline.feed(artifacts.sequence, args.top_k_retrieval, args.top_k_display)
     timings = ", ".join(f"{stage} {1e3 * s:.0f} ms" for stage, s in feed.seconds.items())
     if feed.not_served:
         servable = len(artifacts.corpus.post_ids) - feed.not_served
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             "are not)"
         )
     else:
-        note = " (the whole corpus)" if top_k < args.top_k_retrieval else ""
+        note = " (the whole corpus)" if feed.retrieved < args.top_k_retrieval else ""
     given = len(artifacts.sequence["history"])
     history = count(feed.history_length, "history item") + (
         f" (the first of the {given:,} given)" if given > feed.history_length else ""

@@ -19,7 +19,15 @@ import cli
 import pipeline
 import run_pipeline
 from checkpoint import load_artifacts, read_sequence
-from conftest import SCALE_SETUP, Setup, example, ranking_forward, ranking_params, run_script
+from conftest import (
+    SCALE_SETUP,
+    Setup,
+    example,
+    ranking_forward,
+    ranking_params,
+    read_only,
+    run_script,
+)
 from grok import MultiHeadAttention
 from pipeline import (
     Pipeline,
@@ -354,7 +362,7 @@ def test_the_command_line_refuses_bad_flags_in_one_line(argv, message, capsys, t
 
 
 def test_a_feed_that_could_not_be_written_is_refused_before_serving(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # read-only (root writes anyway)
+    read_only(monkeypatch, tmp_path)
     status, _, err = run(["--output-json", str(tmp_path / "feed.json")], capsys)
     assert status == 2 and f"cannot write in {tmp_path} (no permission" in err, err
 
@@ -405,8 +413,9 @@ def test_a_ranker_whose_actions_lack_the_weighted_ones_is_refused_naming_the_fol
 def test_what_a_pipeline_cannot_serve_is_refused_by_name(folder, tmp_path):
     artifacts = load_artifacts(folder, fprop_dtype=jnp.float32)
     pipeline = Pipeline(artifacts)
-    with pytest.raises(ValueError, match=r"top_k_retrieval must be an integer in \[1, 400\]"):
-        pipeline.feed(artifacts.sequence, 401)
+    with pytest.raises(ValueError, match=r"top_k_retrieval must be an integer >= 1, got 0"):
+        pipeline.feed(artifacts.sequence, 0)
+    assert pipeline.feed(artifacts.sequence, 10**6).retrieved == 400  # the whole corpus
     with pytest.raises(ValueError, match=r"top_k_retrieval must be .*, got '5'"):
         pipeline.feed(artifacts.sequence, "5")
     with pytest.raises(ValueError, match="top_k_display must be an integer >= 1, got 2.5"):

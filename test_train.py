@@ -25,7 +25,7 @@ import metrics
 import runners
 import train as T
 from checkpoint import load_artifacts, read_npz, write_npz
-from conftest import BRIEF_RESULTS, finish, run_script, start_with_devices, train_briefly
+from conftest import BRIEF_RESULTS, finish, read_only, run_script, start_with_devices, train_briefly
 from pipeline import Pipeline
 from recsys_model import ACTIONS
 from tables import TABLE_NAMES
@@ -893,14 +893,7 @@ def test_bad_input_stops_with_one_line(world, tmp_path, capsys, monkeypatch):
     )
     notes = str(tmp_path / "notes.txt")
     with monkeypatch.context() as patch:  # a read-only place (root may write anywhere else)
-        access = os.access  # (the suite's compilation cache stays writable)
-        patch.setattr(
-            T.os,
-            "access",
-            lambda path, mode: (
-                tmp_path not in (Path(path), *Path(path).parents) and access(path, mode)
-            ),
-        )
+        read_only(patch, tmp_path)
         assert "cannot write in" in refused([*RANKER_ONLY, "--out", str(tmp_path / "new")])
         assert "cannot write there" in refused([*RANKER_ONLY, "--out", str(run), "--resume"])
     assert "is a file, not a folder" in refused([*RANKER_ONLY, "--out", notes])
