@@ -940,8 +940,9 @@ def read_history(
     """(user id, post ids [S], author ids [S], actions [S, A], dwell seconds [S] or None) of
     the first `history_len` items of a sequence, left-aligned and padded with 0.
 
-    Action values must be 0 or 1 and indices in [0, num_actions); a history item may also
-    carry "dwell_time" (seconds), which the second release's ranker reads.
+    Action values must be 0 or 1 and indices in [0, num_actions); an item without "actions"
+    has none (a misspelt key is warned of as unknown where the sequence is read); a history
+    item may also carry "dwell_time" (seconds), which the second release's ranker reads.
     """
     check_sequence_object(sequence)
     user_id = _positive_int(sequence.get("user_id"), "user_id")

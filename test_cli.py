@@ -84,7 +84,11 @@ RANDOM = "--random-weights"
         (run_ranker.main, ["--dtype", "float16"], "argument --dtype: invalid choice"),
         (run_ranker.main, ["--batch-size", "0"], "expected an integer >= 1, got 0"),
         (run_ranker.main, [RANDOM, "--repeats", "1000000000"], "expected an integer <= 10000"),
-        (run_ranker.main, ["--checkpoint", "missing.npz"], "missing.npz: no such file; make one"),
+        (
+            run_ranker.main,
+            ["--checkpoint", "missing.npz"],
+            r"missing.npz: no such file; make one .* demo_checkpoint.npz\), or pass --random-weights",
+        ),
         (run_retrieval.main, ["--checkpoint", "."], r"\.: a folder, not a file; make one"),
         (run_retrieval.main, ["--user", "0"], "argument --user: expected an integer >= 1"),
         (run_ranker.main, ["--user", "10000000"], r"user 10000000 is not in the world"),

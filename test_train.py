@@ -1141,6 +1141,16 @@ def test_load_demo_refuses_a_world_config_it_cannot_build(tmp_path, monkeypatch,
         T.load_demo(tmp_path / "demo.npz")
 
 
+def test_a_missing_demo_checkpoint_is_named_with_how_to_make_one(tmp_path):
+    """The library's message; the scripts add their own way out (`--random-weights`)."""
+    with pytest.raises(FileNotFoundError) as raised:
+        T.load_demo(tmp_path / "none.npz")
+    assert str(raised.value) == (
+        f"{tmp_path / 'none.npz'}: no such file; make one with `uv run train.py --out "
+        "runs/default` (it writes runs/default/demo_checkpoint.npz)"
+    )
+
+
 def test_demo_request_picks_a_held_out_request_or_names_the_user(world):
     user, when = T.demo_request(world)
     rows = world.ranking_eval.user_ids == user

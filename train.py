@@ -2453,9 +2453,7 @@ def load_demo(
     models and the world they were trained on, rebuilt from its config (a `user_id` the world
     does not have is refused before it is built)."""
     path = require_file(
-        path,
-        f"; make one with `{DEMO_COMMAND}` (it writes runs/default/demo_checkpoint.npz) or "
-        "pass --random-weights",
+        path, f"; make one with `{DEMO_COMMAND}` (it writes runs/default/demo_checkpoint.npz)"
     )
     world_config, models = load_demo_checkpoint(path)
     if user_id is not None:
@@ -2481,7 +2479,10 @@ def open_demo(
     if kind not in MODELS:
         raise ValueError(f"kind must be one of {MODELS}, got {kind!r}")
     start = time.perf_counter()
-    world, models, note = load_demo(path, user_id)
+    try:
+        world, models, note = load_demo(path, user_id)
+    except FileNotFoundError as error:  # the demos' other way, which the library does not have
+        raise FileNotFoundError(f"{error}, or pass --random-weights") from None
     user, when = demo_request(world, user_id)
     print(note + f" ({time.perf_counter() - start:.1f} s)")
     print(f"\n{world.describe_user(user)}")
