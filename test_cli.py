@@ -87,7 +87,7 @@ RANDOM = "--random-weights"
         (
             run_ranker.main,
             ["--checkpoint", "missing.npz"],
-            r"missing.npz: no such file; make one .* demo_checkpoint.npz\), or pass --random-weights",
+            r"missing.npz: no such file; make one .*\), or pass --random-weights",
         ),
         (run_retrieval.main, ["--checkpoint", "."], r"\.: a folder, not a file; make one"),
         (run_retrieval.main, ["--user", "0"], "argument --user: expected an integer >= 1"),
