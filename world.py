@@ -1194,8 +1194,9 @@ def _build(c: WorldConfig) -> World:
     world.favorite_counts = np.bincount(
         candidates[~is_eval][favorite[~is_eval]], minlength=world.num_posts
     )
-    # One retrieval example per favorite, dropping the few whose post is already in the
-    # history (the world may serve a post again).
+    # One retrieval example per favorite, dropping those whose post is already in the history:
+    # the world serves a request without regard to past engagements, so a post may come again
+    # (17.8 % of the default world's training favorites).
     request, slot = np.nonzero(favorite)
     target = candidates[request, slot] + 1
     fav_history = take_rows(history, request)
