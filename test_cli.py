@@ -589,7 +589,8 @@ def test_an_install_holds_every_project_module_the_library_and_scripts_import():
 
     root = Path(__file__).parent
     wheel = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
-    installed = {Path(f).stem for f in wheel["targets"]["wheel"]["include"] if f.endswith(".py")}
+    include = wheel["targets"]["wheel"]["include"]
+    installed = {Path(f).stem for f in include if f.endswith(".py") and "/" not in f}
     project = {p.stem for p in root.glob("*.py")}
 
     def imported(module: str) -> set[str]:
@@ -606,4 +607,7 @@ def test_an_install_holds_every_project_module_the_library_and_scripts_import():
     needed = set().union(*(imported(m) for m in installed | scripts)) - scripts
     assert needed <= installed, f"imported but not installed: {sorted(needed - installed)}"
     assert installed <= project, f"named but not in the repository: {installed - project}"
-    assert (root / "native_search.cc").name in wheel["targets"]["wheel"]["include"]
+    assert {"native_search.cc", "phoenix/__init__.py"} <= set(include)
+    import phoenix  # whose aliases are the installed modules, every one of them
+
+    assert set(phoenix.MODULES) == installed

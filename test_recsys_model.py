@@ -8,6 +8,7 @@ contributes an exact zero), to float32 precision where two different computation
 import dataclasses
 import functools
 import math
+import sys
 import warnings
 
 import haiku as hk
@@ -509,9 +510,18 @@ def test_values_are_checked_only_where_they_are_known():
 
 
 def test_the_published_guides_configuration():
-    """The published ranking guide: no key_size, emb_size or num_actions, and the name
-    PhoenixRankingModelConfig. key_size defaults to emb_size // num_q_heads, and the built
-    model's projections have the grouped-query widths that implies."""
+    """The published ranking guide: no key_size, emb_size or num_actions, the name
+    PhoenixRankingModelConfig, imported from phoenix.recsys_model (the very module
+    recsys_model). key_size defaults to emb_size // num_q_heads, and the built model's
+    projections have the grouped-query widths that implies."""
+    from phoenix.recsys_model import PhoenixRankingModelConfig, RecsysBatch, RecsysEmbeddings
+
+    assert sys.modules["phoenix.recsys_model"] is recsys_model
+    assert recsys_model.__spec__.name == "recsys_model"  # its own, not the alias's
+    assert (RecsysBatch, RecsysEmbeddings) == (
+        recsys_model.RecsysBatch,
+        recsys_model.RecsysEmbeddings,
+    )
     model_config = TransformerConfig(
         emb_size=16,
         num_layers=1,
@@ -521,10 +531,8 @@ def test_the_published_guides_configuration():
         attn_output_multiplier=0.125,
     )
     assert model_config.key_size == 16 // 4
-    assert recsys_model.PhoenixRankingModelConfig is PhoenixModelConfig
-    config = recsys_model.PhoenixRankingModelConfig(
-        model=model_config, history_seq_len=3, candidate_seq_len=2
-    )
+    assert PhoenixRankingModelConfig is PhoenixModelConfig
+    config = PhoenixRankingModelConfig(model=model_config, history_seq_len=3, candidate_seq_len=2)
     assert (config.emb_size, config.num_actions) == (16, len(ACTIONS))
     batch = runners.create_dummy_batch_from_config(config.hash_config, 3, 2, config.num_actions)
     emb = runners.create_dummy_embeddings_from_config(config.hash_config, 16, 3, 2)
