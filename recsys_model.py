@@ -1015,11 +1015,13 @@ class PhoenixModel(ModelModule):
         self._validate(batch, embeddings)
         _check_offset(candidate_offset)
         layers, users = self.config.model.num_layers, batch.candidate_post_hashes.shape[0]
-        if context.keys.shape[:2] != (layers, users):
+        tokens = 1 + batch.history_post_hashes.shape[1]  # the user's and the history's
+        if context.keys.shape[:3] != (layers, users, tokens):
+            held = context.keys.shape
             raise ValueError(
-                f"context holds {context.keys.shape[0]} layers of {context.keys.shape[1]} users; "
-                f"this model has {layers} layers and the batch {users} users (encode_context of "
-                "the same batch)"
+                f"context holds {held[0]} layers of {held[1]} users with {held[2] - 1} history "
+                f"items; this model has {layers} layers and the batch {users} users with "
+                f"{tokens - 1} (encode_context of the same batch)"
             )
         candidates, mask = self._candidate_inputs(batch, embeddings)
         num_context, num_candidates = context.keys.shape[2], candidates.shape[1]

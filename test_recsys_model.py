@@ -450,8 +450,24 @@ def test_a_context_of_other_users_is_refused():
         return model.score_candidates(model.encode_context(*context_inputs), *candidate_inputs)
 
     one = jax.tree.map(lambda x: x[:1], fixed_example(seed=1))
-    with pytest.raises(ValueError, match="context holds 1 layers of 1 users; this model has 1 "):
+    message = "context holds 1 layers of 1 users with 4 history items; this model has 1 layers "
+    with pytest.raises(ValueError, match=message + "and the batch 2 users with 4"):
         hk.transform(mixed).apply(ranking_params(SETUP), None, one, fixed_example())
+
+    # Of the same users, a context of a shorter history: its positions would not be the batch's.
+    def shorter(inputs):
+        batch, emb = inputs
+        fields = {f: getattr(batch, f) for f in batch._fields if f.startswith("history")}
+        cut = {f: v[:, :-1] for f, v in fields.items() if v is not None}
+        return batch._replace(**cut), dataclasses.replace(
+            emb,
+            history_post_embeddings=emb.history_post_embeddings[:, :-1],
+            history_author_embeddings=emb.history_author_embeddings[:, :-1],
+        )
+
+    with pytest.raises(ValueError, match="of 2 users with 3 history items; this model has 1 "):
+        short = shorter(fixed_example())
+        hk.transform(mixed).apply(ranking_params(SETUP), None, short, fixed_example())
     score = hk.transform(lambda *inputs: config.make().score_candidates(None, *inputs))
     with pytest.raises(TypeError, match=r"context must be a KVCache \(what encode_context"):
         score.apply(ranking_params(SETUP), None, *fixed_example())

@@ -147,8 +147,9 @@ class TrainConfig:
     table_scale: float = 0.05
     # Retrieval: global negatives per batch, drawn uniformly from the corpus. Few: the held-out
     # targets are recent posts, told apart from other recent posts, and negatives drawn from
-    # the whole month teach mostly that old posts are unlikely (recall@100 on the default world
-    # 0.629 with 64, 0.610 with 128, 0.582 with 512, 0.545 with 2,048; 0.626 with none).
+    # the whole month teach mostly that old posts are unlikely (recall@100 on the default world,
+    # measured side by side with an earlier version: 0.629 with 64, 0.610 with 128, 0.582 with
+    # 512, 0.545 with 2,048; 0.626 with none; 0.627 with 64 in this version's default run).
     negatives: int = 64
     # Ranker: the dwell regression's weight and loss (see ContinuousActionConfig).
     dwell_loss_weight: float = 1.0
