@@ -406,14 +406,17 @@ def quiet_interrupts(prog: str) -> None:
 
     _while_starting = interrupted
     signal.signal(signal.SIGINT, interrupted)
-    # JAX reads its switches when it is imported and fails with a traceback from inside it.
-    value = os.environ.get(CACHE_SWITCH)
-    if value is not None and value.strip().lower() not in JAX_TRUTH_VALUES:
-        sys.stderr.write(
-            f"{prog}: error: {CACHE_SWITCH}={value!r}: expected true or false (or 1 or 0, yes or "
-            "no, on or off)\n"
-        )
-        sys.exit(2)
+    # Switches read later, checked now: JAX reads its own when it is imported and fails with a
+    # traceback from inside it; the native search reads its own (as JAX would, or empty for on)
+    # at the first search, after the loading.
+    for name, empty in ((CACHE_SWITCH, ()), ("PHOENIX_NATIVE_SEARCH", ("",))):
+        value = os.environ.get(name)
+        if value is not None and value.strip().lower() not in JAX_TRUTH_VALUES + empty:
+            sys.stderr.write(
+                f"{prog}: error: {name}={value!r}: expected true or false (or 1 or 0, yes or "
+                "no, on or off)\n"
+            )
+            sys.exit(2)
 
 
 class Terminated(KeyboardInterrupt):

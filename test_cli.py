@@ -260,15 +260,18 @@ def test_scripts_keep_compiled_programs_in_the_user_cache(tmp_path):
     assert any(folder.iterdir()), "the compiled program was not written to the folder"
 
 
-def test_a_cache_switch_jax_would_fail_to_import_with_is_one_line():
+@pytest.mark.parametrize("switch", ["JAX_ENABLE_COMPILATION_CACHE", "PHOENIX_NATIVE_SEARCH"])
+def test_a_switch_that_is_neither_on_nor_off_ends_a_script_in_one_line_as_it_starts(switch):
+    """JAX's would fail its import with a traceback; the search's would stop a run at its first
+    search, after the loading."""
     code = (
-        "import os\nos.environ['JAX_ENABLE_COMPILATION_CACHE'] = 'nope'\n"
+        f"import os\nos.environ[{switch!r}] = 'nope'\n"
         "import cli\ncli.quiet_interrupts('demo.py')\nimport jax"
     )
     status, out, report = finish(start_with_devices(code, 1))
     assert status == 2 and report.endswith(
-        "stderr:\ndemo.py: error: JAX_ENABLE_COMPILATION_CACHE='nope': expected true or false (or "
-        "1 or 0, yes or no, on or off)\n"
+        f"stderr:\ndemo.py: error: {switch}='nope': expected true or false (or 1 or 0, yes or no, "
+        "on or off)\n"
     ), report
 
 
