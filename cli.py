@@ -300,8 +300,8 @@ def keep_compiled_programs() -> Path | None:
     try:
         Path(folder).mkdir(parents=True, exist_ok=True)
         problem = None if os.access(folder, os.W_OK) else "is not writable"
-    except FileExistsError:
-        problem = "is a file, not a folder"
+    except FileExistsError:  # (a file, or a link to nothing)
+        problem = "is there and is not a folder"
     except OSError as error:
         problem = f"cannot be made ({error.strerror or type(error).__name__})"
     if problem is not None:  # off, said once, rather than failing on every program it keeps
@@ -406,12 +406,14 @@ def quiet_interrupts(prog: str) -> None:
 
     _while_starting = interrupted
     signal.signal(signal.SIGINT, interrupted)
-    # Switches read later, checked now: JAX reads its own when it is imported and fails with a
-    # traceback from inside it; the native search reads its own (as JAX would, or empty for on)
-    # at the first search, after the loading.
-    for name, empty in ((CACHE_SWITCH, ()), ("PHOENIX_NATIVE_SEARCH", ("",))):
+    # Switches read later, checked now: JAX reads its own when it is imported (as it is, but
+    # for case) and fails with a traceback from inside it; the native search reads its own (as
+    # JAX would, but for spaces, or empty for on) at the first search, after the loading.
+    for name, empty, strip in ((CACHE_SWITCH, (), False), ("PHOENIX_NATIVE_SEARCH", ("",), True)):
         value = os.environ.get(name)
-        if value is not None and value.strip().lower() not in JAX_TRUTH_VALUES + empty:
+        if value is None:
+            continue
+        if (value.strip() if strip else value).lower() not in JAX_TRUTH_VALUES + empty:
             sys.stderr.write(
                 f"{prog}: error: {name}={value!r}: expected true or false (or 1 or 0, yes or "
                 "no, on or off)\n"

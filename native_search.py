@@ -106,7 +106,8 @@ def _build() -> Path:
         result = subprocess.run(_compiler_command(partial), capture_output=True, text=True)
         if result.returncode != 0:
             said = result.stderr[-2000:].strip() or f"exit status {result.returncode}, no message"
-            raise RuntimeError(f"compiling {SOURCE.name} with {command[0]} failed: {said}")
+            compiler = os.environ.get("CXX") or command[0]
+            raise RuntimeError(f"compiling {SOURCE.name} with {compiler} failed: {said}")
         os.replace(partial, library)
     return library
 

@@ -260,18 +260,25 @@ def test_scripts_keep_compiled_programs_in_the_user_cache(tmp_path):
     assert any(folder.iterdir()), "the compiled program was not written to the folder"
 
 
-@pytest.mark.parametrize("switch", ["JAX_ENABLE_COMPILATION_CACHE", "PHOENIX_NATIVE_SEARCH"])
-def test_a_switch_that_is_neither_on_nor_off_ends_a_script_in_one_line_as_it_starts(switch):
+@pytest.mark.parametrize(
+    "switch, value",
+    [
+        ("JAX_ENABLE_COMPILATION_CACHE", "nope"),
+        ("JAX_ENABLE_COMPILATION_CACHE", "true "),  # JAX strips no spaces
+        ("PHOENIX_NATIVE_SEARCH", "nope"),
+    ],
+)
+def test_a_switch_that_is_neither_on_nor_off_ends_a_script_in_one_line_as_it_starts(switch, value):
     """JAX's would fail its import with a traceback; the search's would stop a run at its first
     search, after the loading."""
     code = (
-        f"import os\nos.environ[{switch!r}] = 'nope'\n"
+        f"import os\nos.environ[{switch!r}] = {value!r}\n"
         "import cli\ncli.quiet_interrupts('demo.py')\nimport jax"
     )
     status, out, report = finish(start_with_devices(code, 1))
     assert status == 2 and report.endswith(
-        f"stderr:\ndemo.py: error: {switch}='nope': expected true or false (or 1 or 0, yes or no, "
-        "on or off)\n"
+        f"stderr:\ndemo.py: error: {switch}={value!r}: expected true or false (or 1 or 0, yes or "
+        "no, on or off)\n"
     ), report
 
 
@@ -586,14 +593,16 @@ def test_load_average_prints_the_three_figures_to_two_places(monkeypatch):
 
 
 def test_an_install_holds_every_project_module_the_library_and_scripts_import():
-    """`pip install .` installs the modules named in pyproject.toml, one by one: each project
-    module that one of them or a script imports is among them, and nothing else is."""
+    """`pip install .` installs the modules named in pyproject.toml, one by one and anchored at
+    the top folder: each project module that one of them or a script imports is among them."""
     import tomllib
 
     root = Path(__file__).parent
     wheel = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["hatch"]["build"]
     include = wheel["targets"]["wheel"]["include"]
-    installed = {Path(f).stem for f in include if f.endswith(".py") and "/" not in f}
+    # Anchored at the top folder: a pattern without the leading "/" matches in any subfolder.
+    assert all(f.startswith("/") for f in include), include
+    installed = {Path(f).stem for f in include if f.endswith(".py") and f.count("/") == 1}
     project = {p.stem for p in root.glob("*.py")}
 
     def imported(module: str) -> set[str]:
@@ -610,7 +619,7 @@ def test_an_install_holds_every_project_module_the_library_and_scripts_import():
     needed = set().union(*(imported(m) for m in installed | scripts)) - scripts
     assert needed <= installed, f"imported but not installed: {sorted(needed - installed)}"
     assert installed <= project, f"named but not in the repository: {installed - project}"
-    assert {"native_search.cc", "phoenix/__init__.py"} <= set(include)
+    assert {"/native_search.cc", "/phoenix/__init__.py"} <= set(include)
     import phoenix  # whose aliases are the installed modules, every one of them
 
     assert set(phoenix.MODULES) == installed

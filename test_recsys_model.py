@@ -533,6 +533,9 @@ def test_the_published_guides_configuration():
     from phoenix.recsys_model import PhoenixRankingModelConfig, RecsysBatch, RecsysEmbeddings
 
     assert sys.modules["phoenix.recsys_model"] is recsys_model
+    import phoenix
+
+    assert phoenix.grok is sys.modules["grok"]  # an attribute of the package too
     assert recsys_model.__spec__.name == "recsys_model"  # its own, not the alias's
     assert (RecsysBatch, RecsysEmbeddings) == (
         recsys_model.RecsysBatch,

@@ -233,7 +233,7 @@ def test_a_run_whose_steps_are_not_its_schedules_says_where_the_schedule_ends(
     floor = f"{QUICK.final_learning_rate_fraction:.0%} of its peak"
     for steps, decay, said in (
         (2, 30, f"this run stops before it reaches its floor, {floor}"),
-        (7, 6, f"from step 6 on it stays at its floor, {floor}"),
+        (7, 6, f"after step 6 it stays at its floor, {floor}"),
     ):
         settings = dataclasses.replace(QUICK, steps=steps, decay_steps=decay, eval_every=100)
         T.fit(T.make_job("ranker", world, settings), tmp_path / str(steps))

@@ -1279,7 +1279,7 @@ def fit(
                 f"  (the learning rate's schedule is {train.decay_steps} steps long, "
                 "--decay-steps: "
                 + (
-                    f"from step {train.decay_steps} on it stays at its floor, {floor})"
+                    f"after step {train.decay_steps} it stays at its floor, {floor})"
                     if train.steps > train.decay_steps
                     else f"this run stops before it reaches its floor, {floor})"
                 )
@@ -1301,11 +1301,14 @@ def fit(
             )
         log.append({"step": step + 1, **stats})
         done = step + 1
-        if not diverging and stats["loss"] > DIVERGING_LOSS_FACTOR * log[0]["loss"]:
+        # Against the run's first finite loss; a non-finite one is skipped and counted instead.
+        start = next((e for e in log if math.isfinite(e["loss"])), None)
+        loss = stats["loss"]
+        if not diverging and math.isfinite(loss) and loss > DIVERGING_LOSS_FACTOR * start["loss"]:
             diverging = True  # said once; the run goes on (its evaluation will show the damage)
             warnings.warn(
-                f"{job.kind}: the loss has grown from {log[0]['loss']:.4g} at step "
-                f"{log[0]['step']} to {stats['loss']:.4g} at step {done}: the training is "
+                f"{job.kind}: the loss has grown from {start['loss']:.4g} at step "
+                f"{start['step']} to {loss:.4g} at step {done}: the training is "
                 "diverging (a learning rate too high?)",
                 RuntimeWarning,
                 stacklevel=2,
