@@ -73,10 +73,10 @@ class EntityHash:
         ids = np.asarray(ids)
         if ids.dtype.kind not in "iu":
             raise TypeError(f"ids must be integers, got {ids.dtype}")
-        if ids.size and ids.min() < 0:
-            raise ValueError(f"ids must be >= 0 (0 is padding), got {ids.min()}")
-        if ids.size and ids.max() > np.iinfo(np.int64).max:  # uint64 beyond int64 would wrap
-            raise ValueError(f"ids must fit int64 (the hash's type), got {ids.max()}")
+        if ids.dtype.kind == "i" and ids.size and (low := ids.min()) < 0:
+            raise ValueError(f"ids must be >= 0 (0 is padding), got {low}")
+        if ids.dtype == np.uint64 and ids.size and (high := ids.max()) > np.iinfo(np.int64).max:
+            raise ValueError(f"ids must fit int64 (the hash's type), got {high}")  # would wrap
         x = ids.astype(np.int64)[..., None]
         scales, biases = np.asarray(self.scales, np.int64), np.asarray(self.biases, np.int64)
         with np.errstate(over="ignore"):  # int64 wraps, as in the published hash

@@ -1261,6 +1261,8 @@ def fit(
     state = place(state, mesh, split=False)
     step_fn = make_step(job.loss, train)
     first, times, diverging = int(state.step), [], False
+    # (a resumed run's log holds the steps before it)
+    first_finite = next((e for e in log if math.isfinite(e["loss"])), None)
     saved_at = first if resume else None  # the step of the state on disk
     say = (lambda *a: None) if quiet else print
     if first == train.steps:
@@ -1302,13 +1304,18 @@ def fit(
         log.append({"step": step + 1, **stats})
         done = step + 1
         # Against the run's first finite loss; a non-finite one is skipped and counted instead.
-        start = next((e for e in log if math.isfinite(e["loss"])), None)
         loss = stats["loss"]
-        if not diverging and math.isfinite(loss) and loss > DIVERGING_LOSS_FACTOR * start["loss"]:
+        if first_finite is None and math.isfinite(loss):
+            first_finite = log[-1]
+        if (
+            not diverging
+            and math.isfinite(loss)
+            and loss > DIVERGING_LOSS_FACTOR * first_finite["loss"]
+        ):
             diverging = True  # said once; the run goes on (its evaluation will show the damage)
             warnings.warn(
-                f"{job.kind}: the loss has grown from {start['loss']:.4g} at step "
-                f"{start['step']} to {loss:.4g} at step {done}: the training is "
+                f"{job.kind}: the loss has grown from {first_finite['loss']:.4g} at step "
+                f"{first_finite['step']} to {loss:.4g} at step {done}: the training is "
                 "diverging (a learning rate too high?)",
                 RuntimeWarning,
                 stacklevel=2,
